@@ -1,0 +1,233 @@
+"""ModelConfig: everything a forward pass needs to know about a model, read once from GGUF metadata.
+
+Keys follow llama.cpp's naming (`{arch}.embedding_length`, `{arch}.attention.head_count`, ...); where
+llama.cpp hard-codes a per-architecture fact that the file does not carry (Gemma3's every-6th-layer
+global attention and 10000 local rope base, Gemma3-27B's query scale), it is hard-coded here too, with
+the reason beside it, so that our logits match llama.cpp's on the same file.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from aircupy.errors import UnsupportedModelError
+
+SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "gemma3")
+
+# Rotation convention per architecture (llama.cpp's LLAMA_ROPE_TYPE_NORM vs _NEOX). llama GGUFs store
+# Q/K rows permuted so that adjacent pairs (2i, 2i+1) rotate together; the others keep HF's half split.
+_ROPE_TYPE = {"llama": "norm", "qwen2": "neox", "qwen3": "neox", "gemma3": "neox"}
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Rope frequency scaling as llama.cpp applies it (the ggml_rope_ext parameters).
+
+    kind: "none" | "linear" | "yarn". llama3-style scaling has no metadata of its own: the converter
+    bakes it into the `rope_freqs.weight` tensor (per-frequency divisors), which the model loads.
+    factor: context extension factor (positions are divided by it for "linear"; freq_scale = 1/factor).
+    """
+    kind: str = "none"
+    factor: float = 1.0
+    orig_ctx: int = 0
+    attn_factor: float = 1.0
+    yarn_ext_factor: float = 0.0
+    yarn_beta_fast: float = 32.0
+    yarn_beta_slow: float = 1.0
+
+    @property
+    def freq_scale(self) -> float:
+        return 1.0 if self.kind == "none" else 1.0 / self.factor
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str
+    n_layers: int
+    n_embd: int
+    n_ff: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int            # key/query head size
+    head_dim_v: int          # value head size (== head_dim for every supported arch so far)
+    vocab_size: int
+    n_ctx_train: int
+    rope_base: float         # base of global-attention layers
+    rope_base_local: float   # base of sliding-window layers (== rope_base unless the arch differs)
+    rope_type: str           # "norm" (adjacent pairs, llama) | "neox" (half split)
+    rope_dim: int            # leading dims of each head that rotate (== head_dim unless partial)
+    rope_scaling: RopeScaling          # applies to global layers
+    rope_scaling_local: RopeScaling    # applies to sliding-window layers
+    rms_eps: float
+    sliding_window: int | None         # keys with q_pos - k_pos >= window are masked on SWA layers
+    swa_layers: tuple[bool, ...]       # per layer: True = sliding-window attention
+    tied_output: bool                  # output head is token_embd (no output.weight)
+    embed_scale: float                 # token embeddings are multiplied by this (gemma: sqrt(n_embd))
+    attn_scale: float                  # scores = q.k * attn_scale
+    qk_norm: bool                      # RMSNorm on each q/k head before rope (qwen3, gemma3)
+    attn_bias: bool                    # q/k/v projections carry biases (qwen2)
+    post_norms: bool                   # gemma's extra norms after attention and after the FFN
+    activation: str                    # "silu" (SwiGLU) | "gelu_tanh" (GeGLU)
+    attn_softcap: float | None
+    final_softcap: float | None
+    bos_id: int | None
+    eos_ids: tuple[int, ...]           # eos / eot / eom ids named in metadata (tokenizer adds more EOGs)
+
+    @property
+    def n_rep(self) -> int:
+        """Query heads per kv head (grouped-query attention)."""
+        return self.n_head // self.n_head_kv
+
+    def layer_window(self, layer: int) -> int | None:
+        return self.sliding_window if self.swa_layers[layer] else None
+
+    @classmethod
+    def from_gguf(cls, g) -> "ModelConfig":
+        """Build from a GGUFFile (anything with .metadata, .get(key, default) and .tensors)."""
+        arch = g.get("general.architecture")
+        if arch not in SUPPORTED_ARCHS:
+            raise UnsupportedModelError(
+                f"unsupported architecture {arch!r} (supported: {', '.join(SUPPORTED_ARCHS)})")
+        md = _Meta(g, arch)
+
+        n_layers = md.int("block_count")
+        n_embd = md.int("embedding_length")
+        n_head = md.uniform_int("attention.head_count", n_layers)
+        n_head_kv = md.uniform_int("attention.head_count_kv", n_layers, default=n_head)
+        if n_head <= 0 or n_head_kv <= 0 or n_head % n_head_kv:
+            raise UnsupportedModelError(f"{arch}: {n_head} query heads cannot be grouped over {n_head_kv} kv heads")
+        head_dim = md.int("attention.key_length", default=n_embd // n_head)
+        head_dim_v = md.int("attention.value_length", default=head_dim)
+        rope_dim = md.int("rope.dimension_count", default=head_dim)
+        if rope_dim > head_dim or rope_dim % 2:
+            raise UnsupportedModelError(f"{arch}: rope dimension {rope_dim} does not fit head size {head_dim}")
+
+        if "token_embd.weight" not in g.tensors:
+            raise UnsupportedModelError(f"{arch}: missing tensor 'token_embd.weight'")
+        embd_shape = tuple(g.tensors["token_embd.weight"].shape)  # numpy order: (vocab, n_embd)
+        vocab_size = int(embd_shape[0])
+        tied = "output.weight" not in g.tensors
+
+        rope_base = md.float("rope.freq_base", default=10000.0)
+        scaling = _rope_scaling(md)
+        window = md.int("attention.sliding_window", default=0) or None
+        is_gemma = arch == "gemma3"
+        swa_layers = _swa_layers(md, arch, n_layers, window)
+        if is_gemma and window is not None:
+            # llama.cpp (llama-model.cpp, LLM_ARCH_GEMMA3): local layers use base 10000 and no scaling,
+            # whatever the global layers use; the file carries neither fact unless freq_base_swa is set.
+            rope_base_local = md.float("rope.freq_base_swa", default=10000.0)
+            scaling_local = RopeScaling()
+        else:
+            rope_base_local = md.float("rope.freq_base_swa", default=rope_base)
+            scaling_local = scaling
+
+        if is_gemma and n_layers == 62:
+            # Gemma3-27B uses query_pre_attn_scalar = n_embd / n_head instead of head_dim; llama.cpp
+            # keys this on the model size too since the GGUF does not store it.
+            attn_scale = 1.0 / math.sqrt(n_embd / n_head)
+        else:
+            attn_scale = 1.0 / math.sqrt(head_dim)
+
+        eos_ids = tuple(dict.fromkeys(
+            int(v) for k in ("eos_token_id", "eot_token_id", "eom_token_id")
+            if (v := g.get(f"tokenizer.ggml.{k}")) is not None))
+        bos = g.get("tokenizer.ggml.bos_token_id")
+        return cls(
+            arch=arch, n_layers=n_layers, n_embd=n_embd, n_ff=md.uniform_int("feed_forward_length", n_layers),
+            n_head=n_head, n_head_kv=n_head_kv, head_dim=head_dim, head_dim_v=head_dim_v,
+            vocab_size=vocab_size, n_ctx_train=md.int("context_length", default=2048),
+            rope_base=rope_base, rope_base_local=rope_base_local, rope_type=_ROPE_TYPE[arch],
+            rope_dim=rope_dim, rope_scaling=scaling, rope_scaling_local=scaling_local,
+            rms_eps=md.float("attention.layer_norm_rms_epsilon", default=1e-5),
+            sliding_window=window, swa_layers=swa_layers, tied_output=tied,
+            embed_scale=math.sqrt(n_embd) if is_gemma else 1.0, attn_scale=attn_scale,
+            qk_norm=arch in ("qwen3", "gemma3"), attn_bias=arch == "qwen2", post_norms=is_gemma,
+            activation="gelu_tanh" if is_gemma else "silu",
+            attn_softcap=md.float("attn_logit_softcapping", default=0.0) or None,
+            final_softcap=md.float("final_logit_softcapping", default=0.0) or None,
+            bos_id=None if bos is None else int(bos), eos_ids=eos_ids,
+        )
+
+
+class _Meta:
+    """Typed access to `{arch}.*` metadata with errors that name the key."""
+
+    def __init__(self, g, arch: str):
+        self.g, self.arch = g, arch
+
+    def raw(self, key: str, default: Any = None) -> Any:
+        return self.g.get(f"{self.arch}.{key}", default)
+
+    def int(self, key: str, default: int | None = None) -> int:
+        v = self.raw(key, default)
+        if v is None:
+            raise UnsupportedModelError(f"{self.arch}: metadata key '{self.arch}.{key}' is missing")
+        if isinstance(v, (bool, str)) or np.ndim(v) != 0:
+            raise UnsupportedModelError(f"{self.arch}: metadata '{self.arch}.{key}' is not an integer: {v!r}")
+        return int(v)
+
+    def uniform_int(self, key: str, n_layers: int, default: int | None = None) -> int:
+        """A per-layer size stored either as a scalar or as an array; only uniform arrays are supported."""
+        v = self.raw(key, default)
+        if v is not None and np.ndim(v) == 1:
+            vals = set(int(x) for x in np.asarray(v).tolist())
+            if len(v) != n_layers or len(vals) != 1:
+                raise UnsupportedModelError(f"{self.arch}: per-layer '{self.arch}.{key}' varies; not supported")
+            return vals.pop()
+        return self.int(key, default)
+
+    def float(self, key: str, default: float | None = None) -> float:
+        v = self.raw(key, default)
+        if v is None:
+            raise UnsupportedModelError(f"{self.arch}: metadata key '{self.arch}.{key}' is missing")
+        return float(v)
+
+
+def _rope_scaling(md: _Meta) -> RopeScaling:
+    kind = md.raw("rope.scaling.type")
+    factor = md.raw("rope.scaling.factor")
+    if kind is None:
+        legacy = md.raw("rope.scale_linear")  # older converters wrote only this key
+        if legacy is not None and float(legacy) != 1.0:
+            return RopeScaling(kind="linear", factor=float(legacy))
+        return RopeScaling()
+    kind = str(kind)
+    factor = float(factor) if factor else 1.0  # llama.cpp treats a factor of 0 as "not set"
+    if kind == "none" or (kind == "linear" and factor == 1.0):
+        return RopeScaling()
+    if kind not in ("linear", "yarn"):
+        raise UnsupportedModelError(f"{md.arch}: rope scaling type {kind!r} is not supported (linear, yarn)")
+    orig = md.int("rope.scaling.original_context_length", default=md.int("context_length", default=2048))
+    if kind == "linear":
+        return RopeScaling(kind="linear", factor=factor, orig_ctx=orig)
+    # llama.cpp: yarn ext_factor defaults to 1 when the file says yarn; attn_factor defaults to 1 and
+    # the mscale 1 + 0.1 ln(factor) is applied inside the rope itself.
+    return RopeScaling(
+        kind="yarn", factor=factor, orig_ctx=orig,
+        attn_factor=md.float("rope.scaling.attn_factor", default=1.0),
+        yarn_ext_factor=md.float("rope.scaling.yarn_ext_factor", default=1.0),
+        yarn_beta_fast=md.float("rope.scaling.yarn_beta_fast", default=32.0),
+        yarn_beta_slow=md.float("rope.scaling.yarn_beta_slow", default=1.0),
+    )
+
+
+def _swa_layers(md: _Meta, arch: str, n_layers: int, window: int | None) -> tuple[bool, ...]:
+    """Which layers attend through the sliding window. A pattern n means layer i is local unless
+    i % n == n - 1 (llama.cpp's set_swa_pattern); a bool array names each layer directly."""
+    if window is None:
+        return (False,) * n_layers
+    pattern = md.raw("attention.sliding_window_pattern")
+    if pattern is None:
+        # Gemma3: llama.cpp hard-codes a pattern of 6 (five local layers, then one global).
+        pattern = 6 if arch == "gemma3" else 0
+    if np.ndim(pattern) == 1:
+        flags = tuple(bool(x) for x in np.asarray(pattern).tolist())
+        if len(flags) != n_layers:
+            raise UnsupportedModelError(f"{arch}: sliding_window_pattern has {len(flags)} entries for {n_layers} layers")
+        return flags
+    n = int(pattern)
+    return tuple(n == 0 or i % n < n - 1 for i in range(n_layers))
