@@ -4,9 +4,9 @@
 into float32 values of numpy-order `shape` (last axis = one row, a whole number of blocks), bit-exact
 with ggml's dequantize_row_* and with gguf-py's numpy port (the test oracle).
 
-Every block format is written twice: as a packed numpy structured dtype (the byte offsets, read
-straight off ggml-common.h) and as a function over an array of such blocks, (n_blocks,) ->
-(n_blocks, block_elems) float32, vectorised over all blocks. Float arithmetic keeps ggml's order of
+Every block format is written twice: as a packed numpy structured dtype (Q4_0_BLOCK ...: the byte
+offsets, read straight off ggml-common.h) and as a function that fills float32 (n_blocks,
+block_elems) from an array of such blocks, vectorised over all blocks. Float arithmetic keeps ggml's order of
 operations (e.g. `d * q + m`, never `m + q * d` or a fused multiply-add) so the results match to the
 bit. This file holds the float and legacy 32-element formats; kquants.py the 256-element K-quants.
 """
