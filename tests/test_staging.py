@@ -1,0 +1,90 @@
+"""Staging ring: reader threads fill host buffers with file windows; buffers are reused only after
+their release condition; the RAM tier keeps windows across passes. CPU tier (numpy buffers)."""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from aircupy.loader.staging import Stager
+
+
+@pytest.fixture()
+def blob(tmp_path):
+    data = np.random.default_rng(0).integers(0, 256, size=1 << 20, dtype=np.uint8)
+    p = tmp_path / "blob.bin"
+    p.write_bytes(data.tobytes())
+    return p, data
+
+
+def test_windows_arrive_intact_through_a_small_ring(blob):
+    path, data = blob
+    windows = [(i * 37_000 % (len(data) - 70_000), 50_000 + i * 211) for i in range(40)]
+    with Stager(path, n_buffers=3, buffer_bytes=80_000) as st:
+        inflight = []
+        for off, n in windows:
+            if len(inflight) == 3:                     # the streamer's depth: compute, upload, prefetch
+                t, (o, m) = inflight.pop(0)
+                assert np.array_equal(st.wait(t), data[o:o + m])
+                st.release(t)
+            inflight.append((st.submit(off, n, key=None), (off, n)))
+        for t, (o, m) in inflight:
+            assert np.array_equal(st.wait(t), data[o:o + m])
+            st.release(t)
+        assert st.stats.bytes_read == sum(n for _, n in windows)
+        assert st.stats.ram_tier_hits == 0
+
+
+def test_buffer_not_refilled_before_ready(blob):
+    """A released buffer is refilled only after its `ready` callable returned (the upload finished)."""
+    path, data = blob
+    order = []
+    gate = threading.Event()
+
+    def ready():
+        order.append("ready")
+        gate.set()
+
+    with Stager(path, n_buffers=1, buffer_bytes=4096) as st:
+        t = st.submit(0, 4096)
+        first = st.wait(t).copy()
+        st.release(t, ready=ready)
+        t2 = st.submit(4096, 4096)
+        order.append("submitted")
+        assert order == ["ready", "submitted"] and gate.is_set()
+        assert np.array_equal(first, data[:4096])
+        assert np.array_equal(st.wait(t2), data[4096:8192])
+
+
+def test_all_buffers_held_is_an_error_not_a_deadlock(blob):
+    path, _ = blob
+    with Stager(path, n_buffers=2, buffer_bytes=4096) as st:
+        st.submit(0, 10)
+        st.submit(10, 10)
+        with pytest.raises(RuntimeError, match="every staging buffer is held"):
+            st.submit(20, 10)
+
+
+def test_ram_tier_skips_the_second_read(blob):
+    path, data = blob
+    with Stager(path, n_buffers=2, buffer_bytes=100_000, ram_tier_bytes=250_000) as st:
+        for _ in range(3):                              # three passes over three layers
+            for layer in range(3):
+                off = layer * 100_000
+                t = st.submit(off, 100_000, key=layer)
+                assert np.array_equal(st.wait(t), data[off:off + 100_000])
+                st.release(t)
+        # two windows fit the tier; the third is read from the file on every pass
+        assert st.stats.ram_tier_bytes == 200_000
+        assert st.stats.ram_tier_hits == 4
+        assert st.stats.bytes_read == 2 * 100_000 + 3 * 100_000
+
+
+def test_bad_windows_rejected(blob):
+    path, data = blob
+    with Stager(path, n_buffers=1, buffer_bytes=1000) as st:
+        with pytest.raises(ValueError, match="outside the file"):
+            st.submit(len(data) - 10, 20)
+        with pytest.raises(ValueError, match="exceeds"):
+            st.submit(0, 2000)
