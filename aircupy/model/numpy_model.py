@@ -1,0 +1,184 @@
+"""NumpyModel: the float32 reference forward pass for llama, qwen2, qwen3 and gemma3.
+
+Weights are dequantized once at load into contiguous float32 matrices in GGUF's (out, in) numpy order,
+so each projection is `x @ W.T` (BLAS reads W.T as a Fortran-order matrix: no copy). Q/K/V are fused
+into one (Hq*D + 2*Hkv*D, E) matrix and gate/up into one (2*F, E) matrix: one matmul each per layer.
+
+Per layer (pre-norm residual; gemma3 adds the bracketed post-norms):
+    h = rms_norm(x); q, k, v = h @ Wqkv.T (+ b); [qk_norm per head]; rope(q, k)
+    x += [post_norm](attention(q, cache k/v) @ Wo.T)
+    x += [post_norm](act(h2 @ Wgate.T) * (h2 @ Wup.T) @ Wdown.T), h2 = rms_norm(x)
+logits = rms_norm(x) @ Wout.T (Wout = token_embd when the head is tied).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from aircupy.config import ModelConfig
+from aircupy.errors import InvalidParameterError, UnsupportedModelError
+from aircupy.gguf.quants import dequantize
+from aircupy.loader.arch import TensorMap, tensor_map
+from aircupy.model.kv_cache import KVCache
+from aircupy.ops import reference as ref
+
+
+@dataclass
+class _Layer:
+    attn_norm: np.ndarray            # (E,)
+    wqkv: np.ndarray                 # (Hq*D + 2*Hkv*D, E)
+    bqkv: np.ndarray | None          # (Hq*D + 2*Hkv*D,)
+    q_norm: np.ndarray | None        # (D,)
+    k_norm: np.ndarray | None        # (D,)
+    wo: np.ndarray                   # (E, Hq*Dv)
+    bo: np.ndarray | None            # (E,)
+    post_attn_norm: np.ndarray | None
+    ffn_norm: np.ndarray             # (E,)
+    w_gate_up: np.ndarray            # (2F, E): rows [0, F) gate, [F, 2F) up
+    w_down: np.ndarray               # (E, F)
+    post_ffn_norm: np.ndarray | None
+
+
+class NumpyModel:
+    """model = NumpyModel(g, config); cache = model.new_cache(n_ctx);
+    logits = model.forward(token_ids (T,), positions (T,), cache, all_logits=False)."""
+
+    def __init__(self, g, config: ModelConfig):
+        self.config = config
+        self.tensor_map: TensorMap = tensor_map(config.arch, config.n_layers, g.tensors)
+        self._g = g
+        c = config
+        qd, kvd = c.n_head * c.head_dim, c.n_head_kv * c.head_dim
+        vd = c.n_head_kv * c.head_dim_v
+        tm = self.tensor_map
+
+        self.output_norm = self._load(tm.globals["output_norm"], (c.n_embd,))
+        # The head is used every step; when tied it doubles as the embedding table (same values as
+        # dequantizing the rows on demand, since dequantization is exact and deterministic).
+        self.output = self._load(tm.output_name(), (c.vocab_size, c.n_embd))
+        self._embd_info = g.tensors[tm.globals["token_embd"]]
+        self.rope_freqs = (self._load(tm.globals["rope_freqs"], (c.rope_dim // 2,))
+                           if "rope_freqs" in tm.globals else None)
+
+        self.layers: list[_Layer] = []
+        for i, names in enumerate(tm.layers):
+            def w(role, shape, names=names):
+                return self._load(names[role], shape) if role in names else None
+
+            wq, wk, wv = w("attn_q", (qd, c.n_embd)), w("attn_k", (kvd, c.n_embd)), w("attn_v", (vd, c.n_embd))
+            biases = [w("attn_q_bias", (qd,)), w("attn_k_bias", (kvd,)), w("attn_v_bias", (vd,))]
+            if any(b is not None for b in biases):
+                sizes = (qd, kvd, vd)
+                bqkv = np.concatenate([b if b is not None else np.zeros(n, np.float32) for b, n in zip(biases, sizes)])
+            else:
+                bqkv = None
+            self.layers.append(_Layer(
+                attn_norm=w("attn_norm", (c.n_embd,)),
+                wqkv=np.ascontiguousarray(np.concatenate([wq, wk, wv], axis=0)), bqkv=bqkv,
+                q_norm=w("attn_q_norm", (c.head_dim,)), k_norm=w("attn_k_norm", (c.head_dim,)),
+                wo=w("attn_output", (c.n_embd, c.n_head * c.head_dim_v)), bo=w("attn_output_bias", (c.n_embd,)),
+                post_attn_norm=w("post_attention_norm", (c.n_embd,)),
+                ffn_norm=w("ffn_norm", (c.n_embd,)),
+                w_gate_up=np.ascontiguousarray(np.concatenate(
+                    [w("ffn_gate", (c.n_ff, c.n_embd)), w("ffn_up", (c.n_ff, c.n_embd))], axis=0)),
+                w_down=w("ffn_down", (c.n_embd, c.n_ff)),
+                post_ffn_norm=w("post_ffw_norm", (c.n_embd,)),
+            ))
+
+    def _load(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        """Dequantize one tensor to contiguous float32 after checking its shape against the config."""
+        info = self._g.tensors[name]
+        if tuple(info.shape) != tuple(shape):
+            raise UnsupportedModelError(
+                f"{self.config.arch}: tensor {name!r} has shape {tuple(info.shape)}, expected {tuple(shape)}")
+        return np.ascontiguousarray(dequantize(info.data, info.ggml_type, info.shape), dtype=np.float32)
+
+    # -- public interface -------------------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    def new_cache(self, n_ctx: int) -> KVCache:
+        c = self.config
+        return KVCache(c.n_layers, n_ctx, c.n_head_kv, c.head_dim, c.head_dim_v)
+
+    def embed(self, token_ids: np.ndarray) -> np.ndarray:
+        """(T,) ids -> (T, E) scaled embeddings."""
+        ids = np.asarray(token_ids, dtype=np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
+            raise InvalidParameterError("token_ids", f"token id out of range [0, {self.config.vocab_size})")
+        if self.config.tied_output:
+            x = self.output[ids]
+        else:
+            e = self._embd_info
+            x = ref.embedding(e.data, e.ggml_type, e.shape, ids)
+        if self.config.embed_scale != 1.0:
+            x = x * np.float32(self.config.embed_scale)
+        return x.astype(np.float32, copy=False)
+
+    def forward(self, token_ids: np.ndarray, positions: np.ndarray, cache: KVCache,
+                all_logits: bool = False) -> np.ndarray:
+        """Run T new tokens (prefill T > 1 or decode T = 1) after what `cache` holds, store their keys
+        and values, and return logits (T, vocab) if all_logits else (1, vocab) for the last token."""
+        c = self.config
+        token_ids = np.asarray(token_ids).reshape(-1)
+        positions = np.asarray(positions, dtype=np.int64).reshape(-1)
+        T = token_ids.shape[0]
+        if T == 0 or positions.shape[0] != T:
+            raise InvalidParameterError("token_ids", f"need T >= 1 ids with T positions, got {T} and {positions.shape[0]}")
+        cache.check_room(T)
+
+        x = self.embed(token_ids)
+        k_pos = cache.key_positions(positions)
+        ropes = {}  # (base, scaling) -> (cos, sin): local and global layers may differ
+        for i, L in enumerate(self.layers):
+            local = c.swa_layers[i]
+            key = (c.rope_base_local, c.rope_scaling_local) if local else (c.rope_base, c.rope_scaling)
+            if key not in ropes:
+                ropes[key] = ref.rope_angles(positions, c.rope_dim, key[0], key[1], self.rope_freqs)
+            x = self._layer(i, L, x, positions, k_pos, ropes[key], cache)
+        cache.commit(positions)
+
+        if not all_logits:
+            x = x[-1:]
+        x = ref.rms_norm(x, self.output_norm, c.rms_eps)
+        logits = x @ self.output.T
+        if c.final_softcap:
+            logits = ref.softcap(logits, c.final_softcap)
+        return logits
+
+    def _layer(self, i, L: _Layer, x, positions, k_pos, rope, cache: KVCache) -> np.ndarray:
+        c = self.config
+        T = x.shape[0]
+        D, Dv = c.head_dim, c.head_dim_v
+        qd, kvd = c.n_head * D, c.n_head_kv * D
+
+        h = ref.rms_norm(x, L.attn_norm, c.rms_eps)
+        qkv = ref.linear(h, L.wqkv, L.bqkv)  # (T, qd + kvd + vd)
+        q = qkv[:, :qd].reshape(T, c.n_head, D)
+        k = qkv[:, qd:qd + kvd].reshape(T, c.n_head_kv, D)
+        v = qkv[:, qd + kvd:].reshape(T, c.n_head_kv, Dv)
+        if L.q_norm is not None:
+            q = ref.rms_norm(q, L.q_norm, c.rms_eps)
+            k = ref.rms_norm(k, L.k_norm, c.rms_eps)
+        cos, sin = rope
+        q = ref.apply_rope(q, cos, sin, c.rope_type)
+        k = ref.apply_rope(k, cos, sin, c.rope_type)
+
+        keys, values = cache.write(i, k, v)  # (Hkv, S, D), (Hkv, S, Dv)
+        a = ref.attention(q, keys, values, positions, k_pos, c.attn_scale,
+                          window=c.layer_window(i), softcap_value=c.attn_softcap)
+        o = ref.linear(a, L.wo, L.bo)
+        if L.post_attn_norm is not None:
+            o = ref.rms_norm(o, L.post_attn_norm, c.rms_eps)
+        x = x + o
+
+        h = ref.rms_norm(x, L.ffn_norm, c.rms_eps)
+        gu = h @ L.w_gate_up.T  # (T, 2F)
+        act = ref.geglu if c.activation == "gelu_tanh" else ref.swiglu
+        d = act(gu[:, :c.n_ff], gu[:, c.n_ff:]) @ L.w_down.T
+        if L.post_ffn_norm is not None:
+            d = ref.rms_norm(d, L.post_ffn_norm, c.rms_eps)
+        return x + d
