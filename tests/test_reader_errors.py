@@ -166,3 +166,11 @@ def test_bad_files_on_disk_name_the_path(tmp_path):
         assert g.metadata["aa"][1] == ["z"]
     with pytest.raises(FileNotFoundError):
         GGUFFile(tmp_path / "missing.gguf")
+
+
+def test_huge_names_are_cut_short_in_messages():
+    name = "n" * 100_000
+    e = _err(build_gguf({}, [T(name, GGMLType.Q4_K, (1, 100), data=b"")]), "not a multiple")
+    assert len(str(e)) < 300 and "nnnn'..." in str(e)
+    e = _err(build_gguf([(name, 1), (name, 2)], []), "duplicate metadata key")
+    assert len(str(e)) < 300

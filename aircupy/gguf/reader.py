@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ import numpy as np
 
 from aircupy.errors import GGUFError
 from aircupy.gguf.ggml import BLOCK_GEOMETRY, GGMLType
-from aircupy.gguf.values import Cursor, GGUFValueType, value_type_name
+from aircupy.gguf.values import Cursor, GGUFValueType, quote, value_type_name
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -32,6 +33,9 @@ DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4  # ggml tensors have at most 4 dimensions
 # Smallest tensor info: name length (8) + n_dims (4) + one dim (8) + type (4) + offset (8).
 _MIN_TENSOR_INFO = 32
+_DIMS = {n: struct.Struct(f"<{n}Q") for n in range(1, MAX_DIMS + 1)}
+_TYPE_OFFSET = struct.Struct("<IQ")
+_GGML_TYPES = {int(t): t for t in GGMLType}
 # Smallest key/value: key length (8) + value type (4) + a 1-byte value.
 _MIN_KV = 13
 
@@ -101,12 +105,12 @@ def parse_header(buf, path="<memory>", file_size: int | None = None) -> Header:
     types: dict[str, tuple[int, int]] = {}  # key -> (value type, offset of the value)
     for i in range(n_kv):
         key_pos = c.pos
-        key = c.string(f"key of metadata entry {i}")
+        key = c.string(("key of metadata entry %d", i))
         if key in metadata:
-            raise c.error(f"duplicate metadata key {key!r}", key_pos)
-        vtype = c.u32(f"value type of {key!r}")
+            raise c.error(f"duplicate metadata key {quote(key)}", key_pos)
+        vtype = c.u32(("value type of %s", key))
         val_pos = c.pos
-        metadata[key] = c.value(vtype, f"metadata {key!r}")
+        metadata[key] = c.value(vtype, ("metadata %s", key))
         types[key] = (vtype, val_pos)
 
     alignment = _alignment(c, metadata, types)
@@ -131,56 +135,52 @@ def _alignment(c: Cursor, metadata: dict, types: dict) -> int:
 def _tensor_info(c: Cursor, i: int):
     """(name, ggml type, numpy-order shape, relative offset, offset of this info) of tensor i."""
     info_pos = c.pos
-    name = c.string(f"name of tensor {i}")
-    what = f"tensor {name!r}"
+    name = c.string(("name of tensor %d", i))
     dims_pos = c.pos
-    n_dims = c.u32(f"dimension count of {what}")
+    n_dims = c.u32(("dimension count of tensor %s", name))
     if not 1 <= n_dims <= MAX_DIMS:
-        raise c.error(f"{what} has {n_dims} dimensions (must be 1 to {MAX_DIMS})", dims_pos)
-    dims = []
-    for d in range(n_dims):
-        v = c.u64(f"dimension {d} of {what}")
+        raise c.error(f"tensor {quote(name)} has {n_dims} dimensions (must be 1 to {MAX_DIMS})", dims_pos)
+    # dims (u64 x n_dims, innermost first), ggml type (u32) and relative offset (u64) in one read
+    c.need(8 * n_dims + 12, ("dimensions, type and offset of tensor %s", name))
+    dims = _DIMS[n_dims].unpack_from(c.buf, c.pos)
+    t, rel = _TYPE_OFFSET.unpack_from(c.buf, c.pos + 8 * n_dims)
+    for d, v in enumerate(dims):
         if v == 0 or v >= 1 << 63:  # stored as int64 by ggml: >= 2^63 is negative
-            raise c.error(f"{what} dimension {d} is {v - (1 << 64) if v >> 63 else v} "
-                          "(must be positive)", c.pos - 8)
-        dims.append(v)
-    type_pos = c.pos
-    t = c.u32(f"type of {what}")
-    try:
-        gtype = GGMLType(t)
-    except ValueError:
-        raise c.error(f"{what} has unknown ggml type {t}", type_pos) from None
-    rel = c.u64(f"data offset of {what}")
+            raise c.error(f"tensor {quote(name)} dimension {d} is {v - (1 << 64) if v >> 63 else v} "
+                          "(must be positive)", c.pos + 8 * d)
+    c.pos += 8 * n_dims + 12
+    gtype = _GGML_TYPES.get(t)
+    if gtype is None:
+        raise c.error(f"tensor {quote(name)} has unknown ggml type {t}", c.pos - 12)
     return name, gtype, tuple(reversed(dims)), rel, info_pos
 
 
 def _place_tensors(c: Cursor, specs, data_offset: int, alignment: int, size: int):
     tensors: dict[str, TensorSpec] = {}
     for name, gtype, shape, rel, info_pos in specs:
-        what = f"tensor {name!r}"
         if name in tensors:
-            raise c.error(f"duplicate tensor name {name!r}", info_pos)
+            raise c.error(f"duplicate tensor name {quote(name)}", info_pos)
         block_elems, block_bytes = BLOCK_GEOMETRY[gtype]
         if shape[-1] % block_elems:
-            raise c.error(f"{what} row length {shape[-1]} is not a multiple of the "
+            raise c.error(f"tensor {quote(name)} row length {shape[-1]} is not a multiple of the "
                           f"{gtype.name} block size {block_elems}", info_pos)
         rows = 1
         for d in shape[:-1]:
             rows *= d
         nbytes = rows * (shape[-1] // block_elems) * block_bytes
         if rel % alignment:
-            raise c.error(f"{what} data offset {rel} is not a multiple of the alignment "
+            raise c.error(f"tensor {quote(name)} data offset {rel} is not a multiple of the alignment "
                           f"{alignment}", info_pos)
         start = data_offset + rel
         if start + nbytes > size:
-            raise c.error(f"{what} data [{start}, {start + nbytes}) lies outside the file "
+            raise c.error(f"tensor {quote(name)} data [{start}, {start + nbytes}) lies outside the file "
                           f"({size} bytes)", info_pos)
         tensors[name] = TensorSpec(name, gtype, shape, start, nbytes)
     by_offset = sorted(tensors.values(), key=lambda s: s.offset)
     for a, b in zip(by_offset, by_offset[1:]):
         if a.offset + a.nbytes > b.offset:
-            raise c.error(f"tensor {a.name!r} data [{a.offset}, {a.offset + a.nbytes}) overlaps "
-                          f"tensor {b.name!r} starting at {b.offset}", b.offset)
+            raise c.error(f"tensor {quote(a.name)} data [{a.offset}, {a.offset + a.nbytes}) overlaps "
+                          f"tensor {quote(b.name)} starting at {b.offset}", b.offset)
     return tensors
 
 

@@ -70,6 +70,20 @@ def value_type_name(t: int) -> str:
         return f"unknown({t})"
 
 
+def quote(name: str, limit: int = 64) -> str:
+    """repr() of a key or tensor name for an error message, cut short: a hostile name can be huge."""
+    return repr(name) if len(name) <= limit else repr(name[:limit]) + "..."
+
+
+def _text(what) -> str:
+    """A field description: a plain string, or (format, *args) formatted only now (on error);
+    string args are names from the file and are quoted (%s in the format, not %r)."""
+    if isinstance(what, str):
+        return what
+    return what[0] % tuple(_text(a) if isinstance(a, tuple) else quote(a) if isinstance(a, str) else a
+                           for a in what[1:])
+
+
 class Cursor:
     """Reads little-endian fields from `buf[pos:end]`, raising GGUFError (with offset) on any overrun.
 
@@ -88,46 +102,53 @@ class Cursor:
     def error(self, message: str, offset: int | None = None) -> GGUFError:
         return GGUFError(self.path, message, self.pos if offset is None else offset)
 
-    def need(self, n: int, what: str) -> None:
+    # `what` names the field for error messages. Hot callers pass a tuple (format, *args) so that the
+    # text is only built when something is wrong: header parsing is dominated by such small reads.
+    def need(self, n: int, what) -> None:
         if n > self.end - self.pos:
-            raise self.error(f"file truncated: {what} needs {n} bytes, "
+            raise self.error(f"file truncated: {_text(what)} needs {n} bytes, "
                              f"{max(self.end - self.pos, 0)} left")
 
-    def u32(self, what: str) -> int:
-        self.need(4, what)
+    def u32(self, what) -> int:
+        if self.end - self.pos < 4:
+            self.need(4, what)
         (v,) = _U32.unpack_from(self.buf, self.pos)
         self.pos += 4
         return v
 
-    def u64(self, what: str) -> int:
-        self.need(8, what)
+    def u64(self, what) -> int:
+        if self.end - self.pos < 8:
+            self.need(8, what)
         (v,) = _U64.unpack_from(self.buf, self.pos)
         self.pos += 8
         return v
 
-    def count(self, what: str, min_elem_bytes: int) -> int:
+    def count(self, what, min_elem_bytes: int) -> int:
         """A uint64 element count, rejected unless the bytes left could hold that many elements."""
         start = self.pos
         n = self.u64(what)
         if n * min_elem_bytes > self.end - self.pos:
-            raise self.error(f"{what} {n} is impossible: {self.end - self.pos} bytes left "
+            raise self.error(f"{_text(what)} {n} is impossible: {self.end - self.pos} bytes left "
                              f"(each needs at least {min_elem_bytes})", start)
         return n
 
-    def string(self, what: str) -> str:
+    def string(self, what) -> str:
         start = self.pos
-        n = self.u64(f"length of {what}")
-        if n > self.end - self.pos:
-            raise self.error(f"{what} length {n} runs past the end ({self.end - self.pos} bytes left)",
+        if self.end - start < 8:
+            self.need(8, ("length of %s", _text(what)))
+        (n,) = _U64.unpack_from(self.buf, start)
+        pos = start + 8
+        if n > self.end - pos:
+            raise self.error(f"{_text(what)} length {n} runs past the end ({self.end - pos} bytes left)",
                              start)
-        raw = self.buf[self.pos:self.pos + n]
-        self.pos += n
+        raw = self.buf[pos:pos + n]
+        self.pos = pos + n
         try:
             return str(raw, "utf-8")
         except UnicodeDecodeError as e:
-            raise self.error(f"{what} is not valid UTF-8 ({e.reason})", start + 8 + e.start) from None
+            raise self.error(f"{_text(what)} is not valid UTF-8 ({e.reason})", pos + e.start) from None
 
-    def value(self, vtype: int, what: str, depth: int = 0) -> Any:
+    def value(self, vtype: int, what, depth: int = 0) -> Any:
         """One metadata value of type `vtype` (scalar, string or array)."""
         st = _SCALAR_STRUCT.get(vtype)
         if st is not None:
@@ -139,16 +160,16 @@ class Cursor:
             return self.string(what)
         if vtype == GGUFValueType.ARRAY:
             return self.array(what, depth)
-        raise self.error(f"{what} has unknown value type {vtype}", self.pos - 4)
+        raise self.error(f"{_text(what)} has unknown value type {vtype}", self.pos - 4)
 
-    def array(self, what: str, depth: int) -> Any:
+    def array(self, what, depth: int) -> Any:
         if depth >= MAX_ARRAY_DEPTH:
-            raise self.error(f"{what}: arrays nested deeper than {MAX_ARRAY_DEPTH}")
+            raise self.error(f"{_text(what)}: arrays nested deeper than {MAX_ARRAY_DEPTH}")
         type_pos = self.pos
-        etype = self.u32(f"element type of {what}")
+        etype = self.u32(("element type of %s", what))
         if etype in SCALAR_DTYPE:
             dt = SCALAR_DTYPE[etype]
-            n = self.count(f"element count of {what}", dt.itemsize)
+            n = self.count(("element count of %s", what), dt.itemsize)
             arr = np.frombuffer(self.buf, dtype=dt, count=n, offset=self.pos).copy()
             self.pos += n * dt.itemsize
             if etype == GGUFValueType.BOOL:
@@ -156,14 +177,14 @@ class Cursor:
             arr.flags.writeable = False
             return arr
         if etype == GGUFValueType.STRING:
-            n = self.count(f"element count of {what}", 8)
+            n = self.count(("element count of %s", what), 8)
             return self.string_array(n, what)
         if etype == GGUFValueType.ARRAY:
-            n = self.count(f"element count of {what}", 12)
-            return [self.array(f"{what}[{i}]", depth + 1) for i in range(n)]
-        raise self.error(f"{what} has unknown element type {etype}", type_pos)
+            n = self.count(("element count of %s", what), 12)
+            return [self.array(("%s[%d]", what, i), depth + 1) for i in range(n)]
+        raise self.error(f"{_text(what)} has unknown element type {etype}", type_pos)
 
-    def string_array(self, n: int, what: str) -> list[str]:
+    def string_array(self, n: int, what) -> list[str]:
         """n length-prefixed strings: one tight loop finds the slices, then they are decoded in bulk.
 
         This is the hot path of opening a file (Gemma3's 262k-token vocabulary): no per-string
@@ -175,12 +196,12 @@ class Cursor:
         for i in range(n):
             if end - pos < 8:
                 self.pos = pos
-                raise self.error(f"file truncated: length of {what}[{i}] needs 8 bytes, "
+                raise self.error(f"file truncated: length of {_text(what)}[{i}] needs 8 bytes, "
                                  f"{max(end - pos, 0)} left")
             (ln,) = unpack(buf, pos)
             pos += 8
             if ln > end - pos:
-                raise self.error(f"{what}[{i}] length {ln} runs past the end ({end - pos} bytes left)",
+                raise self.error(f"{_text(what)}[{i}] length {ln} runs past the end ({end - pos} bytes left)",
                                  pos - 8)
             raws[i] = buf[pos:pos + ln]
             pos += ln
@@ -191,14 +212,14 @@ class Cursor:
         self.pos = pos
         return out
 
-    def _first_bad_utf8(self, raws: list[bytes], what: str):
+    def _first_bad_utf8(self, raws: list[bytes], what):
         # Slow path, only for a broken file: locate the offending string to report its offset.
         pos = self.pos
         for i, r in enumerate(raws):
             try:
                 str(r, "utf-8")
             except UnicodeDecodeError as e:
-                raise self.error(f"{what}[{i}] is not valid UTF-8 ({e.reason})",
+                raise self.error(f"{_text(what)}[{i}] is not valid UTF-8 ({e.reason})",
                                  pos + 8 + e.start) from None
             pos += 8 + len(r)
         raise AssertionError("unreachable: some string failed to decode")
