@@ -66,3 +66,16 @@ def serve(**options):
     """Serve a model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, ...)."""
     from aircupy.server.runner import serve as run
     run(**options)
+
+
+@main.command("inspect")
+@click.argument("model", type=click.Path(path_type=str))
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of the human view")
+@_one_line_errors
+def inspect_cmd(model, as_json):
+    """Describe a GGUF file: architecture, sizes, quant mix, layers, tokenizer, template, tensors."""
+    import json
+
+    from aircupy.inspect import describe_file, render_text
+    desc = describe_file(model)
+    click.echo(json.dumps(desc, indent=1, ensure_ascii=False) if as_json else render_text(desc))
