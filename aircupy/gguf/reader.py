@@ -99,7 +99,8 @@ def parse_header(buf, path="<memory>", file_size: int | None = None) -> Header:
     n_kv = c.u64("metadata count")
     # Tensor infos follow the key/values, so both must fit in what is left.
     if n_kv * _MIN_KV + n_tensors * _MIN_TENSOR_INFO > c.end - c.pos:
-        raise c.error(f"metadata count {n_kv} is impossible: {c.end - c.pos} bytes left", n_kv_pos)
+        raise c.error(f"metadata count {n_kv} is impossible: {c.end - c.pos} bytes left "
+                      "(file truncated or count corrupt)", n_kv_pos)
 
     metadata: dict[str, Any] = {}
     types: dict[str, tuple[int, int]] = {}  # key -> (value type, offset of the value)

@@ -128,8 +128,8 @@ class Cursor:
         start = self.pos
         n = self.u64(what)
         if n * min_elem_bytes > self.end - self.pos:
-            raise self.error(f"{_text(what)} {n} is impossible: {self.end - self.pos} bytes left "
-                             f"(each needs at least {min_elem_bytes})", start)
+            raise self.error(f"{_text(what)} {n} is impossible: needs at least {n * min_elem_bytes} "
+                             f"bytes, {self.end - self.pos} left (file truncated or count corrupt)", start)
         return n
 
     def string(self, what) -> str:

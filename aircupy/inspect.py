@@ -1,0 +1,177 @@
+"""What `aircupy inspect` prints: a JSON-able description of a GGUF file and its human rendering.
+
+describe(g) returns a plain dict (str/int/float/bool/list/dict only) made of sections:
+    file, architecture, name, parameters, context_length, n_layers, tokenizer, chat_template,
+    quant_mix, layers, other_tensors, metadata, tensors.
+render_text(desc) turns the sections it knows (TEXT_SECTIONS, in order) into the human view, skipping
+absent ones. A later section (the streaming plan) is added by putting desc["plan"] = {...} and passing
+`sections=TEXT_SECTIONS + (("plan", render_plan),)`: nothing here needs to change.
+"""
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from aircupy.gguf.reader import GGUFFile
+
+# Arrays longer than this (vocabularies, merges, scores) are summarised by type and length.
+MAX_ARRAY_IN_JSON = 16
+_LAYER = re.compile(r"blk\.(\d+)\.")
+
+
+def describe(g: GGUFFile) -> dict[str, Any]:
+    arch = g.get("general.architecture")
+    tensors = list(g.tensors.values())
+    tokens = g.get("tokenizer.ggml.tokens")
+    template = g.get("tokenizer.chat_template")
+    n_layers = g.get(f"{arch}.block_count")
+    return {
+        "file": {"path": str(g.path), "size": g.file_size, "gguf_version": g.version,
+                 "alignment": g.alignment, "data_offset": g.data_offset,
+                 "data_bytes": sum(t.nbytes for t in tensors), "n_tensors": len(tensors),
+                 "n_metadata": len(g.metadata)},
+        "architecture": arch,
+        "name": g.get("general.name"),
+        "parameters": sum(t.n_elements for t in tensors),
+        "context_length": g.get(f"{arch}.context_length"),
+        "n_layers": n_layers,
+        "tokenizer": {"model": g.get("tokenizer.ggml.model"), "pre": g.get("tokenizer.ggml.pre"),
+                      "vocab_size": len(tokens) if tokens is not None else None,
+                      "bos_id": g.get("tokenizer.ggml.bos_token_id"),
+                      "eos_id": g.get("tokenizer.ggml.eos_token_id")},
+        "chat_template": {"present": isinstance(template, str),
+                          "chars": len(template) if isinstance(template, str) else 0},
+        "quant_mix": _quant_mix(tensors),
+        "layers": _layers(tensors),
+        "other_tensors": [{"name": t.name, "type": t.ggml_type.name, "nbytes": t.nbytes}
+                          for t in tensors if not _LAYER.match(t.name)],
+        "metadata": {k: summarize_value(v) for k, v in g.metadata.items()},
+        "tensors": [{"name": t.name, "type": t.ggml_type.name, "shape": list(t.shape),
+                     "offset": t.offset, "nbytes": t.nbytes} for t in tensors],
+    }
+
+
+def describe_file(path) -> dict[str, Any]:
+    with GGUFFile(path) as g:
+        return describe(g)
+
+
+def _quant_mix(tensors) -> list[dict[str, Any]]:
+    """Per ggml type: tensor count, bytes and parameters, largest share first."""
+    mix: dict[str, dict[str, Any]] = {}
+    for t in tensors:
+        m = mix.setdefault(t.ggml_type.name, {"type": t.ggml_type.name, "tensors": 0, "bytes": 0,
+                                              "parameters": 0})
+        m["tensors"] += 1
+        m["bytes"] += t.nbytes
+        m["parameters"] += t.n_elements
+    return sorted(mix.values(), key=lambda m: (-m["bytes"], m["type"]))
+
+
+def _layers(tensors) -> list[dict[str, Any]]:
+    """Per transformer block (tensors named blk.N.*): tensor count, bytes and the byte span it covers."""
+    layers: dict[int, dict[str, Any]] = {}
+    for t in tensors:
+        m = _LAYER.match(t.name)
+        if not m:
+            continue
+        i = int(m.group(1))
+        d = layers.setdefault(i, {"index": i, "tensors": 0, "bytes": 0, "start": t.offset, "end": 0})
+        d["tensors"] += 1
+        d["bytes"] += t.nbytes
+        d["start"] = min(d["start"], t.offset)
+        d["end"] = max(d["end"], t.offset + t.nbytes)
+    return [layers[i] for i in sorted(layers)]
+
+
+def summarize_value(v: Any) -> Any:
+    """A metadata value as JSON: scalars as they are, long arrays as {"array": type, "length": n}."""
+    if isinstance(v, np.ndarray):
+        if v.size > MAX_ARRAY_IN_JSON:
+            return {"array": v.dtype.name, "length": int(v.size)}
+        return [summarize_value(x) for x in v.tolist()]
+    if isinstance(v, list):
+        if len(v) > MAX_ARRAY_IN_JSON:
+            kind = "string" if v and isinstance(v[0], str) else "array"
+            return {"array": kind, "length": len(v)}
+        return [summarize_value(x) for x in v]
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)  # JSON has no NaN/Infinity
+    return v
+
+
+def size_str(n: int) -> str:
+    """1536 -> '1.5 KiB'."""
+    x = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if x < 1024 or unit == "TiB":
+            return f"{int(x)} B" if unit == "B" else f"{x:.1f} {unit}"
+        x /= 1024
+    raise AssertionError("unreachable")
+
+
+def _count_str(n: int) -> str:
+    """134515008 -> '134.5 M'."""
+    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= div:
+            return f"{n / div:.1f} {unit}"
+    return str(n)
+
+
+def _render_summary(d: dict) -> list[str]:
+    f, tok, tpl = d["file"], d["tokenizer"], d["chat_template"]
+    vocab = f"{tok['model']}" + (f" (pre: {tok['pre']})" if tok["pre"] else "")
+    vocab += f", {tok['vocab_size']} tokens" if tok["vocab_size"] is not None else ", no vocabulary"
+    return [
+        f"{f['path']}",
+        f"  {'file':<16}{size_str(f['size'])} ({f['size']} bytes), GGUF v{f['gguf_version']}, "
+        f"{f['n_metadata']} metadata keys",
+        f"  {'architecture':<16}{d['architecture'] or 'unknown'}" + (f"  ({d['name']})" if d["name"] else ""),
+        f"  {'parameters':<16}{_count_str(d['parameters'])} ({d['parameters']})",
+        f"  {'context length':<16}{d['context_length'] if d['context_length'] is not None else 'unknown'}",
+        f"  {'tokenizer':<16}{vocab if tok['model'] else 'none'}",
+        f"  {'chat template':<16}" + (f"yes ({tpl['chars']} chars)" if tpl["present"] else "no"),
+        f"  {'tensors':<16}{f['n_tensors']}, {size_str(f['data_bytes'])} of data from byte "
+        f"{f['data_offset']} (alignment {f['alignment']})",
+    ]
+
+
+def _render_quant_mix(d: dict) -> list[str]:
+    total = sum(m["bytes"] for m in d["quant_mix"]) or 1
+    lines = ["", "quant mix", f"  {'type':<8}{'tensors':>8}{'parameters':>14}{'bytes':>12}{'share':>8}"]
+    for m in d["quant_mix"]:
+        lines.append(f"  {m['type']:<8}{m['tensors']:>8}{m['parameters']:>14}"
+                     f"{size_str(m['bytes']):>12}{m['bytes'] / total:>8.1%}")
+    return lines
+
+
+def _render_layers(d: dict) -> list[str]:
+    layers = d["layers"]
+    n = d["n_layers"]
+    lines = ["", f"layers: {len(layers)} blocks" + (f" (block_count says {n})" if n not in (None, len(layers))
+                                                     else "")]
+    for L in layers:
+        lines.append(f"  blk.{L['index']:<5}{L['tensors']:>3} tensors {size_str(L['bytes']):>11}"
+                     f"   bytes [{L['start']}, {L['end']})")
+    if d["other_tensors"]:
+        lines.append("  outside the layers:")
+        for t in d["other_tensors"]:
+            lines.append(f"    {t['name']:<28}{t['type']:<8}{size_str(t['nbytes']):>11}")
+    return lines
+
+
+TEXT_SECTIONS: tuple[tuple[str, Callable[[dict], list[str]]], ...] = (
+    ("file", _render_summary), ("quant_mix", _render_quant_mix), ("layers", _render_layers),
+)
+
+
+def render_text(desc: dict, sections=TEXT_SECTIONS) -> str:
+    lines: list[str] = []
+    for key, render in sections:
+        if key in desc:
+            lines += render(desc)
+    return "\n".join(lines)
