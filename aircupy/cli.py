@@ -79,3 +79,32 @@ def inspect_cmd(model, as_json):
     from aircupy.inspect import describe_file, render_text
     desc = describe_file(model)
     click.echo(json.dumps(desc, indent=1, ensure_ascii=False) if as_json else render_text(desc))
+
+
+@main.command()
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--arch", "preset", default="llama3-8b", show_default=True,
+              help="Shape preset: llama3-8b, llama-70b, smollm2-135m, qwen2-0.5b, qwen3-0.6b, gemma3-270m.")
+@click.option("--type", "qtype", default="Q4_0", show_default=True,
+              help="Quant type of the matrices (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K..Q6_K, F16, F32).")
+@click.option("--layers", type=int, default=None, help="Layer count (default: the preset's).")
+@click.option("--set", "sets", multiple=True, metavar="FIELD=INT",
+              help="Override a shape field, e.g. --set n_embd=256 --set vocab=512 (repeatable).")
+@click.option("--embd-type", default=None, help="Quant type of token_embd (default: --type).")
+@click.option("--output-type", default=None, help="Quant type of output.weight (default: --type).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@_one_line_errors
+def synth(out, preset, qtype, layers, sets, embd_type, output_type, seed):
+    """Write a synthetic GGUF model: a real architecture's names, shapes and metadata, random weights."""
+    from aircupy.errors import InvalidParameterError
+    from aircupy.synth import synth_model
+    overrides = {}
+    for s in sets:
+        key, _, val = s.partition("=")
+        try:
+            overrides[key.strip()] = float(val) if key.strip() in ("rope_base", "rms_eps") else int(val)
+        except ValueError:
+            raise InvalidParameterError("set", f"expected FIELD=INT, got {s!r}") from None
+    rep = synth_model(out, preset, qtype, n_layers=layers, overrides=overrides, seed=seed,
+                      embd_type=embd_type, output_type=output_type)
+    click.echo(rep.summary())
