@@ -66,13 +66,21 @@ def test_decode_matches_llama_cpp(tokenizers, model):
 @pytest.mark.parametrize("model", MODELS)
 def test_round_trip(tokenizers, model):
     tok = tokenizers[model]
+    checked = 0
     for case in DATA["models"][model]["cases"]:
         text = case["text"]
-        if tok.kind == "spm" and "\u2581" in text:
-            continue  # SentencePiece's '▁' *is* its space: a literal one comes back as ' ' (llama.cpp too)
+        rendered = bytes.fromhex(case["detok_special_hex"])  # llama.cpp's decode, specials printed
+        if tok.add_bos:
+            rendered = rendered.removeprefix(tok.token_bytes(tok.bos_id))
+        if rendered != text.encode("utf-8"):
+            # llama.cpp does not round-trip it either: SentencePiece's '▁' *is* its space, and SmolLM2's
+            # vocabulary lacks some byte characters (0xF1...), which are dropped.
+            continue
+        checked += 1
         assert tok.decode(tok.encode(text, add_special=False)) == text
         # With BOS added and skipped again the text comes back too.
         assert tok.decode(tok.encode(text, parse_special=False), skip_special=True) == text
+    assert checked > 0.75 * len(DATA["models"][model]["cases"])
 
 
 STREAM_TEXTS = ["emoji 😀👍🏽 👨‍👩‍👧‍👦 🇺🇸 ❤️ 🧬 🛞🦩 and 日本語のテキスト、한국어 𓀀ꙮ",

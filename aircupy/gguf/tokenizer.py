@@ -20,6 +20,7 @@ from aircupy.gguf.spm import SPACE, SpmMerger
 from aircupy.gguf.vocab import BYTE, CONTROL, LSTRIP, NORMAL, RSTRIP, UNKNOWN, USER_DEFINED, Vocab, load_vocab
 
 _HIDDEN = CONTROL | UNKNOWN  # printed only when special tokens are rendered
+_UNK_SENTINEL = "\x00aircupy:byte-missing-from-vocab\x00"  # never produced by byte-level pre-tokenization
 
 
 class Tokenizer:
@@ -127,8 +128,13 @@ class Tokenizer:
             texts = [f for f in fragments if isinstance(f, str)]
             encoded = iter(self._hf.encode_batch(texts, add_special_tokens=False) if len(texts) > 1 else
                            [self._hf.encode(t, add_special_tokens=False) for t in texts])
+            sentinel = self.vocab_size  # HF's stand-in for a byte the vocabulary lacks: dropped, as llama.cpp does
             for frag in fragments:
-                out.extend([frag] if isinstance(frag, int) else next(encoded).ids)
+                if isinstance(frag, int):
+                    out.append(frag)
+                else:
+                    ids = next(encoded).ids
+                    out.extend([i for i in ids if i != sentinel] if sentinel in ids else ids)
         if add_special and v.add_eos:
             out.append(v.ids["eos"])
         return out
@@ -207,7 +213,13 @@ def _build_hf_bpe(vocab: Vocab, ignore_merges: bool):
         # HF refuses merges whose parts or result are missing; llama.cpp could only byte-split those.
         if a in t2i and b in t2i and a + b in t2i:
             merges.append((a, b))
-    model = models.BPE(vocab=t2i, merges=merges, ignore_merges=ignore_merges)
+    # Some vocabularies lack a few of the 256 byte characters (SmolLM2 has no 'ñ' = byte 0xF1). llama.cpp
+    # keeps such a character as a symbol while merging -- a barrier no pair crosses -- and drops it at the
+    # end; HF would drop it first and let its neighbours merge. A sentinel unknown token (id = vocab size,
+    # removed from the output) keeps the barrier.
+    sentinel = len(vocab.tokens)
+    model = models.BPE(vocab={**t2i, _UNK_SENTINEL: sentinel}, merges=merges, unk_token=_UNK_SENTINEL,
+                       fuse_unk=False, ignore_merges=ignore_merges)
     hf = HFTokenizer(model)
     hf.pre_tokenizer = build_pre_tokenizer(pre_spec(vocab.pre))
     return hf

@@ -41,13 +41,35 @@ CORPUS = [
     "𝔘𝔫𝔦𝔠𝔬𝔡𝔢 𝕏 ᚠᛇᚻ ∀x∈ℝ: x² ≥ 0 → ∞",
     "The quick brown fox jumps over the lazy dog. " * 3,
     "Numbers: 1 22 333 4444 55555 666666 7777777 and 3.0e-10, -42, +7",
+    # SmolLM2 lacks the byte character for 0xF1: llama.cpp keeps it as a merge barrier, then drops it.
+    "chess 🨟\U00065dd1 and \U00065dd1#",
+    "<<|im_end|>><|im_start|><|im_start|> <start_of_turn><end_of_turn>x<end_of_turn> <unused12><unused1>",
 ]
+# Random text across scripts, planes and whitespace kinds (seeded, so the corpus is fixed).
+_UNICODE_SPANS = [(32, 126), (0xA0, 0x2FFF), (0x3000, 0x9FFF), (0x1F300, 0x1FAFF), (0xAC00, 0xD7A3),
+                  (0xE000, 0xFFFD), (0x10000, 0x10FFFF)]
 FUZZ_ALPHABET = "ab c\n\t1é日😀<|>_-'  ▁\u00a0xyz09"
 
 
 def fuzz_corpus(n: int, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
     return ["".join(rng.choice(FUZZ_ALPHABET) for _ in range(rng.randint(1, 40))) for _ in range(n)]
+
+
+def unicode_corpus(n: int, seed: int = 5) -> list[str]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        chars = []
+        for _ in range(rng.randint(1, 40)):
+            if rng.random() < 0.15:
+                chars.append(rng.choice([" ", "  ", "\n", "\t", "\r\n", "   ", "\u00a0", "0123456789"]))
+            else:
+                lo, hi = rng.choice(_UNICODE_SPANS)
+                cp = rng.randint(lo, hi)
+                chars.append(chr(cp) if not 0xD800 <= cp <= 0xDFFF else "?")
+        out.append("".join(chars))
+    return out
 
 
 def llama_reference(path: Path, texts: list[str], rng: random.Random) -> dict:
@@ -119,7 +141,7 @@ def main() -> None:
     args = ap.parse_args()
     import llama_cpp
 
-    texts = CORPUS + fuzz_corpus(60)
+    texts = CORPUS + fuzz_corpus(60) + unicode_corpus(40)
     rng = random.Random(1)
     data = {"reference": f"llama.cpp via llama-cpp-python {llama_cpp.__version__}; "
                          "chat templates via transformers apply_chat_template",
