@@ -73,6 +73,8 @@ def test_real_model_views_share_one_readonly_mapping(smollm2_path):
         assert emb.ggml_type is GGMLType.Q8_0 and emb.shape == (49152, 576)
         with pytest.raises(ValueError):
             emb.data[0] = 1
+        again = GGUFFile(smollm2_path).tensors["token_embd.weight"]
+        assert again == emb and hash(again) == hash(emb) and "data" not in repr(emb)
 
 
 def test_gemma3_opens_fast(gemma3_path):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import mmap
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,8 @@ class TensorInfo:
     shape: tuple[int, ...]
     offset: int
     nbytes: int
-    data: np.ndarray
+    # Left out of ==, hash and repr: comparing or printing megabytes of weights is never meant.
+    data: np.ndarray = field(compare=False, repr=False)
 
     @property
     def n_elements(self) -> int:
