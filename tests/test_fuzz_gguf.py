@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from aircupy.errors import GGUFError
 from aircupy.gguf.ggml import GGMLType
 from aircupy.gguf.reader import GGUFFile
-from tests.helpers.gguf_build import VT, T, V, arr, build, build_gguf
+from tests.helpers.gguf_build import VT, T, V, build, build_gguf
 
 CASES_PER_SEED = 4000  # x 3 seeds = 12,000 corrupted files per run
 
@@ -38,7 +38,7 @@ class Seed:
 def _mini_real(path) -> Seed:
     with GGUFFile(path) as g:
         meta = {k: (v[:64] if isinstance(v, (list, np.ndarray)) else v) for k, v in g.metadata.items()}
-        # keep the real value types where auto-typing would differ (all real scalars are u32/f32/str/bool)
+        # auto-typing reproduces these files' value types (u32/f32/str/bool scalars, typed numpy arrays)
         tensors = [T(t.name, t.ggml_type, t.shape, data=b"", offset=t.offset - g.data_offset)
                    for t in g.tensors.values()]
         data_size = max(t.offset + t.nbytes for t in g.tensors.values()) - g.data_offset
