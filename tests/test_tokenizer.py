@@ -83,6 +83,29 @@ def test_round_trip(tokenizers, model):
     assert checked > 0.75 * len(DATA["models"][model]["cases"])
 
 
+@pytest.fixture(scope="module")
+def metadata(smollm2_path, gemma3_path):
+    out = {}
+    for name, path in (("smollm2", smollm2_path), ("gemma3", gemma3_path)):
+        with GGUFFile(path) as g:
+            out[name] = dict(g.metadata)
+    return out
+
+
+@pytest.mark.parametrize("variant", DATA["variants"], ids=lambda v: ",".join(f"{k.split('.')[-1]}={w}" for k, w in
+                                                                            v["overrides"].items()))
+def test_vocabulary_variants_match_llama_cpp(metadata, variant):
+    """Other pre-tokenizers (over SmolLM2's merges) and a space-prefixed SentencePiece vocabulary
+    (Gemma3's, as Llama 2 would have it), against llama.cpp loading the same rewritten metadata."""
+    md = dict(metadata[variant["model"]])
+    for k, v in variant["overrides"].items():
+        md.pop(k) if v is None else md.__setitem__(k, v)
+    tok = Tokenizer.from_metadata(md)
+    for text, expected in zip(variant["texts"], variant["ids"]):
+        assert tok.encode(text) == expected["11"], text
+        assert tok.encode(text, parse_special=False) == expected["10"], text
+
+
 STREAM_TEXTS = ["emoji 😀👍🏽 👨‍👩‍👧‍👦 🇺🇸 ❤️ 🧬 🛞🦩 and 日本語のテキスト、한국어 𓀀ꙮ",
                 "<start_of_turn>model\n𝔘𝔫𝔦𝔠𝔬𝔡𝔢 ∀x∈ℝ<end_of_turn><|im_end|> café"]
 

@@ -135,6 +135,74 @@ def template_reference(path: Path) -> list[dict]:
     return out
 
 
+# Vocabulary variants llama.cpp is asked about through a rewritten vocab-only GGUF: SmolLM2's tokens and
+# merges behind other pre-tokenizers (None deletes a key: llama3 then adds BOS by default), and Gemma3's
+# vocabulary with a Llama-2-style space prefix.
+VARIANTS = [("smollm2", {"tokenizer.ggml.pre": pre}) for pre in
+            ("default", "qwen2", "gpt-2", "deepseek-coder", "deepseek-v3", "falcon", "gpt-4o", "tekken",
+             "poro-chat")] + [
+    ("smollm2", {"tokenizer.ggml.pre": "llama3", "tokenizer.ggml.add_bos_token": None}),
+    ("gemma3", {"tokenizer.ggml.add_space_prefix": True}),
+]
+
+
+def write_vocab_gguf(md: dict, path: Path) -> None:
+    """A GGUF with `md` as metadata and no tensors (enough for llama.cpp's vocab_only load)."""
+    import numpy as np
+    from gguf import GGUFWriter
+
+    w = GGUFWriter(str(path), md["general.architecture"])
+    for k, v in md.items():
+        if k == "general.architecture":
+            continue
+        if k == "tokenizer.ggml.tokens":
+            w.add_token_list(v)
+        elif k == "tokenizer.ggml.scores":
+            w.add_token_scores(np.asarray(v, dtype=np.float32).tolist())
+        elif k == "tokenizer.ggml.token_type":
+            w.add_token_types(np.asarray(v, dtype=np.int32).tolist())
+        elif k == "tokenizer.ggml.merges":
+            w.add_token_merges(v)
+        elif isinstance(v, bool):
+            w.add_bool(k, v)
+        elif isinstance(v, int):
+            w.add_uint32(k, v)
+        elif isinstance(v, float):
+            w.add_float32(k, v)
+        elif isinstance(v, str):
+            w.add_string(k, v)
+        elif isinstance(v, (list, np.ndarray)):
+            w.add_array(k, list(v) if isinstance(v, list) else v.tolist())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def variant_reference(model: str, overrides: dict, texts: list[str]) -> dict:
+    import tempfile
+
+    import llama_cpp
+
+    from aircupy.gguf.reader import GGUFFile
+
+    with GGUFFile(MODELS[model]()) as g:
+        md = dict(g.metadata)
+    for k, v in overrides.items():
+        if v is None:
+            md.pop(k, None)
+        else:
+            md[k] = v
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "vocab.gguf"
+        write_vocab_gguf(md, path)
+        llm = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+        ids = [{"11": llm.tokenize(t.encode(), add_bos=True, special=True),
+                "10": llm.tokenize(t.encode(), add_bos=True, special=False)} for t in texts]
+        del llm
+    return {"model": model, "overrides": overrides, "texts": texts, "ids": ids}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "data" / "tokenizer_expected.json"))
@@ -148,6 +216,7 @@ def main() -> None:
             "models": {}}
     for name, locate in MODELS.items():
         data["models"][name] = llama_reference(locate(), texts, rng)
+    data["variants"] = [variant_reference(model, overrides, CORPUS) for model, overrides in VARIANTS]
     data["chat_templates"] = {"smollm2": template_reference(MODELS["smollm2"]())}
     text = json.dumps(data, ensure_ascii=False, indent=1)
     # Keep each id list on one line so the file stays small and diffs stay readable.
