@@ -145,6 +145,10 @@ def test_failure_mid_stream_sends_an_error_event_then_closes():
                 pass
         whole = httpx.post(url + "/v1/completions", json=body("x", 5, stream=False))
         assert whole.status_code == 500 and whole.json()["error"]["code"] == "internal_error"
+        engine.prompt_ids = lambda prompt: {}["a bug before generation"]
+        early = httpx.post(url + "/v1/completions", json=body("x", 5))
+        assert early.status_code == 500 and early.json()["error"]["type"] == "server_error"
+        assert httpx.get(url + "/health").status_code == 200                # and the server lives on
 
 
 def test_template_error_is_a_clear_400():

@@ -158,6 +158,11 @@ async def _aircupy_error(request, exc: AircupyError):
     return await _api_error(request, protocol.from_exception(exc))
 
 
+async def _internal_error(request, exc: Exception):
+    # A bug, not the client's doing: still OpenAI's error object (Starlette logs the traceback).
+    return JSONResponse(protocol.from_exception(exc).body(), status_code=500)
+
+
 async def _http_error(request, exc: HTTPException):
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
     msg = (f"no route {request.method} {request.url.path}" if exc.status_code in (404, 405) else exc.detail)
@@ -193,7 +198,7 @@ def create_app(engine, model_name: str, api_key: str | None = None,
 
     app = Starlette(routes=ROUTES, lifespan=lifespan, middleware=[Middleware(Gate, state=state, paths=frozenset(r.path for r in ROUTES))],
                     exception_handlers={APIError: _api_error, AircupyError: _aircupy_error,
-                                        HTTPException: _http_error})
+                                        HTTPException: _http_error, Exception: _internal_error})
     app.state.server = state
     return app
 

@@ -17,8 +17,9 @@ log = logging.getLogger("aircupy.server")
 
 def _config(app, log_level: str) -> uvicorn.Config:
     # access_log off: the app logs its own line per request, with status, tokens and time.
+    # log_config None: uvicorn's lines go through the same logging setup as ours (one format).
     # timeout_graceful_shutdown: a stream in flight must not hold a Ctrl-C hostage for long.
-    return uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="on",
+    return uvicorn.Config(app, log_level=log_level, access_log=False, log_config=None, lifespan="on",
                           timeout_graceful_shutdown=5)
 
 
