@@ -7,7 +7,7 @@ else numpy with a one-line notice on stderr).
 The contract with aircupy.device.probe (owned by the GPU side; absent until it lands, and an ImportError
 then simply means "no CUDA backend"):
     cuda_unavailable_reason() -> str | None    None when cupy imports and a CUDA device exists
-    load_model(g, config, *, vram_budget: int | None, progress) -> model with new_cache / forward
+    load_model(g, config, *, vram_budget: int | None, progress, n_ctx) -> model with new_cache / forward
 """
 from __future__ import annotations
 
@@ -68,14 +68,16 @@ def select_backend(name: str, notice=None) -> str:
     return "numpy"
 
 
-def load_model(backend: str, g, config, *, vram_budget: int | None = None, progress=None):
-    """The backend's model object (new_cache / forward) for an open GGUFFile and its ModelConfig."""
+def load_model(backend: str, g, config, *, vram_budget: int | None = None, n_ctx: int | None = None,
+               progress=None):
+    """The backend's model object (new_cache / forward) for an open GGUFFile and its ModelConfig;
+    n_ctx lets the CUDA backend size its KV cache within the VRAM budget."""
     if backend == "cuda":
         probe = _device_probe()
         if probe is None:
             raise BackendUnavailableError("the cuda backend is unavailable: aircupy.device.probe is missing")
-        return probe.load_model(g, config, vram_budget=vram_budget, progress=progress)
-    from aircupy.model import NumpyModel  # the numpy reference forward; ignores vram_budget
+        return probe.load_model(g, config, vram_budget=vram_budget, progress=progress, n_ctx=n_ctx)
+    from aircupy.model.numpy_model import NumpyModel  # the numpy reference forward; ignores vram_budget
     return NumpyModel(g, config)
 
 

@@ -29,11 +29,13 @@ class TokenLogprob:
 class StreamEvent:
     """One decode step: the text it made visible (may be "" while a possible stop string is held back,
     or while a multi-byte character is incomplete), the token ids it generated, and on the last event the
-    finish_reason ("stop" | "length"; None before)."""
+    finish_reason ("stop" | "length"; None before). The last event also carries the whole `result`
+    (usage and timings for a server's final chunk)."""
     text: str
     token_ids: tuple[int, ...]
     finish_reason: str | None = None
     logprobs: tuple[TokenLogprob, ...] | None = None
+    result: "GenerationResult | None" = None
 
 
 @dataclass

