@@ -146,7 +146,8 @@ def test_async_clients_concurrent_requests_finish_in_arrival_order(server):
         for i in range(3):
             tasks.append(asyncio.create_task(one(client, i)))
             deadline = time.monotonic() + 10
-            while state.worker.depth < i + 1 and time.monotonic() < deadline:  # i+1 requests in line
+            # the next request is sent once this one holds its place in line (or already finished)
+            while state.worker.depth + len(done) < i + 1 and time.monotonic() < deadline:
                 await asyncio.sleep(0.002)
         texts = await asyncio.gather(*tasks)
         await client.close()

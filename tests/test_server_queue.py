@@ -52,7 +52,7 @@ def test_concurrent_streams_complete_in_arrival_order(served):
             tasks = []
             for i, tag in enumerate(["p0", "p1", "p2", "p3"]):
                 tasks.append(asyncio.create_task(one(client, tag)))
-                while state.worker.depth < i + 1:   # the next one arrives once this one holds its place
+                while state.worker.depth + len(finished) < i + 1:   # sent once this one holds its place
                     await asyncio.sleep(0.002)
             await asyncio.gather(*tasks)
 
