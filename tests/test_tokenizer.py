@@ -181,6 +181,17 @@ def test_spm_defaults_space_prefix_byte_fallback_and_eos():
     assert t2i("<ctl>") not in tok.encode("a<ctl>b", add_special=False, parse_special=False)
 
 
+def test_every_pre_tokenizer_in_the_table_builds():
+    from aircupy.gguf.pretokenize import _table, build_pre_tokenizer
+
+    names = sorted(_table())
+    assert {"default", "llama3", "qwen2", "smollm", "gpt-4o"} <= set(names)
+    for name in names:
+        pieces = build_pre_tokenizer(_table()[name]).pre_tokenize_str("Hi there 12345 ok\n")
+        # Pieces cover the text (byte-level mapped: ' ' -> 'Ġ', '\n' -> 'Ċ').
+        assert "".join(p for p, _ in pieces) == "HiĠthereĠ12345ĠokĊ", name
+
+
 def test_unsupported_vocabularies_raise():
     with pytest.raises(UnsupportedModelError, match="no tokenizer"):
         Tokenizer.from_metadata({})
