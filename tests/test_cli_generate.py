@@ -6,7 +6,9 @@ the module does not pay for a load per invocation.
 """
 from __future__ import annotations
 
+import io
 import json
+import time
 
 import pytest
 from click.testing import CliRunner
@@ -124,3 +126,29 @@ def test_cuda_backend_unavailable_is_one_line(monkeypatch):
     monkeypatch.setattr(backend, "cuda_unavailable_reason", lambda: "cupy is not installed")
     r = invoke(["generate", "x", "--backend", "cuda"])
     assert r.exit_code == 2 and "cuda13" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_empty_prompt_is_one_line(fake_load):
+    r = invoke(["generate"], input="")
+    assert r.exit_code == 2 and r.stderr.startswith("error: prompt") and r.stderr.count("\n") == 1
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_load_indicator_only_on_a_terminal_and_only_when_slow():
+    term = _Terminal()
+    with console.LoadIndicator("model.gguf", stream=term, delay=0.05, interval=0.01) as ind:
+        ind.update("loading the weights")
+        time.sleep(0.3)
+    shown = term.getvalue()
+    assert "loading model.gguf" in shown and "(loading the weights)" in shown
+    assert shown.endswith("\r")  # the line is wiped once loading is done
+    quick, piped = _Terminal(), io.StringIO()
+    with console.LoadIndicator("m", stream=quick, delay=5.0):
+        pass
+    with console.LoadIndicator("m", stream=piped, delay=0.0, interval=0.01):
+        time.sleep(0.05)
+    assert quick.getvalue() == "" and piped.getvalue() == ""

@@ -149,6 +149,17 @@ def test_top_p_alone_on_a_large_flat_vocabulary():
     np.testing.assert_array_equal(ids, brute_candidates(x, 1.0, 0, 0.5, 0.0))
 
 
+def test_top_p_is_relative_to_the_whole_vocabulary_not_the_first_round():
+    # 256 strong ids hold ~93% of the mass, 19,744 weak ones the rest: the first partial round already
+    # reaches top_p=0.9, and the cut must still be at 90% of the total, not of that round's mass.
+    x = np.zeros(20_000, np.float32)
+    x[:256] = np.linspace(8, 4, 256)
+    s = Sampler(SamplingParams(temperature=1.0, top_k=0, top_p=0.9, min_p=0.0), len(x))
+    ids, probs = s.candidates(x)
+    np.testing.assert_array_equal(ids, brute_candidates(x, 1.0, 0, 0.9, 0.0))
+    assert probs.sum() / np.exp(x - x.max()).sum() >= 0.9
+
+
 def test_top_k_one_is_greedy_at_any_temperature(logits):
     s = Sampler(SamplingParams(temperature=5.0, top_k=1, seed=3), len(logits))
     assert {s.sample(logits) for _ in range(20)} == {int(np.argmax(logits))}

@@ -104,31 +104,33 @@ class Sampler:
         n = x.shape[0]
         if p.top_k == 0 and p.top_p >= 1.0 and p.min_p == 0.0:
             return np.arange(n), np.exp(x)
+        mass = None  # what top-p's cumulative probabilities are relative to; None: the candidates' own sum
         if p.top_k > 0:
-            ids = _top_sorted(x, min(p.top_k, n))
+            ids = _top_sorted(x, min(p.top_k, n))   # top-p then renormalises over the top-k set (HF, vLLM)
         elif p.top_p < 1.0:
-            ids = self._top_p_prefix(x)
+            ids, mass = self._top_p_prefix(x)       # a prefix only: top-p is relative to the WHOLE vocabulary
         else:  # min-p alone: everything within log(min_p) of the best, then sorted
             ids = np.flatnonzero(x >= np.log(p.min_p))
             ids = ids[np.lexsort((ids, -x[ids]))]
         probs = np.exp(x[ids])
         keep = len(ids)
         if p.top_p < 1.0:
-            cdf = np.cumsum(probs) / probs.sum()
+            cdf = np.cumsum(probs) / (probs.sum() if mass is None else mass)
             keep = min(keep, int(np.searchsorted(cdf, p.top_p, side="left")) + 1)
         if p.min_p > 0.0:  # probs[0] is the best, == 1 after the shift
             keep = min(keep, max(1, int(np.count_nonzero(probs >= p.min_p * probs[0]))))
         return ids[:keep], probs[:keep]
 
-    def _top_p_prefix(self, x: np.ndarray) -> np.ndarray:
-        """Sorted ids holding at least top_p of the (full) probability mass, found by growing partial sorts."""
+    def _top_p_prefix(self, x: np.ndarray) -> tuple[np.ndarray, float]:
+        """Sorted ids holding at least top_p of the whole probability mass (found by growing partial
+        sorts), and that whole mass (sum of exp(x) over the vocabulary)."""
         e = np.exp(x)
-        total = e.sum()
+        total = float(e.sum())
         m = min(_TOP_P_FIRST_ROUND, len(x))
         while True:
             ids = _top_sorted(x, m)
             if m == len(x) or e[ids].sum() >= self.params.top_p * total:
-                return ids
+                return ids, total
             m = min(m * 4, len(x))
 
 
