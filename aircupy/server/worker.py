@@ -15,14 +15,11 @@ loop.call_soon_threadsafe. The stream ends with Job.END; an exception in the wor
 from __future__ import annotations
 
 import asyncio
-import logging
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable
-
-log = logging.getLogger("aircupy.server")
 
 
 @dataclass(frozen=True)
@@ -125,9 +122,7 @@ class Worker:
             try:
                 if not job.cancelled.is_set():
                     job.work(job)
-            except BaseException as e:  # noqa: BLE001 - delivered to the request, which decides the status
-                if not isinstance(e, Exception):
-                    log.exception("worker interrupted")
+            except Exception as e:  # noqa: BLE001 - delivered to the request, which decides the status
                 job.emit(JobFailed(e))
             finally:
                 job.finished_at = time.perf_counter()
