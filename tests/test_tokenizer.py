@@ -176,6 +176,11 @@ def test_spm_defaults_space_prefix_byte_fallback_and_eos():
     ids = tok.encode("é", add_special=False)
     assert ids == [t2i("▁"), t2i("<0xC3>"), t2i("<0xA9>")]
     assert tok.decode(ids) == "é"  # the prefix space is removed again, as llama.cpp does
+    # Generated tokens continuing a prompt keep their space, streamed or not.
+    ids = tok.encode("ab ab", add_special=False)[1:]  # [▁ab]: the second word
+    assert tok.decode(ids) == "ab" and tok.decode(ids, continuation=True) == " ab"
+    dec = IncrementalDecoder(tok, continuation=True)
+    assert "".join(dec.push(i) for i in ids) + dec.flush() == " ab"
     # A control token is parsed only with parse_special.
     assert t2i("<ctl>") in tok.encode("a<ctl>b", add_special=False)
     assert t2i("<ctl>") not in tok.encode("a<ctl>b", add_special=False, parse_special=False)

@@ -14,9 +14,12 @@ import codecs
 class IncrementalDecoder:
     """push(token_id) -> new text (possibly ""); flush() -> whatever is still held back."""
 
-    def __init__(self, tokenizer, skip_special: bool = False):
+    def __init__(self, tokenizer, skip_special: bool = False, continuation: bool = False):
+        """continuation: the tokens continue earlier text (generation after a prompt); see
+        Tokenizer.decode. The pieces then concatenate to decode(ids, continuation=True)."""
         self._tok = tokenizer
         self._skip_special = skip_special
+        self._continuation = continuation
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._first = True
         self.n_tokens = 0
@@ -26,7 +29,7 @@ class IncrementalDecoder:
         if self._first:
             # The first piece follows decode()'s rules for a sequence start (leading BOS, space prefix).
             self._first = False
-            piece = b"".join(self._tok.iter_pieces([token_id], self._skip_special))
+            piece = b"".join(self._tok.iter_pieces([token_id], self._skip_special, self._continuation))
         else:
             piece = self._tok.token_bytes(token_id, not self._skip_special)
         return self._utf8.decode(piece, final=False) if piece else ""

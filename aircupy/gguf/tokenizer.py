@@ -154,13 +154,16 @@ class Tokenizer:
         """The piece as text (for logprobs display); a lone byte-fallback byte shows as U+FFFD."""
         return self.token_bytes(token_id).decode("utf-8", "replace")
 
-    def decode(self, ids, skip_special: bool = False) -> str:
-        """Text of `ids`; skip_special drops control tokens (and a leading BOS, as llama.cpp does)."""
-        return b"".join(self.iter_pieces(ids, skip_special)).decode("utf-8", "replace")
+    def decode(self, ids, skip_special: bool = False, continuation: bool = False) -> str:
+        """Text of `ids`; skip_special drops control tokens (and a leading BOS, as llama.cpp does).
+        Where the vocabulary adds a space prefix (Llama 2 style), the first piece's leading space is
+        the prefix and is dropped -- unless `continuation`: the ids follow earlier text (generated
+        tokens after a prompt), so " Paris" keeps its space."""
+        return b"".join(self.iter_pieces(ids, skip_special, continuation)).decode("utf-8", "replace")
 
-    def iter_pieces(self, ids, skip_special: bool = False):
+    def iter_pieces(self, ids, skip_special: bool = False, continuation: bool = False):
         """Per-token bytes exactly as decode() joins them (llama.cpp `detokenize`)."""
-        strip_space = self._v.add_space_prefix
+        strip_space = self._v.add_space_prefix and not continuation
         first = True
         for tid in ids:
             tid = int(tid)
