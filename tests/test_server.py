@@ -246,6 +246,27 @@ def test_auth_and_body_limit_on_the_real_engine(engine):
         assert chunked.status_code == 413 and chunked.json()["error"]["code"] == "request_too_large"
 
 
+@pytest.mark.parametrize("template, says", [
+    ("{{ cycler.__init__.__globals__.os.popen('touch MARKER').read() }}", "'__init__' of 'type' object is unsafe"),
+    ("{{ messages.__class__.__mro__[1].__subclasses__() }}", "'__class__' of 'list' object is unsafe"),
+    ("{{ raise_exception('Conversation roles must alternate user/assistant') }}", "must alternate"),
+])
+def test_hostile_or_failing_chat_template_is_a_clear_400_and_runs_nothing(client, engine, tmp_path, template,
+                                                                          says):
+    from aircupy.gguf.chat_template import ChatTemplate
+    marker = tmp_path / "pwned"
+    template = template.replace("MARKER", str(marker))
+    original = engine.chat_template
+    engine.chat_template = ChatTemplate.from_metadata({"tokenizer.chat_template": template}, engine.tokenizer)
+    try:
+        with pytest.raises(openai.BadRequestError) as ei:
+            client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2)
+    finally:
+        engine.chat_template = original
+    assert ei.value.code == "template_error" and ei.value.param == "messages"
+    assert says in ei.value.message and not marker.exists()
+
+
 # ---- tokenize, metrics, logs ----------------------------------------------------------------------
 
 def test_tokenize_detokenize(server, engine):
