@@ -148,14 +148,18 @@ def test_context_limit(smol):
 
 def test_prefix_reuse_and_cancelled_streams(smol):
     prompt = "Tell me about the moon."
-    first = smol.generate(prompt, GREEDY, max_tokens=4)
-    again = smol.generate(prompt, GREEDY, max_tokens=4)
+    first = smol.generate(prompt, GREEDY, max_tokens=4, ignore_eos=True)
+    again = smol.generate(prompt, GREEDY, max_tokens=4, ignore_eos=True)
     assert again.timings["prompt_cached_tokens"] == len(first.prompt_token_ids) - 1
     assert again.token_ids == first.token_ids
     s = smol.stream(prompt + " And the sun?", GREEDY, max_tokens=20, ignore_eos=True)
     next(s), next(s)
+    before = smol.stats()
     s.close()  # stops decoding and releases the engine
-    assert smol.generate(prompt, GREEDY, max_tokens=4).token_ids == first.token_ids
+    after = smol.stats()
+    assert after["cancelled_requests"] == before["cancelled_requests"] + 1 and after["busy"] == 0
+    assert smol.generate(prompt, GREEDY, max_tokens=4, ignore_eos=True).token_ids == first.token_ids
+    assert smol.stats()["completion_tokens"] == after["completion_tokens"] + len(first.token_ids)
 
 
 def test_one_request_at_a_time_from_threads(smol):

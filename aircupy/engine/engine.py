@@ -80,6 +80,9 @@ class Engine:
         self.vram_budget = budget
         self._lock = threading.Lock()
         self._owner: int | None = None  # thread id of the lock's holder, to catch self-deadlock
+        self._counters = dict.fromkeys(("requests", "cancelled_requests", "prompt_tokens", "prompt_cached_tokens",
+                                        "completion_tokens", "decode_steps"), 0)
+        self._counters.update(prompt_seconds=0.0, decode_seconds=0.0)
         self.load_s = time.perf_counter() - t0
         report("ready")
 
@@ -154,8 +157,11 @@ class Engine:
         """Run a request to the end. `overrides` replace fields of `params` (e.g. max_tokens=16)."""
         req = self._request(prompt, params, overrides)
         with self._locked():
-            for _ in req.events(self._kv):
-                pass
+            try:
+                for _ in req.events(self._kv):
+                    pass
+            finally:
+                self._record(req)
         return req.result()
 
     def stream(self, prompt, params: SamplingParams | None = None, **overrides):
@@ -167,7 +173,30 @@ class Engine:
 
     def _stream(self, req: Request):
         with self._locked():
-            yield from req.events(self._kv)
+            try:
+                yield from req.events(self._kv)
+            finally:
+                self._record(req)
+
+    def _record(self, req: Request) -> None:
+        """Add a finished (or cancelled) request to the counters stats() reports; called under the lock."""
+        c = self._counters
+        c["requests"] += 1
+        c["cancelled_requests"] += req.finish_reason is None
+        c["prompt_tokens"] += req.timer.prompt_evaluated + req.timer.prompt_cached
+        c["prompt_cached_tokens"] += req.timer.prompt_cached
+        c["completion_tokens"] += len(req.token_ids)
+        c["prompt_seconds"] += req.timer.prompt_s
+        c["decode_seconds"] += req.timer.decode_s
+        c["decode_steps"] += req.timer.decode_steps
+
+    def stats(self) -> dict:
+        """Totals since load (requests, tokens, seconds) and the present state, for monitoring."""
+        c = dict(self._counters)
+        c["decode_tokens_per_s"] = c["decode_steps"] / c["decode_seconds"] if c["decode_seconds"] > 0 else 0.0
+        c.update(load_seconds=self.load_s, n_ctx=self.n_ctx, kv_cache_tokens=len(self._kv.ids),
+                 busy=int(self._lock.locked()))
+        return c
 
     @contextmanager
     def _locked(self):
