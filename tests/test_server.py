@@ -218,6 +218,8 @@ def test_completion_errors(client):
     ("POST", "/v1/models", b"{}", 405, "method_not_allowed"),
     ("GET", "/v2/anything", None, 404, "not_found"),
     ("POST", "/detokenize", b'{"tokens": [-1]}', 400, "invalid_value"),
+    ("POST", "/v1/completions", b'{"prompt": "\\ud800", "max_tokens": 1}', 400, "invalid_value"),
+    ("POST", "/tokenize", b'{"content": "\\udfff"}', 400, "invalid_value"),
 ])
 def test_raw_http_errors(server, method, path, content, status, code):
     r = httpx.request(method, server[0] + path, content=content, headers={"content-type": "application/json"})

@@ -78,6 +78,8 @@ def test_chat_logprobs_without_top():
     ({"messages": USER, "top_logprobs": 2}, "top_logprobs", "invalid_value"),
     ({"messages": USER, "logprobs": True, "top_logprobs": 21}, "top_logprobs", "invalid_value"),
     ({"messages": USER, "stream_options": {"include_usage": True}}, "stream_options", "invalid_value"),
+    ({"messages": USER, "stream": True, "stream_options": {"include_usage": 1}}, "stream_options.include_usage",
+     "invalid_type"),
     ({"messages": USER, "stream": "yes"}, "stream", "invalid_type"),
     ({"messages": USER, "model": 3}, "model", "invalid_type"),
     ({"messages": USER, "seed": -5}, "seed", "invalid_value"),
@@ -113,6 +115,14 @@ def test_completion_rejects(body, param):
 def test_parse_json_rejects_non_objects(raw):
     e = err(parse_json, raw)
     assert e.status == 400 and e.code == "invalid_json"
+
+
+def test_lone_surrogates_are_a_400_not_a_tokenizer_crash():
+    for raw in (b'{"prompt": "hi\\ud800"}', b'{"messages": [{"role": "user", "content": "\\udfff"}]}',
+                b'{"logit_bias": {"\\ud800": 1}}', b'{"prompt": "\xed\xa0\x80"}'):
+        e = err(parse_json, raw)
+        assert e.status == 400 and e.param in ("prompt", "messages", "logit_bias") and "surrogate" in e.message
+    assert parse_json('{"prompt": "\\ud83d\\ude00"}'.encode())["prompt"] == "\U0001F600"  # a valid pair
 
 
 def test_exceptions_map_to_client_errors_never_5xx():

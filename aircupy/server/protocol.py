@@ -80,7 +80,26 @@ def parse_json(raw: bytes) -> dict:
         raise APIError(400, f"malformed JSON body: {e}", code="invalid_json") from None
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+    for key, value in body.items():
+        _check_unicode(value, key)
     return body
+
+
+def _check_unicode(value: Any, param: str) -> None:
+    """JSON may escape a lone UTF-16 surrogate ("\\ud800"), which no tokenizer can encode: a 400 here,
+    rather than a TypeError deep in the tokenizer (a 500)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise bad(param, "contains an unpaired UTF-16 surrogate (not valid Unicode)") from None
+    elif isinstance(value, list):
+        for v in value:
+            _check_unicode(v, param)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_unicode(k, param)
+            _check_unicode(v, param)
 
 
 # ---- typed field readers (also used by app.py): the value, None when absent/null, else a 400 ----
@@ -177,7 +196,10 @@ def _common(body: dict, kind: str, prompts: list) -> GenerationRequest:
             raise bad("stream_options", "expected an object", "invalid_type")
         if not stream:
             raise bad("stream_options", "only allowed when stream is true")
-        include_usage = bool(opt_bool(opts, "include_usage"))
+        include_usage = opts.get("include_usage")
+        if include_usage is not None and not isinstance(include_usage, bool):
+            raise bad("stream_options.include_usage", "expected a boolean", "invalid_type")
+        include_usage = bool(include_usage)
     sampling: dict[str, Any] = {}
     for key, name in _SAMPLING_FLOATS.items():
         v = opt_float(body, key)
