@@ -111,7 +111,7 @@ def test_completion_rejects(body, param):
     assert e.status == 400 and e.param == param
 
 
-@pytest.mark.parametrize("raw", [b"{", b"[1, 2]", b"\xff\xfe", b"", b'"text"'])
+@pytest.mark.parametrize("raw", [b"{", b"[1, 2]", b"\xff\xfe", b"", b'"text"', b'{"a": ' + b"[" * 10**5 + b"]" * 10**5 + b"}"])
 def test_parse_json_rejects_non_objects(raw):
     e = err(parse_json, raw)
     assert e.status == 400 and e.code == "invalid_json"

@@ -78,10 +78,15 @@ def parse_json(raw: bytes) -> dict:
         body = json.loads(raw)
     except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
         raise APIError(400, f"malformed JSON body: {e}", code="invalid_json") from None
+    except RecursionError:
+        raise APIError(400, "JSON body nested too deeply", code="invalid_json") from None
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object", code="invalid_json")
-    for key, value in body.items():
-        _check_unicode(value, key)
+    try:
+        for key, value in body.items():
+            _check_unicode(value, key)
+    except RecursionError:
+        raise APIError(400, "JSON body nested too deeply", code="invalid_json") from None
     return body
 
 
