@@ -140,14 +140,26 @@ def serve(**options):
 @main.command("inspect")
 @click.argument("model", type=click.Path(path_type=str))
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of the human view")
+@click.option("--vram-budget", default=None, metavar="SIZE",
+              help="also print the streaming plan for this much GPU memory, e.g. 24GiB")
+@click.option("--n-ctx", type=int, default=None, help="context the plan reserves KV for [default: min(model's, 4096)]")
+@click.option("--slots", type=int, default=3, show_default=True, help="streaming slots (>= 3)")
 @_one_line_errors
-def inspect_cmd(model, as_json):
-    """Describe a GGUF file: architecture, sizes, quant mix, layers, tokenizer, template, tensors."""
+def inspect_cmd(model, as_json, vram_budget, n_ctx, slots):
+    """Describe a GGUF file: architecture, sizes, quant mix, layers, tokenizer, template, tensors;
+    with --vram-budget, the placement plan (resident and streamed layers, slots, KV, PCIe bound)."""
     import json
 
-    from aircupy.inspect import describe_file, render_text
-    desc = describe_file(model)
-    click.echo(json.dumps(desc, indent=1, ensure_ascii=False) if as_json else render_text(desc))
+    from aircupy.inspect import PLAN_SECTIONS, describe_file, describe_plan, render_text
+    if vram_budget is None:
+        desc, sections = describe_file(model), None
+    else:
+        from aircupy.engine.params import parse_size
+        desc, sections = describe_plan(model, parse_size(vram_budget), n_ctx, slots), PLAN_SECTIONS
+    if as_json:
+        click.echo(json.dumps(desc, indent=1, ensure_ascii=False))
+    else:
+        click.echo(render_text(desc, sections) if sections else render_text(desc))
 
 
 @main.command()

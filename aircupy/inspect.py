@@ -175,3 +175,52 @@ def render_text(desc: dict, sections=TEXT_SECTIONS) -> str:
         if key in desc:
             lines += render(desc)
     return "\n".join(lines)
+
+
+def describe_plan(path, vram_budget: int, n_ctx: int | None = None, slots: int = 3) -> dict[str, Any]:
+    """describe_file(path) plus the streaming plan for `vram_budget` bytes (desc["plan"])."""
+    from aircupy.config import ModelConfig
+    from aircupy.loader.manifest import build_manifest
+    from aircupy.loader.plan import PlanSettings, make_plan
+
+    with GGUFFile(path) as g:
+        desc = describe(g)
+        config = ModelConfig.from_gguf(g)
+        manifest = build_manifest(g)
+    settings = PlanSettings(n_ctx=n_ctx or min(config.n_ctx_train, 4096), slots=slots)
+    desc["plan"] = {"n_ctx": settings.n_ctx, **make_plan(manifest, config, vram_budget, settings).to_dict()}
+    return desc
+
+
+def _ranges(idx: list[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> '0-2, 5, 7-8'."""
+    out, start = [], None
+    for i, v in enumerate(idx):
+        if start is None:
+            start = v
+        if i + 1 == len(idx) or idx[i + 1] != v + 1:
+            out.append(str(start) if start == v else f"{start}-{v}")
+            start = None
+    return ", ".join(out) or "none"
+
+
+def _render_plan(d: dict) -> list[str]:
+    p = d["plan"]
+    lines = ["", f"plan for a VRAM budget of {size_str(p['vram_budget'])} (n_ctx {p['n_ctx']}):",
+             f"  resident layers ({len(p['resident_layers'])}): {_ranges(p['resident_layers'])}",
+             f"  streamed layers ({len(p['streamed_layers'])}): {_ranges(p['streamed_layers'])}"]
+    if p["slots"]:
+        lines.append(f"  slots: {p['slots']} x {size_str(p['slot_bytes'])}")
+    lines.append(f"  KV cache: {p['kv_placement']} ({size_str(p['kv_layer_bytes'])} per layer)")
+    lines.append(f"  VRAM planned: {size_str(p['vram_bytes'])} = " + " + ".join(
+        f"{k} {size_str(v)}" for k, v in p["breakdown"].items() if v))
+    if p["bytes_streamed_per_pass"]:
+        lines.append(f"  streamed per forward pass: {size_str(p['bytes_streamed_per_pass'])}; at "
+                     f"{p['pcie_gbps']:.0f} GB/s that is {p['pcie_bound_s'] * 1e3:.1f} ms "
+                     f"(decode <= {p['decode_bound_tok_s']:.2f} tokens/s at batch 1)")
+    else:
+        lines.append("  nothing streams: the whole model is resident")
+    return lines
+
+
+PLAN_SECTIONS = TEXT_SECTIONS + (("plan", _render_plan),)

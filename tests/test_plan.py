@@ -134,3 +134,30 @@ def test_fewer_than_three_slots_refused(llama70b):
     m, cfg = llama70b
     with pytest.raises(PlanError, match="at least 3 slots"):
         make_plan(m, cfg, 24 * GiB, PlanSettings(slots=2))
+
+
+def test_inspect_prints_the_plan(smollm2_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from aircupy.cli import main
+    r = CliRunner().invoke(main, ["inspect", str(smollm2_path), "--vram-budget", "70MB", "--json"])
+    assert r.exit_code == 0, r.output
+    plan = json.loads(r.output)["plan"]
+    assert plan["vram_bytes"] <= 70_000_000 and plan["slots"] >= 3
+    assert sorted(plan["resident_layers"] + plan["streamed_layers"]) == list(range(30))
+    assert plan["slot_bytes"] >= max(w["nbytes"] for w in plan["windows"])
+    assert [w["layer"] for w in plan["windows"]] == list(range(30))
+    assert all(w["offset"] % 4096 == 0 for w in plan["windows"])
+    human = CliRunner().invoke(main, ["inspect", str(smollm2_path), "--vram-budget", "70MB"])
+    assert human.exit_code == 0 and "streamed layers (" in human.output and "slots: 3 x" in human.output
+
+
+def test_inspect_budget_below_minimum_is_one_line(smollm2_path):
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "aircupy", "inspect", str(smollm2_path), "--vram-budget", "10MB"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and "below the minimum" in r.stderr and "Traceback" not in r.stderr

@@ -61,7 +61,9 @@ def kv_layer_bytes(config, s: PlanSettings) -> int:
 
 def workspace_bytes(config, manifest, s: PlanSettings) -> int:
     """Activations for a prefill chunk of T tokens, the fp16 dequantization scratch of the largest
-    weight matrix (prefill runs cuBLAS on it), and the logits of the last position of each sequence.
+    weight matrix (prefill runs cuBLAS on it), the split-K partials of decode attention (prefill
+    attention is tiled flash-style and keeps no score matrix) and the logits of the last position of
+    each sequence.
 
     Per token (fp32): residual + normed input + attention output (3 x n_embd), q/k/v
     (n_head*head_dim + 2*n_head_kv*head_dim), gate/up/act (3 x n_ff). An estimate the pool checks
@@ -71,9 +73,9 @@ def workspace_bytes(config, manifest, s: PlanSettings) -> int:
     T = s.prefill_chunk
     per_tok = 4 * (3 * c.n_embd + c.n_head * c.head_dim + 2 * c.n_head_kv * c.head_dim + 3 * c.n_ff)
     largest = max((_elems(t.shape) for ch in manifest.layers for t in ch.tensors), default=0)
-    attn_scores = 4 * T * c.n_head * min(s.n_ctx, 4096)   # one tile row-block of scores per head
+    split_partials = 4 * 8 * c.n_head * 64 * (c.head_dim + 2)   # 8 rows x 64 KV splits: (acc, max, sum)
     logits = 4 * c.vocab_size * s.n_seq
-    return _up(T * per_tok) + _up(2 * largest) + _up(attn_scores) + _up(logits)
+    return _up(T * per_tok) + _up(2 * largest) + _up(split_partials) + _up(logits)
 
 
 def _elems(shape) -> int:
