@@ -16,6 +16,7 @@ from click.testing import CliRunner
 from aircupy.cli import main
 from aircupy.engine import backend, console
 from tests.helpers.engines import numpy_engine
+from tests.helpers.gguf_build import write_gguf
 
 
 def invoke(args, input=None):
@@ -109,7 +110,9 @@ def test_bad_input_is_one_line(args, needle):
 def test_bad_files_and_overlong_prompts_are_one_line(tmp_path, smollm2_path):
     junk = tmp_path / "junk.gguf"
     junk.write_bytes(b"\x00" * 64)
+    gpt2 = write_gguf(tmp_path / "gpt2.gguf", {"general.architecture": "gpt2"})
     for args in (["generate", "x", "--model", str(junk)], ["generate", "x", "--model", str(tmp_path)],
+                 ["generate", "x", "--model", str(gpt2)],
                  ["generate", "word " * 200, "--model", str(smollm2_path), "--n-ctx", "32", "--backend", "numpy"],
                  ["generate", "x", "--model", str(smollm2_path), "--backend", "numpy", "--vram-budget", "big"]):
         r = invoke(args)
