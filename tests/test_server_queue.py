@@ -109,6 +109,7 @@ def test_non_streamed_request_is_cancelled_when_the_client_times_out(served):
             client.post("/v1/completions", json=body("slow", 2000, stream=False))
     wait_for(lambda: ("closed", "slow") in engine.log, 2.0)
     wait_for(lambda: state.worker.depth == 0, 2.0)
+    wait_for(lambda: 'status="499"' in httpx.get(url + "/metrics").text, 2.0)   # logged as "client left"
 
 
 def test_openai_async_client_streams_in_order(served):

@@ -42,13 +42,13 @@ class Gate:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         t0 = time.perf_counter()
-        status = 500   # what an exception escaping the app becomes
+        status, started = 500, False   # 500: what an exception escaping the app becomes
         state = scope.setdefault("state", {})
 
         async def send_status(message):
-            nonlocal status
+            nonlocal status, started
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started = message["status"], True
             await send(message)
 
         try:
@@ -59,6 +59,8 @@ class Gate:
             else:
                 await self.app(scope, receive, send_status)
         finally:
+            if state.get("disconnected") and not started:
+                status = 499   # nginx's "client closed request": it left while waiting, nothing was sent
             dt = time.perf_counter() - t0
             self.state.metrics.on_request(self._endpoint(scope["path"]), status, dt)
             usage = state.get("usage")  # (prompt, completion) tokens, set by generation responses only
