@@ -108,8 +108,10 @@ class Engine:
         return self.chat_template.render(messages, add_generation_prompt=add_generation_prompt)
 
     def new_decoder(self):
+        """A streaming decoder for generated tokens: they continue the prompt's text, so a vocabulary
+        with a space prefix keeps the first token's leading space (" Paris", not "Paris")."""
         from aircupy.gguf.detokenizer import IncrementalDecoder
-        return IncrementalDecoder(self.tokenizer)
+        return IncrementalDecoder(self.tokenizer, continuation=True)
 
     def prompt_ids(self, prompt) -> list[int]:
         """Token ids for a prompt: a string, a list of token ids, or a list of chat messages (dicts).
