@@ -300,6 +300,7 @@ def test_metrics_and_one_log_line_per_request(server, client, caplog):
     assert 'aircupy_requests_total{endpoint="other",status="404"}' in text
     assert metric(url, "aircupy_generation_tokens_total") > 0 and metric(url, "aircupy_prompt_tokens_total") > 0
     assert metric(url, "aircupy_queue_depth") == 0
+    assert metric(url, "aircupy_engine_completion_tokens") > 0        # the engine's own stats(), passed on
 
 
 def test_cli_serve_binds_loopback_and_logs_each_request(smollm2_path):
