@@ -93,7 +93,8 @@ class PoolPlan:
 class DevicePool:
     """One cupy allocation of plan.total bytes; `array(name, shape, dtype)` views a region."""
 
-    def __init__(self, plan: PoolPlan, budget: int | None = None, margin: int = 512 << 20):
+    def __init__(self, plan: PoolPlan, budget: int | None = None, margin: int = 512 << 20,
+                 what: str = "the model"):
         """The plan must fit min(budget, free memory - margin); `margin` is left for cuBLAS
         workspaces, NVRTC modules and CUDA graphs, which allocate outside the pool."""
         import cupy as cp  # the one lazy import of the device layer
@@ -102,7 +103,7 @@ class DevicePool:
         self.device_total = int(total)
         room = max(0, int(free) - margin)
         self.budget = room if budget is None else min(int(budget), room)
-        plan.check_budget(self.budget)
+        plan.check_budget(self.budget, what)
         try:
             self._mem = cp.cuda.alloc(max(plan.total, ALIGN))
         except cp.cuda.memory.OutOfMemoryError as e:
@@ -125,8 +126,7 @@ class DevicePool:
         if offset < 0 or offset + nbytes > r.nbytes:
             raise ValueError(f"view of {nbytes} B at +{offset} exceeds region {name!r} "
                              f"({r.nbytes} B)")
-        mp = self._cp.cuda.MemoryPointer(self._mem, r.offset + offset)
-        return self._cp.ndarray(shape, dtype=dtype, memptr=mp)
+        return self._cp.ndarray(shape, dtype=dtype, memptr=self._mem + (r.offset + offset))
 
     def report(self) -> str:
         return (f"{self.plan.report()}; GPU {fmt_bytes(self.device_total)}, "
