@@ -71,7 +71,13 @@ class ForwardPass:
             ops.rms_norm(lib, q2, L.q_norm, q2, c.rms_eps)
             ops.rms_norm(lib, k2, L.k_norm, k2, c.rms_eps)
         base, scaling = self.rope[i]
-        for t in (q, k):
+        if L.qkv is not None and T == 1:
+            # q and k heads are adjacent in the stacked row: rotate all H + Hkv heads in one launch.
+            qk = b.qkv[:1, :self.qd + self.kvd].reshape(1, c.n_head + c.n_head_kv, c.head_dim)
+            targets = (qk,)
+        else:
+            targets = (q, k)
+        for t in targets:
             ops.rope(lib, t, pos, base=base, mode=c.rope_type, rope_dim=c.rope_dim,
                      scaling=scaling, freq_factors=self.g.rope_freqs)
         kc, vc = kv.layer(i)
