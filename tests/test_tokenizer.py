@@ -206,3 +206,13 @@ def test_unsupported_vocabularies_raise():
           "tokenizer.ggml.merges": ["a b"], "tokenizer.ggml.pre": "no-such-pre"}
     with pytest.raises(UnsupportedModelError, match="no-such-pre"):
         Tokenizer.from_metadata(md)
+
+
+def test_lone_surrogate_is_a_clear_error(smollm2_path):
+    from aircupy.errors import InvalidParameterError
+    from aircupy.gguf.reader import GGUFFile
+    from aircupy.gguf.tokenizer import Tokenizer
+    with GGUFFile(smollm2_path) as g:
+        tok = Tokenizer.from_gguf(g)
+    with pytest.raises(InvalidParameterError, match="lone surrogate at index 2"):
+        tok.encode("hi\ud800")

@@ -108,6 +108,10 @@ class Tokenizer:
         such as "<|im_start|>" becomes that token (otherwise it is tokenized as plain text)."""
         if not isinstance(text, str):
             raise InvalidParameterError("text", f"expected a string, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:   # a lone UTF-16 surrogate (JSON can carry "\ud800")
+            raise InvalidParameterError("text", f"not valid Unicode: lone surrogate at index {e.start}") from None
         v = self._v
         out: list[int] = []
         if add_special and v.add_bos:
