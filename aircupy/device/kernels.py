@@ -1,0 +1,86 @@
+"""KernelLibrary: compiles cuda_src once per process and device through cupy.RawModule, caches functions.
+
+All .cu files of the `aircupy.cuda_src` package data are compiled as ONE translation unit (one NVRTC
+call, one module load; the shared headers are included once through their #pragma once guards), with
+-std=c++17 for the architecture of the current device (cupy passes -arch=sm_XY of the device; cupy's
+on-disk kernel cache makes later processes load the cubin instead of recompiling). Kernels are
+`extern "C"`, so they are found by plain name.
+
+cupy is imported here lazily (house rule: aircupy/device/ is the only place that touches it, and only
+when a GPU backend is asked for). Build a library once and hand it to the launchers in
+aircupy/ops/cuda_ops.py; call warmup() before capturing a CUDA graph, so no module load or dynamic
+shared-memory attribute change happens during capture.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.resources
+from pathlib import Path
+
+# Every kernel file, in include order. A new .cu file must be listed here (the test suite checks that
+# the package's .cu files and this list agree).
+SOURCES = ("matvec.cu", "dequant.cu", "norm.cu", "rope.cu", "elementwise.cu", "attention_decode.cu",
+           "attention_prefill.cu", "sample.cu")
+
+
+def source_dir() -> Path:
+    """The directory holding the .cu/.cuh files (package data of aircupy.cuda_src)."""
+    return Path(str(importlib.resources.files("aircupy.cuda_src")))
+
+
+def translation_unit() -> str:
+    """The single source NVRTC compiles: one #include per kernel file (headers resolve through -I).
+
+    It opens with a digest of every .cu/.cuh file: cupy's kernel cache is keyed on this text, so an
+    edited kernel file must change it or a stale cubin would be loaded."""
+    d = source_dir()
+    h = hashlib.sha256()
+    for f in sorted(d.glob("*.cu*")):
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return f"// aircupy cuda_src sha256 {h.hexdigest()}\n" + "".join(f'#include "{n}"\n' for n in SOURCES)
+
+
+class KernelLibrary:
+    """The compiled kernels of one device. `lib.fn(name)` -> cupy.RawKernel (cached)."""
+
+    def __init__(self, device_id: int | None = None):
+        import cupy  # lazy: see the module docstring
+
+        self._cp = cupy
+        self.device = cupy.cuda.Device(device_id) if device_id is not None else cupy.cuda.Device()
+        cc = self.device.compute_capability  # e.g. "90"
+        self.arch = f"sm_{cc}"
+        props = cupy.cuda.runtime.getDeviceProperties(self.device.id)
+        self.n_sm = int(props["multiProcessorCount"])
+        self.max_smem_optin = int(props.get("sharedMemPerBlockOptin", 49152))
+        self._module = None
+        self._fns: dict[str, object] = {}
+
+    @property
+    def module(self):
+        if self._module is None:
+            d = source_dir()
+            with self.device:
+                self._module = self._cp.RawModule(
+                    code=translation_unit(),
+                    options=("-std=c++17", f"-I{d}"),
+                )
+                self._module.compile()
+        return self._module
+
+    def fn(self, name: str, dynamic_smem: int = 0):
+        """The kernel `name`; raises its dynamic shared-memory limit to `dynamic_smem` when above 48 KiB."""
+        k = self._fns.get(name)
+        if k is None:
+            k = self.module.get_function(name)
+            self._fns[name] = k
+        if dynamic_smem > 48 * 1024 and k.max_dynamic_shared_size_bytes < dynamic_smem:
+            if dynamic_smem > self.max_smem_optin:
+                raise ValueError(f"{name} needs {dynamic_smem} B of shared memory; the device allows "
+                                 f"{self.max_smem_optin}")
+            k.max_dynamic_shared_size_bytes = dynamic_smem
+        return k
+
+    def warmup(self) -> None:
+        """Compile and load the module now (a few seconds the first time; cupy caches the cubin)."""
+        _ = self.module

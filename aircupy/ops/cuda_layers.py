@@ -1,0 +1,213 @@
+"""Typed launchers of the per-layer kernels: RMSNorm (+ residual fusions), RoPE, GLU, KV cache, attention.
+
+All activations are fp32 (see /work/notes/gpu_api.md for why); the KV cache is fp16, per layer
+(n_seq, Hkv, n_ctx, hd) -- a 3-D (Hkv, n_ctx, hd) cache is one sequence. Dynamic values (positions,
+hence the attention length) are read from device memory, so a captured decode graph stays valid.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from aircupy.ops._launch import NULL, cdiv, check, launch
+
+DECODE_MAX_ROWS = 8      # attention rows handled by the split-KV decode kernel; more -> prefill kernel
+MAX_SPLITS = 32          # KV splits of the decode kernel (fixed per launch shape: graph-safe)
+HEAD_DIMS = (64, 128, 256)
+_GLU_KIND = {"swiglu": 0, "silu": 0, "geglu": 1, "gelu_tanh": 1}
+
+
+def _norm_threads(n: int) -> int:
+    t = 32
+    while t < 1024 and t * 8 < n:
+        t *= 2
+    return t
+
+
+def _rows(x, n: int, name: str) -> int:
+    check(x, np.float32, None, name)
+    if x.shape[-1] != n:
+        raise ValueError(f"{name}: last dim {x.shape[-1]}, expected {n}")
+    return x.size // n
+
+
+def rms_norm(lib, x, w, out, eps: float, *, stream=None) -> None:
+    """out = x / sqrt(mean(x^2, -1) + eps) * w over the last axis (n = w.size); out may alias x."""
+    n = int(w.shape[0])
+    check(w, np.float32, (n,), "w")
+    r = _rows(x, n, "x")
+    check(out, np.float32, x.shape, "out")
+    launch(lib.fn("rms_norm"), (r,), (_norm_threads(n),),
+           (x, w, out, NULL, np.int32(n), np.float32(eps), np.int32(0)), stream)
+
+
+def add_rms_norm(lib, delta, residual, w, out, eps: float, *, stream=None) -> None:
+    """residual += delta; out = rms_norm(residual) * w."""
+    n = int(w.shape[0])
+    check(w, np.float32, (n,), "w")
+    r = _rows(delta, n, "delta")
+    check(residual, np.float32, delta.shape, "residual")
+    check(out, np.float32, delta.shape, "out")
+    launch(lib.fn("rms_norm"), (r,), (_norm_threads(n),),
+           (delta, w, out, residual, np.int32(n), np.float32(eps), np.int32(1)), stream)
+
+
+def rms_norm_add(lib, x, w, residual, eps: float, *, stream=None) -> None:
+    """residual += rms_norm(x) * w (gemma's post-attention / post-FFN norms)."""
+    n = int(w.shape[0])
+    check(w, np.float32, (n,), "w")
+    r = _rows(x, n, "x")
+    check(residual, np.float32, x.shape, "residual")
+    launch(lib.fn("rms_norm"), (r,), (_norm_threads(n),),
+           (x, w, NULL, residual, np.int32(n), np.float32(eps), np.int32(2)), stream)
+
+
+def rope(lib, x, pos, *, base: float, mode: str, rope_dim: int | None = None, freq_scale: float = 1.0,
+         freq_factors=None, scaling=None, stream=None) -> None:
+    """Rotate x (T, H, hd) fp32 in place at positions pos (int32 (T,), device). mode "norm" (adjacent
+    pairs, llama) or "neox" (half split). `scaling` (aircupy.config.RopeScaling) overrides freq_scale
+    and enables yarn; freq_factors (rope_dim/2,) fp32 divides the frequencies (llama3 rope_freqs)."""
+    check(x, np.float32, None, "x")
+    t, h, hd = (int(s) for s in x.shape)
+    check(pos, np.int32, (t,), "pos")
+    rd = hd if rope_dim is None else int(rope_dim)
+    if rd % 2 or rd > hd:
+        raise ValueError(f"rope_dim {rd} must be even and <= head size {hd}")
+    if mode not in ("norm", "neox"):
+        raise ValueError(f"rope mode {mode!r}: expected 'norm' or 'neox'")
+    ext, low, high, mscale, fs = 0.0, 0.0, 0.0, 1.0, float(freq_scale)
+    if scaling is not None:
+        fs = float(scaling.freq_scale)
+        if scaling.kind == "yarn":
+            from aircupy.ops.reference import _yarn_corr_dim  # same ramp ends as the numpy twin
+            low = max(0.0, math.floor(_yarn_corr_dim(rd, scaling.orig_ctx, scaling.yarn_beta_fast, base)))
+            high = min(rd - 1.0, math.ceil(_yarn_corr_dim(rd, scaling.orig_ctx, scaling.yarn_beta_slow, base)))
+            ext = float(scaling.yarn_ext_factor)
+            mscale = float(scaling.attn_factor) * ((1.0 + 0.1 * math.log(1.0 / fs)) if ext != 0.0 else 1.0)
+    if freq_factors is not None:
+        check(freq_factors, np.float32, None, "freq_factors")
+        if freq_factors.size < rd // 2:
+            raise ValueError("freq_factors shorter than rope_dim / 2")
+    launch(lib.fn("rope"), (t,), (128,),
+           (x, pos, np.int32(t), np.int32(h), np.int32(hd), np.int32(rd), np.float32(base), np.float32(fs),
+            NULL if freq_factors is None else freq_factors, np.float32(ext), np.float32(low),
+            np.float32(high), np.float32(mscale), np.int32(1 if mode == "neox" else 0)), stream)
+
+
+def _glu(lib, gate, up, out, kind: int, gate_stride: int, up_stride: int, stream) -> None:
+    t, f = (int(s) for s in out.shape)
+    check(out, np.float32, (t, f), "out")
+    launch(lib.fn("glu"), (cdiv(t * f, 256),), (256,),
+           (gate, up, out, np.int32(t), np.int32(f), np.int64(gate_stride), np.int64(up_stride),
+            np.int32(kind)), stream)
+
+
+def swiglu(lib, gate, up, out, *, stream=None) -> None:
+    """out = silu(gate) * up, all fp32 (T, F)."""
+    check(gate, np.float32, out.shape, "gate")
+    check(up, np.float32, out.shape, "up")
+    _glu(lib, gate, up, out, 0, out.shape[1], out.shape[1], stream)
+
+
+def geglu(lib, gate, up, out, *, stream=None) -> None:
+    """out = gelu_tanh(gate) * up, all fp32 (T, F)."""
+    check(gate, np.float32, out.shape, "gate")
+    check(up, np.float32, out.shape, "up")
+    _glu(lib, gate, up, out, 1, out.shape[1], out.shape[1], stream)
+
+
+def glu(lib, gate_up, out, kind: str, *, stream=None) -> None:
+    """out (T, F) = act(gate_up[:, :F]) * gate_up[:, F:], kind "swiglu" or "geglu" (one fused matmul)."""
+    t, f = (int(s) for s in out.shape)
+    check(gate_up, np.float32, (t, 2 * f), "gate_up")
+    if kind not in _GLU_KIND:
+        raise ValueError(f"glu kind {kind!r}")
+    _glu(lib, gate_up, gate_up[:, f:] if t else gate_up, out, _GLU_KIND[kind], 2 * f, 2 * f, stream)
+
+
+def softcap(lib, x, cap: float, *, stream=None) -> None:
+    """x = cap * tanh(x / cap) in place (fp32)."""
+    check(x, np.float32, None, "x")
+    launch(lib.fn("softcap"), (cdiv(x.size, 256),), (256,), (x, np.int64(x.size), np.float32(cap)), stream)
+
+
+def _cache_dims(c, name: str) -> tuple[int, int, int, int]:
+    check(c, np.float16, None, name)
+    if c.ndim == 3:
+        return (1,) + tuple(int(s) for s in c.shape)
+    if c.ndim != 4:
+        raise ValueError(f"{name}: expected (n_seq, Hkv, n_ctx, hd) or (Hkv, n_ctx, hd), got {c.shape}")
+    return tuple(int(s) for s in c.shape)
+
+
+def kv_store(lib, k, v, ck, cv, pos, seq=None, *, stream=None) -> None:
+    """Write k, v (T, Hkv, hd) fp32 into the fp16 caches at [seq[t], :, pos[t]] (seq None: sequence 0)."""
+    ns, hkv, n_ctx, hd = _cache_dims(ck, "cache_k")
+    if _cache_dims(cv, "cache_v") != (ns, hkv, n_ctx, hd):
+        raise ValueError("cache_k and cache_v differ in shape")
+    t = int(k.shape[0])
+    check(k, np.float32, (t, hkv, hd), "k")
+    check(v, np.float32, (t, hkv, hd), "v")
+    check(pos, np.int32, (t,), "pos")
+    if seq is not None:
+        check(seq, np.int32, (t,), "seq")
+    launch(lib.fn("kv_store"), (t * hkv,), (128,),
+           (k, v, ck, cv, pos, NULL if seq is None else seq, np.int32(t), np.int32(hkv), np.int32(hd),
+            np.int32(n_ctx)), stream)
+
+
+def decode_splits(lib, t: int, h: int, hkv: int) -> int:
+    """KV splits of the decode kernel: ~2 blocks per SM over the (kv head, group, row) grid, <= MAX_SPLITS."""
+    ngrp = cdiv(h // hkv, 8)
+    return max(1, min(MAX_SPLITS, cdiv(2 * lib.n_sm, hkv * ngrp * t)))
+
+
+def attention_scratch_nbytes(t_max: int, h: int, hd: int) -> int:
+    """Scratch bytes `attention` needs (decode rows only; prefill needs none)."""
+    t = min(int(t_max), DECODE_MAX_ROWS)
+    return t * h * MAX_SPLITS * (hd + 2) * 4
+
+
+def attention(lib, q, ck, cv, pos, out, *, scale: float, window: int = 0, softcap: float = 0.0, seq=None,
+              scratch=None, stream=None) -> None:
+    """Causal grouped-query attention of q (T, H, hd) fp32 over the cache; out (T, H*hd) fp32.
+
+    Row t attends keys [max(0, pos[t] + 1 - window), pos[t]] (window 0: from 0) of sequence seq[t]
+    (None: 0); this step's keys must already be stored (kv_store). T <= 8: split-KV decode kernel, needs
+    `scratch` (uint8, attention_scratch_nbytes). T > 8: tiled tensor-core kernel, one sequence."""
+    ns, hkv, n_ctx, hd = _cache_dims(ck, "cache_k")
+    _cache_dims(cv, "cache_v")
+    check(q, np.float32, None, "q")
+    t, h, qhd = (int(s) for s in q.shape)
+    if qhd != hd or h % hkv:
+        raise ValueError(f"q {q.shape} does not match the cache (Hkv {hkv}, hd {hd})")
+    if hd not in HEAD_DIMS:
+        raise ValueError(f"head size {hd}: the attention kernels support {HEAD_DIMS}")
+    check(pos, np.int32, (t,), "pos")
+    if out.size != t * h * hd:
+        raise ValueError(f"out: shape {out.shape}, expected ({t}, {h * hd})")
+    check(out, np.float32, None, "out")
+    seq_arg = NULL if seq is None else seq
+    if seq is not None:
+        check(seq, np.int32, (t,), "seq")
+    common = (np.int32(t), np.int32(h), np.int32(hkv), np.int32(n_ctx))
+    if t > DECODE_MAX_ROWS:
+        bk = 32 if hd == 256 else 64
+        smem = (64 + 2 * bk) * (hd + 8) * 2
+        launch(lib.fn(f"attn_prefill_hd{hd}", smem), (cdiv(t, 64), h), (128,),
+               (q, ck, cv, pos, seq_arg, out) + common + (np.float32(scale), np.int32(window), np.float32(softcap)),
+               stream, shared_mem=smem)
+        return
+    ns_ = decode_splits(lib, t, h, hkv)
+    need = t * h * ns_ * (hd + 2) * 4
+    if scratch is None or scratch.size < need:
+        raise ValueError(f"attention decode needs scratch of {need} bytes")
+    part_o = scratch[:t * h * ns_ * hd * 4].view(np.float32)
+    part_ml = scratch[t * h * ns_ * hd * 4:need].view(np.float32)
+    ngrp = cdiv(h // hkv, 8)
+    launch(lib.fn(f"attn_decode_hd{hd}"), (hkv * ngrp, ns_, t), (128,),
+           (q, ck, cv, pos, seq_arg, part_o, part_ml) + common +
+           (np.int32(ns_), np.float32(scale), np.int32(window), np.float32(softcap)), stream)
+    launch(lib.fn("attn_combine"), (t * h,), (min(hd, 256),),
+           (part_o, part_ml, out, np.int32(t * h), np.int32(hd), np.int32(ns_)), stream)

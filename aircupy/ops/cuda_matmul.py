@@ -1,0 +1,175 @@
+"""Typed launchers of the weight kernels: repack, decode matvec, dequantization, GEMM, embedding rows.
+
+Weights are QWeight (aircupy/ops/packing.py: the packed layout, shape (N, K)); activations are fp32.
+  matvec    M = 1..8 rows, dequantization fused (cuda_src/matvec.cu)
+  gemm      fp16/bf16 operands, fp32 output, cuBLAS GemmEx on the tensor cores
+  linear    matvec for M <= 8, else dequant + cast into `scratch` and gemm (prefill)
+Every launcher takes `stream` (None = cupy's current stream) and preallocated outputs; none allocates.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from aircupy.gguf.ggml import BLOCK_GEOMETRY, GGMLType
+from aircupy.ops._launch import NULL, cdiv, check, half_flag, launch
+from aircupy.ops.packing import HEADERS, QWeight, heads_offset, needs_repack, repack_nbytes
+
+# type -> (kernel name suffix, values per block, items per block) -- cuda_src/blocks.cuh's Fmt* structs
+FORMATS: dict[GGMLType, tuple[str, int, int]] = {
+    GGMLType.F32: ("f32", 32, 1), GGMLType.F16: ("f16", 32, 1), GGMLType.BF16: ("bf16", 32, 1),
+    GGMLType.Q4_0: ("q4_0", 32, 1), GGMLType.Q4_1: ("q4_1", 32, 1), GGMLType.Q5_0: ("q5_0", 32, 1),
+    GGMLType.Q5_1: ("q5_1", 32, 1), GGMLType.Q8_0: ("q8_0", 32, 1), GGMLType.Q2_K: ("q2_k", 256, 4),
+    GGMLType.Q3_K: ("q3_k", 256, 4), GGMLType.Q4_K: ("q4_k", 256, 8), GGMLType.Q5_K: ("q5_k", 256, 8),
+    GGMLType.Q6_K: ("q6_k", 256, 4),
+}
+MAX_MATVEC_ROWS = 8
+_ALIGN = 256
+
+
+def _body_head(w: QWeight):
+    """(body pointer arg, head pointer arg) of a packed weight."""
+    check(w.data, np.uint8, None, "weight data")
+    if w.data.size < w.nbytes:
+        raise ValueError(f"weight data has {w.data.size} bytes, its layout needs {w.nbytes}")
+    if needs_repack(w.ggml_type):
+        return w.data, w.data[heads_offset(w.ggml_type, w.shape):]
+    return w.data, NULL
+
+
+def repack(lib, src, dst, t, shape, *, row0: int = 0, dst_rows: int | None = None, stream=None) -> None:
+    """GGUF bytes of a (n_rows, K) tensor (device uint8 `src`) -> packed layout in `dst`.
+
+    With dst_rows, dst holds a stacked tensor of dst_rows rows and this one lands at rows
+    [row0, row0 + n_rows) of it (q/k/v or gate/up fused into one matrix). src and dst must not overlap.
+    """
+    t = GGMLType(t)
+    n_rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+    k = int(shape[-1])
+    total = n_rows if dst_rows is None else int(dst_rows)
+    be, bb = BLOCK_GEOMETRY[t]
+    nb = k // be
+    check(src, np.uint8, (n_rows * nb * bb,), "src")
+    check(dst, np.uint8, None, "dst")
+    if dst.size < repack_nbytes(t, (total, k)) or row0 + n_rows > total:
+        raise ValueError("dst too small for the stacked tensor")
+    if not needs_repack(t):
+        o = row0 * nb * bb
+        launch_copy = dst[o:o + src.size]
+        if stream is None:
+            launch_copy[...] = src
+        else:
+            with stream:
+                launch_copy[...] = src
+        return
+    off, hb = HEADERS[t]
+    body = dst[row0 * nb * (bb - hb):]
+    head = dst[heads_offset(t, (total, k)) + row0 * nb * hb:]
+    n_blocks = n_rows * nb
+    launch(lib.fn("repack_blocks"), (cdiv(n_blocks * bb // 2, 256),), (256,),
+           (src, body, head, np.int64(n_blocks), np.int32(bb), np.int32(off), np.int32(hb)), stream)
+
+
+def matvec(lib, x, w: QWeight, out, *, accumulate: bool = False, bias=None, stream=None) -> None:
+    """out (M, N) (+)= x (M, K) @ W^T (+ bias (N,)), M = 1..8, fp32; W dequantized on the fly."""
+    n, k = w.shape
+    m = int(x.shape[0])
+    check(x, np.float32, (m, k), "x")
+    check(out, np.float32, (m, n), "out")
+    if not 1 <= m <= MAX_MATVEC_ROWS:
+        raise ValueError(f"matvec takes 1..{MAX_MATVEC_ROWS} rows, got {m}")
+    if bias is not None:
+        check(bias, np.float32, (n,), "bias")
+    mr = next(r for r in (1, 2, 4, 8) if r >= m)
+    body, head = _body_head(w)
+    name = f"matvec_{FORMATS[w.ggml_type][0]}_m{mr}"
+    launch(lib.fn(name), (cdiv(n, 4),), (128,),
+           (body, head, x, out, NULL if bias is None else bias, np.int32(n), np.int32(k), np.int32(m),
+            np.int32(1 if accumulate else 0)), stream)
+
+
+def dequant(lib, w: QWeight, out, *, stream=None) -> None:
+    """out (N, K) fp16 (float16 array) or bf16 (uint16 array of bf16 bits) = dequantize(W)."""
+    n, k = w.shape
+    check(out, out.dtype, (n, k), "out")
+    bf = half_flag(out)
+    fmt, be, ipb = FORMATS[w.ggml_type]
+    items = n * (k // be) * ipb
+    body, head = _body_head(w)
+    launch(lib.fn(f"dequant_{fmt}"), (cdiv(items, 256),), (256,),
+           (body, head, out, np.int32(n), np.int32(k), bf), stream)
+
+
+def cast_half(lib, x, out, *, stream=None) -> None:
+    """fp32 -> fp16 (float16 out) or bf16 (uint16 out), round to nearest even; same shape."""
+    check(x, np.float32, None, "x")
+    check(out, out.dtype, x.shape, "out")
+    launch(lib.fn("cast_half"), (cdiv(x.size, 256),), (256,), (x, out, np.int64(x.size), half_flag(out)), stream)
+
+
+def gemm(lib, a, b, out, *, accumulate: bool = False, stream=None) -> None:
+    """out (M, N) fp32 (+)= a (M, K) @ b (N, K)^T; a, b both fp16 or both bf16 (uint16); cuBLAS GemmEx,
+    fp32 accumulation and output (tensor cores)."""
+    import cupy
+    from cupy_backends.cuda.libs import cublas
+
+    m, k = (int(s) for s in a.shape)
+    n = int(b.shape[0])
+    check(a, a.dtype, (m, k), "a")
+    check(b, a.dtype, (n, k), "b")
+    check(out, np.float32, (m, n), "out")
+    dt = 14 if half_flag(a) else 2  # CUDA_R_16BF / CUDA_R_16F
+    alpha = np.ones(1, np.float32)
+    beta = np.ones(1, np.float32) if accumulate else np.zeros(1, np.float32)
+    handle = cupy.cuda.device.get_cublas_handle()
+    # column-major view: out^T (N x M) = b (K x N)^T @ a^T (K x M)
+    args = (handle, 1, 0, n, m, k, alpha.ctypes.data, b.data.ptr, dt, k, a.data.ptr, dt, k,
+            beta.ctypes.data, out.data.ptr, 0, n, getattr(cublas, "CUBLAS_COMPUTE_32F", 68),
+            getattr(cublas, "CUBLAS_GEMM_DEFAULT_TENSOR_OP", 99))
+    if stream is None:
+        cublas.gemmEx(*args)
+    else:
+        with stream:
+            cublas.gemmEx(*args)
+
+
+def linear_scratch_nbytes(n: int, k: int, m_max: int) -> int:
+    """Scratch bytes `linear` needs for an (n, k) weight and up to m_max rows (0 when m_max <= 8)."""
+    if m_max <= MAX_MATVEC_ROWS:
+        return 0
+    return cdiv(n * k * 2, _ALIGN) * _ALIGN + cdiv(m_max * k * 2, _ALIGN) * _ALIGN
+
+
+def linear(lib, x, w: QWeight, out, *, accumulate: bool = False, bias=None, scratch=None,
+           half: str = "f16", stream=None) -> None:
+    """out (M, N) (+)= x (M, K) @ W^T (+ bias). M <= 8: fused matvec. Else W is dequantized and x cast
+    to `half` ("f16", or "bf16" where activations may pass 65504, e.g. gemma3) in `scratch` (uint8 of
+    linear_scratch_nbytes) and multiplied on the tensor cores."""
+    m = int(x.shape[0])
+    if m <= MAX_MATVEC_ROWS:
+        matvec(lib, x, w, out, accumulate=accumulate, bias=bias, stream=stream)
+        return
+    n, k = w.shape
+    check(x, np.float32, (m, k), "x")
+    if scratch is None or scratch.size < linear_scratch_nbytes(n, k, m):
+        raise ValueError(f"linear with {m} rows needs scratch of {linear_scratch_nbytes(n, k, m)} bytes")
+    hdt = np.uint16 if half == "bf16" else np.float16
+    wo = cdiv(n * k * 2, _ALIGN) * _ALIGN
+    wh = scratch[:n * k * 2].view(hdt).reshape(n, k)
+    xh = scratch[wo:wo + m * k * 2].view(hdt).reshape(m, k)
+    dequant(lib, w, wh, stream=stream)
+    cast_half(lib, x, xh, stream=stream)
+    gemm(lib, xh, wh, out, accumulate=accumulate, stream=stream)
+    if bias is not None:
+        check(bias, np.float32, (n,), "bias")
+        launch(lib.fn("add_bias"), (cdiv(m * n, 256),), (256,), (out, bias, np.int32(m), np.int32(n)), stream)
+
+
+def get_rows(lib, w: QWeight, ids, out, *, scale: float = 1.0, stream=None) -> None:
+    """out (T, E) fp32 = dequantized rows ids (int32 (T,)) of the (V, E) table, times `scale`."""
+    v, e = w.shape
+    t = int(ids.shape[0])
+    check(ids, np.int32, (t,), "ids")
+    check(out, np.float32, (t, e), "out")
+    body, head = _body_head(w)
+    launch(lib.fn(f"get_rows_{FORMATS[w.ggml_type][0]}"), (t,), (128,),
+           (body, head, ids, out, np.int32(t), np.int32(e), np.int32(v), np.float32(scale)), stream)

@@ -1,0 +1,29 @@
+"""The typed CUDA launchers, one per kernel: the contract the GPU model codes against.
+
+    from aircupy.device.kernels import KernelLibrary
+    from aircupy.ops import cuda_ops as ops
+    lib = KernelLibrary(); ops.matvec(lib, x, w, out)
+
+Every launcher asserts dtypes, contiguity and shapes, passes scalars as np.int32/np.float32, takes
+preallocated outputs (and scratch) and an optional cupy `stream`, and never allocates or synchronises,
+so it is safe inside CUDA-graph capture. The launchers live in three files by kernel family; this module
+gathers them. /work/notes/gpu_api.md lists them with shapes and dtypes; cuda_src/*.cu headers describe
+layouts and launch geometry; aircupy/ops/reference.py and gguf/quants.py are the numpy twins.
+"""
+from __future__ import annotations
+
+from aircupy.ops.cuda_layers import (DECODE_MAX_ROWS, HEAD_DIMS, MAX_SPLITS, add_rms_norm, attention,
+                                     attention_scratch_nbytes, decode_splits, geglu, glu, kv_store,
+                                     rms_norm, rms_norm_add, rope, softcap, swiglu)
+from aircupy.ops.cuda_matmul import (FORMATS, MAX_MATVEC_ROWS, cast_half, dequant, gemm, get_rows, linear,
+                                     linear_scratch_nbytes, matvec, repack)
+from aircupy.ops.cuda_sampling import apply_penalties, argmax, sample
+from aircupy.ops.packing import QWeight, needs_repack, repack_nbytes
+
+__all__ = [
+    "DECODE_MAX_ROWS", "HEAD_DIMS", "MAX_SPLITS", "add_rms_norm", "attention", "attention_scratch_nbytes",
+    "decode_splits", "geglu", "glu", "kv_store", "rms_norm", "rms_norm_add", "rope", "softcap", "swiglu",
+    "FORMATS", "MAX_MATVEC_ROWS", "cast_half", "dequant", "gemm", "get_rows", "linear",
+    "linear_scratch_nbytes", "matvec", "repack", "apply_penalties", "argmax", "sample", "QWeight",
+    "needs_repack", "repack_nbytes",
+]

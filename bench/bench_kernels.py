@@ -1,0 +1,178 @@
+"""Kernel-level speed on the GPU: achieved HBM GB/s of the decode matvec per weight type, GEMM TFLOP/s on
+Llama-3-8B prefill shapes, attention and sampler times. Prints a table; --json writes the numbers.
+
+    python bench/bench_kernels.py [--json out.json] [--quick]
+
+Method: device events around many back-to-back launches, median of several trials, after a warm-up.
+The matvec runs over one whole 8B layer (fused qkv 6144x4096, o 4096x4096, fused gate_up 28672x4096,
+down 4096x14336: >= 120 MB in every type, over twice the 50 MB L2), so weights come from HBM each
+time. Weight bytes are random (valid layouts, arbitrary values: speed does not depend on them). GB/s
+counts the packed weight bytes read once per launch; x and out are negligible. The HBM ceiling is
+measured in the same run: a device-to-device copy, (read + write) bytes / time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+
+from aircupy.gguf.ggml import GGMLType
+
+
+def _time(cp, fn, reps: int, trials: int = 5) -> float:
+    """Median seconds per call of fn() over `trials` runs of `reps` back-to-back calls."""
+    fn()
+    cp.cuda.Device().synchronize()
+    out = []
+    for _ in range(trials):
+        a, b = cp.cuda.Event(), cp.cuda.Event()
+        a.record()
+        for _ in range(reps):
+            fn()
+        b.record()
+        b.synchronize()
+        out.append(cp.cuda.get_elapsed_time(a, b) / 1e3 / reps)
+    return float(np.median(out))
+
+
+LAYER = [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336)]
+TYPES = [GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q8_0, GGMLType.Q2_K,
+         GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K, GGMLType.F16, GGMLType.BF16, GGMLType.F32]
+
+
+def bench_hbm(cp) -> float:
+    a = cp.empty(1 << 30, dtype=cp.uint8)
+    b = cp.empty_like(a)
+    a.fill(1)
+    t = _time(cp, lambda: b.__setitem__(Ellipsis, a), 10)
+    return 2 * a.nbytes / t / 1e9
+
+
+def bench_matvec(cp, lib, ops, types, rows=(1,)) -> list[dict]:
+    from aircupy.ops.packing import QWeight, repack_nbytes
+    res = []
+    for t in types:
+        ws = []
+        for _, n, k in LAYER:
+            nbytes = repack_nbytes(t, (n, k))
+            data = cp.random.randint(0, 256, size=nbytes, dtype=cp.uint8)
+            if t in (GGMLType.F16, GGMLType.BF16, GGMLType.F32):  # finite floats
+                data[...] = 0x3C if t != GGMLType.F32 else 0x3F
+            ws.append(QWeight(data, t, (n, k)))
+        total = sum(w.nbytes for w in ws)
+        for m in rows:
+            xs = [cp.random.standard_normal((m, k), dtype=cp.float32) for _, _, k in LAYER]
+            outs = [cp.empty((m, n), dtype=cp.float32) for _, n, _ in LAYER]
+
+            def layer():
+                for w, x, o in zip(ws, xs, outs):
+                    ops.matvec(lib, x, w, o)
+            sec = _time(cp, layer, 20)
+            res.append(dict(type=t.name, rows=m, layer_mb=total / 1e6, us=sec * 1e6, gbps=total / sec / 1e9))
+        del ws
+        cp.get_default_memory_pool().free_all_blocks()
+    return res
+
+
+def bench_gemm(cp, lib, ops, types, m=512) -> list[dict]:
+    from aircupy.ops.packing import QWeight, repack_nbytes
+    res = []
+    for t in types:
+        for name, n, k in LAYER:
+            w = QWeight(cp.random.randint(0, 256, size=repack_nbytes(t, (n, k)), dtype=cp.uint8), t, (n, k))
+            x = cp.random.standard_normal((m, k), dtype=cp.float32)
+            out = cp.empty((m, n), dtype=cp.float32)
+            wh = cp.empty((n, k), dtype=cp.float16)
+            xh = cp.empty((m, k), dtype=cp.float16)
+            scratch = cp.empty(ops.linear_scratch_nbytes(n, k, m), dtype=cp.uint8)
+            ops.dequant(lib, w, wh)
+            wh[...] = cp.random.standard_normal((n, k), dtype=cp.float32).astype(cp.float16) * 0.02
+            ops.cast_half(lib, x, xh)
+            t_deq = _time(cp, lambda: ops.dequant(lib, w, wh), 10)
+            t_gemm = _time(cp, lambda: ops.gemm(lib, xh, wh, out), 10)
+            t_lin = _time(cp, lambda: ops.linear(lib, x, w, out, scratch=scratch), 10)
+            fl = 2.0 * m * n * k
+            res.append(dict(type=t.name, shape=f"{name} {n}x{k}", m=m, dequant_us=t_deq * 1e6,
+                            dequant_gbps=(w.nbytes + n * k * 2) / t_deq / 1e9, gemm_us=t_gemm * 1e6,
+                            gemm_tflops=fl / t_gemm / 1e12, linear_us=t_lin * 1e6, linear_tflops=fl / t_lin / 1e12))
+            del w, x, out, wh, xh, scratch
+    return res
+
+
+def bench_attention(cp, lib, ops, quick=False) -> list[dict]:
+    res = []
+    h, hkv, hd = 32, 8, 128
+    for ctx in ((512, 4096) if quick else (512, 4096, 32768)):
+        ck = cp.random.standard_normal((1, hkv, ctx, hd), dtype=cp.float32).astype(cp.float16)
+        cv = cp.random.standard_normal((1, hkv, ctx, hd), dtype=cp.float32).astype(cp.float16)
+        q = cp.random.standard_normal((1, h, hd), dtype=cp.float32)
+        pos = cp.asarray(np.array([ctx - 1], np.int32))
+        out = cp.empty((1, h * hd), dtype=cp.float32)
+        scratch = cp.empty(ops.attention_scratch_nbytes(1, h, hd), dtype=cp.uint8)
+        sec = _time(cp, lambda: ops.attention(lib, q, ck, cv, pos, out, scale=0.088, scratch=scratch), 50)
+        res.append(dict(kind="decode", ctx=ctx, us=sec * 1e6, kv_gbps=2 * ck.nbytes / sec / 1e9))
+        T = 512
+        if ctx >= T:
+            qp = cp.random.standard_normal((T, h, hd), dtype=cp.float32)
+            posp = cp.arange(ctx - T, ctx, dtype=cp.int32)
+            outp = cp.empty((T, h * hd), dtype=cp.float32)
+            sec = _time(cp, lambda: ops.attention(lib, qp, ck, cv, posp, outp, scale=0.088), 10)
+            keys = (ctx - T) * T + T * (T + 1) / 2  # causal (query, key) pairs
+            res.append(dict(kind=f"prefill {T} after {ctx - T}", ctx=ctx, us=sec * 1e6,
+                            tflops=4 * keys * hd * h / sec / 1e12))
+    return res
+
+
+def bench_sampler(cp, lib, ops, v=128256) -> list[dict]:
+    logits = cp.random.standard_normal((1, v), dtype=cp.float32) * 3
+    out = cp.empty(1, cp.int32)
+    rng = cp.zeros((1, 2), cp.uint32)
+    res = [dict(kind="argmax", us=_time(cp, lambda: ops.argmax(lib, logits, out), 50) * 1e6)]
+    for label, p in [("temp 0.8 top_k 40 top_p .95 min_p .05", [0.8, 40, 0.95, 0.05]),
+                     ("temp 1 top_p .9 (no top_k)", [1.0, 0, 0.9, 0.0]), ("temp 1, no cuts", [1.0, 0, 1.0, 0.0])]:
+        par = cp.asarray(np.array([p], np.float32))
+        res.append(dict(kind=label, us=_time(cp, lambda: ops.sample(lib, logits, par, rng, out), 50) * 1e6))
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", help="write all numbers here")
+    ap.add_argument("--quick", action="store_true", help="fewer types and shapes")
+    args = ap.parse_args()
+    import cupy as cp
+    from aircupy.device.kernels import KernelLibrary
+    from aircupy.ops import cuda_ops as ops
+
+    lib = KernelLibrary()
+    lib.warmup()
+    name = cp.cuda.runtime.getDeviceProperties(lib.device.id)["name"].decode()
+    types = [GGMLType.Q4_0, GGMLType.Q4_K, GGMLType.Q8_0] if args.quick else TYPES
+    report = dict(device=name, arch=lib.arch, hbm_copy_gbps=bench_hbm(cp))
+    report["matvec"] = bench_matvec(cp, lib, ops, types, rows=(1, 8) if not args.quick else (1,))
+    report["gemm"] = bench_gemm(cp, lib, ops, [GGMLType.Q4_0] if args.quick else [GGMLType.Q4_0, GGMLType.Q4_K])
+    report["attention"] = bench_attention(cp, lib, ops, args.quick)
+    report["sampler"] = bench_sampler(cp, lib, ops)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    print(f"device: {name} ({lib.arch}); HBM copy {report['hbm_copy_gbps']:.0f} GB/s")
+    print("matvec, one 8B layer (qkv, o, gate_up, down):")
+    for r in report["matvec"]:
+        print(f"  {r['type']:5s} M={r['rows']}  {r['layer_mb']:7.1f} MB  {r['us']:8.1f} us  {r['gbps']:7.0f} GB/s")
+    print("prefill linear, M=512 (dequant -> fp16 scratch, cuBLAS GemmEx):")
+    for r in report["gemm"]:
+        print(f"  {r['type']:5s} {r['shape']:20s} dequant {r['dequant_us']:7.1f} us ({r['dequant_gbps']:5.0f} GB/s)"
+              f"  gemm {r['gemm_us']:7.1f} us ({r['gemm_tflops']:5.0f} TF/s)  total {r['linear_tflops']:5.0f} TF/s")
+    print("attention (32 q heads, 8 kv heads, hd 128):")
+    for r in report["attention"]:
+        extra = f"{r['kv_gbps']:6.0f} GB/s" if "kv_gbps" in r else f"{r['tflops']:6.1f} TF/s"
+        print(f"  {r['kind']:24s} ctx {r['ctx']:6d}  {r['us']:8.1f} us  {extra}")
+    print("sampler, V=128256:")
+    for r in report["sampler"]:
+        print(f"  {r['kind']:40s} {r['us']:7.1f} us")
+
+
+if __name__ == "__main__":
+    main()

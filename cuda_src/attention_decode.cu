@@ -1,0 +1,194 @@
+// attention_decode.cu: KV-cache writes and grouped-query attention for a few query rows (decode).
+//
+// KV cache, per layer: ck, cv fp16 (n_seq, Hkv, n_ctx, hd) -- head-major, so one head's keys are one
+// contiguous run (coalesced, and the layout of ops/reference.attention's (Hkv, S, D) k/v).
+// kv_store(k, v f32 (T, Hkv, hd), ck, cv, pos int32 (T,), seq int32 (T,) or null, T, Hkv, hd, n_ctx):
+//   row t goes to [seq[t], :, pos[t], :]. Grid (T*Hkv), block 128.
+// attn_decode_hd<HD>(q f32 (T, H, hd), ck, cv, pos, seq, part_o f32 (T, H, n_split, hd),
+//   part_ml f32 (T, H, n_split, 2), T, H, Hkv, n_ctx, n_split, scale, window, softcap):
+//   flash-decoding. Row t attends keys [lo, pos[t]] with lo = max(0, pos[t] + 1 - window) (window 0:
+//   lo = 0) of its sequence; that range is cut into n_split chunks (>= 128 keys each, so short contexts
+//   use one). Grid (Hkv * ceil(G/8), n_split, T), G = H/Hkv: one block serves up to 8 query heads of one
+//   kv head, so each K/V byte is read once per block. Block 128 threads: scores one key per thread (the
+//   thread reads its key row with 16-byte loads and dots it with the G queries from shared memory), an
+//   online softmax per head by one warp, then P.V with threads over (head, dim pair). The grid depends on
+//   T and n_split only, never on the length (read from pos in device memory): graph-safe.
+// attn_combine(part_o, part_ml, out f32 (T, H*hd), T*H, hd, n_split): merges the chunks' (m, l, o).
+// Numpy reference: ops/reference.attention (softcap, then mask, then softmax; scores * scale).
+#include "common.cuh"
+
+#define DEC_TK 128
+#define DEC_GMAX 8
+
+extern "C" __global__ void kv_store(const float* __restrict__ k, const float* __restrict__ v, u16* ck, u16* cv,
+                                    const int* __restrict__ pos, const int* __restrict__ seq, int T, int Hkv,
+                                    int hd, int n_ctx) {
+    const int t = blockIdx.x / Hkv, h = blockIdx.x - t * Hkv;
+    if (t >= T) return;
+    const long s = seq ? seq[t] : 0;
+    const long dst = ((s * Hkv + h) * n_ctx + pos[t]) * hd;
+    const long src = ((long)t * Hkv + h) * hd;
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+        ck[dst + d] = f2h(k[src + d]);
+        cv[dst + d] = f2h(v[src + d]);
+    }
+}
+
+template <int HD>
+__device__ __forceinline__ void attn_decode_impl(const float* __restrict__ q, const u16* __restrict__ ck,
+                                                 const u16* __restrict__ cv, const int* __restrict__ pos,
+                                                 const int* __restrict__ seq, float* __restrict__ part_o,
+                                                 float* __restrict__ part_ml, int T, int H, int Hkv, int n_ctx,
+                                                 int n_split, float scale, int window, float softcap) {
+    constexpr int NP = HD / 2;             // dim pairs
+    constexpr int NGRP = DEC_TK / NP;      // thread groups in P.V (each owns heads g = grp + NGRP*i)
+    constexpr int GPT = DEC_GMAX / NGRP;   // heads per thread in P.V
+    __shared__ __align__(16) float qs[DEC_GMAX][HD];
+    __shared__ float sc[DEC_GMAX][DEC_TK];
+    __shared__ float mrun[DEC_GMAX], lrun[DEC_GMAX], corr[DEC_GMAX];
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int G = H / Hkv, ngrp = (G + DEC_GMAX - 1) / DEC_GMAX;
+    const int kvh = blockIdx.x / ngrp, g0 = (blockIdx.x - kvh * ngrp) * DEC_GMAX;
+    const int gc = min(DEC_GMAX, G - g0);
+    const int sp = blockIdx.y, t = blockIdx.z;
+    const int len = pos[t] + 1;
+    const int lo = window > 0 ? max(0, len - window) : 0;
+    const int chunk = max(DEC_TK, (len - lo + n_split - 1) / n_split);
+    const int k0 = lo + sp * chunk, k1 = min(len, k0 + chunk);
+    const int h0 = kvh * G + g0;  // first query head of this block
+    const long sq = seq ? seq[t] : 0;
+    const u16* kb = ck + (sq * Hkv + kvh) * (long)n_ctx * HD;
+    const u16* vb = cv + (sq * Hkv + kvh) * (long)n_ctx * HD;
+
+    for (int i = tid; i < DEC_GMAX * HD; i += DEC_TK) {
+        const int g = i / HD, d = i - g * HD;
+        qs[g][d] = g < gc ? q[((long)t * H + h0 + g) * HD + d] * scale : 0.f;
+    }
+    if (tid < DEC_GMAX) { mrun[tid] = NEG_INF; lrun[tid] = 0.f; }
+    const int grp = tid / NP, dp = tid - grp * NP;
+    float o[GPT][2];
+#pragma unroll
+    for (int i = 0; i < GPT; ++i) o[i][0] = o[i][1] = 0.f;
+    __syncthreads();
+
+    for (int kt = k0; kt < k1; kt += DEC_TK) {
+        // scores: thread tid <-> key kt + tid
+        const int j = kt + tid;
+        float s[DEC_GMAX];
+#pragma unroll
+        for (int g = 0; g < DEC_GMAX; ++g) s[g] = 0.f;
+        if (j < k1) {
+            const uint4* kr = reinterpret_cast<const uint4*>(kb + (long)j * HD);
+#pragma unroll 4
+            for (int c = 0; c < HD / 8; ++c) {
+                const uint4 kv = __ldg(kr + c);
+                const u32 wv[4] = {kv.x, kv.y, kv.z, kv.w};
+                float kf[8];
+#pragma unroll
+                for (int e = 0; e < 4; ++e) { kf[2 * e] = h2f((u16)(wv[e] & 0xffffu)); kf[2 * e + 1] = h2f((u16)(wv[e] >> 16)); }
+#pragma unroll
+                for (int g = 0; g < DEC_GMAX; ++g) {
+                    if (g < gc) {
+                        const float4 qa = *reinterpret_cast<const float4*>(&qs[g][8 * c]);
+                        const float4 qb = *reinterpret_cast<const float4*>(&qs[g][8 * c + 4]);
+                        s[g] += kf[0] * qa.x + kf[1] * qa.y + kf[2] * qa.z + kf[3] * qa.w + kf[4] * qb.x +
+                                kf[5] * qb.y + kf[6] * qb.z + kf[7] * qb.w;
+                    }
+                }
+            }
+        }
+#pragma unroll
+        for (int g = 0; g < DEC_GMAX; ++g) {
+            float v = s[g];
+            if (softcap > 0.f) v = softcap * tanhf(v / softcap);
+            sc[g][tid] = j < k1 ? v : NEG_INF;
+        }
+        __syncthreads();
+        // online softmax: warp w updates heads w, w+4
+        for (int g = warp; g < gc; g += DEC_TK / 32) {
+            float v[DEC_TK / 32], mx = NEG_INF;
+#pragma unroll
+            for (int i = 0; i < DEC_TK / 32; ++i) { v[i] = sc[g][lane + 32 * i]; mx = fmaxf(mx, v[i]); }
+            mx = warp_max(mx);  // finite: key kt < k1 is valid
+            const float mold = mrun[g], mnew = fmaxf(mold, mx);
+            float sum = 0.f;
+#pragma unroll
+            for (int i = 0; i < DEC_TK / 32; ++i) { float p = __expf(v[i] - mnew); sc[g][lane + 32 * i] = p; sum += p; }
+            sum = warp_sum(sum);
+            if (lane == 0) {
+                const float cr = __expf(mold - mnew);
+                corr[g] = cr;
+                lrun[g] = lrun[g] * cr + sum;
+                mrun[g] = mnew;
+            }
+        }
+        __syncthreads();
+        // P.V: thread (grp, dp) accumulates dims 2dp, 2dp+1 of heads grp, grp + NGRP, ...
+        if (grp < NGRP) {
+#pragma unroll
+            for (int i = 0; i < GPT; ++i) {
+                const int g = grp + NGRP * i;
+                if (g < gc) { const float cr = corr[g]; o[i][0] *= cr; o[i][1] *= cr; }
+            }
+            const int nk = min(DEC_TK, k1 - kt);
+            const u32* vr = reinterpret_cast<const u32*>(vb + (long)kt * HD) + dp;
+            for (int jj = 0; jj < nk; ++jj) {
+                const u32 vv = __ldg(vr + (long)jj * NP);
+                const float va = h2f((u16)(vv & 0xffffu)), vbv = h2f((u16)(vv >> 16));
+#pragma unroll
+                for (int i = 0; i < GPT; ++i) {
+                    const int g = grp + NGRP * i;
+                    if (g < gc) { const float p = sc[g][jj]; o[i][0] += p * va; o[i][1] += p * vbv; }
+                }
+            }
+        }
+        __syncthreads();
+    }
+    if (grp < NGRP) {
+#pragma unroll
+        for (int i = 0; i < GPT; ++i) {
+            const int g = grp + NGRP * i;
+            if (g < gc) {
+                float* po = part_o + (((long)t * H + h0 + g) * n_split + sp) * HD + 2 * dp;
+                po[0] = o[i][0];
+                po[1] = o[i][1];
+            }
+        }
+    }
+    if (tid < gc) {
+        float* pm = part_ml + (((long)t * H + h0 + tid) * n_split + sp) * 2;
+        pm[0] = mrun[tid];
+        pm[1] = lrun[tid];
+    }
+}
+
+#define ATTN_DECODE_KERNEL(HD)                                                                          \
+    extern "C" __global__ void __launch_bounds__(DEC_TK) attn_decode_hd##HD(                            \
+        const float* q, const u16* ck, const u16* cv, const int* pos, const int* seq, float* part_o,   \
+        float* part_ml, int T, int H, int Hkv, int n_ctx, int n_split, float scale, int window,         \
+        float softcap) {                                                                                \
+        attn_decode_impl<HD>(q, ck, cv, pos, seq, part_o, part_ml, T, H, Hkv, n_ctx, n_split, scale,     \
+                             window, softcap);                                                          \
+    }
+ATTN_DECODE_KERNEL(64)
+ATTN_DECODE_KERNEL(128)
+ATTN_DECODE_KERNEL(256)
+
+extern "C" __global__ void attn_combine(const float* __restrict__ part_o, const float* __restrict__ part_ml,
+                                        float* __restrict__ out, int rows, int hd, int n_split) {
+    const long r = blockIdx.x;  // = t * H + h
+    if (r >= rows) return;
+    const float* ml = part_ml + r * n_split * 2;
+    float M = NEG_INF;
+    for (int s = 0; s < n_split; ++s) M = fmaxf(M, ml[2 * s]);
+    float den = 0.f;
+    for (int s = 0; s < n_split; ++s) den += ml[2 * s] == NEG_INF ? 0.f : __expf(ml[2 * s] - M) * ml[2 * s + 1];
+    const float inv = den > 0.f ? 1.f / den : 0.f;
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+        float num = 0.f;
+        for (int s = 0; s < n_split; ++s)
+            if (ml[2 * s] != NEG_INF) num += __expf(ml[2 * s] - M) * part_o[(r * n_split + s) * hd + d];
+        out[r * hd + d] = num * inv;
+    }
+}

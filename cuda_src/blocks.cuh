@@ -1,0 +1,228 @@
+// blocks.cuh: the ggml quant formats in the repacked layout (see common.cuh for the layout and the
+// static interface every Fmt* struct implements). Numpy twin: aircupy/gguf/quants.py + kquants.py
+// (values) and aircupy/ops/packing.py (byte layout). Field offsets below are BODY offsets, i.e. ggml's
+// block offsets with the fp16 header removed.
+#pragma once
+#include "common.cuh"
+
+// Weight loads bypass L1 (read once per token; keep L1 for the activations they multiply).
+__device__ __forceinline__ uint4 ldw16(const u8* p) {
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+__device__ __forceinline__ uint4 ldw16_a4(const u8* p) {  // 16 bytes at a 4-byte aligned address
+    const u32* q = reinterpret_cast<const u32*>(p);
+    return make_uint4(__ldg(q), __ldg(q + 1), __ldg(q + 2), __ldg(q + 3));
+}
+__device__ __forceinline__ u32 wd(const uint4& v, int i) { return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w; }
+
+// ---- legacy formats: 32 values, one item = one block = 2 segments (low nibbles 0..15, high 16..31)
+struct FmtQ4_0 {  // body: qs[16]; head: d.  y = d * (q - 8)
+    static constexpr int BE = 32, BODY = 16, HEAD = 2, IPB = 1, NSEG = 2;
+    struct Raw { uint4 q; float d; };
+    __device__ static int seg_off(int, int s) { return 16 * s; }
+    __device__ static Raw load(const u8* body, const u8* head, long blk, int) {
+        return Raw{ldw16(body + blk * BODY), h2f(ld2(head + blk * HEAD))};
+    }
+    __device__ static void seg(const Raw& r, int, int s, float (&w)[16]) {
+#pragma unroll
+        for (int j = 0; j < 16; ++j)  // (2^23 + q) - (2^23 + 8) = q - 8, exactly
+            w[j] = (__int_as_float(0x4B000000u | ((byte_of(r.q, j) >> (4 * s)) & 15u)) - 8388616.f) * r.d;
+    }
+};
+struct FmtQ4_1 {  // body: qs[16]; head: d, m.  y = d * q + m
+    static constexpr int BE = 32, BODY = 16, HEAD = 4, IPB = 1, NSEG = 2;
+    struct Raw { uint4 q; u32 dm; };
+    __device__ static int seg_off(int, int s) { return 16 * s; }
+    __device__ static Raw load(const u8* body, const u8* head, long blk, int) {
+        return Raw{ldw16(body + blk * BODY), ld4(head + blk * HEAD)};
+    }
+    __device__ static void seg(const Raw& r, int, int s, float (&w)[16]) {
+        const float d = h2f((u16)(r.dm & 0xffffu)), m = h2f((u16)(r.dm >> 16));
+#pragma unroll
+        for (int j = 0; j < 16; ++j) w[j] = d * u2f((byte_of(r.q, j) >> (4 * s)) & 15u) + m;
+    }
+};
+struct FmtQ5_0 {  // body: qh (u32 LE), qs[16]; head: d.  y = d * (q - 16), q = nibble | bit j of qh << 4
+    static constexpr int BE = 32, BODY = 20, HEAD = 2, IPB = 1, NSEG = 2;
+    struct Raw { uint4 q; u32 qh; float d; };
+    __device__ static int seg_off(int, int s) { return 16 * s; }
+    __device__ static Raw load(const u8* body, const u8* head, long blk, int) {
+        const u8* p = body + blk * BODY;
+        return Raw{ldw16_a4(p + 4), __ldg(reinterpret_cast<const u32*>(p)), h2f(ld2(head + blk * HEAD))};
+    }
+    __device__ static void seg(const Raw& r, int, int s, float (&w)[16]) {
+#pragma unroll
+        for (int j = 0; j < 16; ++j) {
+            u32 q = ((byte_of(r.q, j) >> (4 * s)) & 15u) | (((r.qh >> (j + 16 * s)) & 1u) << 4);
+            w[j] = (__int_as_float(0x4B000000u | q) - 8388624.f) * r.d;
+        }
+    }
+};
+struct FmtQ5_1 {  // body: qh, qs[16]; head: d, m.  y = d * q + m
+    static constexpr int BE = 32, BODY = 20, HEAD = 4, IPB = 1, NSEG = 2;
+    struct Raw { uint4 q; u32 qh, dm; };
+    __device__ static int seg_off(int, int s) { return 16 * s; }
+    __device__ static Raw load(const u8* body, const u8* head, long blk, int) {
+        const u8* p = body + blk * BODY;
+        return Raw{ldw16_a4(p + 4), __ldg(reinterpret_cast<const u32*>(p)), ld4(head + blk * HEAD)};
+    }
+    __device__ static void seg(const Raw& r, int, int s, float (&w)[16]) {
+        const float d = h2f((u16)(r.dm & 0xffffu)), m = h2f((u16)(r.dm >> 16));
+#pragma unroll
+        for (int j = 0; j < 16; ++j)
+            w[j] = d * u2f(((byte_of(r.q, j) >> (4 * s)) & 15u) | (((r.qh >> (j + 16 * s)) & 1u) << 4)) + m;
+    }
+};
+struct FmtQ8_0 {  // body: qs[32] int8; head: d.  y = d * q
+    static constexpr int BE = 32, BODY = 32, HEAD = 2, IPB = 1, NSEG = 2;
+    struct Raw { uint4 q0, q1; float d; };
+    __device__ static int seg_off(int, int s) { return 16 * s; }
+    __device__ static Raw load(const u8* body, const u8* head, long blk, int) {
+        return Raw{ldw16(body + blk * BODY), ldw16(body + blk * BODY + 16), h2f(ld2(head + blk * HEAD))};
+    }
+    __device__ static void seg(const Raw& r, int, int s, float (&w)[16]) {
+        const uint4 q = s ? r.q1 : r.q0;
+#pragma unroll
+        for (int j = 0; j < 16; ++j)  // int8 -> float: flip the sign bit, remove the 2^23 + 128 bias
+            w[j] = (__int_as_float(0x4B000000u | (byte_of(q, j) ^ 0x80u)) - 8388736.f) * r.d;
+    }
+};
+
+// ---- K-quants: 256 values per block. An item is 16 bytes of the low-bit plane at one position range
+// (and the matching high bits), which feeds 2 or 4 segments of 16 values (the plane's shifts); the items
+// of one block are read by neighbouring threads, so a warp still reads whole contiguous blocks.
+struct FmtQ2_K {  // body: scales[16] qs[64]; head: d, dmin.  item it = h*2 + lh (h: 128-value half)
+    static constexpr int BE = 256, BODY = 80, HEAD = 4, IPB = 4, NSEG = 4;
+    struct Raw { uint4 q; u32 sc; float d, dmin; };  // sc: the 4 scale bytes of this item's segments
+    __device__ static int seg_off(int it, int s) { return (it >> 1) * 128 + s * 32 + (it & 1) * 16; }
+    __device__ static Raw load(const u8* body, const u8* head, long blk, int it) {
+        const u8* p = body + blk * BODY;
+        const int h = it >> 1, lh = it & 1;
+        // scales of segments s = 0..3 are bytes h*8 + lh + 2s: the even or odd bytes of one 8-byte run
+        const uint2 s8 = __ldg(reinterpret_cast<const uint2*>(p + 8 * h));
+        const u32 sel = lh ? 0x7531u : 0x6420u;
+        const u32 dm = ld4(head + blk * HEAD);
+        return Raw{ldw16(p + 16 + 32 * h + 16 * lh), __byte_perm(s8.x, s8.y, sel),
+                   h2f((u16)(dm & 0xffffu)), h2f((u16)(dm >> 16))};
+    }
+    __device__ static void seg(const Raw& r, int, int s, float (&w)[16]) {
+        const u32 sc = (r.sc >> (8 * s)) & 0xffu;
+        const float dl = r.d * u2f(sc & 15u), ml = r.dmin * u2f(sc >> 4);
+#pragma unroll
+        for (int j = 0; j < 16; ++j) w[j] = dl * u2f((byte_of(r.q, j) >> (2 * s)) & 3u) - ml;
+    }
+};
+struct FmtQ3_K {  // body: hmask[32] qs[64] scales[12]; head: d.  item it = h*2 + lh
+    static constexpr int BE = 256, BODY = 108, HEAD = 2, IPB = 4, NSEG = 4;
+    struct Raw { uint4 q, hm; u32 s0, s1, s2; float d; };
+    __device__ static int seg_off(int it, int s) { return (it >> 1) * 128 + s * 32 + (it & 1) * 16; }
+    __device__ static Raw load(const u8* body, const u8* head, long blk, int it) {
+        const u8* p = body + blk * BODY;
+        const int h = it >> 1, lh = it & 1;
+        const u32* sp = reinterpret_cast<const u32*>(p + 96);
+        return Raw{ldw16_a4(p + 32 + 32 * h + 16 * lh), ldw16_a4(p + 16 * lh), __ldg(sp), __ldg(sp + 1),
+                   __ldg(sp + 2), h2f(ld2(head + blk * HEAD))};
+    }
+    __device__ static void seg(const Raw& r, int it, int s, float (&w)[16]) {
+        const int h = it >> 1, lh = it & 1;
+        const int sb = h * 8 + 2 * s + lh;  // signed 6-bit scale, packed as in kquants._q3_k_scales
+        const u32 lo = sb < 8 ? byte_of3(r.s0, r.s1, r.s2, sb) & 15u : byte_of3(r.s0, r.s1, r.s2, sb - 8) >> 4;
+        const u32 hi = (byte_of3(r.s0, r.s1, r.s2, 8 + (sb & 3)) >> (2 * (sb >> 2))) & 3u;
+        const float dl = r.d * (u2f(lo | (hi << 4)) - 32.f);
+        const int hb = 4 * h + s;
+#pragma unroll
+        for (int j = 0; j < 16; ++j) {
+            u32 qq = ((byte_of(r.q, j) >> (2 * s)) & 3u) | (((byte_of(r.hm, j) >> hb) & 1u) << 2);
+            w[j] = dl * (u2f(qq) - 4.f);
+        }
+    }
+};
+// Q4_K / Q5_K: (d*scale, dmin*min) of sub-blocks 2g and 2g+1 (ggml get_scale_min_k4) from the block's
+// first 16 bytes hd = {d|dmin, scales[0:4], scales[4:8], scales[8:12]}:
+//   j < 4:  scale = B[j] & 63,                       min = B[j+4] & 63
+//   j >= 4: scale = B[j+4] & 15 | (B[j-4] >> 6) << 4, min = B[j+4] >> 4 | (B[j] >> 6) << 4
+__device__ __forceinline__ void k4_pair(const uint4& hd, int g, float (&dl)[2], float (&ml)[2]) {
+    const u64 B = (u64)hd.y | ((u64)hd.z << 32);  // scale bytes 0..7; hd.w holds bytes 8..11
+    const float d = h2f((u16)(hd.x & 0xffffu)), dmin = h2f((u16)(hd.x >> 16));
+#pragma unroll
+    for (int s = 0; s < 2; ++s) {
+        const int j = 2 * g + s;
+        u32 sc, m;
+        if (g < 2) {
+            sc = (u32)(B >> (8 * j)) & 63u;
+            m = (u32)(B >> (8 * (j + 4))) & 63u;
+        } else {
+            const u32 b = (hd.w >> (8 * (j - 4))) & 0xffu;
+            sc = (b & 15u) | ((((u32)(B >> (8 * (j - 4))) & 0xffu) >> 6) << 4);
+            m = (b >> 4) | ((((u32)(B >> (8 * j)) & 0xffu) >> 6) << 4);
+        }
+        dl[s] = d * u2f(sc);
+        ml[s] = dmin * u2f(m);
+    }
+}
+struct FmtQ4_K {  // raw block: d dmin scales[12] qs[128].  item it = g*2 + lh, segment s = nibble
+    static constexpr int BE = 256, BODY = 144, HEAD = 0, IPB = 8, NSEG = 2;
+    struct Raw { uint4 q, hd; };  // hd: d, dmin, scales[12] (the block's first 16 bytes)
+    __device__ static int seg_off(int it, int s) { return (it >> 1) * 64 + s * 32 + (it & 1) * 16; }
+    __device__ static Raw load(const u8* body, const u8*, long blk, int it) {
+        const u8* p = body + blk * BODY;
+        return Raw{ldw16(p + 16 + 16 * it), __ldg(reinterpret_cast<const uint4*>(p))};
+    }
+    __device__ static void seg(const Raw& r, int it, int s, float (&w)[16]) {
+        float dl[2], ml[2];
+        k4_pair(r.hd, it >> 1, dl, ml);
+#pragma unroll
+        for (int j = 0; j < 16; ++j) w[j] = dl[s] * u2f((byte_of(r.q, j) >> (4 * s)) & 15u) - ml[s];
+    }
+};
+struct FmtQ5_K {  // raw block: d dmin scales[12] qh[32] qs[128].  item it = g*2 + lh
+    static constexpr int BE = 256, BODY = 176, HEAD = 0, IPB = 8, NSEG = 2;
+    struct Raw { uint4 q, qh, hd; };
+    __device__ static int seg_off(int it, int s) { return (it >> 1) * 64 + s * 32 + (it & 1) * 16; }
+    __device__ static Raw load(const u8* body, const u8*, long blk, int it) {
+        const u8* p = body + blk * BODY;
+        return Raw{ldw16(p + 48 + 16 * it), ldw16(p + 16 + 16 * (it & 1)),
+                   __ldg(reinterpret_cast<const uint4*>(p))};
+    }
+    __device__ static void seg(const Raw& r, int it, int s, float (&w)[16]) {
+        float dl[2], ml[2];
+        k4_pair(r.hd, it >> 1, dl, ml);
+        const int hb = 2 * (it >> 1) + s;  // the qh bit holding this sub-block's 5th bits
+#pragma unroll
+        for (int j = 0; j < 16; ++j) {
+            u32 qq = ((byte_of(r.q, j) >> (4 * s)) & 15u) | (((byte_of(r.qh, j) >> hb) & 1u) << 4);
+            w[j] = dl[s] * u2f(qq) - ml[s];
+        }
+    }
+};
+struct FmtQ6_K {  // body: ql[128] qh[64] scales[16] int8; head: d.  item it = h*2 + k
+    static constexpr int BE = 256, BODY = 208, HEAD = 2, IPB = 4, NSEG = 4;
+    struct Raw { uint4 qa, qb, qh; u32 sc; float d; };  // sc: scale bytes of segments t = 0..3
+    __device__ static int seg_off(int it, int t) { return (it >> 1) * 128 + 32 * t + (it & 1) * 16; }
+    __device__ static Raw load(const u8* body, const u8* head, long blk, int it) {
+        const u8* p = body + blk * BODY;
+        const int h = it >> 1, k = it & 1;
+        // segment t's scale is byte 8h + 2t + k: even or odd bytes of an 8-byte run
+        const uint2 s8 = __ldg(reinterpret_cast<const uint2*>(p + 192 + 8 * h));
+        return Raw{ldw16(p + h * 64 + 16 * k), ldw16(p + h * 64 + 32 + 16 * k), ldw16(p + 128 + h * 32 + 16 * k),
+                   __byte_perm(s8.x, s8.y, k ? 0x7531u : 0x6420u), h2f(ld2(head + blk * HEAD))};
+    }
+    __device__ static void seg(const Raw& r, int, int t, float (&w)[16]) {
+        const float dl = r.d * (float)(signed char)((r.sc >> (8 * t)) & 0xffu);
+        const uint4 ql = (t & 1) ? r.qb : r.qa;
+#pragma unroll
+        for (int j = 0; j < 16; ++j) {
+            u32 qq = ((byte_of(ql, j) >> (4 * (t >> 1))) & 15u) | (((byte_of(r.qh, j) >> (2 * t)) & 3u) << 4);
+            w[j] = dl * (u2f(qq) - 32.f);
+        }
+    }
+};
+
+// X(name, Fmt) for every weight type the matmul / dequant / get_rows kernels instantiate.
+#define FOR_EACH_FORMAT(X) \
+    X(f32, FmtF32) X(f16, FmtF16) X(bf16, FmtBF16) X(q4_0, FmtQ4_0) X(q4_1, FmtQ4_1) X(q5_0, FmtQ5_0) \
+    X(q5_1, FmtQ5_1) X(q8_0, FmtQ8_0) X(q2_k, FmtQ2_K) X(q3_k, FmtQ3_K) X(q4_k, FmtQ4_K) X(q5_k, FmtQ5_K) \
+    X(q6_k, FmtQ6_K)

@@ -1,0 +1,195 @@
+"""GPU tier: RMSNorm (+ residual fusions), RoPE, GLU, softcap, KV store and attention vs ops/reference.py.
+
+Tolerances (relative L2 error unless stated):
+  rms_norm, glu, softcap: fp32 element-wise math -> 1e-6 (tanh/exp ulps)
+  rope: angles in double on both sides -> 1e-6
+  decode attention: fp32 math over an fp16 cache; the reference gets the same fp16-rounded K/V -> 1e-5
+  prefill attention: q and the probabilities also pass through fp16 for the tensor cores -> 3e-3
+Contexts cover one token, windows shorter than the context, GQA groups of 1..16, and 5000 keys.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from aircupy.config import RopeScaling
+from aircupy.ops import reference as R
+from tests.gpu.kernel_fixtures import poison, rel_err
+
+cp = pytest.importorskip("cupy")
+pytestmark = pytest.mark.gpu
+
+from aircupy.device.kernels import KernelLibrary  # noqa: E402
+from aircupy.ops import cuda_ops as ops  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def lib():
+    return KernelLibrary()
+
+
+@pytest.mark.parametrize("rows,n", [(3, 576), (5, 640), (2, 4096), (48, 64), (1, 5000)])
+def test_rms_norm_modes(lib, rows, n):
+    rng = np.random.default_rng(n)
+    x = (rng.standard_normal((rows, n)) * 3).astype(np.float32)
+    res = rng.standard_normal((rows, n)).astype(np.float32)
+    w = rng.standard_normal(n).astype(np.float32)
+    eps = 1e-6
+    out = poison(cp, (rows, n))
+    ops.rms_norm(lib, cp.asarray(x), cp.asarray(w), out, eps)
+    assert rel_err(cp.asnumpy(out), R.rms_norm(x, w, eps)) < 1e-6
+    d_res, out = cp.asarray(res), poison(cp, (rows, n))
+    ops.add_rms_norm(lib, cp.asarray(x), d_res, cp.asarray(w), out, eps)
+    assert rel_err(cp.asnumpy(d_res), x + res) < 1e-7
+    assert rel_err(cp.asnumpy(out), R.rms_norm(x + res, w, eps)) < 1e-6
+    d_res = cp.asarray(res)
+    ops.rms_norm_add(lib, cp.asarray(x), cp.asarray(w), d_res, eps)
+    assert rel_err(cp.asnumpy(d_res), res + R.rms_norm(x, w, eps)) < 1e-6
+
+
+def test_rms_norm_in_place_per_head(lib):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((4, 6, 128)).astype(np.float32)
+    w = rng.standard_normal(128).astype(np.float32)
+    d = cp.asarray(x)
+    ops.rms_norm(lib, d, cp.asarray(w), d, 1e-5)
+    assert rel_err(cp.asnumpy(d), R.rms_norm(x, w, 1e-5)) < 1e-6
+
+
+@pytest.mark.parametrize("mode", ["norm", "neox"])
+@pytest.mark.parametrize("hd,rd,base,ff,scaling", [
+    (64, 64, 10000.0, False, RopeScaling()),
+    (128, 128, 500000.0, True, RopeScaling()),
+    (256, 256, 1e6, False, RopeScaling("linear", 8.0)),
+    (128, 64, 10000.0, False, RopeScaling()),
+    (128, 128, 1e6, False, RopeScaling("yarn", 4.0, 32768, 1.0, 1.0, 32.0, 1.0)),
+])
+def test_rope(lib, mode, hd, rd, base, ff, scaling):
+    rng = np.random.default_rng(hd + rd)
+    t, h = 7, 3
+    x = rng.standard_normal((t, h, hd)).astype(np.float32)
+    pos = np.array([0, 1, 5, 100, 1000, 4095, 131000], dtype=np.int32)
+    factors = (1.0 + rng.random(rd // 2) * 7).astype(np.float32) if ff else None
+    cos, sin = R.rope_angles(pos, rd, base, scaling, factors)
+    want = R.apply_rope(x, cos, sin, mode)
+    d = cp.asarray(x)
+    ops.rope(lib, d, cp.asarray(pos), base=base, mode=mode, rope_dim=rd,
+             freq_factors=None if factors is None else cp.asarray(factors), scaling=scaling)
+    assert rel_err(cp.asnumpy(d), want) < 1e-6
+
+
+@pytest.mark.parametrize("kind", ["swiglu", "geglu"])
+def test_glu(lib, kind):
+    rng = np.random.default_rng(2)
+    t, f = 5, 1000  # n_ff not a power of two
+    g = (rng.standard_normal((t, f)) * 4).astype(np.float32)
+    u = rng.standard_normal((t, f)).astype(np.float32)
+    ref = R.swiglu(g, u) if kind == "swiglu" else R.geglu(g, u)
+    out = poison(cp, (t, f))
+    getattr(ops, kind)(lib, cp.asarray(g), cp.asarray(u), out)
+    assert rel_err(cp.asnumpy(out), ref) < 1e-6
+    out = poison(cp, (t, f))
+    ops.glu(lib, cp.asarray(np.concatenate([g, u], axis=1)), out, kind)
+    assert rel_err(cp.asnumpy(out), ref) < 1e-6
+
+
+def test_softcap(lib):
+    x = (np.random.default_rng(3).standard_normal(1000) * 50).astype(np.float32)
+    d = cp.asarray(x)
+    ops.softcap(lib, d, 30.0)
+    assert rel_err(cp.asnumpy(d), R.softcap(x, 30.0)) < 1e-6
+
+
+def _cache(rng, ns, hkv, n_ctx, hd, filled):
+    """Random fp16 caches with `filled` positions written; the rest NaN (must never be read)."""
+    k = np.full((ns, hkv, n_ctx, hd), np.nan, dtype=np.float16)
+    v = np.full((ns, hkv, n_ctx, hd), np.nan, dtype=np.float16)
+    k[:, :, :filled] = rng.standard_normal((ns, hkv, filled, hd))
+    v[:, :, :filled] = rng.standard_normal((ns, hkv, filled, hd))
+    return k, v
+
+
+def _ref(q, k, v, pos, scale, window, softcap):
+    """reference.attention on the fp16-rounded cache of one sequence (k, v (Hkv, S, D))."""
+    s = int(pos.max()) + 1
+    return R.attention(q, k[:, :s].astype(np.float32), v[:, :s].astype(np.float32), pos,
+                       np.arange(s), scale, window or None, softcap or None)
+
+
+def test_kv_store(lib):
+    rng = np.random.default_rng(4)
+    hkv, hd, n_ctx = 2, 64, 16
+    k = rng.standard_normal((3, hkv, hd)).astype(np.float32)
+    v = rng.standard_normal((3, hkv, hd)).astype(np.float32)
+    ck = cp.zeros((2, hkv, n_ctx, hd), dtype=cp.float16)
+    cv = cp.zeros((2, hkv, n_ctx, hd), dtype=cp.float16)
+    pos, seq = np.array([0, 9, 15], np.int32), np.array([1, 0, 1], np.int32)
+    ops.kv_store(lib, cp.asarray(k), cp.asarray(v), ck, cv, cp.asarray(pos), cp.asarray(seq))
+    gk, gv = cp.asnumpy(ck), cp.asnumpy(cv)
+    for t in range(3):
+        assert np.array_equal(gk[seq[t], :, pos[t]], k[t].astype(np.float16))
+        assert np.array_equal(gv[seq[t], :, pos[t]], v[t].astype(np.float16))
+    assert np.count_nonzero(gk) == 3 * hkv * hd
+
+
+@pytest.mark.parametrize("hd", [64, 128, 256])
+@pytest.mark.parametrize("h,hkv", [(4, 4), (9, 3), (32, 8), (16, 1)])
+@pytest.mark.parametrize("length,window,softcap", [(1, 0, 0.0), (300, 0, 0.0), (5000, 0, 0.0),
+                                                   (700, 128, 0.0), (200, 0, 50.0)])
+def test_attention_decode(lib, hd, h, hkv, length, window, softcap):
+    rng = np.random.default_rng(hd * 7 + h + length)
+    n_ctx = length + 3
+    k, v = _cache(rng, 1, hkv, n_ctx, hd, length)
+    q = rng.standard_normal((1, h, hd)).astype(np.float32)
+    pos = np.array([length - 1], np.int32)
+    scale = hd ** -0.5
+    out = poison(cp, (1, h * hd))
+    scratch = cp.empty(ops.attention_scratch_nbytes(1, h, hd), dtype=cp.uint8)
+    ops.attention(lib, cp.asarray(q), cp.asarray(k), cp.asarray(v), cp.asarray(pos), out, scale=scale,
+                  window=window, softcap=softcap, scratch=scratch)
+    assert rel_err(cp.asnumpy(out), _ref(q, k[0], v[0], pos, scale, window, softcap)) < 1e-5
+
+
+def test_attention_decode_batch_of_sequences(lib):
+    """Rows of different sequences and lengths in one launch (batched decode)."""
+    rng = np.random.default_rng(5)
+    hkv, h, hd, n_ctx = 2, 8, 128, 400
+    k, v = _cache(rng, 3, hkv, n_ctx, hd, n_ctx)
+    q = rng.standard_normal((4, h, hd)).astype(np.float32)
+    pos, seq = np.array([0, 399, 150, 20], np.int32), np.array([2, 0, 1, 2], np.int32)
+    out = poison(cp, (4, h * hd))
+    scratch = cp.empty(ops.attention_scratch_nbytes(4, h, hd), dtype=cp.uint8)
+    ops.attention(lib, cp.asarray(q), cp.asarray(k), cp.asarray(v), cp.asarray(pos), out, scale=0.1,
+                  window=64, seq=cp.asarray(seq), scratch=scratch)
+    got = cp.asnumpy(out)
+    for t in range(4):
+        want = _ref(q[t:t + 1], k[seq[t]], v[seq[t]], pos[t:t + 1], 0.1, 64, 0.0)
+        assert rel_err(got[t:t + 1], want) < 1e-5, t
+
+
+@pytest.mark.parametrize("hd", [64, 128, 256])
+@pytest.mark.parametrize("t,p0,window,h,hkv", [(9, 0, 0, 4, 2), (100, 0, 0, 8, 8), (77, 50, 0, 9, 3),
+                                               (300, 0, 64, 4, 1), (130, 1000, 256, 8, 2)])
+def test_attention_prefill(lib, hd, t, p0, window, h, hkv):
+    rng = np.random.default_rng(hd + t + p0)
+    n_ctx = p0 + t + 5
+    k, v = _cache(rng, 1, hkv, n_ctx, hd, p0 + t)
+    q = rng.standard_normal((t, h, hd)).astype(np.float32)
+    pos = np.arange(p0, p0 + t, dtype=np.int32)
+    scale = hd ** -0.5
+    out = poison(cp, (t, h * hd))
+    ops.attention(lib, cp.asarray(q), cp.asarray(k), cp.asarray(v), cp.asarray(pos), out, scale=scale,
+                  window=window)
+    assert rel_err(cp.asnumpy(out), _ref(q, k[0], v[0], pos, scale, window, 0.0)) < 3e-3
+
+
+def test_attention_prefill_softcap(lib):
+    rng = np.random.default_rng(6)
+    t, h, hkv, hd = 40, 4, 2, 128
+    k, v = _cache(rng, 1, hkv, t, hd, t)
+    q = (rng.standard_normal((t, h, hd)) * 3).astype(np.float32)
+    pos = np.arange(t, dtype=np.int32)
+    out = poison(cp, (t, h * hd))
+    ops.attention(lib, cp.asarray(q), cp.asarray(k), cp.asarray(v), cp.asarray(pos), out, scale=0.2,
+                  softcap=20.0)
+    assert rel_err(cp.asnumpy(out), _ref(q, k[0], v[0], pos, 0.2, 0, 20.0)) < 3e-3
