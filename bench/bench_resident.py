@@ -10,7 +10,8 @@ device and feeding the id back (only ids cross to the host). Each is warmed up o
 `reps` times with the host clock around synchronous calls; the median is reported.
 Decode HBM GB/s = bytes a step must read (every layer's weights, the head, the KV cache at the mean
 length) x tokens/s. Prefill TFLOP/s = 2 x matrix parameters x n_prompt / time.
---profile adds one eager decode step timed per launcher with CUDA events.
+--profile adds one eager decode step timed per launcher with CUDA events, and the GPU time of one
+replay of the captured decode graph (back-to-back replays, no host work between them).
 """
 from __future__ import annotations
 
@@ -100,6 +101,7 @@ def bench_ours(path: Path, n_prompt: int, n_gen: int, reps: int, profile: bool) 
     }
     if profile:
         out["profile_ms"] = profile_step(m, cache)
+        out["graph_replay_ms"] = graph_replay_ms(m)
     del m
     g.close()
     return out
@@ -134,6 +136,22 @@ def profile_step(m, cache) -> dict:
         m.fwd.ops = real
     return {k: round(sum(cp.cuda.get_elapsed_time(a, b) for a, b in v), 4)
             for k, v in sorted(totals.items())}
+
+
+def graph_replay_ms(m, n: int = 200) -> float:
+    """Mean time of one replay of the captured decode graph, host work excluded (the replays are
+    queued back to back and timed with CUDA events): the GPU side of a decode step."""
+    import cupy as cp
+    g = m.sampling.g_logits
+    if g.graph is None:
+        return float("nan")
+    e0, e1 = cp.cuda.Event(), cp.cuda.Event()
+    e0.record(m.stream)
+    for _ in range(n):
+        g.graph.launch(m.stream)
+    e1.record(m.stream)
+    e1.synchronize()
+    return cp.cuda.get_elapsed_time(e0, e1) / n
 
 
 def bench_llama(lb: str, path: Path, n_prompt: int, n_gen: int, reps: int) -> dict:

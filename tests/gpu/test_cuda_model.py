@@ -180,3 +180,19 @@ def test_bad_steps_raise_input_errors(smollm2):
         gpu.forward(np.array([c.vocab_size], np.int32), np.array([0], np.int32), cache)
     with pytest.raises(ContextLengthError):
         gpu.forward(np.zeros(9, np.int32), np.arange(9, dtype=np.int32), cache)
+
+
+def test_probe_and_engine_on_the_cuda_backend(smollm2):
+    """The engine's door (aircupy.device.probe) and a whole greedy generation equal to the numpy backend."""
+    from aircupy import Engine
+    from aircupy.device.probe import cuda_unavailable_reason
+    g = smollm2[0]
+    assert cuda_unavailable_reason() is None
+    runs = {}
+    for backend in ("cuda", "numpy"):
+        with Engine(g.path, backend=backend, n_ctx=256) as e:
+            assert e.backend_name == backend
+            runs[backend] = e.generate([{"role": "user", "content": "Name three colours."}],
+                                       temperature=0.0, max_tokens=24, ignore_eos=True)
+    assert runs["cuda"].token_ids == runs["numpy"].token_ids and len(runs["cuda"].token_ids) == 24
+    assert runs["cuda"].text == runs["numpy"].text
