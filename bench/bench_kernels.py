@@ -3,7 +3,8 @@ Llama-3-8B prefill shapes, attention and sampler times. Prints a table; --json w
 
     python bench/bench_kernels.py [--json out.json] [--quick]
 
-Method: device events around many back-to-back launches, median of several trials, after a warm-up.
+Method: the launches are captured in a CUDA graph and its replays timed with device events (median of
+several trials, after a warm-up); GEMMs (cuBLAS) and the copy baseline are timed as plain launches.
 The matvec runs over one whole 8B layer (fused qkv 6144x4096, o 4096x4096, fused gate_up 28672x4096,
 down 4096x14336: >= 120 MB in every type, over twice the 50 MB L2), so weights come from HBM each
 time. Weight bytes are random (valid layouts, arbitrary values: speed does not depend on them). GB/s
@@ -20,19 +21,36 @@ import numpy as np
 from aircupy.gguf.ggml import GGMLType
 
 
-def _time(cp, fn, reps: int, trials: int = 5) -> float:
-    """Median seconds per call of fn() over `trials` runs of `reps` back-to-back calls."""
-    fn()
-    cp.cuda.Device().synchronize()
-    out = []
-    for _ in range(trials):
-        a, b = cp.cuda.Event(), cp.cuda.Event()
-        a.record()
-        for _ in range(reps):
-            fn()
-        b.record()
-        b.synchronize()
-        out.append(cp.cuda.get_elapsed_time(a, b) / 1e3 / reps)
+def _time(cp, fn, reps: int, trials: int = 5, graph: bool = True) -> float:
+    """Median seconds per call of fn() over `trials` runs of `reps` back-to-back calls.
+
+    graph=True captures the `reps` calls into one CUDA graph and times its replays: a Python launch
+    costs 10-30 us (argument checks, views, cupy's launch path), more than most of these kernels, so
+    timing Python-issued launches would measure the host. The decode step runs as a graph too."""
+    s = cp.cuda.Stream(non_blocking=True)
+    with s:
+        fn()
+        s.synchronize()
+        g = None
+        if graph:
+            s.begin_capture()
+            for _ in range(reps):
+                fn()
+            g = s.end_capture()
+            g.launch(s)
+        s.synchronize()
+        out = []
+        for _ in range(trials):
+            a, b = cp.cuda.Event(), cp.cuda.Event()
+            a.record(s)
+            if g is not None:
+                g.launch(s)
+            else:
+                for _ in range(reps):
+                    fn()
+            b.record(s)
+            b.synchronize()
+            out.append(cp.cuda.get_elapsed_time(a, b) / 1e3 / reps)
     return float(np.median(out))
 
 
@@ -45,7 +63,7 @@ def bench_hbm(cp) -> float:
     a = cp.empty(1 << 30, dtype=cp.uint8)
     b = cp.empty_like(a)
     a.fill(1)
-    t = _time(cp, lambda: b.__setitem__(Ellipsis, a), 10)
+    t = _time(cp, lambda: b.__setitem__(Ellipsis, a), 10, graph=False)
     return 2 * a.nbytes / t / 1e9
 
 
@@ -90,8 +108,8 @@ def bench_gemm(cp, lib, ops, types, m=512) -> list[dict]:
             wh[...] = cp.random.standard_normal((n, k), dtype=cp.float32).astype(cp.float16) * 0.02
             ops.cast_half(lib, x, xh)
             t_deq = _time(cp, lambda: ops.dequant(lib, w, wh), 10)
-            t_gemm = _time(cp, lambda: ops.gemm(lib, xh, wh, out), 10)
-            t_lin = _time(cp, lambda: ops.linear(lib, x, w, out, scratch=scratch), 10)
+            t_gemm = _time(cp, lambda: ops.gemm(lib, xh, wh, out), 10, graph=False)
+            t_lin = _time(cp, lambda: ops.linear(lib, x, w, out, scratch=scratch), 10, graph=False)
             fl = 2.0 * m * n * k
             res.append(dict(type=t.name, shape=f"{name} {n}x{k}", m=m, dequant_us=t_deq * 1e6,
                             dequant_gbps=(w.nbytes + n * k * 2) / t_deq / 1e9, gemm_us=t_gemm * 1e6,

@@ -9,9 +9,10 @@
 //   flash-decoding. Row t attends keys [lo, pos[t]] with lo = max(0, pos[t] + 1 - window) (window 0:
 //   lo = 0) of its sequence; that range is cut into n_split chunks (>= 128 keys each, so short contexts
 //   use one). Grid (Hkv * ceil(G/8), n_split, T), G = H/Hkv: one block serves up to 8 query heads of one
-//   kv head, so each K/V byte is read once per block. Block 128 threads: scores one key per thread (the
-//   thread reads its key row with 16-byte loads and dots it with the G queries from shared memory), an
-//   online softmax per head by one warp, then P.V with threads over (head, dim pair). The grid depends on
+//   kv head, so each K/V byte is read once per block. Block 128 threads; per tile of 128 keys the K and
+//   V tiles are staged in dynamic shared memory (128 * (2*HD + 8) halves; all loads in flight at once),
+//   then scores one key per thread (its K row dotted with the G queries), an online softmax per head by
+//   one warp, then P.V with threads over (head, dim pair). The grid depends on
 //   T and n_split only, never on the length (read from pos in device memory): graph-safe.
 // attn_combine(part_o, part_ml, out f32 (T, H*hd), T*H, hd, n_split): merges the chunks' (m, l, o).
 // Numpy reference: ops/reference.attention (softcap, then mask, then softmax; scores * scale).
@@ -72,17 +73,41 @@ __device__ __forceinline__ void attn_decode_impl(const float* __restrict__ q, co
     for (int i = 0; i < GPT; ++i) o[i][0] = o[i][1] = 0.f;
     __syncthreads();
 
+    extern __shared__ __align__(16) u16 kvs[];  // K tile (rows padded by 8 halves) then V tile
+    u16* Ks = kvs;
+    u16* Vs = kvs + DEC_TK * (HD + 8);
     for (int kt = k0; kt < k1; kt += DEC_TK) {
-        // scores: thread tid <-> key kt + tid
-        const int j = kt + tid;
+        const int nk = min(DEC_TK, k1 - kt);
+        // stage the K and V tiles: 16 independent 16-byte loads in flight per thread
+        constexpr int C8 = HD / 8, TOT = DEC_TK * C8;
+        for (int base = tid; base < TOT; base += DEC_TK * 8) {
+            uint4 kr[8], vr[8];
+#pragma unroll
+            for (int u = 0; u < 8; ++u) {
+                const int i = base + u * DEC_TK, r = i / C8, c = i - r * C8;
+                const bool ok = i < TOT && r < nk;
+                kr[u] = ok ? __ldg(reinterpret_cast<const uint4*>(kb + (long)(kt + r) * HD) + c) : make_uint4(0, 0, 0, 0);
+                vr[u] = ok ? __ldg(reinterpret_cast<const uint4*>(vb + (long)(kt + r) * HD) + c) : make_uint4(0, 0, 0, 0);
+            }
+#pragma unroll
+            for (int u = 0; u < 8; ++u) {
+                const int i = base + u * DEC_TK, r = i / C8, c = i - r * C8;
+                if (i < TOT) {
+                    *reinterpret_cast<uint4*>(Ks + r * (HD + 8) + 8 * c) = kr[u];
+                    *reinterpret_cast<uint4*>(Vs + r * HD + 8 * c) = vr[u];
+                }
+            }
+        }
+        __syncthreads();
+        // scores: thread tid <-> key kt + tid (padded rows: the 16-byte reads of 8 lanes hit distinct banks)
         float s[DEC_GMAX];
 #pragma unroll
         for (int g = 0; g < DEC_GMAX; ++g) s[g] = 0.f;
-        if (j < k1) {
-            const uint4* kr = reinterpret_cast<const uint4*>(kb + (long)j * HD);
+        if (tid < nk) {
+            const uint4* kr = reinterpret_cast<const uint4*>(Ks + tid * (HD + 8));
 #pragma unroll 4
             for (int c = 0; c < HD / 8; ++c) {
-                const uint4 kv = __ldg(kr + c);
+                const uint4 kv = kr[c];
                 const u32 wv[4] = {kv.x, kv.y, kv.z, kv.w};
                 float kf[8];
 #pragma unroll
@@ -102,7 +127,7 @@ __device__ __forceinline__ void attn_decode_impl(const float* __restrict__ q, co
         for (int g = 0; g < DEC_GMAX; ++g) {
             float v = s[g];
             if (softcap > 0.f) v = softcap * tanhf(v / softcap);
-            sc[g][tid] = j < k1 ? v : NEG_INF;
+            sc[g][tid] = tid < nk ? v : NEG_INF;
         }
         __syncthreads();
         // online softmax: warp w updates heads w, w+4
@@ -131,10 +156,10 @@ __device__ __forceinline__ void attn_decode_impl(const float* __restrict__ q, co
                 const int g = grp + NGRP * i;
                 if (g < gc) { const float cr = corr[g]; o[i][0] *= cr; o[i][1] *= cr; }
             }
-            const int nk = min(DEC_TK, k1 - kt);
-            const u32* vr = reinterpret_cast<const u32*>(vb + (long)kt * HD) + dp;
+            const u32* vr = reinterpret_cast<const u32*>(Vs) + dp;
+#pragma unroll 4
             for (int jj = 0; jj < nk; ++jj) {
-                const u32 vv = __ldg(vr + (long)jj * NP);
+                const u32 vv = vr[jj * NP];
                 const float va = h2f((u16)(vv & 0xffffu)), vbv = h2f((u16)(vv >> 16));
 #pragma unroll
                 for (int i = 0; i < GPT; ++i) {

@@ -18,12 +18,15 @@
 //   NSEG  16-value segments per item; seg_off(it, s) is segment s's first value within the block
 //   Raw load(body, head, blk, it)  issues the global loads of item `it` of global block `blk` (the
 //                                  raw bytes and scales, a few registers);
-//   seg(raw, it, s, w)             decodes segment s of that item into float w[16].
+//   seg(raw, it, s, q, sc, mn)     decodes segment s of that item: q[16] are exact small integers (the
+//                                  quants with the format's offset applied), and value j = sc*q[j] - mn.
+//                                  HAS_MIN says whether mn can be nonzero.
+//   (quant formats, INT_DOT) iseg(raw, it, s, w, sc, mn): the same segment as 4 words of 4 bytes q
+//                                  (value j = sc*(q_j - QOFF) - mn), for the matvec's dp4a dot products.
 // Splitting load from decode lets a kernel put several items' loads in flight before the arithmetic,
 // and keeps only 16 decoded values live at a time (register pressure decides the occupancy).
-// Values are computed with ggml's order of float operations ((d*sc)*q - (dmin*m), d*q + m, ...) so a
-// dequantized value matches aircupy/gguf/quants.py dequantize() bit for bit in fp32 (FMA contraction
-// aside: nvcc may fuse a*b+c, which changes the last bit; tests allow 1e-6 relative for this).
+// sc and mn are computed with ggml's order of float operations (d*sc, dmin*m, ...), so dequant_value()
+// (__fmul_rn then __fsub_rn: no FMA contraction) matches aircupy/gguf/quants.py dequantize() bit for bit.
 #pragma once
 
 typedef unsigned char u8;
@@ -101,10 +104,22 @@ __device__ __forceinline__ u32 byte_of3(u32 a, u32 b, u32 c, int i) {  // 12 pac
     return (w >> (8 * (i & 3))) & 0xffu;
 }
 
+// 4 small unsigned bytes of w -> 4 floats, each byte - (bias - 2^23): PRMT builds the float 2^23 + byte
+// (0x4B00_00bb) and one FADD removes the bias (and the format's zero offset): 2 instructions per value,
+// where extract + I2F would cost more and I2F runs at 1/8 rate.
+__device__ __forceinline__ void bytes4(u32 w, float bias, float* q) {
+    q[0] = __int_as_float(__byte_perm(w, 0x4Bu, 0x4550u)) - bias;
+    q[1] = __int_as_float(__byte_perm(w, 0x4Bu, 0x4551u)) - bias;
+    q[2] = __int_as_float(__byte_perm(w, 0x4Bu, 0x4552u)) - bias;
+    q[3] = __int_as_float(__byte_perm(w, 0x4Bu, 0x4553u)) - bias;
+}
+#define BIAS(off) (8388608.f + (float)(off))
+
 // ---------------------------------------------------------------------------------------------
 // Float formats: one "block" = 32 values (a row is a whole number of them: launchers check K % 32).
 struct FmtF32 {
     static constexpr int BE = 32, BODY = 128, HEAD = 0, IPB = 1, NSEG = 2;
+    static constexpr bool INT_DOT = false, HAS_MIN = false;
     struct Raw { float4 v[8]; };
     __device__ static int seg_off(int, int s) { return 16 * s; }
     __device__ static Raw load(const u8* body, const u8*, long blk, int) {
@@ -114,17 +129,19 @@ struct FmtF32 {
         for (int i = 0; i < 8; ++i) r.v[i] = __ldg(p + i);
         return r;
     }
-    __device__ static void seg(const Raw& r, int, int s, float (&w)[16]) {
+    __device__ static void seg(const Raw& r, int, int s, float (&w)[16], float& sc, float& mn) {
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
             float4 v = r.v[4 * s + i];
             w[4 * i] = v.x; w[4 * i + 1] = v.y; w[4 * i + 2] = v.z; w[4 * i + 3] = v.w;
         }
+        sc = 1.f; mn = 0.f;
     }
 };
 template <bool BF>
 struct FmtHalfT {
     static constexpr int BE = 32, BODY = 64, HEAD = 0, IPB = 1, NSEG = 2;
+    static constexpr bool INT_DOT = false, HAS_MIN = false;
     struct Raw { uint4 v[4]; };
     __device__ static int seg_off(int, int s) { return 16 * s; }
     __device__ static Raw load(const u8* body, const u8*, long blk, int) {
@@ -134,7 +151,7 @@ struct FmtHalfT {
         for (int i = 0; i < 4; ++i) r.v[i] = __ldg(p + i);
         return r;
     }
-    __device__ static void seg(const Raw& r, int, int s, float (&w)[16]) {
+    __device__ static void seg(const Raw& r, int, int s, float (&w)[16], float& sc, float& mn) {
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
             const uint4 v = r.v[2 * s + i];
@@ -146,7 +163,11 @@ struct FmtHalfT {
                 w[8 * i + 2 * j + 1] = BF ? bf2f(hi) : h2f(hi);
             }
         }
+        sc = 1.f; mn = 0.f;
     }
 };
 typedef FmtHalfT<false> FmtF16;
 typedef FmtHalfT<true> FmtBF16;
+
+// One dequantized value, rounded as ggml does: (sc * q) then - mn, two roundings.
+__device__ __forceinline__ float dequant_value(float q, float sc, float mn) { return __fsub_rn(__fmul_rn(sc, q), mn); }

@@ -28,8 +28,10 @@ __device__ __forceinline__ void dequant_impl(const u8* __restrict__ body, const 
     const typename F::Raw r = F::load(body, head, blk, it);
 #pragma unroll
     for (int s = 0; s < F::NSEG; ++s) {
-        float w[16];
-        F::seg(r, it, s, w);
+        float w[16], sc, mn;
+        F::seg(r, it, s, w, sc, mn);
+#pragma unroll
+        for (int j = 0; j < 16; ++j) w[j] = dequant_value(w[j], sc, mn);
         u32 pk[8];
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
@@ -61,8 +63,10 @@ __device__ __forceinline__ void get_rows_impl(const u8* __restrict__ body, const
         const typename F::Raw r = F::load(body, head, (long)id * nb + b, it);
 #pragma unroll
         for (int s = 0; s < F::NSEG; ++s) {
-            float w[16];
-            F::seg(r, it, s, w);
+            float w[16], sc, mn;
+            F::seg(r, it, s, w, sc, mn);
+#pragma unroll
+            for (int j = 0; j < 16; ++j) w[j] = dequant_value(w[j], sc, mn);
             float4* op = reinterpret_cast<float4*>(o + b * F::BE + F::seg_off(it, s));
 #pragma unroll
             for (int j = 0; j < 4; ++j)

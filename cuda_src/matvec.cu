@@ -3,35 +3,155 @@
 // Layout: W is (N, K) in the repacked layout of its ggml type (common.cuh / blocks.cuh); x is fp32
 // (M, K) row-major, M = 1..8 activation rows (a decode batch); out fp32 (M, N); bias fp32 (N,)
 // or null. accumulate != 0 adds into out (the residual-add epilogue of attn_output / ffn_down).
-// Launch geometry: one warp per output row n, 4 warps (128 threads) per block, grid ceil(N / 4). Lane
-// i decodes items i, i+32, ... of its row (an item = 32 or 64 values of one block; neighbouring lanes
-// read neighbouring 16-byte pieces, so each warp load is one contiguous, coalesced span), keeps M fp32
-// partial sums, and the warp reduces them with shuffles. Each weight byte is read from HBM once per
-// launch whatever M is; x comes from L1/L2.
+// Launch geometry: 8 warps (256 threads) per block and a grid of at most a few blocks per SM; block c
+// owns rows [c*rpb, (c+1)*rpb) and its warps take them in turn (one warp per row at a time). Per K tile
+// the block stages x in shared memory once for all its rows; each warp then streams its rows' items as
+// one software-pipelined sequence (lane i decodes items i, i+32, ... of a row; the next U items are in
+// flight while the current U are decoded, across row boundaries too), keeps M fp32 partial sums and
+// reduces them with shuffles at the end of each row. Neighbouring lanes read neighbouring 16-byte
+// pieces of a row, so each warp load is one contiguous span; each weight byte is read once per launch.
+//
+// Two dot-product paths (ncu showed the fp32 one issue-bound at ~1/3 of HBM bandwidth for 4-bit types):
+//  * quant formats (INT_DOT): x is quantized while staged, per 32 values, to two int8 planes
+//    x ~= s * (128*h + l) (s = amax/16256: 15-bit fixed point, error <= amax/32512), and each 16-value
+//    segment takes 8 dp4a: sum q*x = s * (128*dot(q, h) + dot(q, l)), exact in int32. The format's
+//    zero offset and min use the segment sum of the same quantized x, so the error is sum(w_j * e_j)
+//    with |e_j| <= amax/32512: ~3e-5 relative, far below the weights' own quantization error.
+//  * float formats: fp32 x in shared memory and fp32 FMAs.
 // Numpy reference: out = x @ aircupy.gguf.quants.dequantize(raw, type, (N, K)).T  (ops/reference.linear).
 #include "blocks.cuh"
 
-// acc[m] += <item `it` of block b, x row m> for m < M; one 16-value segment decoded at a time.
+#define MV_SMEM_BYTES 40960
+// Values of x per tile: float path MR*KT = 8192 floats; int path MR*KT = 16384 (2 bytes each + scales).
 template <class F, int MR>
-__device__ __forceinline__ void matvec_item(const typename F::Raw& r, int b, int it, const float* __restrict__ x,
-                                            int K, int M, float (&acc)[MR]) {
+__host__ __device__ constexpr int mv_kt() { return (F::INT_DOT ? 16384 : 8192) / MR; }
+
+// Float path: each 32-value chunk keeps its 8 float4 slots, XOR-permuted by chunk-index bits, so the
+// float4 reads of any 8 neighbouring lanes (one wavefront) hit 8 different slots (all 32 banks) for the
+// float formats' item pattern (lane -> chunk).
+__device__ __forceinline__ int mv_swz(int v) { return ((v >> 5) & 7) ^ ((v >> 7) & 1) ^ (((v >> 8) & 1) << 1); }
+__device__ __forceinline__ int mv_xoff(int v) { return (v & ~31) | ((((v >> 2) & 7) ^ mv_swz(v)) << 2); }
+// Int path: 16-value segment g is one 16-byte slot; slots XOR-permuted within 8-slot (128-byte) groups
+// so that every format's lane pattern (legacy: lane -> block; Q4_K/Q5_K: 8 items of a block;
+// Q2_K/Q3_K/Q6_K: 4 items of each of 2 blocks) reads 8 distinct slots per wavefront.
+__device__ __forceinline__ int mv_slot(int g) { return g ^ (3 * ((g >> 3) & 1)) ^ (4 * ((g >> 4) & 1)); }
+
+template <class F, int MR>
+__device__ __forceinline__ void item_float(const typename F::Raw& r, int b, int it, const float* xs,
+                                           int M, float (&acc)[MR]) {
+    constexpr int XS = mv_kt<F, MR>();
 #pragma unroll
     for (int s = 0; s < F::NSEG; ++s) {
-        float w[16];
-        F::seg(r, it, s, w);
-        const float* xs = x + (long)b * F::BE + F::seg_off(it, s);
+        float q[16], sc, mn;
+        F::seg(r, it, s, q, sc, mn);
+        const int v = b * F::BE + F::seg_off(it, s);
+        const float* xc = xs + (v & ~31);
+        const int sw = mv_swz(v), s0 = (v >> 2) & 7;
 #pragma unroll
         for (int m = 0; m < MR; ++m) {
             if (m < M) {
-                const float4* xp = reinterpret_cast<const float4*>(xs + (long)m * K);
                 float a = 0.f;
 #pragma unroll
                 for (int j = 0; j < 4; ++j) {
-                    const float4 v = __ldg(xp + j);
-                    a = fmaf(w[4 * j], v.x, a); a = fmaf(w[4 * j + 1], v.y, a);
-                    a = fmaf(w[4 * j + 2], v.z, a); a = fmaf(w[4 * j + 3], v.w, a);
+                    const float4 xv = *reinterpret_cast<const float4*>(xc + m * XS + (((s0 + j) ^ sw) << 2));
+                    a = fmaf(q[4 * j], xv.x, a); a = fmaf(q[4 * j + 1], xv.y, a);
+                    a = fmaf(q[4 * j + 2], xv.z, a); a = fmaf(q[4 * j + 3], xv.w, a);
                 }
-                acc[m] += a;
+                acc[m] = fmaf(sc, a, acc[m]);  // float formats: sc = 1, mn = 0
+            }
+        }
+    }
+}
+
+template <class F, int MR>
+__device__ __forceinline__ void item_int(const typename F::Raw& r, int b, int it, const u8* xh, const u8* xl,
+                                         const float* xsc, const float* xqs, int M, float (&acc)[MR]) {
+    constexpr int KT = mv_kt<F, MR>();
+#pragma unroll
+    for (int s = 0; s < F::NSEG; ++s) {
+        u32 w[4];
+        float sc, mn;
+        F::iseg(r, it, s, w, sc, mn);
+        const int v = b * F::BE + F::seg_off(it, s), g = v >> 4, so = mv_slot(g) << 4;
+        const float off = sc * (float)F::QOFF + mn;  // value = sc*q - off
+#pragma unroll
+        for (int m = 0; m < MR; ++m) {
+            if (m < M) {
+                const uint4 h = *reinterpret_cast<const uint4*>(xh + m * KT + so);
+                const uint4 l = *reinterpret_cast<const uint4*>(xl + m * KT + so);
+                int dh = __dp4a((int)w[0], (int)h.x, 0), dl = __dp4a((int)w[0], (int)l.x, 0);
+                dh = __dp4a((int)w[1], (int)h.y, dh); dl = __dp4a((int)w[1], (int)l.y, dl);
+                dh = __dp4a((int)w[2], (int)h.z, dh); dl = __dp4a((int)w[2], (int)l.z, dl);
+                dh = __dp4a((int)w[3], (int)h.w, dh); dl = __dp4a((int)w[3], (int)l.w, dl);
+                const float f = xsc[m * (KT / 32) + (v >> 5)] * (float)(dh * 128 + dl);
+                acc[m] = fmaf(sc, f, acc[m]);
+                if (F::QOFF != 0 || F::HAS_MIN) acc[m] = fmaf(-off, xqs[m * (KT / 16) + g], acc[m]);
+            }
+        }
+    }
+}
+
+// Items per lane per pipeline stage. Measured (H200): achieved bandwidth follows the bytes each lane has
+// in flight (F16 with 128 B reached 3.5 TB/s, Q4_0 with 72 B 1.7 TB/s), so small items get more of them,
+// as far as two stages of Raw registers allow 2 blocks of 256 threads per SM.
+template <class F>
+__host__ __device__ constexpr int mv_unroll() {
+    return F::BE == 32 && sizeof(typename F::Raw) <= 20 ? 8   // Q4_0, Q4_1
+         : F::BE == 32 && sizeof(typename F::Raw) <= 24 ? 6   // Q5_0, Q5_1
+         : sizeof(typename F::Raw) <= 20 ? 6                  // Q2_K
+         : sizeof(typename F::Raw) <= 36 ? 4                  // Q8_0, Q4_K
+         : sizeof(typename F::Raw) <= 56 ? 3                  // Q3_K, Q5_K, Q6_K
+         : sizeof(typename F::Raw) <= 64 ? 2 : 1;             // F16/BF16, F32
+}
+
+// Stage x[:, k0:k0+kt] (kt a multiple of 32): fp32 (float path) or quantized planes (int path).
+template <class F, int MR>
+__device__ __forceinline__ void stage_x(const float* __restrict__ x, int K, int M, int k0, int kt, u8* sm) {
+    constexpr int KT = mv_kt<F, MR>();
+    const int n4 = M * (kt >> 2);
+    for (int i0 = 0; i0 < n4; i0 += blockDim.x) {  // uniform trip count: the shuffles below see full warps
+        const int i = i0 + threadIdx.x;
+        const bool ok = i < n4;
+        const int m = ok ? i / (kt >> 2) : 0, v = ok ? (i - m * (kt >> 2)) << 2 : 0;
+        float4 xv = ok ? __ldg(reinterpret_cast<const float4*>(x + (long)m * K + k0 + v)) : make_float4(0.f, 0.f, 0.f, 0.f);
+        if constexpr (!F::INT_DOT) {
+            if (ok) *reinterpret_cast<float4*>(reinterpret_cast<float*>(sm) + m * KT + mv_xoff(v)) = xv;
+        } else {
+            u8* xh = sm;
+            u8* xl = sm + MR * KT;
+            float* xsc = reinterpret_cast<float*>(sm + 2 * MR * KT);
+            float* xqs = xsc + MR * (KT / 32);
+            // 8 neighbouring threads hold one 32-value block: its absolute max sets the scale
+            float amax = fmaxf(fmaxf(fabsf(xv.x), fabsf(xv.y)), fmaxf(fabsf(xv.z), fabsf(xv.w)));
+            amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
+            amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
+            amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 4));
+            const float s = amax * (1.f / 16256.f), inv = amax > 0.f ? 16256.f / amax : 0.f;
+            const float e[4] = {xv.x, xv.y, xv.z, xv.w};
+            u32 ph = 0, pl = 0;
+            int isum = 0;
+            // round to nearest with the 1.5*2^23 trick (F2I/I2F run at 1/8 of the FP32 rate):
+            // |t| <= 16256, so h = rint(t/128) is in [-127, 127] and l = rint(t - 128h) in [-64, 64]
+            const float RND = 12582912.f;
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const float t = e[j] * inv;
+                const float hr = fmaf(t, 1.f / 128.f, RND);
+                const float hf = hr - RND;                  // rint(t / 128), exact
+                const float lr = fmaf(-128.f, hf, t) + RND;  // t - 128h is exact (Sterbenz-free: |.| <= 64.5)
+                const int hq = __float_as_int(hr) - 0x4B400000, lq = __float_as_int(lr) - 0x4B400000;
+                ph |= (u32)(hq & 0xff) << (8 * j);
+                pl |= (u32)(lq & 0xff) << (8 * j);
+                isum += 128 * hq + lq;
+            }
+            isum += __shfl_xor_sync(0xffffffffu, isum, 1);  // 4 threads = one 16-value segment
+            isum += __shfl_xor_sync(0xffffffffu, isum, 2);
+            if (ok) {
+                const int so = (mv_slot(v >> 4) << 4) + (v & 15);
+                *reinterpret_cast<u32*>(xh + m * KT + so) = ph;
+                *reinterpret_cast<u32*>(xl + m * KT + so) = pl;
+                if ((threadIdx.x & 3) == 0) xqs[m * (KT / 16) + (v >> 4)] = s * (float)isum;
+                if ((threadIdx.x & 7) == 0) xsc[m * (KT / 32) + (v >> 5)] = s;
             }
         }
     }
@@ -40,45 +160,85 @@ __device__ __forceinline__ void matvec_item(const typename F::Raw& r, int b, int
 template <class F, int MR>
 __device__ __forceinline__ void matvec_impl(const u8* __restrict__ body, const u8* __restrict__ head,
                                             const float* __restrict__ x, float* __restrict__ out,
-                                            const float* __restrict__ bias, int N, int K, int M,
-                                            int accumulate) {
-    const int lane = threadIdx.x & 31;
-    const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    if (row >= N) return;
+                                            const float* __restrict__ bias, int N, int K, int M, int accumulate) {
+    constexpr int KT = mv_kt<F, MR>(), U = mv_unroll<F>();
+    __shared__ __align__(16) u8 sm[MV_SMEM_BYTES];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    const int rpb = (N + gridDim.x - 1) / gridDim.x;  // rows of this block: [rb, re)
+    const int rb = blockIdx.x * rpb, re = min(N, rb + rpb);
+    const int nr = re - rb - warp > 0 ? (re - rb - warp + nw - 1) / nw : 0;  // rows of this warp
     const int nb = K / F::BE;
-    const int nitems = nb * F::IPB;
-    const long blk0 = (long)row * nb;
     float acc[MR];
+    typename F::Raw ra[U], rb2[U];  // two pipeline stages (ping-pong: no register copies)
+    for (int k0 = 0; k0 < K; k0 += KT) {
+        const int kt = min(KT, K - k0);
+        const int nitems = (kt / F::BE) * F::IPB;
+        const int G = (nitems + U * WARP - 1) / (U * WARP);  // item groups per row
+        const int total = nr * G;
+        const long tb = k0 / F::BE;
+        // step st = (row rb + warp + (st / G) * nw, item group st % G)
+        auto load_step = [&](int st, typename F::Raw (&r)[U]) {
+            const int row = rb + warp + (st / G) * nw, i0 = (st % G) * U * WARP + lane;
+            const long bt = (long)row * nb + tb;
 #pragma unroll
-    for (int m = 0; m < MR; ++m) acc[m] = 0.f;
-    // Two items per lane per trip, both loads issued before either is decoded: more bytes in flight.
-    for (int i = lane; i < nitems; i += 2 * WARP) {
-        const int i1 = i + WARP;
-        const int b0 = i / F::IPB, it0 = i - b0 * F::IPB;
-        const int b1 = i1 / F::IPB, it1 = i1 - b1 * F::IPB;
-        const typename F::Raw r0 = F::load(body, head, blk0 + b0, it0);
-        typename F::Raw r1;
-        if (i1 < nitems) r1 = F::load(body, head, blk0 + b1, it1);
-        matvec_item<F, MR>(r0, b0, it0, x, K, M, acc);
-        if (i1 < nitems) matvec_item<F, MR>(r1, b1, it1, x, K, M, acc);
-    }
-#pragma unroll
-    for (int m = 0; m < MR; ++m) {
-        if (m < M) {
-            float r = warp_sum(acc[m]);
-            if (lane == 0) {
-                if (bias) r += bias[row];
-                float* o = out + (long)m * N + row;
-                *o = accumulate ? *o + r : r;
+            for (int u = 0; u < U; ++u) {
+                const int i = i0 + u * WARP, b = i / F::IPB;
+                if (i < nitems) r[u] = F::load(body, head, bt + b, i - b * F::IPB);
             }
+        };
+        auto run_step = [&](int st, const typename F::Raw (&r)[U]) {
+            const int g = st % G, i0 = g * U * WARP + lane;
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                const int i = i0 + u * WARP, b = i / F::IPB;
+                if (i < nitems) {
+                    if constexpr (F::INT_DOT) {
+                        const float* xsc = reinterpret_cast<const float*>(sm + 2 * MR * KT);
+                        item_int<F, MR>(r[u], b, i - b * F::IPB, sm, sm + MR * KT, xsc, xsc + MR * (KT / 32), M, acc);
+                    } else {
+                        item_float<F, MR>(r[u], b, i - b * F::IPB, reinterpret_cast<const float*>(sm), M, acc);
+                    }
+                }
+            }
+            if (g == G - 1) {  // row done: reduce, write (first tile: set or accumulate, + bias; later: add)
+                const int row = rb + warp + (st / G) * nw;
+#pragma unroll
+                for (int m = 0; m < MR; ++m) {
+                    if (m < M) {
+                        float res = warp_sum(acc[m]);
+                        acc[m] = 0.f;
+                        if (lane == 0) {
+                            float* o = out + (long)m * N + row;
+                            if (k0 == 0) {
+                                if (bias) res += bias[row];
+                                *o = accumulate ? *o + res : res;
+                            } else {
+                                *o += res;
+                            }
+                        }
+                    }
+                }
+            }
+        };
+        if (total > 0) load_step(0, ra);  // issued before staging: the two latencies overlap
+        __syncthreads();                   // the previous tile is consumed
+        stage_x<F, MR>(x, K, M, k0, kt, sm);
+        __syncthreads();
+#pragma unroll
+        for (int m = 0; m < MR; ++m) acc[m] = 0.f;
+        for (int st = 0; st < total; st += 2) {
+            if (st + 1 < total) load_step(st + 1, rb2);
+            run_step(st, ra);
+            if (st + 2 < total) load_step(st + 2, ra);
+            if (st + 1 < total) run_step(st + 1, rb2);
         }
     }
 }
 
-// matvec_<type>_m<MR>: MR = 1, 2, 4, 8 bounds M (the launcher picks the smallest MR >= M): the x loads
+// matvec_<type>_m<MR>: MR = 1, 2, 4, 8 bounds M (the launcher picks the smallest MR >= M): the x reads
 // of all MR rows are unrolled, so the register count (and with it the occupancy) grows with MR.
 #define MATVEC_KERNEL_MR(name, Fmt, MR)                                                               \
-    extern "C" __global__ void __launch_bounds__(128) matvec_##name##_m##MR(                          \
+    extern "C" __global__ void __launch_bounds__(256) matvec_##name##_m##MR(                          \
         const u8* body, const u8* head, const float* x, float* out, const float* bias, int N, int K,  \
         int M, int accumulate) {                                                                      \
         matvec_impl<Fmt, MR>(body, head, x, out, bias, N, K, M, accumulate);                          \

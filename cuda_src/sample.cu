@@ -36,6 +36,22 @@ __device__ __forceinline__ float gumbel_u(u32 seed, u32 counter, u32 i) {
     return ((float)(z >> 40) + 0.5f) * (1.0f / 16777216.0f);  // (0, 1), exact in fp32
 }
 
+// fn(i, x[i]) for this thread's share of the row, ids increasing per thread; 16-byte loads when the
+// row allows (V % 4 == 0 keeps every row 16-byte aligned), unrolled so several loads are in flight.
+template <class Fn>
+__device__ __forceinline__ void for_row(const float* __restrict__ x, int V, Fn fn) {
+    if ((V & 3) == 0) {
+        const float4* x4 = reinterpret_cast<const float4*>(x);
+#pragma unroll 4
+        for (int i = threadIdx.x; i < (V >> 2); i += blockDim.x) {
+            const float4 v = __ldg(x4 + i);
+            fn(4 * i, v.x); fn(4 * i + 1, v.y); fn(4 * i + 2, v.z); fn(4 * i + 3, v.w);
+        }
+    } else {
+        for (int i = threadIdx.x; i < V; i += blockDim.x) fn(i, __ldg(x + i));
+    }
+}
+
 // Best (value, id) of the block: larger value, then lower id. Every thread gets the result.
 __device__ __forceinline__ void block_argmax(float& v, int& id, float* rv, int* ri) {
     const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
@@ -63,10 +79,7 @@ extern "C" __global__ void __launch_bounds__(SMP_THREADS) argmax_rows(const floa
     const float* x = logits + (long)blockIdx.x * V;
     float best = NEG_INF;
     int bi = 0x7fffffff;
-    for (int i = threadIdx.x; i < V; i += blockDim.x) {
-        const float v = x[i];
-        if (v > best) { best = v; bi = i; }  // strided loop visits ids in increasing order per thread
-    }
+    for_row(x, V, [&](int i, float v) { if (v > best) { best = v; bi = i; } });  // strict: lowest id wins
     block_argmax(best, bi, rv, ri);
     if (threadIdx.x == 0) out[blockIdx.x] = bi == 0x7fffffff ? 0 : bi;
 }
@@ -95,14 +108,14 @@ __device__ void radix_pass(const float* __restrict__ x, int V, float inv_t, floa
     const int sub = (threadIdx.x >> 5) % SMP_HIST;
     for (int i = threadIdx.x; i < SMP_HIST * 256; i += blockDim.x) { hc[i / 256][i % 256] = 0; hm[i / 256][i % 256] = 0.f; }
     __syncthreads();
-    for (int i = threadIdx.x; i < V; i += blockDim.x) {
-        const float z = x[i] * inv_t;
+    for_row(x, V, [&](int i, float xv) {
+        const float z = xv * inv_t;
         const u64 k = key64(z, i);
-        if (k < floor64 || (shift < 56 && (k >> (shift + 8)) != prefix)) continue;
+        if (k < floor64 || (shift < 56 && (k >> (shift + 8)) != prefix)) return;
         const int d = (int)((k >> shift) & 255u);
         atomicAdd(&hc[sub][d], 1u);
         if (mass_of) atomicAdd(&hm[sub][d], __expf(z - zmax));
-    }
+    });
     __syncthreads();
     for (int d = threadIdx.x; d < 256; d += blockDim.x) {  // fold the sub-histograms into [0]
         u32 c = 0; float m = 0.f;
@@ -127,8 +140,7 @@ extern "C" __global__ void __launch_bounds__(SMP_THREADS) sample_rows(const floa
 
     float best = NEG_INF;
     int bi = 0x7fffffff;
-    for (int i = threadIdx.x; i < V; i += blockDim.x)
-        if (x[i] > best) { best = x[i]; bi = i; }
+    for_row(x, V, [&](int i, float v) { if (v > best) { best = v; bi = i; } });
     block_argmax(best, bi, rv, ri);
     if (!(temp > 0.f)) {
         if (threadIdx.x == 0) out[b] = bi == 0x7fffffff ? 0 : bi;
@@ -165,10 +177,10 @@ extern "C" __global__ void __launch_bounds__(SMP_THREADS) sample_rows(const floa
     // top-p over the candidates: the key at which the cumulative mass first reaches top_p of their total
     if (top_p < 1.f) {
         float tot = 0.f;
-        for (int i = threadIdx.x; i < V; i += blockDim.x) {
-            const float z = x[i] * inv_t;
+        for_row(x, V, [&](int i, float xv) {
+            const float z = xv * inv_t;
             if (key64(z, i) >= cut) tot += __expf(z - zmax);
-        }
+        });
         tot = block_sum(tot, rv);
         float r = top_p * tot;  // mass still to cover within the keys matching prefix
         u64 prefix = 0;
@@ -207,12 +219,12 @@ extern "C" __global__ void __launch_bounds__(SMP_THREADS) sample_rows(const floa
     const u32 seed = rng[2 * b], counter = rng[2 * b + 1];
     float gb = NEG_INF;
     int gi = 0x7fffffff;
-    for (int i = threadIdx.x; i < V; i += blockDim.x) {
-        const float z = x[i] * inv_t;
-        if (key64(z, i) < cut || z - zmax < lmin) continue;
+    for_row(x, V, [&](int i, float xv) {
+        const float z = xv * inv_t;
+        if (key64(z, i) < cut || z - zmax < lmin) return;
         const float s = (z - zmax) - logf(-logf(gumbel_u(seed, counter, (u32)i)));
         if (s > gb) { gb = s; gi = i; }
-    }
+    });
     block_argmax(gb, gi, rv, ri);
     if (threadIdx.x == 0) {
         out[b] = gi == 0x7fffffff ? bi : gi;

@@ -13,7 +13,7 @@ import numpy as np
 from aircupy.ops._launch import NULL, cdiv, check, launch
 
 DECODE_MAX_ROWS = 8      # attention rows handled by the split-KV decode kernel; more -> prefill kernel
-MAX_SPLITS = 32          # KV splits of the decode kernel (fixed per launch shape: graph-safe)
+MAX_SPLITS = 64          # KV splits of the decode kernel (fixed per launch shape: graph-safe)
 HEAD_DIMS = (64, 128, 256)
 _GLU_KIND = {"swiglu": 0, "silu": 0, "geglu": 1, "gelu_tanh": 1}
 
@@ -158,9 +158,10 @@ def kv_store(lib, k, v, ck, cv, pos, seq=None, *, stream=None) -> None:
 
 
 def decode_splits(lib, t: int, h: int, hkv: int) -> int:
-    """KV splits of the decode kernel: ~2 blocks per SM over the (kv head, group, row) grid, <= MAX_SPLITS."""
+    """KV splits of the decode kernel: ~4 blocks per SM over the (kv head, group, row) grid, <= MAX_SPLITS.
+    Fixed for a launch shape (each split takes >= 128 keys, so short contexts leave most of them idle)."""
     ngrp = cdiv(h // hkv, 8)
-    return max(1, min(MAX_SPLITS, cdiv(2 * lib.n_sm, hkv * ngrp * t)))
+    return max(1, min(MAX_SPLITS, cdiv(4 * lib.n_sm, hkv * ngrp * t)))
 
 
 def attention_scratch_nbytes(t_max: int, h: int, hd: int) -> int:
@@ -206,8 +207,9 @@ def attention(lib, q, ck, cv, pos, out, *, scale: float, window: int = 0, softca
     part_o = scratch[:t * h * ns_ * hd * 4].view(np.float32)
     part_ml = scratch[t * h * ns_ * hd * 4:need].view(np.float32)
     ngrp = cdiv(h // hkv, 8)
-    launch(lib.fn(f"attn_decode_hd{hd}"), (hkv * ngrp, ns_, t), (128,),
+    smem = 128 * (2 * hd + 8) * 2  # K (padded) and V tiles of 128 keys
+    launch(lib.fn(f"attn_decode_hd{hd}", smem), (hkv * ngrp, ns_, t), (128,),
            (q, ck, cv, pos, seq_arg, part_o, part_ml) + common +
-           (np.int32(ns_), np.float32(scale), np.int32(window), np.float32(softcap)), stream)
+           (np.int32(ns_), np.float32(scale), np.int32(window), np.float32(softcap)), stream, shared_mem=smem)
     launch(lib.fn("attn_combine"), (t * h,), (min(hd, 256),),
            (part_o, part_ml, out, np.int32(t * h), np.int32(hd), np.int32(ns_)), stream)

@@ -69,6 +69,12 @@ def repack(lib, src, dst, t, shape, *, row0: int = 0, dst_rows: int | None = Non
            (src, body, head, np.int64(n_blocks), np.int32(bb), np.int32(off), np.int32(hb)), stream)
 
 
+def matvec_grid(lib, n: int) -> int:
+    """Blocks of the matvec: 2 per SM (what registers allow) when there are rows enough, each block
+    taking a contiguous range of rows for its 8 warps; never fewer than 8 rows per block."""
+    return max(1, min(cdiv(n, 8), 2 * lib.n_sm))
+
+
 def matvec(lib, x, w: QWeight, out, *, accumulate: bool = False, bias=None, stream=None) -> None:
     """out (M, N) (+)= x (M, K) @ W^T (+ bias (N,)), M = 1..8, fp32; W dequantized on the fly."""
     n, k = w.shape
@@ -82,7 +88,7 @@ def matvec(lib, x, w: QWeight, out, *, accumulate: bool = False, bias=None, stre
     mr = next(r for r in (1, 2, 4, 8) if r >= m)
     body, head = _body_head(w)
     name = f"matvec_{FORMATS[w.ggml_type][0]}_m{mr}"
-    launch(lib.fn(name), (cdiv(n, 4),), (128,),
+    launch(lib.fn(name), (matvec_grid(lib, n),), (256,),
            (body, head, x, out, NULL if bias is None else bias, np.int32(n), np.int32(k), np.int32(m),
             np.int32(1 if accumulate else 0)), stream)
 
