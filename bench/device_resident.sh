@@ -14,11 +14,12 @@ LB=/root/llama/llama.cpp/build/bin/llama-bench
 
 if [ "$stage" = stage1 ]; then
   cp .device/stage/part.00 .device/stage/SHA256SUM /root/stage/
-  # The pruned llama.cpp tree lacks tools/ui, which its CMake still adds: give it an empty one.
+  # The pruned llama.cpp tree lacks tools/ui, which its CMake still adds: give it an empty one, and
+  # leave the server out (it depends on the ui's asset target).
   (setsid nohup bash -c 'mkdir -p /root/llama && tar xJf .device/peers/llama.cpp.tar.xz -C /root/llama \
     && cd /root/llama/llama.cpp && mkdir -p tools/ui && : > tools/ui/CMakeLists.txt \
     && cmake -B build -G Ninja -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DLLAMA_BUILD_TESTS=OFF \
-       -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
+       -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
     && cmake --build build -j"$(nproc)" --target llama-bench' > /root/llama-build.log 2>&1 &)
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
   for t in Q4_0 Q4_K; do python3 -m aircupy synth /root/synth/llama3-8b-$t.gguf --arch llama3-8b --type $t; done \
