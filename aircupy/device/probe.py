@@ -35,10 +35,18 @@ def cuda_unavailable_reason() -> str | None:
 
 def load_model(g, config, *, vram_budget: int | None = None, progress=None,
                n_ctx: int | None = None):
-    """The resident CUDA model for an open GGUFFile; raises ModelTooLargeError (an
-    UnsupportedModelError) when weights + KV cache + buffers exceed the VRAM budget."""
+    """The resident CUDA model for an open GGUFFile, or, when weights + KV cache + buffers exceed
+    the VRAM budget, the streamed one (layers through device slots each pass, issue 5); below the
+    streaming minimum a one-line PlanError states it."""
+    from aircupy.device.pool import ModelTooLargeError
     from aircupy.model.cuda_model import CudaModel
+    from aircupy.model.cuda_streamed import StreamedCudaModel
 
     if n_ctx is None:
         n_ctx = min(config.n_ctx_train, DEFAULT_N_CTX)
-    return CudaModel(g, config, n_ctx, vram_budget=vram_budget, progress=progress)
+    try:
+        return CudaModel(g, config, n_ctx, vram_budget=vram_budget, progress=progress)
+    except ModelTooLargeError:  # raised before anything is allocated: stream instead
+        if progress is not None:
+            progress("the model exceeds the VRAM budget: streaming layers")
+        return StreamedCudaModel(g, config, n_ctx, vram_budget=vram_budget, progress=progress)

@@ -198,6 +198,8 @@ class Engine:
         c["decode_tokens_per_s"] = c["decode_steps"] / c["decode_seconds"] if c["decode_seconds"] > 0 else 0.0
         c.update(load_seconds=self.load_s, n_ctx=self.n_ctx, kv_cache_tokens=len(self._kv.ids),
                  busy=int(self._lock.locked()))
+        if callable(getattr(self.model, "stats", None)):   # a streamed CUDA model's figures
+            c["streaming"] = self.model.stats()
         return c
 
     @contextmanager

@@ -90,6 +90,13 @@ def _spread(n_layers: int, n_pick: int) -> list[int]:
     return sorted({int((k + 0.5) * n_layers / n_pick) for k in range(n_pick)}) if n_pick else []
 
 
+def resident_set(n_layers: int, n_resident: int) -> list[int]:
+    """The layers make_plan keeps resident when n_resident of n_layers fit (the streamed ones are
+    spread evenly among them); the streaming model uses it to adjust the plan's count exactly."""
+    picked = set(_spread(n_layers, n_layers - n_resident))
+    return [i for i in range(n_layers) if i not in picked]
+
+
 @dataclass(frozen=True)
 class Plan:
     vram_budget: int

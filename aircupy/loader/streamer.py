@@ -1,0 +1,202 @@
+"""The layer streamer: file windows -> pinned host buffers -> device slots, overlapped with compute.
+
+    streamer = LayerStreamer(schedule, windows, slots, fill, stager, compute_stream)
+    streamer.begin_pass()
+    for i in range(n_layers):
+        slot = streamer.acquire(i)      # None: resident; else the compute stream now waits for the
+        ...run layer i on slots[slot]   #   upload that filled the slot
+        streamer.release(i)             # compute-done event of the slot; later uploads wait on it
+    streamer.end_pass()                 # uploads for the next pass are already queued here
+
+Three engines run at once: reader threads (Stager) preadv windows into pinned host buffers N steps
+ahead of the uploads; a dedicated copy stream uploads a window into its slot (`fill`: raw bytes ->
+device staging -> repack into the slot's packed layout) once the compute that last used the slot is
+done; the compute stream waits only for the upload of the layer it is about to run. The order comes
+from SlotSchedule (loader/schedule.py); this class only turns it into events, copies and reads.
+
+A host buffer goes back to the Stager with `ready = upload_done.synchronize`, so it is refilled only
+after its DMA finished. Reads run `lookahead` steps ahead of uploads; with n_buffers = slots + 2 the
+Stager recycles the buffer of an upload two steps behind the newest one, so the host rarely blocks
+while the GPU has nothing queued.
+
+cupy is used through the streams and events passed in (and imported lazily here): this module is
+part of the CUDA-free core's import graph.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+
+from aircupy.loader.schedule import Compute, SlotSchedule, Upload
+
+
+class LayerStreamer:
+    def __init__(self, schedule: SlotSchedule, windows: dict[int, tuple[int, int]], slots: list,
+                 fill, stager, compute_stream, copy_stream=None, lookahead: int | None = None,
+                 cuda=None):
+        """windows: layer -> (file offset, nbytes); slots: device uint8 blocks; fill(layer,
+        host_view uint8 (nbytes,), slot_block, stream) enqueues the upload of one window.
+        cuda: the module providing Stream, Event, get_elapsed_time (cupy.cuda; tests pass a
+        simulator of streams and events)."""
+        if cuda is None:
+            import cupy
+            cuda = cupy.cuda
+        self._cuda = cuda
+        self.sched, self.windows, self.slots, self.fill = schedule, windows, slots, fill
+        self.stager = stager
+        self.compute = compute_stream
+        self.copy = copy_stream or cuda.Stream(non_blocking=True)
+        self.lookahead = schedule.n_slots if lookahead is None else lookahead
+        self._reset()
+        self.totals = dict(passes=0, bytes_streamed=0, uploads=0, upload_s=0.0, stall_s=0.0,
+                           pass_s=0.0)
+        self.last_pass: dict = {}
+        self._timings: deque = deque()    # (pass, kind, nbytes, ev_a, ev_b) awaiting harvest
+        self._open: dict = {}             # pass -> figures of a pass not yet finished
+        self._lock = threading.Lock()     # stats() may come from another thread (server metrics)
+        self.host_issue_s = 0.0           # host time spent issuing uploads (incl. waits for reads)
+
+    def _reset(self) -> None:
+        self._pass = 0
+        self._actions: deque = deque()
+        self._tickets: dict = {}          # g -> Stager ticket
+        self._next_read = 0
+        self._upload_done: dict = {}      # g -> event
+        self._compute_done: dict = {}     # g -> event
+        self._pass_start = None
+
+    def _event(self):
+        return self._cuda.Event()         # timing enabled: stats read elapsed times
+
+    # -- reads -----------------------------------------------------------------------------------
+    def _submit_read(self, g: int):
+        layer = self.sched.layer_of(g)
+        off, n = self.windows[layer]
+        t = self.stager.submit(off, n, key=layer)
+        self._tickets[g] = t
+        return t
+
+    def _read_ahead(self, g: int) -> None:
+        """Keep disk reads `lookahead` steps ahead of upload step g."""
+        self._next_read = max(self._next_read, g + 1)
+        while self._next_read <= g + self.lookahead and self.sched.needs_upload(self._next_read):
+            self._submit_read(self._next_read)
+            self._next_read += 1
+
+    # -- actions ---------------------------------------------------------------------------------
+    def _issue_upload(self, u: Upload) -> None:
+        t0 = time.perf_counter()
+        t = self._tickets.pop(u.g, None) or self._submit_read(u.g)
+        self._next_read = max(self._next_read, u.g + 1)
+        host = self.stager.wait(t)
+        if u.after is not None:
+            done = self._compute_done.pop(u.after, None)
+            if done is not None:          # None after an abort: the streams were synchronized
+                self.copy.wait_event(done)
+        a, b = self._event(), self._event()
+        a.record(self.copy)
+        self.fill(u.layer, host, self.slots[u.slot], self.copy)
+        b.record(self.copy)
+        self._upload_done[u.g] = b
+        self.stager.release(t, ready=b.synchronize)
+        self._timings.append((self.sched.pass_of(u.g), "upload", host.nbytes, a, b))
+        self._read_ahead(u.g)
+        self.host_issue_s += time.perf_counter() - t0
+
+    def _drain_uploads(self) -> None:
+        while self._actions and isinstance(self._actions[0], Upload):
+            self._issue_upload(self._actions.popleft())
+
+    def begin_pass(self) -> None:
+        with self._lock:
+            self._harvest()
+        self._actions = deque(self.sched.pass_actions(self._pass))
+        self._pass_start = self._event()
+        self._pass_start.record(self.compute)
+
+    def acquire(self, layer: int) -> int | None:
+        """Issue the uploads due before `layer`; make the compute stream wait for its weights."""
+        self._drain_uploads()
+        act = self._actions[0]
+        assert isinstance(act, Compute) and act.layer == layer, (act, layer)
+        if act.slot is None:
+            return None
+        up = self._upload_done.pop(act.g, None)
+        if up is not None:                # None: weights cached in the slot since an earlier pass
+            a, b = self._event(), self._event()
+            a.record(self.compute)
+            self.compute.wait_event(up)
+            b.record(self.compute)
+            self._timings.append((self._pass, "stall", 0, a, b))
+        return act.slot
+
+    def release(self, layer: int) -> None:
+        act = self._actions.popleft()
+        assert isinstance(act, Compute) and act.layer == layer, (act, layer)
+        if act.slot is not None and not self.sched.cached:
+            ev = self._event()
+            ev.record(self.compute)
+            self._compute_done[act.g] = ev
+
+    def end_pass(self) -> None:
+        """Issue the trailing uploads (the next pass's first layers) and close the pass."""
+        self._drain_uploads()
+        assert not self._actions, self._actions
+        end = self._event()
+        end.record(self.compute)
+        self._timings.append((self._pass, "pass", 0, self._pass_start, end))
+        self._pass += 1
+
+    def abort(self) -> None:
+        """After an exception inside a pass: wait for both streams, give every host buffer back and
+        start over with the prologue (slot contents are no longer trusted)."""
+        self.compute.synchronize()
+        self.copy.synchronize()
+        for t in self._tickets.values():
+            self.stager.wait(t)
+            self.stager.release(t)
+        with self._lock:
+            self._timings.clear()
+            self._open.clear()
+        self._reset()
+
+    # -- stats -----------------------------------------------------------------------------------
+    def _harvest(self) -> None:
+        """Fold finished event pairs into the totals; a pass's figures close with its end event.
+        Entries are in issue order, so every upload and stall of pass p precedes p's end entry
+        (uploads issued during pass p for pass p + 1 are counted for p + 1)."""
+        while self._timings and self._timings[0][4].done:
+            p, kind, n, a, b = self._timings.popleft()
+            dt = self._cuda.get_elapsed_time(a, b) / 1e3
+            d = self._open.setdefault(p, dict(pass_index=p, bytes_streamed=0, uploads=0,
+                                              upload_s=0.0, stall_s=0.0, pass_s=0.0))
+            keys = {"upload": ("bytes_streamed", "uploads", "upload_s"), "stall": ("stall_s",),
+                    "pass": ("pass_s",)}[kind]
+            for k, v in zip(keys, (n, 1, dt) if kind == "upload" else (dt,)):
+                d[k] += v
+                self.totals[k] += v
+            if kind == "pass":
+                self.totals["passes"] += 1
+                self.last_pass = _rates(self._open.pop(p))
+
+    def stats(self) -> dict:
+        """Cumulative and last-pass figures; synchronizes both streams so every event is final."""
+        self.compute.synchronize()
+        self.copy.synchronize()
+        with self._lock:
+            self._harvest()
+        s = self.stager.stats
+        out = _rates(dict(self.totals))
+        out.update(disk_bytes_read=s.bytes_read, disk_gbps=s.read_gbps, ram_tier_hits=s.ram_tier_hits,
+                   ram_tier_bytes=s.ram_tier_bytes, host_read_wait_s=s.wait_s,
+                   host_issue_s=self.host_issue_s, last_pass=self.last_pass)
+        return out
+
+
+def _rates(d: dict) -> dict:
+    """Add pcie_gbps (bytes over upload time on the copy stream, repack included) and overlap (the
+    share of upload time hidden behind compute: 1 - stall / upload)."""
+    d["pcie_gbps"] = d["bytes_streamed"] / d["upload_s"] / 1e9 if d["upload_s"] > 0 else 0.0
+    d["overlap"] = max(0.0, 1.0 - d["stall_s"] / d["upload_s"]) if d["upload_s"] > 0 else 1.0
+    return d

@@ -1,0 +1,230 @@
+"""StreamedCudaModel: the CUDA model for a VRAM budget smaller than the model, layers streamed per pass.
+
+    model = StreamedCudaModel(g, config, n_ctx, vram_budget=8 << 30)   # same interface as CudaModel
+    model.stats()   # bytes streamed, PCIe GB/s, stall, overlap, disk GB/s, RAM-tier hits
+
+make_plan (loader/plan.py) and StreamPlacement decide which layers stay resident; those are filled
+once, like CudaModel's. The others live in the file and pass through `slots` device blocks every
+forward pass (each prefill chunk and each decode step is one pass), driven by LayerStreamer
+(loader/streamer.py) on its own copy stream: window -> pinned host buffer (Stager, with a RAM tier
+that keeps windows pinned after their first read) -> per tensor: straight into the slot (types the
+kernels read as stored) or into `stream.staging` and repacked into the slot (ops.repack, on the copy
+stream). A slot is bound once per layer layout (cuda_weights.bind): the forward pass swaps tables.
+
+The kernels and launch sequence are CudaModel's (ForwardPass.layer), so streamed output equals
+resident output bit for bit. Decode runs eagerly: a captured graph would bake in the slot a layer
+occupied at capture time and the host-side event waits. KV caches stay in VRAM for every layer.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from aircupy.device.pool import DevicePool, fmt_bytes
+from aircupy.errors import InvalidParameterError
+from aircupy.gguf.ggml import row_nbytes
+from aircupy.loader.manifest import build_manifest
+from aircupy.loader.plan import PlanSettings, make_plan
+from aircupy.loader.schedule import SlotSchedule
+from aircupy.loader.staging import Stager
+from aircupy.loader.streamer import LayerStreamer
+from aircupy.model.cuda_buffers import make_buffers
+from aircupy.model.cuda_forward import HEAD_ROWS, ForwardPass
+from aircupy.model.cuda_model import PREFILL_ROWS, CudaModel, _check_supported
+from aircupy.model.cuda_sampling import DeviceSampling
+from aircupy.model.cuda_weights import _host_vector, bind, fill
+from aircupy.model.stream_placement import StreamPlacement
+
+POOL_MARGIN = 512 << 20   # left outside the pool for cuBLAS, NVRTC modules (DevicePool's default)
+
+
+class StreamedForwardPass(ForwardPass):
+    """ForwardPass whose layer loop asks the streamer for each layer's weights."""
+
+    def __init__(self, lib, config, glob, resident: dict, buf, streamer: LayerStreamer, slot_table):
+        super().__init__(lib, config, glob, [], buf)
+        self.resident, self.streamer, self.slot_table = resident, streamer, slot_table
+
+    def run(self, ids, pos, T: int, kv) -> None:
+        self.embed(ids, T)
+        s = self.streamer
+        s.begin_pass()
+        try:
+            for i in range(self.c.n_layers):
+                slot = s.acquire(i)
+                L = self.resident[i] if slot is None else self.slot_table(slot, i)
+                self.layer(i, L, pos, T, kv)
+                s.release(i)
+            s.end_pass()
+        except BaseException:
+            s.abort()
+            raise
+
+
+def _pinned_alloc(nbytes: int) -> np.ndarray:
+    import cupyx
+    return cupyx.empty_pinned((nbytes,), dtype=np.uint8)
+
+
+def _auto_ram_tier(streamed_bytes: int) -> int:
+    """Keep every streamed window pinned in RAM when that takes at most half the available memory."""
+    try:
+        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+    return streamed_bytes if streamed_bytes <= avail // 2 else 0
+
+
+class StreamedCudaModel(CudaModel):
+    def __init__(self, g, config, n_ctx: int, vram_budget: int | None = None, progress=None, *,
+                 prefill_rows: int = PREFILL_ROWS, lib=None, slots: int = 3,
+                 ram_tier_bytes: int | None = None, n_resident: int | None = None):
+        """vram_budget None: free memory minus POOL_MARGIN. n_resident forces the resident count
+        (tests, benchmarks); the pool must still fit the budget. ram_tier_bytes None: automatic."""
+        import cupy as cp
+        from aircupy.device.kernels import KernelLibrary
+
+        report = progress or (lambda stage: None)
+        c = self.config = config
+        if n_ctx < 1:
+            raise InvalidParameterError("n_ctx", f"must be positive, got {n_ctx}")
+        self.n_ctx, self.rows = int(n_ctx), int(prefill_rows)
+        sp, glob_l, layer_ls = StreamPlacement.for_model(g, c, self.n_ctx, self.rows, slots)
+        _check_supported(c, [glob_l] + layer_ls)
+
+        free = int(cp.cuda.runtime.memGetInfo()[0])
+        room = max(0, free - POOL_MARGIN)
+        budget = room if vram_budget is None else min(int(vram_budget), room)
+        manifest = build_manifest(g)
+        self.plan = make_plan(manifest, c, budget, PlanSettings(
+            n_ctx=self.n_ctx, prefill_chunk=self.rows, slots=slots))   # PlanError below its minimum
+        if n_resident is None:
+            resident = sp.choose(budget, self.plan)
+        else:
+            resident = sp.resident_for(n_resident)
+        self.resident_layers = tuple(resident)
+        self.streamed_layers = tuple(i for i in range(c.n_layers) if i not in set(resident))
+        pool_plan = sp.pool_plan(resident)
+        self.pool = DevicePool(pool_plan, budget, margin=POOL_MARGIN,
+                               what=f"{g.path.name} ({c.arch}, streamed)")
+
+        self.lib = lib if lib is not None else KernelLibrary()
+        self.stream = cp.cuda.Stream(non_blocking=True)
+        self.copy_stream = cp.cuda.Stream(non_blocking=True)
+        self.buf = make_buffers(self.pool, c, self.rows, HEAD_ROWS)
+        scratch = self.pool.array("scratch", pool_plan.regions["scratch"].nbytes, np.uint8)
+        gblock = self.pool.array("weights.globals", glob_l.nbytes, np.uint8)
+        report("uploading resident weights to the GPU")
+        self.bytes_read = fill(glob_l, gblock, g.tensors, self.lib, scratch, self.stream)
+        self.glob = bind(glob_l, gblock)
+        tables = {}
+        for i in resident:
+            block = self.pool.array(f"weights.layer{i}", layer_ls[i].nbytes, np.uint8)
+            self.bytes_read += fill(layer_ls[i], block, g.tensors, self.lib, scratch, self.stream)
+            tables[i] = bind(layer_ls[i], block)
+        self.layouts = layer_ls
+        self.weight_bytes = sum(lay.nbytes for lay in layer_ls) + glob_l.nbytes
+
+        S = self.streamed_layers
+        self.stager = self.streamer = None
+        if S:
+            n = sp.slot_bytes(S)
+            self.slots = [self.pool.array(f"stream.slot{j}", n, np.uint8)
+                          for j in range(sp.slot_count(S))]
+            self.staging = self.pool.array("stream.staging", pool_plan.regions["stream.staging"].nbytes,
+                                           np.uint8)
+            self._manifest, self._tensors = manifest, g.tensors
+            self._vectors = self._pin_vectors(S)
+            windows = {i: (manifest.layers[i].offset, manifest.layers[i].nbytes) for i in S}
+            total = sum(n for _, n in windows.values())
+            tier = _auto_ram_tier(total) if ram_tier_bytes is None else int(ram_tier_bytes)
+            self.stager = Stager(g.path, n_buffers=slots + 2,
+                                 buffer_bytes=max(n for _, n in windows.values()),
+                                 alloc=_pinned_alloc, ram_tier_bytes=tier)
+            self.streamer = LayerStreamer(SlotSchedule(c.n_layers, S, slots), windows, self.slots,
+                                          self._fill_slot, self.stager, self.stream, self.copy_stream)
+        self._slot_tables: dict = {}
+
+        kv = self.pool.array("kv", (2, c.n_layers, 1, c.n_head_kv, self.n_ctx, c.head_dim), np.float16)
+        self._kv_pool = (list(kv[0]), list(kv[1]))
+        self._pool_cache = None
+        self.extra_kv_bytes = 0
+
+        report("compiling GPU kernels")
+        self.lib.warmup()
+        if self.streamer is None:
+            self.fwd = ForwardPass(self.lib, c, self.glob, [tables[i] for i in range(c.n_layers)],
+                                   self.buf)
+        else:
+            self.fwd = StreamedForwardPass(self.lib, c, self.glob, tables, self.buf, self.streamer,
+                                           self._slot_table)
+        self.sampling = DeviceSampling(self, use_graphs=False)   # eager: see module doc
+        self.stream.synchronize()
+
+    # -- slots -------------------------------------------------------------------------------------
+    def _slot_table(self, slot: int, layer: int):
+        key = (slot, id(self.layouts[layer]))
+        t = self._slot_tables.get(key)
+        if t is None:
+            t = self._slot_tables[key] = bind(self.layouts[layer], self.slots[slot])
+        return t
+
+    def _pin_vectors(self, layers) -> dict:
+        """Float32 vectors (norms, biases) of the streamed layers, converted once into one pinned
+        array: per fill they are small pinned copies, no conversion on the hot path."""
+        import cupyx
+        host = {(i, p.role): _host_vector(p, self._tensors) for i in layers
+                for p in self.layouts[i].pieces.values() if not p.is_matrix}
+        pinned = cupyx.empty_pinned((sum(v.size for v in host.values()),), dtype=np.float32)
+        out, o = {}, 0
+        for key, v in host.items():
+            pinned[o:o + v.size] = v
+            out[key] = pinned[o:o + v.size]
+            o += v.size
+        self._vectors_mem = pinned
+        return out
+
+    def _fill_slot(self, layer: int, host: np.ndarray, block, stream) -> None:
+        """Enqueue on `stream` the upload of layer's window (`host`, pinned uint8) into `block`."""
+        from aircupy.ops import cuda_ops as ops
+        chunk, base = self._manifest.layers[layer], host.ctypes.data
+        for p in self.layouts[layer].pieces.values():
+            dst = block[p.offset:p.offset + p.nbytes]
+            if not p.is_matrix:
+                v = self._vectors[(layer, p.role)]
+                dst.data.copy_from_host_async(v.ctypes.data, v.nbytes, stream)
+                continue
+            t, (n_rows, k) = p.ggml_type, p.shape
+            for name, row0 in p.sources:
+                sl, info = chunk.slice(name), self._tensors[name]
+                if not ops.needs_repack(t):
+                    off = row0 * row_nbytes(t, k)
+                    dst[off:off + sl.nbytes].data.copy_from_host_async(base + sl.offset, sl.nbytes,
+                                                                       stream)
+                    continue
+                stage = self.staging[:sl.nbytes]
+                stage.data.copy_from_host_async(base + sl.offset, sl.nbytes, stream)
+                if len(p.sources) == 1:
+                    ops.repack(self.lib, stage, dst, t, info.shape, stream=stream)
+                else:
+                    ops.repack(self.lib, stage, dst, t, info.shape, row0=row0, dst_rows=n_rows,
+                               stream=stream)
+
+    # -- reporting ---------------------------------------------------------------------------------
+    def stats(self) -> dict:
+        """Streaming figures (cumulative, and `last_pass`), plus the placement."""
+        out = dict(resident_layers=len(self.resident_layers), streamed_layers=len(self.streamed_layers),
+                   pool_bytes=self.pool.plan.total, vram_budget=self.pool.budget,
+                   slots=len(getattr(self, "slots", ())))
+        if self.streamer is not None:
+            out.update(self.streamer.stats())
+        return out
+
+    def allocation_report(self) -> str:
+        return (f"{len(self.resident_layers)} resident / {len(self.streamed_layers)} streamed layers "
+                f"(budget {fmt_bytes(self.pool.budget)}); " + super().allocation_report())
+
+    def close(self) -> None:
+        if self.stager is not None:
+            self.stager.close()

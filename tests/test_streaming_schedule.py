@@ -1,0 +1,153 @@
+"""CPU tier of layer streaming: the slot schedule's invariants, and the streamer driving a simulator of
+CUDA streams/events (tests/helpers/fake_streams.py) with a real Stager over a real file: every layer
+computes on its own bytes under random interleavings of the copy and compute streams."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from aircupy.loader.schedule import Compute, SlotSchedule, Upload
+from aircupy.loader.staging import Stager
+from aircupy.loader.streamer import LayerStreamer
+from tests.helpers.fake_streams import FakeCuda
+
+CASES = [(8, (1, 3, 5, 7), 3), (10, tuple(range(10)), 3), (6, (0, 1, 2, 3, 4), 4), (5, (2,), 3),
+         (7, (0, 6), 3), (9, (0, 1, 2, 3, 4, 5), 3), (4, (), 3)]
+
+
+def _replay(sched: SlotSchedule, passes: int):
+    """Simulate slot contents along the host issue order; return the per-pass actions."""
+    content = {}          # slot -> (layer, g) last uploaded
+    last_compute = {}     # slot -> g of the last compute issued on it
+    computed = set()
+    out = []
+    for p in range(passes):
+        acts = sched.pass_actions(p)
+        out.append(acts)
+        assert [a.layer for a in acts if isinstance(a, Compute)] == list(range(sched.n_layers))
+        for a in acts:
+            if isinstance(a, Upload):
+                assert 0 <= a.slot < sched.n_slots
+                # the slot's previous user must have been issued, and be exactly the awaited one
+                assert a.after == last_compute.get(a.slot), (a, last_compute)
+                if a.after is not None:
+                    assert a.after in computed
+                content[a.slot] = (a.layer, a.g)
+            elif a.slot is None:
+                assert a.layer not in sched.streamed
+            else:
+                assert content[a.slot][0] == a.layer, (a, content)
+                assert a.g // sched.S == p and sched.layer_of(a.g) == a.layer
+                last_compute[a.slot] = a.g
+                computed.add(a.g)
+    return out
+
+
+@pytest.mark.parametrize("n_layers,streamed,n_slots", CASES)
+def test_schedule_invariants(n_layers, streamed, n_slots):
+    sched = SlotSchedule(n_layers, streamed, n_slots)
+    acts = _replay(sched, passes=3)
+    uploads = [[a for a in ps if isinstance(a, Upload)] for ps in acts]
+    if sched.cached:   # each streamed layer owns a slot: uploaded once, never again
+        assert len(uploads[0]) == len(streamed) and not uploads[1] and not uploads[2]
+    else:              # one upload per streamed layer per pass; the prologue fills every slot first
+        assert len(uploads[0]) == len(streamed) + n_slots and len(uploads[1]) == len(streamed)
+        assert [a.slot for a in acts[0][:n_slots]] == list(range(n_slots))
+
+
+def test_upload_issued_right_after_slot_is_freed():
+    sched = SlotSchedule(6, range(6), 3)
+    acts = sched.pass_actions(1)
+    # pass 1 starts with compute of layer 0 (g = 6) in slot 0, followed by the upload of g = 9
+    assert acts[0] == Compute(0, 0, 6) and acts[1] == Upload(9, 3, 0, 6)
+
+
+def test_schedule_rejects_bad_layers():
+    with pytest.raises(ValueError):
+        SlotSchedule(4, (1, 1), 3)
+    with pytest.raises(ValueError):
+        SlotSchedule(4, (4,), 3)
+
+
+def _drive(tmp_path, n_layers, streamed, n_slots, passes, seed, ram_tier):
+    rng = np.random.default_rng(seed)
+    win = 3 * 4096
+    data = rng.integers(0, 256, n_layers * win, dtype=np.uint8)
+    path = tmp_path / "m.bin"
+    data.tofile(path)
+    cuda = FakeCuda(seed)
+    slots = [np.zeros(win, np.uint8) for _ in range(n_slots)]
+
+    def fill(layer, host, block, stream):   # runs when the simulator gets to it, not when enqueued
+        stream.enqueue(lambda: block.__setitem__(slice(None), host))
+
+    seen = []
+    compute = cuda.Stream()
+    stager = Stager(path, n_buffers=n_slots + 2, buffer_bytes=win,
+                    ram_tier_bytes=(len(streamed) * win if ram_tier else 0))
+    windows = {i: (i * win, win) for i in streamed}
+    s = LayerStreamer(SlotSchedule(n_layers, streamed, n_slots), windows, slots, fill, stager,
+                      compute, cuda=cuda)
+    for _ in range(passes):
+        s.begin_pass()
+        for i in range(n_layers):
+            slot = s.acquire(i)
+            if slot is not None:
+                compute.enqueue(lambda i=i, slot=slot: seen.append(
+                    (i, bool(np.array_equal(slots[slot], data[i * win:(i + 1) * win])))))
+            s.release(i)
+        s.end_pass()
+    st = s.stats()
+    stager.close()
+    return seen, st
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("n_layers,streamed,n_slots", [(8, (1, 3, 5, 7), 3), (7, tuple(range(7)), 3),
+                                                       (5, (0, 4), 3)])
+def test_streamer_every_layer_sees_its_own_bytes(tmp_path, seed, n_layers, streamed, n_slots):
+    passes = 3
+    seen, st = _drive(tmp_path, n_layers, streamed, n_slots, passes, seed, ram_tier=seed % 2 == 1)
+    assert [i for i, _ in seen] == list(streamed) * passes
+    assert all(ok for _, ok in seen), seen
+    assert st["passes"] == passes
+    n_up = len(streamed) * passes + (n_slots if len(streamed) > n_slots else 0)
+    if len(streamed) <= n_slots:
+        n_up = len(streamed)
+    assert st["uploads"] == n_up and st["bytes_streamed"] == n_up * 3 * 4096
+    if seed % 2 == 1:   # RAM tier: the file is read once, later passes hit the tier
+        assert st["disk_bytes_read"] == len(streamed) * 3 * 4096
+        # every upload after the first read of its window was a hit (read-ahead adds a few more)
+        assert st["ram_tier_hits"] >= n_up - len(streamed)
+
+
+def test_streamer_abort_restarts_cleanly(tmp_path):
+    """An exception inside a pass: abort() drains, and the next passes are correct again."""
+    rng = np.random.default_rng(0)
+    win = 4096
+    data = rng.integers(0, 256, 6 * win, dtype=np.uint8)
+    (tmp_path / "m.bin").write_bytes(data.tobytes())
+    cuda = FakeCuda(1)
+    slots = [np.zeros(win, np.uint8) for _ in range(3)]
+    compute = cuda.Stream()
+    stager = Stager(tmp_path / "m.bin", n_buffers=5, buffer_bytes=win)
+    s = LayerStreamer(SlotSchedule(6, range(6), 3), {i: (i * win, win) for i in range(6)}, slots,
+                      lambda layer, host, block, st: st.enqueue(lambda: block.__setitem__(
+                          slice(None), host)), stager, compute, cuda=cuda)
+    s.begin_pass()
+    s.acquire(0)
+    s.release(0)
+    s.acquire(1)
+    s.abort()                      # as StreamedForwardPass.run does on an exception
+    seen = []
+    for _ in range(2):
+        s.begin_pass()
+        for i in range(6):
+            slot = s.acquire(i)
+            compute.enqueue(lambda i=i, slot=slot: seen.append(
+                bool(np.array_equal(slots[slot], data[i * win:(i + 1) * win]))))
+            s.release(i)
+        s.end_pass()
+    compute.synchronize()
+    stager.close()
+    assert seen == [True] * 12
