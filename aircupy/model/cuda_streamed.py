@@ -159,7 +159,8 @@ class StreamedCudaModel(CudaModel):
         else:
             self.fwd = StreamedForwardPass(self.lib, c, self.glob, tables, self.buf, self.streamer,
                                            self._slot_table)
-        self.sampling = DeviceSampling(self, use_graphs=False)   # eager: see module doc
+        # Eager decode when anything streams (see module doc); all resident: graphs as CudaModel.
+        self.sampling = DeviceSampling(self, use_graphs=self.streamer is None)
         self.stream.synchronize()
 
     # -- slots -------------------------------------------------------------------------------------

@@ -4,7 +4,8 @@ Logits must be bit-identical (the launch sequence per layer is the same; only wh
 differs) for several budgets (0, about half and all but two layers resident), with many layers and
 slots of one layer each, prefill in several chunks (one streamed pass per chunk) and eager decode.
 Peak VRAM: the pool fits the budget, and the driver's free memory drops by at most the pool plus a
-small allowance for what lives outside any pool (events, cuBLAS/NVRTC were loaded by the fixture).
+small allowance for what lives outside any pool (cuBLAS per-stream workspace; NVRTC modules were
+loaded by the fixture).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ pytestmark = pytest.mark.gpu
 TINY = dict(vocab=512, n_embd=256, n_head=4, n_head_kv=2, head_dim=64, n_ff=512)
 ROWS = 16           # prefill chunk: a 40-token prompt is 3 streamed passes
 N_CTX = 64
-OUTSIDE_POOL = 32 << 20
+OUTSIDE_POOL = 64 << 20   # cuBLAS may give the model's new streams their own workspace
 CASES = [("llama3-8b", "Q4_0", 10), ("llama3-8b", "Q4_K", 10), ("qwen2-0.5b", "Q8_0", 8),
          ("gemma3-270m", "Q6_K", 6)]
 
