@@ -87,7 +87,7 @@ class PoolPlan:
         raise ModelTooLargeError(
             f"{what} needs {fmt_bytes(self.total)} of GPU memory ({self.report()}) but the VRAM "
             f"budget is {fmt_bytes(budget)}; use a smaller model, quantization or context "
-            f"(n_ctx), or the numpy backend (layer streaming for larger models is not there yet)")
+            f"(n_ctx); aircupy.Engine streams layers instead (StreamedCudaModel) when this happens")
 
 
 class DevicePool:
