@@ -37,8 +37,9 @@ class KVState:
         self.cache.truncate(0)
         self.ids = []
 
-    def prefill(self, prompt_ids: list[int]) -> tuple[np.ndarray, int]:
-        """Logits (1, vocab) after the whole prompt, and how many prompt tokens were reused from the cache.
+    def prefill(self, prompt_ids: list[int], device_sampler=None) -> tuple[np.ndarray | int, int]:
+        """Logits (1, vocab) after the whole prompt — or, with a device_sampler, the id sampled from them
+        on the device — and how many prompt tokens were reused from the cache.
 
         The longest common prefix with what the cache holds is kept (cache.truncate), but never the whole
         prompt: its last token must run again to produce the logits.
@@ -54,16 +55,22 @@ class KVState:
         logits = None
         while n < len(prompt_ids):
             chunk = prompt_ids[n:n + PREFILL_CHUNK]
-            logits = self.feed(chunk)
+            last = n + len(chunk) == len(prompt_ids)
+            logits = self.feed(chunk, device_sampler if last else None)
             n += len(chunk)
         return logits, reused
 
-    def feed(self, ids: list[int]) -> np.ndarray:
-        """Run `ids` after the cached tokens; on any failure forget the cache rather than trust it."""
+    def feed(self, ids: list[int], device_sampler=None) -> np.ndarray | int:
+        """Run `ids` after the cached tokens: the last position's logits, or with a device_sampler the
+        next id sampled on the device (only the id crosses to the host). On any failure forget the
+        cache rather than trust it."""
         start = len(self.ids)
+        args = (np.asarray(ids, dtype=np.int32), np.arange(start, start + len(ids), dtype=np.int32), self.cache)
         try:
-            logits = self.model.forward(np.asarray(ids, dtype=np.int32),
-                                        np.arange(start, start + len(ids), dtype=np.int32), self.cache)
+            if device_sampler is not None:
+                logits = self.model.forward_sample(*args, device_sampler)
+            else:
+                logits = self.model.forward(*args)
         except BaseException:
             self.reset()
             raise
@@ -97,17 +104,21 @@ class Request:
         tok = eng.tokenizer
         eog = frozenset() if p.ignore_eos else frozenset(tok.eog_ids)
         sampler = Sampler(p, eng.config.vocab_size, self.prompt_ids)
+        device = self._device_sampler(eng.model)
         decoder = eng.new_decoder()
         n_prompt, n_ctx = len(self.prompt_ids), eng.n_ctx
 
         t0 = timer.start = time.perf_counter()  # from here: time waiting for the Engine's lock is not ttft
-        logits, reused = kv.prefill(self.prompt_ids)
+        logits, reused = kv.prefill(self.prompt_ids, device)
         timer.prompt_s = time.perf_counter() - t0
         timer.prompt_cached, timer.prompt_evaluated = reused, n_prompt - reused
         t_step = time.perf_counter()
         while True:
-            row = np.asarray(logits[-1])
-            t_id = sampler.sample(row)
+            if device is not None:
+                t_id, row = int(logits), None   # sampled on the device by the last forward
+            else:
+                row = np.asarray(logits[-1])
+                t_id = sampler.sample(row)
             self.token_ids.append(t_id)
             lps = None
             if self.logprobs is not None:
@@ -138,8 +149,17 @@ class Request:
             if finish is not None:
                 return
             t_step = time.perf_counter()
-            logits = kv.feed([t_id])
+            logits = kv.feed([t_id], device)
             timer.decode_steps += 1
+
+    def _device_sampler(self, model):
+        """The model's device sampler when it has one and it covers these parameters (GPU backend:
+        temperature, top-k/p, min-p, seed), so that only token ids cross to the host; None otherwise
+        (numpy backend; logprobs, logit bias or penalties, which the host sampler applies to logits)."""
+        if self.logprobs is not None or not hasattr(model, "forward_sample"):
+            return None
+        s = model.new_sampler(self.params)
+        return s if s.supported else None
 
     def _logprob(self, row: np.ndarray, t_id: int) -> TokenLogprob:
         text = self.engine.tokenizer.token_text
