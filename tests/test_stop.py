@@ -54,12 +54,25 @@ alphabet = st.sampled_from("ab\n ")
 @given(text=st.text(alphabet, max_size=40), cuts=st.lists(st.integers(0, 40), max_size=8),
        stops=st.lists(st.text(alphabet, min_size=1, max_size=4), min_size=1, max_size=3))
 def test_matches_the_obvious_definition_for_any_split(text, cuts, stops):
+    """Generation stops at the first piece after which the text holds a stop string; the output is
+    that text up to the earliest occurrence. (A longer stop string that would have started earlier,
+    had generation gone on, never completes: text='aba' in pieces 'ab', 'a' with stops 'b' and 'aba'
+    stops at 'b' and gives 'a'.)"""
     bounds = sorted({0, len(text), *[c for c in cuts if c <= len(text)]})
     pieces = [text[a:b] for a, b in zip(bounds, bounds[1:])]
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    expected = text[: min(hits)] if hits else text
+    expected, stopped = text, False
+    for b in bounds[1:]:
+        hits = [i for i in (text[:b].find(s) for s in stops) if i >= 0]
+        if hits:
+            expected, stopped = text[: min(hits)], True
+            break
     out, m = run(pieces, stops)
-    assert out == expected and m.stopped == bool(hits)
+    assert out == expected and m.stopped == stopped
+
+
+def test_a_shorter_stop_completed_first_wins():
+    out, m = run(["ab", "a"], ["b", "aba"])
+    assert out == "a" and m.matched == "b"
 
 
 @settings(max_examples=200, deadline=None)
