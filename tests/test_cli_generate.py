@@ -155,3 +155,14 @@ def test_load_indicator_only_on_a_terminal_and_only_when_slow():
     with console.LoadIndicator("m", stream=piped, delay=0.0, interval=0.01):
         time.sleep(0.05)
     assert quick.getvalue() == "" and piped.getvalue() == ""
+
+
+def test_streaming_stats_line():
+    from aircupy.engine.console import streaming_line
+    assert streaming_line({"requests": 1}) is None                       # nothing streams
+    assert streaming_line({"streaming": {"passes": 0}}) is None
+    line = streaming_line({"streaming": {
+        "passes": 4, "bytes_streamed": 3 * 2**30, "pcie_gbps": 51.25, "overlap": 0.875, "stall_s": 0.0125,
+        "disk_bytes_read": 2**30, "disk_gbps": 1.5, "ram_tier_hits": 6}})
+    assert line == ("[streaming] 4 passes, 3.00 GiB streamed at 51.2 GB/s | overlap 88% | stalled 0.013 s"
+                    " | disk 1.00 GiB at 1.50 GB/s | RAM-tier hits 6")

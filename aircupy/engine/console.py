@@ -89,6 +89,19 @@ def summary_line(engine, result) -> str:
             f"({t['decode_tokens_per_s']:.1f} t/s) | ttft {t['ttft_s']:.3f} s | finish {result.finish_reason}")
 
 
+def streaming_line(stats: dict) -> str | None:
+    """The layer-streaming figures of Engine.stats() (a streamed CUDA model), or None when nothing
+    streams: bytes moved, achieved PCIe rate, share of the upload hidden behind compute, compute time
+    stalled waiting for weights, disk rate and RAM-tier hits."""
+    s = stats.get("streaming")
+    if not s or not s.get("passes"):
+        return None
+    return (f"[streaming] {s['passes']} passes, {s['bytes_streamed'] / 2**30:.2f} GiB streamed at "
+            f"{s['pcie_gbps']:.1f} GB/s | overlap {100 * s['overlap']:.0f}% | stalled {s['stall_s']:.3f} s"
+            f" | disk {s.get('disk_bytes_read', 0) / 2**30:.2f} GiB at {s.get('disk_gbps', 0.0):.2f} GB/s"
+            f" | RAM-tier hits {s.get('ram_tier_hits', 0)}")
+
+
 def _isatty(stream) -> bool:
     return bool(getattr(stream, "isatty", None) and stream.isatty())
 
@@ -115,6 +128,9 @@ def run_generate(engine, prompt, params: SamplingParams, *, as_json: bool, stats
         out.flush()
     if stats or (not as_json and _isatty(err)):
         err.write(summary_line(engine, result) + "\n")
+        line = streaming_line(engine.stats()) if stats else None
+        if line:
+            err.write(line + "\n")
     return result
 
 
