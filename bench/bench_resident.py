@@ -154,17 +154,39 @@ def graph_replay_ms(m, n: int = 200) -> float:
     return cp.cuda.get_elapsed_time(e0, e1) / n
 
 
+def llama_bench_cmd(lb: str, path: Path, n_prompt, n_gen: int, reps: int, ngl: int = 99) -> list[str]:
+    """llama-bench's command line; n_prompt an int or a list (one pp test per length)."""
+    pp = ",".join(str(n) for n in n_prompt) if isinstance(n_prompt, (list, tuple)) else str(n_prompt)
+    return [lb, "-m", str(path), "-p", pp, "-n", str(n_gen), "-ngl", str(ngl), "-r", str(reps),
+            "-o", "json"]
+
+
+def parse_llama_bench(text: str) -> list[dict]:
+    """llama-bench -o json: a list of one object per test. Keep what the comparison needs: the test
+    ("pp" with n_prompt tokens, or "tg" with n_gen), tokens/s mean and stddev, seconds per test run,
+    -ngl, and the build and card it names."""
+    rows = []
+    for r in json.loads(text):
+        pp = int(r.get("n_prompt") or 0)
+        rows.append({"test": f"pp{pp}" if pp else f"tg{int(r.get('n_gen') or 0)}",
+                     "n_prompt": pp, "n_gen": int(r.get("n_gen") or 0),
+                     "avg_ts": float(r["avg_ts"]), "stddev_ts": float(r.get("stddev_ts") or 0.0),
+                     "avg_s": float(r.get("avg_ns") or 0) / 1e9,
+                     "n_gpu_layers": r.get("n_gpu_layers"), "build_commit": r.get("build_commit"),
+                     "build_number": r.get("build_number"), "gpu_info": r.get("gpu_info"),
+                     "model_size": r.get("model_size")})
+    return rows
+
+
 def bench_llama(lb: str, path: Path, n_prompt: int, n_gen: int, reps: int) -> dict:
-    cmd = [lb, "-m", str(path), "-p", str(n_prompt), "-n", str(n_gen), "-ngl", "99", "-r", str(reps),
-           "-o", "json"]
+    cmd = llama_bench_cmd(lb, path, n_prompt, n_gen, reps)
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     if r.returncode:
         return {"error": r.stderr[-2000:]}
-    rows = json.loads(r.stdout)
-    out = {"cmd": " ".join(cmd), "build": rows[0].get("build_commit") if rows else None}
+    rows = parse_llama_bench(r.stdout)
+    out = {"cmd": " ".join(cmd), "build": rows[0]["build_commit"] if rows else None}
     for row in rows:
-        key = "pp_tps" if row.get("n_prompt") else "tg_tps"
-        out[key] = row["avg_ts"]
+        out["pp_tps" if row["n_prompt"] else "tg_tps"] = row["avg_ts"]
     return out
 
 

@@ -19,29 +19,36 @@ from pathlib import Path
 import numpy as np
 
 
-def bench_one(path: Path, resident: str, n_prompt: int, n_gen: int) -> dict:
-    from aircupy.config import ModelConfig
-    from aircupy.engine.params import SamplingParams
-    from aircupy.gguf.reader import GGUFFile
+def open_model(g, c, n_ctx: int, resident: str, vram_budget: int | None = None):
+    """`resident` "all": CudaModel; a number k: StreamedCudaModel with k resident layers, the pool
+    sized for them (vram_budget None: the free memory is the cap). Returns (model, load seconds)."""
     from aircupy.model.cuda_model import CudaModel
     from aircupy.model.cuda_streamed import StreamedCudaModel
 
-    g = GGUFFile(path)
-    c = ModelConfig.from_gguf(g)
-    n_ctx = n_prompt + n_gen + 8
     t0 = time.perf_counter()
     if resident == "all":
         m = CudaModel(g, c, n_ctx)
     else:
-        m = StreamedCudaModel(g, c, n_ctx, n_resident=int(resident))
-    load_s = time.perf_counter() - t0
-    cache = m.new_cache(n_ctx)
-    ids = np.random.default_rng(0).integers(0, c.vocab_size, n_prompt).astype(np.int32)
+        m = StreamedCudaModel(g, c, n_ctx, vram_budget=vram_budget, n_resident=int(resident))
+    return m, time.perf_counter() - t0
+
+
+def measure(m, c, prompts: dict[str, int], n_gen: int, ttft_prompt: int | None = None,
+            reps: int = 1) -> dict:
+    """Tokens/s of each prefill in `prompts` ({"pp": 512}: key -> prompt length) and of `n_gen`
+    greedy decode steps ("tg"), each warmed up once then timed `reps` times (median), with the
+    streamer's bytes / copy-busy time / stall over the last timed run. ttft_prompt: also the time
+    to first token of a prompt that long (prefill + device sampling of one id), as "ttft_s"."""
+    from aircupy.engine.params import SamplingParams
+
+    longest = max([*prompts.values(), ttft_prompt or 0])
+    ids = np.random.default_rng(0).integers(0, c.vocab_size, longest).astype(np.int32)
+    cache = m.new_cache(m.n_ctx)
     sampler = m.new_sampler(SamplingParams(temperature=0.0))
 
-    def pp():
+    def pp(n):
         cache.truncate(0)
-        m.forward(ids, np.arange(n_prompt, dtype=np.int32), cache)
+        m.forward(ids[:n], np.arange(n, dtype=np.int32), cache)
 
     def tg():
         cache.truncate(0)
@@ -49,15 +56,29 @@ def bench_one(path: Path, resident: str, n_prompt: int, n_gen: int) -> dict:
         for i in range(n_gen):
             t = m.forward_sample([t], [i], cache, sampler)
 
-    out = {"model": path.name, "resident": resident, "load_s": round(load_s, 2)}
-    for name, fn, n in (("pp", pp, n_prompt), ("tg", tg, n_gen)):
+    def ttft():
+        cache.truncate(0)
+        m.forward_sample(ids[:ttft_prompt], np.arange(ttft_prompt, dtype=np.int32), cache, sampler)
+
+    phases = [(k, (lambda n=n: pp(n)), n) for k, n in prompts.items()] + [("tg", tg, n_gen)]
+    if ttft_prompt:
+        phases.append(("ttft", ttft, None))
+    streamed = getattr(m, "streamer", None) is not None
+    out = {}
+    for name, fn, n in phases:
         fn()                                       # warm-up (and the RAM tier's first reads)
-        before = m.stats() if hasattr(m, "stats") else None
-        t0 = time.perf_counter()
-        fn()
-        dt = time.perf_counter() - t0
-        out[f"{name}_tps"] = round(n / dt, 2)
-        if before is not None and m.streamer is not None:
+        times = []
+        for _ in range(max(1, reps)):
+            before = m.stats() if streamed else None
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        dt = float(np.median(times))
+        if n is None:
+            out[f"{name}_s"] = round(dt, 5)
+        else:
+            out[f"{name}_tps"] = round(n / dt, 2)
+        if streamed:
             after = m.stats()
             moved = after["bytes_streamed"] - before["bytes_streamed"]
             busy = after["upload_s"] - before["upload_s"]
@@ -65,16 +86,36 @@ def bench_one(path: Path, resident: str, n_prompt: int, n_gen: int) -> dict:
             out[f"{name}_bytes_streamed_GB"] = round(moved / 1e9, 3)
             out[f"{name}_pcie_GBps"] = round(moved / busy / 1e9, 2) if busy > 0 else 0.0
             out[f"{name}_stall_s"] = round(stall, 4)
-            out[f"{name}_wall_s"] = round(dt, 4)
+            out[f"{name}_wall_s"] = round(times[-1], 4)
             out[f"{name}_pcie_bound_s"] = round(busy, 4)
             out[f"{name}_overlap"] = round(1 - stall / busy, 3) if busy > 0 else 1.0
-    if hasattr(m, "stats"):
-        st = m.stats()
-        out.update(streamed_layers=st["streamed_layers"], pool_GB=round(st["pool_bytes"] / 1e9, 2))
-        if "last_pass" in st:
-            out["bytes_per_pass_GB"] = round(st["last_pass"].get("bytes_streamed", 0) / 1e9, 3)
-            out["disk_GBps"] = round(st["disk_gbps"], 2)
-            out["ram_tier_hits"] = st["ram_tier_hits"]
+    return out
+
+
+def placement_stats(m) -> dict:
+    """Resident/streamed layers, pool size, and the last pass's streaming figures."""
+    if not hasattr(m, "stats"):
+        return {}
+    st = m.stats()
+    out = dict(streamed_layers=st["streamed_layers"], pool_GB=round(st["pool_bytes"] / 1e9, 2))
+    if "last_pass" in st:
+        out["bytes_per_pass_GB"] = round(st["last_pass"].get("bytes_streamed", 0) / 1e9, 3)
+        out["disk_GBps"] = round(st["disk_gbps"], 2)
+        out["ram_tier_hits"] = st["ram_tier_hits"]
+    return out
+
+
+def bench_one(path: Path, resident: str, n_prompt: int, n_gen: int) -> dict:
+    from aircupy.config import ModelConfig
+    from aircupy.gguf.reader import GGUFFile
+
+    g = GGUFFile(path)
+    c = ModelConfig.from_gguf(g)
+    m, load_s = open_model(g, c, n_prompt + n_gen + 8, resident)
+    out = {"model": path.name, "resident": resident, "load_s": round(load_s, 2)}
+    out.update(measure(m, c, {"pp": n_prompt}, n_gen))
+    out.update(placement_stats(m))
+    if hasattr(m, "close"):
         m.close()
     del m
     g.close()

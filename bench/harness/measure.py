@@ -1,0 +1,145 @@
+"""GPU-side measurement for the harness: the pinned host->device bound, the session's environment, peak
+VRAM of a subprocess (nvidia-smi polling) and one aircupy scenario (bench_streaming's functions).
+
+Everything here imports cupy lazily: the module loads on a machine without a GPU (dry runs, tests).
+"""
+from __future__ import annotations
+
+import platform
+import shutil
+import subprocess
+import threading
+import time
+
+
+def pinned_h2d_gbps(nbytes: int = 256 << 20, reps: int = 10) -> float:
+    """Host-to-device GB/s of one pinned buffer copied `reps` times (median of the copies, each timed
+    with CUDA events on its own stream): the physical bound streaming is measured against."""
+    import cupy as cp
+    import cupyx
+    import numpy as np
+    host = cupyx.empty_pinned((nbytes,), dtype=np.uint8)
+    host[:] = 1
+    dev = cp.empty(nbytes, dtype=cp.uint8)
+    s = cp.cuda.Stream(non_blocking=True)
+    times = []
+    for i in range(reps + 1):
+        a, b = cp.cuda.Event(), cp.cuda.Event()
+        a.record(s)
+        dev.data.copy_from_host_async(host.ctypes.data, nbytes, s)
+        b.record(s)
+        b.synchronize()
+        if i:                                   # the first copy warms up the mapping
+            times.append(cp.cuda.get_elapsed_time(a, b) / 1e3)
+    del dev, host
+    return nbytes / float(np.median(times)) / 1e9
+
+
+def environment() -> dict:
+    """Card, driver, CUDA, cupy, Python, aircupy version and commit, date (bench_resident.device_info)."""
+    from bench.bench_resident import device_info
+
+    import aircupy
+    env = device_info()
+    env.update(python=platform.python_version(), aircupy=aircupy.__version__, commit=git_commit())
+    return env
+
+
+def git_commit() -> str:
+    try:
+        r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                           timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return r.stdout.strip() + ("+dirty" if dirty else "") if r.returncode == 0 else "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+def vram_used_bytes() -> int:
+    import cupy as cp
+    free, total = cp.cuda.runtime.memGetInfo()
+    return int(total - free)
+
+
+class VramPoller:
+    """Peak device memory in use while a block runs, polled from nvidia-smi every `period` s (for a
+    peer in another process). Peak minus the reading at entry is reported; None without nvidia-smi."""
+
+    def __init__(self, period: float = 0.2):
+        self.period, self.samples = period, []
+        self._stop = threading.Event()
+        self._thread = None
+
+    @staticmethod
+    def read_mib() -> int | None:
+        if shutil.which("nvidia-smi") is None:
+            return None
+        r = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits",
+                            "-i", "0"], capture_output=True, text=True, timeout=10)
+        try:
+            return int(r.stdout.strip().splitlines()[0])
+        except (ValueError, IndexError):
+            return None
+
+    def _run(self):
+        while not self._stop.is_set():
+            v = self.read_mib()
+            if v is not None:
+                self.samples.append(v)
+            self._stop.wait(self.period)
+
+    def __enter__(self):
+        self.base = self.read_mib()
+        if self.base is not None:
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    @property
+    def peak_bytes(self) -> int | None:
+        if self.base is None or not self.samples:
+            return None
+        return (max(self.samples) - self.base) << 20
+
+
+def run_aircupy(path, placement, prompts: dict[str, int], n_gen: int, ttft_prompt: int,
+                reps: int) -> dict:
+    """One scenario on aircupy: the model the placement names, bench_streaming.measure over it, the
+    real resident count (StreamPlacement may adjust the plan's), and peak VRAM (device memory in use
+    after the runs minus before the load: the pool is sized once, the hot path never allocates)."""
+    from bench.bench_streaming import measure, open_model, placement_stats
+
+    from aircupy.config import ModelConfig
+    from aircupy.gguf.reader import GGUFFile
+
+    g = GGUFFile(path)
+    c = ModelConfig.from_gguf(g)
+    n_ctx = max([*prompts.values(), ttft_prompt]) + n_gen + 8
+    base = vram_used_bytes()
+    resident = "all" if placement.resident else str(placement.n_resident)
+    note = ""
+    try:
+        m, load_s = open_model(g, c, n_ctx, resident, placement.budget_bytes)
+    except Exception as e:        # the exact pool can exceed the plan's estimate by a few MiB
+        if placement.budget_bytes is None:
+            raise
+        m, load_s = open_model(g, c, n_ctx, resident, None)
+        note = f"pool did not fit the budget ({type(e).__name__}: {e}); ran with the free memory as cap"
+    t0 = time.perf_counter()
+    out = measure(m, c, prompts, n_gen, ttft_prompt=ttft_prompt, reps=reps)
+    out.update(placement_stats(m), load_s=round(load_s, 2), bench_s=round(time.perf_counter() - t0, 1))
+    out["peak_vram_bytes"] = vram_used_bytes() - base
+    out["n_resident"] = len(getattr(m, "resident_layers", range(c.n_layers)))
+    out["allocation"] = m.allocation_report()
+    if hasattr(m, "close"):
+        m.close()
+    del m
+    g.close()
+    out["note"] = note
+    return out
