@@ -157,13 +157,13 @@ def make_plan(manifest, config, vram_budget: int, settings: PlanSettings | None 
     candidates = []
     for placement in ("vram", "shuttle"):
         for n_res in range(L, -1, -1):
-            picked = set(_spread(L, L - n_res))
-            resident = [i for i in range(L) if i not in picked]
+            resident = resident_set(L, n_res)
             slots = s.slots if n_res < L else 0
             kv_vram = L * kv_b if placement == "vram" else (n_res + slots) * kv_b
             need = fixed + sum(layer_b[i] for i in resident) + slots * slot_b + kv_vram
             if need <= vram_budget:
-                stream_b = sum(manifest.layers[i].nbytes for i in range(L) if i in picked)
+                stream_b = sum(c.nbytes for c in manifest.layers) - sum(manifest.layers[i].nbytes
+                                                                        for i in resident)
                 if placement == "shuttle":
                     stream_b += 2 * (L - n_res) * kv_b    # up before its layer, back after it
                 candidates.append((stream_b, placement, resident, slots, kv_vram, need))
