@@ -17,6 +17,10 @@ from aircupy.errors import UnsupportedModelError
 
 SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "gemma3")
 
+# Context reserved when the user names none: the model's own, capped so that a 128k-context model does
+# not reserve a 128k-token KV cache (and, on the numpy backend, 128k x n_ctx attention scores) by default.
+DEFAULT_N_CTX_CAP = 4096
+
 # Rotation convention per architecture (llama.cpp's LLAMA_ROPE_TYPE_NORM vs _NEOX). llama GGUFs store
 # Q/K rows permuted so that adjacent pairs (2i, 2i+1) rotate together; the others keep HF's half split.
 _ROPE_TYPE = {"llama": "norm", "qwen2": "neox", "qwen3": "neox", "gemma3": "neox"}
@@ -75,6 +79,11 @@ class ModelConfig:
     final_softcap: float | None
     bos_id: int | None
     eos_ids: tuple[int, ...]           # eos / eot / eom ids named in metadata (tokenizer adds more EOGs)
+
+    @property
+    def default_n_ctx(self) -> int:
+        """min(the training context, DEFAULT_N_CTX_CAP): the context used when none is asked for."""
+        return min(self.n_ctx_train, DEFAULT_N_CTX_CAP)
 
     @property
     def n_rep(self) -> int:

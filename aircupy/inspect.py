@@ -187,7 +187,7 @@ def describe_plan(path, vram_budget: int, n_ctx: int | None = None, slots: int =
         desc = describe(g)
         config = ModelConfig.from_gguf(g)
         manifest = build_manifest(g)
-    settings = PlanSettings(n_ctx=n_ctx or min(config.n_ctx_train, 4096), slots=slots)
+    settings = PlanSettings(n_ctx=n_ctx or config.default_n_ctx, slots=slots)
     desc["plan"] = {"n_ctx": settings.n_ctx, **make_plan(manifest, config, vram_budget, settings).to_dict()}
     return desc
 

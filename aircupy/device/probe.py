@@ -9,7 +9,6 @@ The check is cheap (an import and a device query, no kernel compilation) and run
 from __future__ import annotations
 
 MIN_COMPUTE_CAPABILITY = 80  # cuda_src targets Ampere and newer (tested on sm_90)
-DEFAULT_N_CTX = 4096
 
 
 def cuda_unavailable_reason() -> str | None:
@@ -43,7 +42,7 @@ def load_model(g, config, *, vram_budget: int | None = None, progress=None,
     from aircupy.model.cuda_streamed import StreamedCudaModel
 
     if n_ctx is None:
-        n_ctx = min(config.n_ctx_train, DEFAULT_N_CTX)
+        n_ctx = config.default_n_ctx
     try:
         return CudaModel(g, config, n_ctx, vram_budget=vram_budget, progress=progress)
     except ModelTooLargeError:  # raised before anything is allocated: stream instead

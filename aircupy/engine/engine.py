@@ -23,9 +23,6 @@ from aircupy.engine.request import KVState, Request
 from aircupy.engine.results import GenerationResult
 from aircupy.errors import ContextLengthError, InvalidParameterError
 
-# The numpy backend's default context: its KV cache is float32 in host memory, and attention over a full
-# 8k or 32k context on a CPU is slow, so it stays modest unless asked otherwise.
-NUMPY_DEFAULT_N_CTX = 4096
 
 
 class Engine:
@@ -89,7 +86,7 @@ class Engine:
     def _resolve_n_ctx(self, n_ctx) -> int:
         train = self.config.n_ctx_train
         if n_ctx is None:
-            return min(train, NUMPY_DEFAULT_N_CTX)
+            return self.config.default_n_ctx
         if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or not 2 <= n_ctx <= train:
             raise InvalidParameterError("n_ctx", f"must be an integer in [2, {train}] (the model's training "
                                                  f"context), got {n_ctx!r}")
