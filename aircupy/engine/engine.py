@@ -24,7 +24,6 @@ from aircupy.engine.results import GenerationResult
 from aircupy.errors import ContextLengthError, InvalidParameterError
 
 
-
 class Engine:
     """A loaded model ready to generate. See the module docstring; the README has the full tour.
 
