@@ -69,7 +69,7 @@ def test_schedule_rejects_bad_layers():
         SlotSchedule(4, (4,), 3)
 
 
-def _drive(tmp_path, n_layers, streamed, n_slots, passes, seed, ram_tier):
+def _drive(tmp_path, n_layers, streamed, n_slots, passes, seed, ram_tier, repack_stream=False):
     rng = np.random.default_rng(seed)
     win = 3 * 4096
     data = rng.integers(0, 256, n_layers * win, dtype=np.uint8)
@@ -77,9 +77,29 @@ def _drive(tmp_path, n_layers, streamed, n_slots, passes, seed, ram_tier):
     data.tofile(path)
     cuda = FakeCuda(seed)
     slots = [np.zeros(win, np.uint8) for _ in range(n_slots)]
+    repack = cuda.Stream()
+    staging, free, turn = [np.zeros(win, np.uint8) for _ in range(2)], [None, None], [0]
 
     def fill(layer, host, block, stream):   # runs when the simulator gets to it, not when enqueued
-        stream.enqueue(lambda: block.__setitem__(slice(None), host))
+        if not repack_stream:
+            stream.enqueue(lambda: block.__setitem__(slice(None), host))
+            return None
+        # StreamedCudaModel's protocol: DMA into staging j on the copy stream, "repack" it into the
+        # slot on a second stream, return the second stream's event that completes the slot.
+        j = turn[0]
+        turn[0] ^= 1
+        if free[j] is not None:
+            stream.wait_event(free[j])
+        stream.enqueue(lambda: staging[j].__setitem__(slice(None), host))
+        dma = cuda.Event()
+        dma.record(stream)
+        repack.wait_event(dma)
+        repack.enqueue(lambda: block.__setitem__(slice(None), staging[j]))
+        free[j] = cuda.Event()
+        free[j].record(repack)
+        done = cuda.Event()
+        done.record(repack)
+        return done
 
     seen = []
     compute = cuda.Stream()
@@ -119,6 +139,16 @@ def test_streamer_every_layer_sees_its_own_bytes(tmp_path, seed, n_layers, strea
         assert st["disk_bytes_read"] == len(streamed) * 3 * 4096
         # every upload after the first read of its window was a hit (read-ahead adds a few more)
         assert st["ram_tier_hits"] >= n_up - len(streamed)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_streamer_waits_for_the_event_fill_returns(tmp_path, seed):
+    """fill finishing the slot on a second stream (the repack stream): compute must wait for the
+    event it returns, not for the copy stream; staging buffers are reused only after their repack."""
+    streamed = (0, 1, 2, 4, 5, 6)
+    seen, st = _drive(tmp_path, 7, streamed, 3, 3, seed, ram_tier=False, repack_stream=True)
+    assert [i for i, _ in seen] == list(streamed) * 3
+    assert all(ok for _, ok in seen), seen
 
 
 def test_streamer_abort_restarts_cleanly(tmp_path):

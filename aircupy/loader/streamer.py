@@ -36,7 +36,8 @@ class LayerStreamer:
                  fill, stager, compute_stream, copy_stream=None, lookahead: int | None = None,
                  cuda=None):
         """windows: layer -> (file offset, nbytes); slots: device uint8 blocks; fill(layer,
-        host_view uint8 (nbytes,), slot_block, stream) enqueues the upload of one window.
+        host_view uint8 (nbytes,), slot_block, stream) enqueues the upload of one window and returns
+        None, or an event that completes the slot when work outside `stream` finishes it (repacks).
         cuda: the module providing Stream, Event, get_elapsed_time (cupy.cuda; tests pass a
         simulator of streams and events)."""
         if cuda is None:
@@ -96,9 +97,11 @@ class LayerStreamer:
                 self.copy.wait_event(done)
         a, b = self._event(), self._event()
         a.record(self.copy)
-        self.fill(u.layer, host, self.slots[u.slot], self.copy)
+        slot_done = self.fill(u.layer, host, self.slots[u.slot], self.copy)
         b.record(self.copy)
-        self._upload_done[u.g] = b
+        # fill may finish the slot on another stream (repacks) and return that event; the host
+        # buffer is free once the copy stream's DMAs are done (b).
+        self._upload_done[u.g] = slot_done if slot_done is not None else b
         self.stager.release(t, ready=b.synchronize)
         self._timings.append((self.sched.pass_of(u.g), "upload", host.nbytes, a, b))
         self._read_ahead(u.g)

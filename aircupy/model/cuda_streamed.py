@@ -8,8 +8,8 @@ once, like CudaModel's. The others live in the file and pass through `slots` dev
 forward pass (each prefill chunk and each decode step is one pass), driven by LayerStreamer
 (loader/streamer.py) on its own copy stream: window -> pinned host buffer (Stager, with a RAM tier
 that keeps windows pinned after their first read) -> per tensor: straight into the slot (types the
-kernels read as stored) or into `stream.staging` and repacked into the slot (ops.repack, on the copy
-stream). A slot is bound once per layer layout (cuda_weights.bind): the forward pass swaps tables.
+kernels read as stored) or into one of two `stream.staging` buffers and repacked into the slot
+(ops.repack) on a third stream, the repack stream, while the copy engine moves the next tensor. A slot is bound once per layer layout (cuda_weights.bind): the forward pass swaps tables.
 
 The kernels and launch sequence are CudaModel's (ForwardPass.layer), so streamed output equals
 resident output bit for bit. Decode runs eagerly: a captured graph would bake in the slot a layer
@@ -25,7 +25,7 @@ from aircupy.device.pool import DevicePool, fmt_bytes
 from aircupy.errors import InvalidParameterError
 from aircupy.gguf.ggml import row_nbytes
 from aircupy.loader.manifest import build_manifest
-from aircupy.loader.plan import PlanSettings, make_plan
+from aircupy.loader.plan import PlanError, PlanSettings, make_plan
 from aircupy.loader.schedule import SlotSchedule
 from aircupy.loader.staging import Stager
 from aircupy.loader.streamer import LayerStreamer
@@ -34,7 +34,7 @@ from aircupy.model.cuda_forward import HEAD_ROWS, ForwardPass
 from aircupy.model.cuda_model import PREFILL_ROWS, CudaModel, _check_supported
 from aircupy.model.cuda_sampling import DeviceSampling
 from aircupy.model.cuda_weights import _host_vector, bind, fill
-from aircupy.model.stream_placement import StreamPlacement
+from aircupy.model.stream_placement import STAGING_BUFFERS, StreamPlacement
 
 POOL_MARGIN = 512 << 20   # left outside the pool for cuBLAS, NVRTC modules (DevicePool's default)
 
@@ -97,8 +97,13 @@ class StreamedCudaModel(CudaModel):
         room = max(0, free - POOL_MARGIN)
         budget = room if vram_budget is None else min(int(vram_budget), room)
         manifest = build_manifest(g)
-        self.plan = make_plan(manifest, c, budget, PlanSettings(
-            n_ctx=self.n_ctx, prefill_chunk=self.rows, slots=slots))   # PlanError below its minimum
+        try:
+            self.plan = make_plan(manifest, c, budget, PlanSettings(
+                n_ctx=self.n_ctx, prefill_chunk=self.rows, slots=slots))
+        except PlanError:
+            # make_plan's workspace is an estimate that errs high; the exact pool (sp) decides, and
+            # raises its own PlanError with the exact minimum when even all-streamed does not fit.
+            self.plan = None
         if n_resident is None:
             resident = sp.choose(budget, self.plan)
         else:
@@ -112,6 +117,7 @@ class StreamedCudaModel(CudaModel):
         self.lib = lib if lib is not None else KernelLibrary()
         self.stream = cp.cuda.Stream(non_blocking=True)
         self.copy_stream = cp.cuda.Stream(non_blocking=True)
+        self.repack_stream = cp.cuda.Stream(non_blocking=True)
         self.buf = make_buffers(self.pool, c, self.rows, HEAD_ROWS)
         scratch = self.pool.array("scratch", pool_plan.regions["scratch"].nbytes, np.uint8)
         gblock = self.pool.array("weights.globals", glob_l.nbytes, np.uint8)
@@ -132,8 +138,11 @@ class StreamedCudaModel(CudaModel):
             n = sp.slot_bytes(S)
             self.slots = [self.pool.array(f"stream.slot{j}", n, np.uint8)
                           for j in range(sp.slot_count(S))]
-            self.staging = self.pool.array("stream.staging", pool_plan.regions["stream.staging"].nbytes,
-                                           np.uint8)
+            self.staging = [self.pool.array(f"stream.staging{j}",
+                                            pool_plan.regions[f"stream.staging{j}"].nbytes, np.uint8)
+                            for j in range(STAGING_BUFFERS)]
+            self._staging_free = [None] * STAGING_BUFFERS   # repack-stream event: buffer j read
+            self._staging_next = 0
             self._manifest, self._tensors = manifest, g.tensors
             self._vectors = self._pin_vectors(S)
             windows = {i: (manifest.layers[i].offset, manifest.layers[i].nbytes) for i in S}
@@ -186,10 +195,20 @@ class StreamedCudaModel(CudaModel):
         self._vectors_mem = pinned
         return out
 
-    def _fill_slot(self, layer: int, host: np.ndarray, block, stream) -> None:
-        """Enqueue on `stream` the upload of layer's window (`host`, pinned uint8) into `block`."""
+    def _fill_slot(self, layer: int, host: np.ndarray, block, stream):
+        """Enqueue the upload of layer's window (`host`, pinned uint8) into `block`: DMAs on `stream`
+        (the copy stream), repacks on the repack stream. Returns the event after which the slot is
+        complete (the streamer makes compute wait on it), or None when nothing needed a repack.
+
+        Tensors the kernels read as stored go straight into the slot. The others are DMAed into the
+        two staging buffers in turn and repacked from there on the repack stream, so the copy engine
+        moves the next tensor while the SMs repack the previous one (on one stream the DMA would
+        idle during every repack: 88% of the pinned rate on an 8B Q4_0, measured on an H200)."""
+        import cupy as cp
+
         from aircupy.ops import cuda_ops as ops
-        chunk, base = self._manifest.layers[layer], host.ctypes.data
+        chunk, base, rs = self._manifest.layers[layer], host.ctypes.data, self.repack_stream
+        last = None
         for p in self.layouts[layer].pieces.values():
             dst = block[p.offset:p.offset + p.nbytes]
             if not p.is_matrix:
@@ -204,13 +223,32 @@ class StreamedCudaModel(CudaModel):
                     dst[off:off + sl.nbytes].data.copy_from_host_async(base + sl.offset, sl.nbytes,
                                                                        stream)
                     continue
-                stage = self.staging[:sl.nbytes]
+                j = self._staging_next
+                self._staging_next = (j + 1) % len(self.staging)
+                if self._staging_free[j] is not None:       # its last repack has read it
+                    stream.wait_event(self._staging_free[j])
+                stage = self.staging[j][:sl.nbytes]
                 stage.data.copy_from_host_async(base + sl.offset, sl.nbytes, stream)
+                dma = cp.cuda.Event(disable_timing=True)
+                dma.record(stream)
+                rs.wait_event(dma)
                 if len(p.sources) == 1:
-                    ops.repack(self.lib, stage, dst, t, info.shape, stream=stream)
+                    ops.repack(self.lib, stage, dst, t, info.shape, stream=rs)
                 else:
                     ops.repack(self.lib, stage, dst, t, info.shape, row0=row0, dst_rows=n_rows,
-                               stream=stream)
+                               stream=rs)
+                last = self._staging_free[j] = cp.cuda.Event(disable_timing=True)
+                last.record(rs)
+        if last is None:
+            return None
+        # The slot is complete when both the DMAs (copy stream) and the repacks are: one event on
+        # the repack stream after it has also waited for the copy stream's last DMA.
+        tail = cp.cuda.Event(disable_timing=True)
+        tail.record(stream)
+        rs.wait_event(tail)
+        done = cp.cuda.Event(disable_timing=True)
+        done.record(rs)
+        return done
 
     # -- reporting ---------------------------------------------------------------------------------
     def stats(self) -> dict:

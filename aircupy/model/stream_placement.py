@@ -11,8 +11,10 @@ and this module adjusts it against the exact pool arithmetic: more resident laye
 fewer while the pool exceeds the budget, always the plan's spread (loader.plan.resident_set).
 
 Pool regions besides the resident model's (cuda_model.py): `stream.slot{j}` (weights, min(n_slots,
-streamed layers) x the largest streamed block) and `stream.staging` (scratch: the largest raw tensor that needs a repack,
-filled and repacked on the copy stream, so it cannot share the compute stream's scratch).
+streamed layers) x the largest streamed block) and `stream.staging0`/`stream.staging1` (scratch: two
+buffers of the largest raw tensor that needs a repack, used in turn: the copy stream DMAs the next
+tensor into one while the repack stream repacks the other into its slot, so the copy engine never
+waits for a repack; they cannot share the compute stream's scratch).
 KV stays in VRAM for every layer (the plan's "vram" placement); the KV shuttle is not implemented.
 
 Pure arithmetic, no cupy: tested on the CPU tier.
@@ -23,6 +25,8 @@ from aircupy.device.pool import PoolPlan, fmt_bytes
 from aircupy.loader.plan import PlanError, resident_set
 from aircupy.model.cuda_buffers import plan_buffers
 from aircupy.model.cuda_layout import raw_nbytes
+
+STAGING_BUFFERS = 2   # raw-tensor staging buffers of a streamed model (DMA into one, repack the other)
 
 
 class StreamPlacement:
@@ -79,7 +83,8 @@ class StreamPlacement:
         if streamed:
             for j in range(self.slot_count(streamed)):
                 plan.add(f"stream.slot{j}", self.slot_bytes(streamed), "weights")
-            plan.add("stream.staging", self.staging_bytes(streamed), "scratch")
+            for j in range(STAGING_BUFFERS):
+                plan.add(f"stream.staging{j}", self.staging_bytes(streamed), "scratch")
         kv_layer = c.n_head_kv * self.n_ctx * c.head_dim * 2  # float16 bytes, one of k or v
         plan.add("kv", 2 * self.L * kv_layer, "kv")
         plan_buffers(plan, c, self.rows, self.hr)

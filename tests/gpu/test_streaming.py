@@ -64,13 +64,15 @@ def test_streamed_equals_resident_for_several_budgets(tmp_path, lib, preset, qty
     ref_toks, ref_logits = _run(ref, prompt, 12)
     del ref
     sp, _, _ = StreamPlacement.for_model(g, c, N_CTX, ROWS, 3)
-    for n_res, tier in ((0, 0), (n_layers // 2, None), (n_layers - 2, 0)):
+    # The budget that fits n_res resident layers; the last case forces n_res (its budget would hold
+    # every layer: 2 streamed layers cost 3 slots), so 2 streamed layers keep their own slots.
+    for n_res, tier, force in ((0, 0, False), (n_layers // 2, None, False), (n_layers - 2, 0, True)):
         budget = sp.total(n_res)
         gc.collect()
         cp.get_default_memory_pool().free_all_blocks()
         free0 = cp.cuda.runtime.memGetInfo()[0]
         m = StreamedCudaModel(g, c, N_CTX, vram_budget=budget, lib=lib, prefill_rows=ROWS,
-                              ram_tier_bytes=tier)
+                              ram_tier_bytes=tier, n_resident=n_res if force else None)
         assert len(m.resident_layers) == n_res and m.pool.plan.total <= budget
         toks, logits = _run(m, prompt, 12)
         used = free0 - cp.cuda.runtime.memGetInfo()[0]
