@@ -15,6 +15,7 @@ step keeps running eagerly and `fallback_reason` says why.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 
@@ -40,6 +41,29 @@ class PinnedIO:
                              self._rt.memcpyDeviceToHost, stream.ptr)
 
 
+def _refuse_allocation(nbytes: int):
+    raise RuntimeError(f"a launcher allocated {nbytes} bytes from cupy's pool during graph capture "
+                       "(the replay would reuse memory the pool may have handed out again)")
+
+
+def capture_graph(step: Callable[[], None], stream, *, forbid_alloc: bool = False):
+    """Capture step() (launches only) on `stream` into an instantiated cupy Graph; raises if the
+    capture fails. forbid_alloc: any allocation from cupy's memory pool inside step() raises (cupy's
+    capture mode is relaxed, so the driver would not refuse it) instead of being baked into the graph."""
+    guard = contextlib.nullcontext()
+    if forbid_alloc:
+        import cupy
+        guard = cupy.cuda.using_allocator(_refuse_allocation)  # thread-local: this thread only
+    with stream:
+        stream.begin_capture()
+        try:
+            with guard:
+                step()
+        finally:
+            graph = stream.end_capture()
+    return graph
+
+
 class StepGraph:
     """Run `step` (launches only) on `stream`: eagerly the first time, then as a replayed graph."""
 
@@ -53,16 +77,8 @@ class StepGraph:
         self.replays = 0
 
     def _capture(self) -> None:
-        s = self.stream
-        graph = None
         try:
-            with s:
-                s.begin_capture()
-                try:
-                    self.step()
-                finally:
-                    graph = s.end_capture()
-            self.graph = graph
+            self.graph = capture_graph(self.step, self.stream)
         except Exception as e:  # keep working eagerly; the reason is reported in stats
             self.graph = None
             self.enabled = False

@@ -9,7 +9,9 @@ Start-up plans one device pool (aircupy/device/pool.py): every layer's weights a
 (cuda_layout.py), the globals, one KV cache of n_ctx tokens, activations for PREFILL_ROWS rows and
 one shared scratch; a model that does not fit raises ModelTooLargeError before anything is allocated.
 Prefill runs in chunks of PREFILL_ROWS tokens; a single-token step on the start-up cache replays a
-CUDA graph (aircupy/device/graphs.py). positions must continue the cache: cache.length + arange(T).
+CUDA graph (aircupy/device/graphs.py), and so does a prefill chunk of T >= 2 tokens on that cache once
+its T has a captured graph (aircupy/model/cuda_prefill.py: an LRU of PREFILL_GRAPH_SLOTS graphs keyed
+by T). positions must continue the cache: cache.length + arange(T).
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from aircupy.loader.arch import tensor_map
 from aircupy.model.cuda_buffers import plan_buffers, make_buffers, scratch_nbytes
 from aircupy.model.cuda_forward import HEAD_ROWS, ForwardPass
 from aircupy.model.cuda_layout import global_layout, layer_layout
+from aircupy.model.cuda_prefill import PREFILL_GRAPH_SLOTS, PrefillGraphs
 from aircupy.model.cuda_sampling import DeviceSampler, DeviceSampling
 from aircupy.model.cuda_weights import bind, fill
 
@@ -65,9 +68,16 @@ def _check_supported(c, layouts) -> None:
 
 
 class CudaModel:
+    # Graph-replayed prefill (PrefillGraphs) or None: eager. A class attribute so that subclasses
+    # with their own constructor (StreamedCudaModel: weights move between passes) stay eager.
+    prefill_graphs: PrefillGraphs | None = None
+
     def __init__(self, g, config, n_ctx: int, vram_budget: int | None = None, progress=None, *,
-                 use_graphs: bool = True, prefill_rows: int = PREFILL_ROWS, lib=None):
-        """lib: a KernelLibrary to share between models in one process (compiles once)."""
+                 use_graphs: bool = True, prefill_rows: int = PREFILL_ROWS, lib=None,
+                 prefill_graph_slots: int = PREFILL_GRAPH_SLOTS):
+        """lib: a KernelLibrary to share between models in one process (compiles once).
+        use_graphs: replay decode steps and prefill chunks as CUDA graphs (on the start-up KV cache);
+        prefill_graph_slots: how many prefill graphs (one per chunk length) to keep, 0 = none."""
         import cupy as cp
         from aircupy.device.kernels import KernelLibrary
         from aircupy.ops import cuda_ops as ops
@@ -120,7 +130,29 @@ class CudaModel:
         self.lib.warmup()
         self.fwd = ForwardPass(self.lib, c, self.glob, self.layers, self.buf)
         self.sampling = DeviceSampling(self, use_graphs)
+        if use_graphs and prefill_graph_slots > 0:
+            self._enable_prefill_graphs(prefill_graph_slots)
         self.stream.synchronize()
+
+    def _enable_prefill_graphs(self, slots: int) -> None:
+        """Pinned inputs of graphed prefill chunks: ids and positions (rows,) int32, copied to
+        buf.ids / buf.pos by the pass itself (PinnedIO: memcpy nodes in the graph)."""
+        from aircupy.device.graphs import PinnedIO
+        self._prefill_in = (PinnedIO(self.buf.ids), PinnedIO(self.buf.pos))
+        self._prefill_kv = CudaKVCache(*self._kv_pool, self.n_ctx, pooled=True)  # the graphs' KV
+        self.prefill_graphs = PrefillGraphs(self._prefill_pass, self.stream, full_rows=self.rows,
+                                            output=self._prefill_output, capacity=slots)
+
+    def _prefill_pass(self, T: int) -> None:
+        """The captured unit: upload the pinned ids/positions, embed, every layer (launches only)."""
+        for io in self._prefill_in:
+            io.upload(self.stream)
+        self.fwd.run(self.buf.ids[:T], self.buf.pos[:T], T, self._prefill_kv)
+
+    def _prefill_output(self, T: int) -> np.ndarray:
+        """The residual rows (T, E) a pass left: every logit derives from them (capture check)."""
+        self.stream.synchronize()
+        return self.buf.x[:T].get(stream=self.stream)
 
     # -- interface shared with NumpyModel ----------------------------------------------------------
 
@@ -192,6 +224,14 @@ class CudaModel:
     def prefill_chunk(self, ids: np.ndarray, pos: np.ndarray, cache) -> int:
         """Upload ≤ PREFILL_ROWS ids/positions (stream-ordered) and run every layer on them."""
         n = len(ids)
+        if self.prefill_graphs is not None and cache.pooled and n > 1:
+            # The pinned inputs are read when the pass's first nodes run: wait until the previous
+            # chunk's pass (if still queued) has read them before overwriting.
+            self.stream.synchronize()
+            self._prefill_in[0].host[:n] = ids
+            self._prefill_in[1].host[:n] = pos
+            self.prefill_graphs.launch(n)
+            return n
         self.buf.ids[:n].set(ids, stream=self.stream)
         self.buf.pos[:n].set(pos, stream=self.stream)
         self.fwd.run(self.buf.ids[:n], self.buf.pos[:n], n, cache)
@@ -209,4 +249,5 @@ class CudaModel:
     def allocation_report(self) -> str:
         """What was allocated on the GPU and for what (one line)."""
         extra = f"; extra KV caches {fmt_bytes(self.extra_kv_bytes)}" if self.extra_kv_bytes else ""
-        return self.pool.report() + extra + "; " + self.sampling.graph_report()
+        pre = "; " + self.prefill_graphs.report() if self.prefill_graphs is not None else ""
+        return self.pool.report() + extra + "; " + self.sampling.graph_report() + pre

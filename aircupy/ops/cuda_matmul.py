@@ -131,6 +131,13 @@ def gemm(lib, a, b, out, *, accumulate: bool = False, stream=None) -> None:
     args = (handle, 1, 0, n, m, k, alpha.ctypes.data, b.data.ptr, dt, k, a.data.ptr, dt, k,
             beta.ctypes.data, out.data.ptr, 0, n, getattr(cublas, "CUBLAS_COMPUTE_32F", 68),
             getattr(cublas, "CUBLAS_GEMM_DEFAULT_TENSOR_OP", 99))
+    s = stream if stream is not None else cupy.cuda.get_current_stream()
+    if s.ptr and cupy.cuda.runtime.streamIsCapturing(s.ptr):
+        # cupy's cuBLAS wrappers refuse stream capture: the same two calls through ctypes (graph-
+        # captured prefill, aircupy/device/cublas_capture.py); alpha/beta are read now, baked in.
+        from aircupy.device.cublas_capture import process_cublas
+        process_cublas().gemm(handle, s.ptr, args[1:])
+        return
     if stream is None:
         cublas.gemmEx(*args)
     else:
