@@ -181,3 +181,98 @@ def test_streamer_abort_restarts_cleanly(tmp_path):
     compute.synchronize()
     stager.close()
     assert seen == [True] * 12
+
+
+# -- KV shuttle: the KV of streamed layers rides up with its layer and its new rows come back -------
+
+H, HD, NCTX = 2, 4, 32
+
+
+def _kv_drive(tmp_path, n_layers, streamed, n_slots, seed):
+    """Passes over two caches (different sizes, switches, a truncate) with the KV of streamed layers
+    shuttled; each simulated compute checks, when it runs, that its slot holds exactly the rows
+    [0, pos0) the host issued before it, then writes T new rows. Returns (checks, caches, oracle,
+    stats, shuttle)."""
+    from aircupy.model.kv_shuttle import KVShuttle, ShuttleKVCache
+    rng = np.random.default_rng(seed)
+    win = 4096
+    data = rng.integers(0, 256, n_layers * win, dtype=np.uint8)
+    (tmp_path / "m.bin").write_bytes(data.tobytes())
+    cuda = FakeCuda(seed)
+    compute = cuda.Stream()
+    slots = [np.zeros(win, np.uint8) for _ in range(n_slots)]
+
+    def copy_rows(dst, src, row0, rows, stream):
+        sl = (slice(None), slice(None), slice(row0, row0 + rows))
+        stream.enqueue(lambda: dst.__setitem__(sl, src[sl]))
+
+    shuttle = KVShuttle([np.zeros(H * NCTX * HD, np.float16) for _ in range(n_slots)],
+                        [np.zeros(H * NCTX * HD, np.float16) for _ in range(n_slots)],
+                        H, HD, NCTX, copy_rows)
+    caches, oracle = [], []
+    for n in (NCTX, 24):
+        kv = [[np.full((1, H, n, HD), -1, np.float16) for _ in range(n_layers)] for _ in "kv"]
+        caches.append(ShuttleKVCache(kv[0], kv[1], n, streamed, shuttle.new_token()))
+        oracle.append(np.full((n_layers, 2, 1, H, n, HD), -1, np.float16))
+    stager = Stager(tmp_path / "m.bin", n_buffers=n_slots + 2, buffer_bytes=win)
+    s = LayerStreamer(SlotSchedule(n_layers, streamed, n_slots),
+                      {i: (i * win, win) for i in streamed}, slots,
+                      lambda layer, host, block, st: st.enqueue(
+                          lambda: block.__setitem__(slice(None), host)), stager, compute, cuda=cuda)
+    checks = []
+    # (cache, T) passes; ("trunc", cache, n) drops tokens for prefix reuse
+    steps = [(0, 5), (0, 6), (0, 1), (0, 1), (1, 7), (0, 1), ("trunc", 0, 6), (0, 3), (1, 2), (1, 1)]
+    for step in steps:
+        if step[0] == "trunc":
+            caches[step[1]].truncate(step[2])
+            continue
+        ci, T = step
+        c = caches[ci]
+        pkv = shuttle.bind(c, c.length, T)
+        s.begin_pass(pkv)
+        for i in range(n_layers):
+            slot = s.acquire(i)
+            kc, vc = pkv.layer(i)
+            p0, exp = c.length, oracle[ci][i][:, :, :, :c.length].copy()
+            new = rng.integers(0, 2048, (2, 1, H, T, HD)).astype(np.float16)
+            oracle[ci][i][:, :, :, p0:p0 + T] = new
+
+            def run(kc=kc, vc=vc, p0=p0, exp=exp, new=new, i=i):
+                checks.append((i, np.array_equal(kc[:, :, :p0], exp[0])
+                               and np.array_equal(vc[:, :, :p0], exp[1])))
+                kc[:, :, p0:p0 + len(new[0][0][0])] = new[0]
+                vc[:, :, p0:p0 + len(new[0][0][0])] = new[1]
+            compute.enqueue(run)
+            s.release(i)
+        s.end_pass()
+        c.length += T
+    st = s.stats()
+    stager.close()
+    return checks, caches, oracle, st, shuttle
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("n_layers,streamed,n_slots", [(8, (1, 3, 5, 7), 3), (6, tuple(range(6)), 3),
+                                                       (5, (0, 4), 3)])
+def test_kv_shuttle_every_compute_sees_its_rows(tmp_path, seed, n_layers, streamed, n_slots):
+    checks, caches, oracle, st, shuttle = _kv_drive(tmp_path, n_layers, streamed, n_slots, seed)
+    assert len(checks) == 9 * n_layers and all(ok for _, ok in checks), checks
+    for c, o in zip(caches, oracle):      # the host holds every cached row of every shuttled layer
+        for i in streamed:
+            assert np.array_equal(c.k[i][:, :, :c.length], o[i][0][:, :, :c.length])
+            assert np.array_equal(c.v[i][:, :, :c.length], o[i][1][:, :, :c.length])
+    row = 2 * H * HD * 2                  # bytes of one token's K and V in one layer
+    assert st["kv_bytes_down"] == shuttle.bytes_down == len(streamed) * row * (5 + 6 + 1 + 1 + 7 + 1
+                                                                              + 3 + 2 + 1)
+    assert st["kv_bytes_up"] == shuttle.bytes_up > 0
+    assert st["bytes_streamed"] == st["uploads"] * 4096 + st["kv_bytes_up"] + st["kv_bytes_down"]
+    if len(streamed) <= n_slots:          # cached slots: the KV goes up only on a cache switch
+        assert st["kv_bytes_up"] == len(streamed) * row * (13 + 7)   # A at 13, B at 7
+
+
+def test_streaming_line_shows_the_kv_shuttle():
+    from aircupy.engine.console import streaming_line
+    base = {"passes": 2, "bytes_streamed": 2**30, "pcie_gbps": 50.0, "overlap": 1.0, "stall_s": 0.0}
+    assert "KV" not in streaming_line({"streaming": base})
+    line = streaming_line({"streaming": dict(base, kv_bytes_up=3 << 20, kv_bytes_down=1 << 19)})
+    assert line.endswith(" | KV shuttled 3.0 MiB up, 0.5 MiB down")

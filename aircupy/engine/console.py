@@ -92,14 +92,23 @@ def summary_line(engine, result) -> str:
 def streaming_line(stats: dict) -> str | None:
     """The layer-streaming figures of Engine.stats() (a streamed CUDA model), or None when nothing
     streams: bytes moved, achieved PCIe rate, share of the upload hidden behind compute, compute time
-    stalled waiting for weights, disk rate and RAM-tier hits."""
+    stalled waiting for weights, disk rate and RAM-tier hits, and the KV shuttle's traffic (part of
+    the bytes streamed) when it runs."""
     s = stats.get("streaming")
     if not s or not s.get("passes"):
         return None
     return (f"[streaming] {s['passes']} passes, {s['bytes_streamed'] / 2**30:.2f} GiB streamed at "
             f"{s['pcie_gbps']:.1f} GB/s | overlap {100 * s['overlap']:.0f}% | stalled {s['stall_s']:.3f} s"
             f" | disk {s.get('disk_bytes_read', 0) / 2**30:.2f} GiB at {s.get('disk_gbps', 0.0):.2f} GB/s"
-            f" | RAM-tier hits {s.get('ram_tier_hits', 0)}")
+            f" | RAM-tier hits {s.get('ram_tier_hits', 0)}" + _kv_part(s))
+
+
+def _kv_part(s: dict) -> str:
+    """The KV shuttle's share of the bytes streamed (up before each streamed layer, back after)."""
+    up, down = s.get("kv_bytes_up", 0), s.get("kv_bytes_down", 0)
+    if not up and not down:
+        return ""
+    return f" | KV shuttled {up / 2**20:.1f} MiB up, {down / 2**20:.1f} MiB down"
 
 
 def _isatty(stream) -> bool:

@@ -1,7 +1,7 @@
 """The layer streamer: file windows -> pinned host buffers -> device slots, overlapped with compute.
 
     streamer = LayerStreamer(schedule, windows, slots, fill, stager, compute_stream)
-    streamer.begin_pass()
+    streamer.begin_pass(kv=None)        # kv: the pass's KV shuttle (model/kv_shuttle.PassKV) or None
     for i in range(n_layers):
         slot = streamer.acquire(i)      # None: resident; else the compute stream now waits for the
         ...run layer i on slots[slot]   #   upload that filled the slot
@@ -13,6 +13,17 @@ ahead of the uploads; a dedicated copy stream uploads a window into its slot (`f
 device staging -> repack into the slot's packed layout) once the compute that last used the slot is
 done; the compute stream waits only for the upload of the layer it is about to run. The order comes
 from SlotSchedule (loader/schedule.py); this class only turns it into events, copies and reads.
+
+KV shuttle (a `kv` object given to begin_pass): the KV of a streamed layer rides up with its
+weights into the KV slot paired with its weight slot, and its new rows go back after its compute,
+both on the copy stream. kv.up(layer, slot, copy) for step g is issued right after g's weight
+upload when that falls in g's own pass (the pass's first position is known only then); the steps
+whose weights were uploaded during the previous pass (the first N of a pass, or every step of a
+cached schedule) get theirs at begin_pass. The compute of g waits for an event recorded after its
+up (recorded even when nothing is copied: it also orders the compute after the previous user's
+download). kv.down(layer, slot, copy) is issued at release: the copy stream waits for the
+compute-done event, then copies the new rows; that precedes, in the copy stream's order, every later
+upload into the slot (which waits for the same event) and the next up of the layer's rows.
 
 A host buffer goes back to the Stager with `ready = upload_done.synchronize`, so it is refilled only
 after its DMA finished. Reads run `lookahead` steps ahead of uploads; with n_buffers = slots + 2 the
@@ -50,8 +61,7 @@ class LayerStreamer:
         self.copy = copy_stream or cuda.Stream(non_blocking=True)
         self.lookahead = schedule.n_slots if lookahead is None else lookahead
         self._reset()
-        self.totals = dict(passes=0, bytes_streamed=0, uploads=0, upload_s=0.0, stall_s=0.0,
-                           pass_s=0.0)
+        self.totals = dict(passes=0, **_figures())
         self.last_pass: dict = {}
         self._timings: deque = deque()    # (pass, kind, nbytes, ev_a, ev_b) awaiting harvest
         self._open: dict = {}             # pass -> figures of a pass not yet finished
@@ -66,6 +76,8 @@ class LayerStreamer:
         self._upload_done: dict = {}      # g -> event
         self._compute_done: dict = {}     # g -> event
         self._pass_start = None
+        self._kv = None                   # the open pass's KV shuttle (None: KV stays in VRAM)
+        self._kv_ready: dict = {}         # g -> event after the up of step g's KV
 
     def _event(self):
         return self._cuda.Event()         # timing enabled: stats read elapsed times
@@ -104,6 +116,8 @@ class LayerStreamer:
         self._upload_done[u.g] = slot_done if slot_done is not None else b
         self.stager.release(t, ready=b.synchronize)
         self._timings.append((self.sched.pass_of(u.g), "upload", host.nbytes, a, b))
+        if self._kv is not None and self.sched.pass_of(u.g) == self._pass:
+            self._kv_up(u.g)
         self._read_ahead(u.g)
         self.host_issue_s += time.perf_counter() - t0
 
@@ -111,12 +125,31 @@ class LayerStreamer:
         while self._actions and isinstance(self._actions[0], Upload):
             self._issue_upload(self._actions.popleft())
 
-    def begin_pass(self) -> None:
+    def _kv_up(self, g: int) -> None:
+        """Enqueue the KV up of step g on the copy stream and the event its compute waits for."""
+        a, b = self._event(), self._event()
+        a.record(self.copy)
+        n = self._kv.up(self.sched.layer_of(g), self.sched.slot_of(g), self.copy)
+        b.record(self.copy)
+        self._kv_ready[g] = b
+        if n:
+            self._timings.append((self._pass, "kv_up", n, a, b))
+
+    def begin_pass(self, kv=None) -> None:
+        """kv: this pass's KV shuttle (see the module doc), or None when the KV stays in VRAM."""
         with self._lock:
             self._harvest()
         self._actions = deque(self.sched.pass_actions(self._pass))
         self._pass_start = self._event()
         self._pass_start.record(self.compute)
+        self._kv = kv
+        if kv is not None and self.sched.S:
+            # Steps whose weights were uploaded during the previous pass (or stay cached): their
+            # KV goes up now, the first moment this pass's positions are known.
+            due = {a.g for a in self._actions if isinstance(a, Upload)}
+            for g in range(self._pass * self.sched.S, (self._pass + 1) * self.sched.S):
+                if g not in due:
+                    self._kv_up(g)
 
     def acquire(self, layer: int) -> int | None:
         """Issue the uploads due before `layer`; make the compute stream wait for its weights."""
@@ -126,10 +159,13 @@ class LayerStreamer:
         if act.slot is None:
             return None
         up = self._upload_done.pop(act.g, None)
-        if up is not None:                # None: weights cached in the slot since an earlier pass
+        kv = self._kv_ready.pop(act.g, None)
+        if up is not None or kv is not None:   # both None: weights cached, KV in VRAM
             a, b = self._event(), self._event()
             a.record(self.compute)
-            self.compute.wait_event(up)
+            for ev in (up, kv):
+                if ev is not None:
+                    self.compute.wait_event(ev)
             b.record(self.compute)
             self._timings.append((self._pass, "stall", 0, a, b))
         return act.slot
@@ -137,10 +173,20 @@ class LayerStreamer:
     def release(self, layer: int) -> None:
         act = self._actions.popleft()
         assert isinstance(act, Compute) and act.layer == layer, (act, layer)
-        if act.slot is not None and not self.sched.cached:
-            ev = self._event()
-            ev.record(self.compute)
+        if act.slot is None or (self.sched.cached and self._kv is None):
+            return
+        ev = self._event()
+        ev.record(self.compute)
+        if not self.sched.cached:
             self._compute_done[act.g] = ev
+        if self._kv is not None:         # the new KV rows go home once the compute wrote them
+            self.copy.wait_event(ev)
+            a, b = self._event(), self._event()
+            a.record(self.copy)
+            n = self._kv.down(layer, act.slot, self.copy)
+            b.record(self.copy)
+            if n:
+                self._timings.append((self._pass, "kv_down", n, a, b))
 
     def end_pass(self) -> None:
         """Issue the trailing uploads (the next pass's first layers) and close the pass."""
@@ -150,6 +196,7 @@ class LayerStreamer:
         end.record(self.compute)
         self._timings.append((self._pass, "pass", 0, self._pass_start, end))
         self._pass += 1
+        self._kv = None
 
     def abort(self) -> None:
         """After an exception inside a pass: wait for both streams, give every host buffer back and
@@ -172,11 +219,13 @@ class LayerStreamer:
         while self._timings and self._timings[0][4].done:
             p, kind, n, a, b = self._timings.popleft()
             dt = self._cuda.get_elapsed_time(a, b) / 1e3
-            d = self._open.setdefault(p, dict(pass_index=p, bytes_streamed=0, uploads=0,
-                                              upload_s=0.0, stall_s=0.0, pass_s=0.0))
-            keys = {"upload": ("bytes_streamed", "uploads", "upload_s"), "stall": ("stall_s",),
-                    "pass": ("pass_s",)}[kind]
-            for k, v in zip(keys, (n, 1, dt) if kind == "upload" else (dt,)):
+            d = self._open.setdefault(p, _figures(pass_index=p))
+            # KV copies count as bytes streamed and copy-stream busy time, not as uploads
+            keys, vals = {"upload": (("bytes_streamed", "uploads", "upload_s"), (n, 1, dt)),
+                          "kv_up": (("bytes_streamed", "kv_bytes_up", "upload_s"), (n, n, dt)),
+                          "kv_down": (("bytes_streamed", "kv_bytes_down", "upload_s"), (n, n, dt)),
+                          "stall": (("stall_s",), (dt,)), "pass": (("pass_s",), (dt,))}[kind]
+            for k, v in zip(keys, vals):
                 d[k] += v
                 self.totals[k] += v
             if kind == "pass":
@@ -195,6 +244,11 @@ class LayerStreamer:
                    ram_tier_bytes=s.ram_tier_bytes, host_read_wait_s=s.wait_s,
                    host_issue_s=self.host_issue_s, last_pass=self.last_pass)
         return out
+
+
+def _figures(**extra) -> dict:
+    return dict(extra, bytes_streamed=0, uploads=0, kv_bytes_up=0, kv_bytes_down=0,
+                upload_s=0.0, stall_s=0.0, pass_s=0.0)
 
 
 def _rates(d: dict) -> dict:

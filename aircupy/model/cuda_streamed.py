@@ -13,11 +13,19 @@ kernels read as stored) or into one of two `stream.staging` buffers and repacked
 
 The kernels and launch sequence are CudaModel's (ForwardPass.layer), so streamed output equals
 resident output bit for bit. Decode runs eagerly: a captured graph would bake in the slot a layer
-occupied at capture time and the host-side event waits. KV caches stay in VRAM for every layer.
+occupied at capture time and the host-side event waits.
+
+KV: in VRAM for every layer, or, with the KV shuttle (kv_shuttle=True, or automatic when KV in
+VRAM does not fit the budget or would stream more bytes, StreamPlacement.choose), in VRAM for the
+resident layers only: a streamed layer's K/V live in pinned RAM (each cache its own) and ride up
+into the KV slot paired with its weight slot, its new rows going back after its compute
+(model/kv_shuttle.py; the streamer orders the copies). Every cache of a shuttled model runs eagerly
+(never the pooled-cache graph path) and holds at most the n_ctx tokens the KV slots were sized for.
 """
 from __future__ import annotations
 
 import os
+import weakref
 
 import numpy as np
 
@@ -34,6 +42,7 @@ from aircupy.model.cuda_forward import HEAD_ROWS, ForwardPass
 from aircupy.model.cuda_model import PREFILL_ROWS, CudaModel, _check_supported
 from aircupy.model.cuda_sampling import DeviceSampling
 from aircupy.model.cuda_weights import _host_vector, bind, fill
+from aircupy.model.kv_shuttle import KVShuttle, ShuttleKVCache, cuda_copy_rows, pinned_f16
 from aircupy.model.stream_placement import STAGING_BUFFERS, StreamPlacement
 
 POOL_MARGIN = 512 << 20   # left outside the pool for cuBLAS, NVRTC modules (DevicePool's default)
@@ -42,14 +51,17 @@ POOL_MARGIN = 512 << 20   # left outside the pool for cuBLAS, NVRTC modules (Dev
 class StreamedForwardPass(ForwardPass):
     """ForwardPass whose layer loop asks the streamer for each layer's weights."""
 
-    def __init__(self, lib, config, glob, resident: dict, buf, streamer: LayerStreamer, slot_table):
+    def __init__(self, lib, config, glob, resident: dict, buf, streamer: LayerStreamer, slot_table,
+                 shuttle: KVShuttle | None = None):
         super().__init__(lib, config, glob, [], buf)
         self.resident, self.streamer, self.slot_table = resident, streamer, slot_table
+        self.shuttle = shuttle
 
     def run(self, ids, pos, T: int, kv) -> None:
+        """kv: a cache, or with the shuttle the pass's PassKV (KVShuttle.bind)."""
         self.embed(ids, T)
         s = self.streamer
-        s.begin_pass()
+        s.begin_pass(kv if self.shuttle is not None else None)
         try:
             for i in range(self.c.n_layers):
                 slot = s.acquire(i)
@@ -59,6 +71,8 @@ class StreamedForwardPass(ForwardPass):
             s.end_pass()
         except BaseException:
             s.abort()
+            if self.shuttle is not None:
+                self.shuttle.invalidate()
             raise
 
 
@@ -79,9 +93,12 @@ def _auto_ram_tier(streamed_bytes: int) -> int:
 class StreamedCudaModel(CudaModel):
     def __init__(self, g, config, n_ctx: int, vram_budget: int | None = None, progress=None, *,
                  prefill_rows: int = PREFILL_ROWS, lib=None, slots: int = 3,
-                 ram_tier_bytes: int | None = None, n_resident: int | None = None):
+                 ram_tier_bytes: int | None = None, n_resident: int | None = None,
+                 kv_shuttle: bool | None = None):
         """vram_budget None: free memory minus POOL_MARGIN. n_resident forces the resident count
-        (tests, benchmarks); the pool must still fit the budget. ram_tier_bytes None: automatic."""
+        (tests, benchmarks); the pool must still fit the budget. ram_tier_bytes None: automatic.
+        kv_shuttle None: automatic (StreamPlacement.choose; with n_resident forced, the shuttle
+        only when KV in VRAM would not fit); True/False force it (tests, benchmarks)."""
         import cupy as cp
         from aircupy.device.kernels import KernelLibrary
 
@@ -105,12 +122,15 @@ class StreamedCudaModel(CudaModel):
             # raises its own PlanError with the exact minimum when even all-streamed does not fit.
             self.plan = None
         if n_resident is None:
-            resident = sp.choose(budget, self.plan)
+            resident, shuttle = sp.choose(budget, kv_shuttle)
         else:
             resident = sp.resident_for(n_resident)
+            shuttle = (sp.pool_plan(resident).total > budget if kv_shuttle is None
+                       else bool(kv_shuttle))
         self.resident_layers = tuple(resident)
         self.streamed_layers = tuple(i for i in range(c.n_layers) if i not in set(resident))
-        pool_plan = sp.pool_plan(resident)
+        shuttle = shuttle and bool(self.streamed_layers)
+        pool_plan = sp.pool_plan(resident, shuttle)
         self.pool = DevicePool(pool_plan, budget, margin=POOL_MARGIN,
                                what=f"{g.path.name} ({c.arch}, streamed)")
 
@@ -155,10 +175,15 @@ class StreamedCudaModel(CudaModel):
                                           self._fill_slot, self.stager, self.stream, self.copy_stream)
         self._slot_tables: dict = {}
 
-        kv = self.pool.array("kv", (2, c.n_layers, 1, c.n_head_kv, self.n_ctx, c.head_dim), np.float16)
-        self._kv_pool = (list(kv[0]), list(kv[1]))
         self._pool_cache = None
         self.extra_kv_bytes = 0
+        self.shuttle = None
+        if shuttle:
+            self._init_shuttle()
+        else:
+            kv = self.pool.array("kv", (2, c.n_layers, 1, c.n_head_kv, self.n_ctx, c.head_dim),
+                                 np.float16)
+            self._kv_pool = (list(kv[0]), list(kv[1]))
 
         report("compiling GPU kernels")
         self.lib.warmup()
@@ -167,10 +192,74 @@ class StreamedCudaModel(CudaModel):
                                    self.buf)
         else:
             self.fwd = StreamedForwardPass(self.lib, c, self.glob, tables, self.buf, self.streamer,
-                                           self._slot_table)
+                                           self._slot_table, self.shuttle)
         # Eager decode when anything streams (see module doc); all resident: graphs as CudaModel.
         self.sampling = DeviceSampling(self, use_graphs=self.streamer is None)
         self.stream.synchronize()
+
+    # -- KV shuttle --------------------------------------------------------------------------------
+    def _init_shuttle(self) -> None:
+        """KV slots (one K and V block per weight slot), the resident layers' KV in the pool, and the
+        pinned host KV of the streamed layers for the start-up cache."""
+        c, n = self.config, self.n_ctx
+        per = c.n_head_kv * n * c.head_dim             # float16 elements of one K (or V)
+        kvs = [self.pool.array(f"stream.kvslot{j}", 2 * per, np.float16)
+               for j in range(len(self.slots))]
+        self.shuttle = KVShuttle([b[:per] for b in kvs], [b[per:] for b in kvs], c.n_head_kv,
+                                 c.head_dim, n, cuda_copy_rows)
+        shape = (1, c.n_head_kv, n, c.head_dim)
+        k, v = [None] * c.n_layers, [None] * c.n_layers
+        if self.resident_layers:
+            kv = self.pool.array("kv", (2, len(self.resident_layers)) + shape, np.float16)
+            for j, i in enumerate(self.resident_layers):
+                k[i], v[i] = kv[0, j], kv[1, j]
+        for i in self.streamed_layers:
+            k[i], v[i] = pinned_f16(shape), pinned_f16(shape)
+        self._kv_pool = (k, v)       # the start-up cache's arrays (DeviceSampling keeps a view)
+        self.host_kv_bytes = 2 * len(self.streamed_layers) * per * 2
+
+    def new_cache(self, n_ctx: int):
+        """KV in VRAM: CudaModel's. Shuttled: the start-up KV when free (pool + pinned start-up host
+        KV), else new arrays (resident layers' on the device, streamed layers' pinned), at most the
+        n_ctx the KV slots hold."""
+        import cupy as cp
+        if self.shuttle is None:
+            return super().new_cache(n_ctx)
+        c = self.config
+        if not 1 <= n_ctx <= self.n_ctx:
+            raise InvalidParameterError("n_ctx", f"must be 1 .. {self.n_ctx} (the KV shuttle's slots "
+                                                 f"hold {self.n_ctx} tokens), got {n_ctx}")
+        held = self._pool_cache() if self._pool_cache is not None else None
+        if held is None:
+            k, v = list(self._kv_pool[0]), list(self._kv_pool[1])
+        else:
+            # Pinned memory of a dropped cache may still be the target of a queued download: let the
+            # copy stream drain before pinned memory is handed out again (set-up time only).
+            self.copy_stream.synchronize()
+            shape = (1, c.n_head_kv, n_ctx, c.head_dim)
+            k, v = [None] * c.n_layers, [None] * c.n_layers
+            for i in range(c.n_layers):
+                if i in self.resident_layers:
+                    k[i], v[i] = cp.empty(shape, cp.float16), cp.empty(shape, cp.float16)
+                    self.extra_kv_bytes += 2 * k[i].nbytes
+                else:
+                    k[i], v[i] = pinned_f16(shape), pinned_f16(shape)
+        cache = ShuttleKVCache(k, v, n_ctx, self.streamed_layers, self.shuttle.new_token())
+        if held is None:
+            self._pool_cache = weakref.ref(cache)
+        return cache
+
+    def prefill_chunk(self, ids: np.ndarray, pos: np.ndarray, cache) -> int:
+        if self.shuttle is None:
+            return super().prefill_chunk(ids, pos, cache)
+        if not isinstance(cache, ShuttleKVCache):
+            raise InvalidParameterError("cache", "a model with the KV shuttle runs on caches of its "
+                                                 "own new_cache()")
+        n = len(ids)
+        self.buf.ids[:n].set(ids, stream=self.stream)
+        self.buf.pos[:n].set(pos, stream=self.stream)
+        self.fwd.run(self.buf.ids[:n], self.buf.pos[:n], n, self.shuttle.bind(cache, int(pos[0]), n))
+        return n
 
     # -- slots -------------------------------------------------------------------------------------
     def _slot_table(self, slot: int, layer: int):
@@ -255,14 +344,16 @@ class StreamedCudaModel(CudaModel):
         """Streaming figures (cumulative, and `last_pass`), plus the placement."""
         out = dict(resident_layers=len(self.resident_layers), streamed_layers=len(self.streamed_layers),
                    pool_bytes=self.pool.plan.total, vram_budget=self.pool.budget,
-                   slots=len(getattr(self, "slots", ())))
+                   slots=len(getattr(self, "slots", ())), kv_shuttle=self.shuttle is not None)
         if self.streamer is not None:
             out.update(self.streamer.stats())
         return out
 
     def allocation_report(self) -> str:
+        kv = (f"; KV of streamed layers shuttled ({fmt_bytes(self.host_kv_bytes)} pinned)"
+              if self.shuttle is not None else "")
         return (f"{len(self.resident_layers)} resident / {len(self.streamed_layers)} streamed layers "
-                f"(budget {fmt_bytes(self.pool.budget)}); " + super().allocation_report())
+                f"(budget {fmt_bytes(self.pool.budget)}{kv}); " + super().allocation_report())
 
     def close(self) -> None:
         if self.stager is not None:

@@ -1,21 +1,24 @@
 """Placement of a streamed CUDA model: which layers stay resident, and the exact device pool that implies.
 
     sp = StreamPlacement(config, glob_l, layer_ls, tensors, n_ctx, rows, hr, n_slots, scratch_b)
-    resident = sp.choose(budget, plan)      # plan = loader.plan.make_plan(...) for the same budget
-    pool_plan = sp.pool_plan(resident)      # what DevicePool allocates; .total <= budget
+    resident, shuttle = sp.choose(budget)          # shuttle: None automatic, True/False forced
+    pool_plan = sp.pool_plan(resident, shuttle)    # what DevicePool allocates; .total <= budget
 
 make_plan (loader/plan.py) decides from the file's windows and an estimate of the workspace; the pool
 holds packed blocks (a little larger than raw windows), the real activation buffers and scratch, and
-the device staging buffer that repacks run from. So the plan's resident count is the starting point
-and this module adjusts it against the exact pool arithmetic: more resident layers while they fit,
-fewer while the pool exceeds the budget, always the plan's spread (loader.plan.resident_set).
+the device staging buffers that repacks run from. This module makes make_plan's decision again on the
+exact pool arithmetic, by the same rule: per KV placement the most resident layers that fit (always
+the plan's spread, loader.plan.resident_set), then the placement that streams the fewest bytes per
+pass at full context (KV in VRAM on a tie), so the shuttle is taken when KV in VRAM does not fit.
 
 Pool regions besides the resident model's (cuda_model.py): `stream.slot{j}` (weights, min(n_slots,
 streamed layers) x the largest streamed block) and `stream.staging0`/`stream.staging1` (scratch: two
 buffers of the largest raw tensor that needs a repack, used in turn: the copy stream DMAs the next
 tensor into one while the repack stream repacks the other into its slot, so the copy engine never
 waits for a repack; they cannot share the compute stream's scratch).
-KV stays in VRAM for every layer (the plan's "vram" placement); the KV shuttle is not implemented.
+KV: region `kv` holds every layer's K and V (float16 (2, layers, 1, Hkv, n_ctx, hd)) when it stays
+in VRAM; with the shuttle (model/kv_shuttle.py) only the resident layers', plus `stream.kvslot{j}`,
+one K and V block per weight slot, the streamed layers' KV living in pinned RAM.
 
 Pure arithmetic, no cupy: tested on the CPU tier.
 """
@@ -73,8 +76,12 @@ class StreamPlacement:
                     need += [raw_nbytes(self.tensors, name) for name, _ in p.sources]
         return max(need)
 
-    def pool_plan(self, resident) -> PoolPlan:
-        c, resident = self.c, set(resident)
+    def kv_layer_bytes(self) -> int:
+        """K and V of one layer (float16 (1, Hkv, n_ctx, hd) each)."""
+        return 2 * self.c.n_head_kv * self.n_ctx * self.c.head_dim * 2
+
+    def pool_plan(self, resident, shuttle: bool = False) -> PoolPlan:
+        resident = set(resident)
         streamed = [i for i in range(self.L) if i not in resident]
         plan = PoolPlan()
         plan.add("weights.globals", self.glob_l.nbytes, "weights")
@@ -85,31 +92,53 @@ class StreamPlacement:
                 plan.add(f"stream.slot{j}", self.slot_bytes(streamed), "weights")
             for j in range(STAGING_BUFFERS):
                 plan.add(f"stream.staging{j}", self.staging_bytes(streamed), "scratch")
-        kv_layer = c.n_head_kv * self.n_ctx * c.head_dim * 2  # float16 bytes, one of k or v
-        plan.add("kv", 2 * self.L * kv_layer, "kv")
-        plan_buffers(plan, c, self.rows, self.hr)
+        kv_b = self.kv_layer_bytes()
+        if shuttle and streamed:
+            if resident:
+                plan.add("kv", len(resident) * kv_b, "kv")
+            for j in range(self.slot_count(streamed)):
+                plan.add(f"stream.kvslot{j}", kv_b, "kv")
+        else:
+            plan.add("kv", self.L * kv_b, "kv")
+        plan_buffers(plan, self.c, self.rows, self.hr)
         plan.add("scratch", self.scratch_b, "scratch")
         return plan
 
-    def total(self, n_resident: int) -> int:
-        return self.pool_plan(self.resident_for(n_resident)).total
+    def total(self, n_resident: int, shuttle: bool = False) -> int:
+        return self.pool_plan(self.resident_for(n_resident), shuttle).total
 
-    def choose(self, budget: int, plan=None) -> tuple[int, ...]:
-        """The most resident layers (plan's spread) whose exact pool fits `budget`, searched from
-        the plan's count; PlanError naming the minimum when not even all-streamed fits."""
-        if self.total(self.L) <= budget:    # all resident (no slots, no staging: below total(L-1))
-            return self.resident_for(self.L)
-        n = len(plan.resident_layers) if plan is not None else 0
-        n = min(n, self.L - 1)
-        if self.total(n) <= budget:
-            while n < self.L - 1 and self.total(n + 1) <= budget:
-                n += 1
-            return self.resident_for(n)
-        while n > 0:
-            n -= 1
-            if self.total(n) <= budget:
-                return self.resident_for(n)
-        minimum = self.pool_plan(()).total
+    def bytes_per_pass(self, n_resident: int, shuttle: bool) -> int:
+        """Bytes a forward pass streams at full context: streamed blocks, plus each shuttled
+        layer's KV up and back (make_plan's measure)."""
+        res = set(self.resident_for(n_resident))
+        streamed = [i for i in range(self.L) if i not in res]
+        kv = 2 * len(streamed) * self.kv_layer_bytes() if shuttle else 0
+        return sum(self.layer_ls[i].nbytes for i in streamed) + kv
+
+    def _most_resident(self, budget: int, shuttle: bool) -> int | None:
+        """The most resident layers (< all) whose pool fits with this KV placement, or None."""
+        for n in range(self.L - 1, -1, -1):
+            if self.total(n, shuttle) <= budget:
+                return n
+        return None
+
+    def choose(self, budget: int, shuttle: bool | None = None) -> tuple[tuple[int, ...], bool]:
+        """(resident layers, KV shuttled?) whose exact pool fits `budget`. shuttle None: the
+        placement streaming the fewest bytes per pass (KV in VRAM on a tie), so the shuttle when KV
+        in VRAM does not fit; True/False force it. PlanError naming the minimum when nothing fits."""
+        if self.total(self.L) <= budget:    # all resident: nothing streams, nothing is shuttled
+            return self.resident_for(self.L), False
+        options = []
+        for sh in ((False, True) if shuttle is None else (bool(shuttle),)):
+            n = self._most_resident(budget, sh)
+            if n is not None:
+                options.append((self.bytes_per_pass(n, sh), sh, n))
+        if options:
+            _, sh, n = min(options)
+            return self.resident_for(n), sh
+        sh = shuttle is not False
+        low = self.pool_plan((), sh)
+        kv = ("KV of streamed layers shuttled through pinned RAM" if sh else
+              f"KV cache of {self.n_ctx} tokens in VRAM, the shuttle off")
         raise PlanError(f"VRAM budget {fmt_bytes(budget)} is below the streaming minimum "
-                        f"{fmt_bytes(minimum)} ({self.pool_plan(()).report()}; KV cache of "
-                        f"{self.n_ctx} tokens in VRAM: the KV shuttle is not implemented)")
+                        f"{fmt_bytes(low.total)} ({low.report()}; {kv})")

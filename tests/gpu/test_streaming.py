@@ -6,6 +6,11 @@ slots of one layer each, prefill in several chunks (one streamed pass per chunk)
 Peak VRAM: the pool fits the budget, and the driver's free memory drops by at most the pool plus a
 small allowance for what lives outside any pool (cuBLAS per-stream workspace; NVRTC modules were
 loaded by the fixture).
+
+KV shuttle: with the streamed layers' KV in pinned RAM (riding up with the layer into a KV slot and
+its new rows going back), logits are bit-identical to KV in VRAM, over chunked prefill, decode, two
+caches at once and a truncate (prefix reuse); for 0 and some resident layers, with cached slots (2
+streamed layers), and when the budget leaves the shuttle as the only fit (chosen automatically).
 """
 from __future__ import annotations
 
@@ -64,10 +69,12 @@ def test_streamed_equals_resident_for_several_budgets(tmp_path, lib, preset, qty
     ref_toks, ref_logits = _run(ref, prompt, 12)
     del ref
     sp, _, _ = StreamPlacement.for_model(g, c, N_CTX, ROWS, 3)
-    # The budget that fits n_res resident layers; the last case forces n_res (its budget would hold
-    # every layer: 2 streamed layers cost 3 slots), so 2 streamed layers keep their own slots.
+    # The budget that fits n_res resident layers; n_res is forced where that budget would hold every
+    # layer (few streamed layers cost as much as they save: 2 or 3 streamed layers take 3 slots and
+    # 2 staging buffers, gemma3's 3 of 6 included), so 2 streamed layers keep their own slots.
     for n_res, tier, force in ((0, 0, False), (n_layers // 2, None, False), (n_layers - 2, 0, True)):
         budget = sp.total(n_res)
+        force = force or sp.total(n_layers) <= budget   # budget holds every layer: no streaming
         gc.collect()
         cp.get_default_memory_pool().free_all_blocks()
         free0 = cp.cuda.runtime.memGetInfo()[0]
@@ -84,6 +91,7 @@ def test_streamed_equals_resident_for_several_budgets(tmp_path, lib, preset, qty
         S = n_layers - n_res
         passes = 3 + 12   # 3 prefill chunks, 12 decode steps
         assert st["passes"] == passes and st["streamed_layers"] == S
+        assert not st["kv_shuttle"] and st["kv_bytes_up"] == st["kv_bytes_down"] == 0
         expected = S * passes if S > 3 else S   # <= 3 streamed: each keeps its slot
         assert st["uploads"] >= expected and st["bytes_streamed"] > 0 and st["pcie_gbps"] > 0
         if tier is None:   # RAM tier on: the file is read once
@@ -118,4 +126,77 @@ def test_probe_streams_when_the_budget_is_too_small(tmp_path, lib):
     with pytest.raises(PlanError, match="minimum") as e:
         load_model(g, c, vram_budget=sp.total(0) // 4, n_ctx=N_CTX)
     assert "\n" not in str(e.value)
+    g.close()
+
+
+def _two_caches(model, prompt, steps=3):
+    """Logits of: the prompt on cache a; its first 24 tokens on a second cache b (a held); a
+    truncated to 20 and the rest of the prompt again; the rest on b; `steps` greedy steps on b."""
+    n = len(prompt)
+    ids = np.asarray(prompt, np.int32)
+    a = model.new_cache(N_CTX)
+    out = [model.forward(ids, np.arange(n, dtype=np.int32), a, all_logits=True)]
+    b = model.new_cache(N_CTX)
+    out.append(model.forward(ids[:24], np.arange(24, dtype=np.int32), b, all_logits=True))
+    a.truncate(20)
+    out.append(model.forward(ids[20:], np.arange(20, n, dtype=np.int32), a, all_logits=True))
+    out.append(model.forward(ids[24:], np.arange(24, n, dtype=np.int32), b, all_logits=True))
+    for _ in range(steps):
+        t = int(out[-1][-1].argmax())
+        out.append(model.forward(np.array([t], np.int32), np.array([b.length], np.int32), b))
+    return out
+
+
+@pytest.mark.parametrize("preset,qtype,n_layers", [("llama3-8b", "Q4_0", 8), ("gemma3-270m", "Q6_K", 6)])
+def test_kv_shuttle_equals_kv_in_vram(tmp_path, lib, preset, qtype, n_layers):
+    from aircupy.config import ModelConfig
+    from aircupy.errors import InvalidParameterError
+    from aircupy.gguf.reader import GGUFFile
+    from aircupy.model.cuda_model import CudaModel
+    from aircupy.model.cuda_streamed import StreamedCudaModel
+    from aircupy.model.stream_placement import StreamPlacement
+    from aircupy.synth import synth_model
+    over = dict(TINY, sliding_window=8) if preset.startswith("gemma3") else TINY
+    rep = synth_model(tmp_path / "m.gguf", preset, qtype, n_layers=n_layers, overrides=over, seed=5,
+                      logit_std=8.0)
+    g = GGUFFile(rep.path)
+    c = ModelConfig.from_gguf(g)
+    prompt = list(np.random.default_rng(3).integers(4, c.vocab_size, 40))
+    ref = CudaModel(g, c, N_CTX, lib=lib, prefill_rows=ROWS)
+    ref_toks, ref_logits = _run(ref, prompt, 12)
+    ref_two = _two_caches(ref, prompt)
+    del ref
+    row = 2 * c.n_head_kv * c.head_dim * 2          # bytes of one token's K and V in one layer
+    sp, _, _ = StreamPlacement.for_model(g, c, N_CTX, ROWS, 3)
+    budget = sp.total(0, shuttle=True)
+    assert budget < sp.total(0)
+    # (n_resident forced or None, budget): 0 and half resident, 2 streamed layers in cached slots,
+    # and a budget only the shuttle fits (the automatic choice must take it)
+    for n_res, vb in ((0, None), (n_layers // 2, None), (n_layers - 2, None), (None, budget)):
+        kw = dict(n_resident=n_res, kv_shuttle=True) if n_res is not None else {}
+        m = StreamedCudaModel(g, c, N_CTX, vram_budget=vb, lib=lib, prefill_rows=ROWS,
+                              ram_tier_bytes=0, **kw)
+        assert m.shuttle is not None and m.stats()["kv_shuttle"]
+        if n_res is None:
+            assert m.resident_layers == () and m.pool.plan.total <= budget
+        toks, logits = _run(m, prompt, 12)
+        st = m.stats()
+        for i, (a, b) in enumerate(zip(ref_logits, logits)):
+            assert np.array_equal(a, b), (f"shuttle, {len(m.resident_layers)} resident: step {i} "
+                                          f"max |diff| {float(np.abs(a - b).max()):.3g}")
+        assert toks == ref_toks
+        S = len(m.streamed_layers)
+        assert st["kv_bytes_down"] == S * row * (40 + 12)      # every new row goes home once
+        up_rows = (0 + 16 + 32 + sum(range(40, 52))) if S > 3 else 0   # cached slots keep the KV
+        assert st["kv_bytes_up"] == S * row * up_rows
+        two = _two_caches(m, prompt)
+        for i, (a, b) in enumerate(zip(ref_two, two)):
+            assert np.array_equal(a, b), f"two caches, part {i}: max |diff| {np.abs(a - b).max():.3g}"
+        with pytest.raises(InvalidParameterError):
+            m.new_cache(N_CTX + 1)
+        print(f"SHUTTLE {preset} {qtype} resident {len(m.resident_layers)}/{n_layers}: pool "
+              f"{m.pool.plan.total}, KV up {st['kv_bytes_up']} B, down {st['kv_bytes_down']} B, "
+              f"{st['pcie_gbps']:.2f} GB/s, overlap {st['overlap']:.2f}")
+        m.close()
+        del m
     g.close()
