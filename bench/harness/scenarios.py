@@ -74,7 +74,8 @@ class Placement:
 def minimum_budget(manifest, config, settings, kv_in_vram: bool = False) -> int:
     """The smallest budget make_plan accepts: globals + workspace + slots x (slot + one layer's KV),
     the KV of streamed layers shuttling; kv_in_vram=True: with every layer's KV in VRAM instead
-    (what StreamedCudaModel does: the KV shuttle is not implemented), which is what "0%" means.
+    (StreamedCudaModel's choice at such a budget: the shuttle would move more bytes per pass
+    than the layers it frees room for), which is what "0%" means.
     Mirrors make_plan's arithmetic (tests hold the two together)."""
     from aircupy.loader.plan import kv_layer_bytes, workspace_bytes
 
