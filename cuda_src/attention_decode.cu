@@ -3,23 +3,47 @@
 // KV cache, per layer: ck, cv fp16 (n_seq, Hkv, n_ctx, hd) -- head-major, so one head's keys are one
 // contiguous run (coalesced, and the layout of ops/reference.attention's (Hkv, S, D) k/v).
 // kv_store(k, v f32 (T, Hkv, hd), ck, cv, pos int32 (T,), seq int32 (T,) or null, T, Hkv, hd, n_ctx):
-//   row t goes to [seq[t], :, pos[t], :]. Grid (T*Hkv), block 128.
+//   row t goes to [seq[t], :, pos[t], :]. Grid (T*Hkv), block 128. (rope.cu's rope_kv_store fuses
+//   this with the rotation of q and k.)
 // attn_decode_hd<HD>(q f32 (T, H, hd), ck, cv, pos, seq, part_o f32 (T, H, n_split, hd),
-//   part_ml f32 (T, H, n_split, 2), T, H, Hkv, n_ctx, n_split, scale, window, softcap):
-//   flash-decoding. Row t attends keys [lo, pos[t]] with lo = max(0, pos[t] + 1 - window) (window 0:
-//   lo = 0) of its sequence; that range is cut into n_split chunks (>= 128 keys each, so short contexts
-//   use one). Grid (Hkv * ceil(G/8), n_split, T), G = H/Hkv: one block serves up to 8 query heads of one
-//   kv head, so each K/V byte is read once per block. Block 128 threads; per tile of 128 keys the K and
-//   V tiles are staged in dynamic shared memory (128 * (2*HD + 8) halves; all loads in flight at once),
-//   then scores one key per thread (its K row dotted with the G queries), an online softmax per head by
-//   one warp, then P.V with threads over (head, dim pair). The grid depends on
-//   T and n_split only, never on the length (read from pos in device memory): graph-safe.
-// attn_combine(part_o, part_ml, out f32 (T, H*hd), T*H, hd, n_split): merges the chunks' (m, l, o).
+//   part_ml f32 (T, H, n_split, 2), out f32 (T, H*hd), T, H, Hkv, n_ctx, n_split, min_chunk, scale,
+//   window, softcap): flash-decoding. Row t attends keys [lo, pos[t]] with lo = max(0, pos[t] + 1 -
+//   window) (window 0: lo = 0) of its sequence; that range is cut into chunks of ceil(n / n_split)
+//   keys rounded up to a multiple of min_chunk, so a short context uses few splits: `used` =
+//   ceil(n / chunk) (dec_range below, the same formula in both kernels). Blocks of splits >= used exit
+//   at once; when used == 1 the one block normalizes and writes `out` itself (no partials, and the
+//   combine kernel skips the row). Grid (Hkv * ceil(G/8), n_split, T), G = H/Hkv: one block serves up
+//   to 8 query heads of one kv head, so each K/V byte is read once per block. Block 128 threads; per
+//   tile of 128 keys the K and V tiles are staged in dynamic shared memory (128 * (2*HD + 8) halves;
+//   all loads in flight at once), then scores one key per thread (its K row dotted with the G
+//   queries), an online softmax per head by one warp, then P.V with threads over (head, dim pair).
+//   The grid depends on T and n_split only, never on the length (read from pos in device memory):
+//   graph-safe.
+// attn_combine(part_o, part_ml, out f32 (T, H*hd), pos, T*H, H, hd, n_split, min_chunk, window):
+//   merges the used chunks' (m, l, o) of rows with used > 1: the split weights exp(m_s - M) / den go
+//   through shared memory once, then each thread sums its dims over the used splits.
 // Numpy reference: ops/reference.attention (softcap, then mask, then softmax; scores * scale).
 #include "common.cuh"
 
 #define DEC_TK 128
 #define DEC_GMAX 8
+
+// Keys of row t: [lo, len); chunk size and the number of splits that hold keys (>= 1, <= n_split).
+struct DecRange {
+    int lo, len, chunk, used;
+};
+__device__ __forceinline__ DecRange dec_range(const int* __restrict__ pos, int t, int n_split, int min_chunk,
+                                              int window) {
+    DecRange r;
+    r.len = pos[t] + 1;
+    r.lo = window > 0 ? max(0, r.len - window) : 0;
+    const int n = r.len - r.lo;
+    // ceil(n / n_split) rounded up to a multiple of min_chunk: a split's keys fill its 128-key tiles
+    // (H200, 4096 keys over 49 splits: chunks of 84 -> 49 splits 20.0 us, of 128 -> 32 splits 18.0 us)
+    r.chunk = ((n + n_split - 1) / n_split + min_chunk - 1) / min_chunk * min_chunk;
+    r.used = (n + r.chunk - 1) / r.chunk;
+    return r;
+}
 
 extern "C" __global__ void kv_store(const float* __restrict__ k, const float* __restrict__ v, u16* ck, u16* cv,
                                     const int* __restrict__ pos, const int* __restrict__ seq, int T, int Hkv,
@@ -39,8 +63,9 @@ template <int HD>
 __device__ __forceinline__ void attn_decode_impl(const float* __restrict__ q, const u16* __restrict__ ck,
                                                  const u16* __restrict__ cv, const int* __restrict__ pos,
                                                  const int* __restrict__ seq, float* __restrict__ part_o,
-                                                 float* __restrict__ part_ml, int T, int H, int Hkv, int n_ctx,
-                                                 int n_split, float scale, int window, float softcap) {
+                                                 float* __restrict__ part_ml, float* __restrict__ out, int T,
+                                                 int H, int Hkv, int n_ctx, int n_split, int min_chunk,
+                                                 float scale, int window, float softcap) {
     constexpr int NP = HD / 2;             // dim pairs
     constexpr int NGRP = DEC_TK / NP;      // thread groups in P.V (each owns heads g = grp + NGRP*i)
     constexpr int GPT = DEC_GMAX / NGRP;   // heads per thread in P.V
@@ -53,25 +78,28 @@ __device__ __forceinline__ void attn_decode_impl(const float* __restrict__ q, co
     const int kvh = blockIdx.x / ngrp, g0 = (blockIdx.x - kvh * ngrp) * DEC_GMAX;
     const int gc = min(DEC_GMAX, G - g0);
     const int sp = blockIdx.y, t = blockIdx.z;
-    const int len = pos[t] + 1;
-    const int lo = window > 0 ? max(0, len - window) : 0;
-    const int chunk = max(DEC_TK, (len - lo + n_split - 1) / n_split);
-    const int k0 = lo + sp * chunk, k1 = min(len, k0 + chunk);
+    const DecRange rg = dec_range(pos, t, n_split, min_chunk, window);
+    if (sp >= rg.used) return;  // no keys for this split (uniform over the block)
+    const int k0 = rg.lo + sp * rg.chunk, k1 = min(rg.len, k0 + rg.chunk);
     const int h0 = kvh * G + g0;  // first query head of this block
     const long sq = seq ? seq[t] : 0;
     const u16* kb = ck + (sq * Hkv + kvh) * (long)n_ctx * HD;
     const u16* vb = cv + (sq * Hkv + kvh) * (long)n_ctx * HD;
 
-    for (int i = tid; i < DEC_GMAX * HD; i += DEC_TK) {
-        const int g = i / HD, d = i - g * HD;
-        qs[g][d] = g < gc ? q[((long)t * H + h0 + g) * HD + d] * scale : 0.f;
+    // q is loaded into registers now and stored to shared memory with the first K/V tile, so its
+    // global latency overlaps the tile's instead of costing a round of its own
+    constexpr int QPT = DEC_GMAX * HD / DEC_TK;  // q values per thread
+    float qreg[QPT];
+#pragma unroll
+    for (int u = 0; u < QPT; ++u) {
+        const int i = tid + u * DEC_TK, g = i / HD, d = i - g * HD;
+        qreg[u] = g < gc ? q[((long)t * H + h0 + g) * HD + d] * scale : 0.f;
     }
     if (tid < DEC_GMAX) { mrun[tid] = NEG_INF; lrun[tid] = 0.f; }
     const int grp = tid / NP, dp = tid - grp * NP;
     float o[GPT][2];
 #pragma unroll
     for (int i = 0; i < GPT; ++i) o[i][0] = o[i][1] = 0.f;
-    __syncthreads();
 
     extern __shared__ __align__(16) u16 kvs[];  // K tile (rows padded by 8 halves) then V tile
     u16* Ks = kvs;
@@ -96,6 +124,13 @@ __device__ __forceinline__ void attn_decode_impl(const float* __restrict__ q, co
                     *reinterpret_cast<uint4*>(Ks + r * (HD + 8) + 8 * c) = kr[u];
                     *reinterpret_cast<uint4*>(Vs + r * HD + 8 * c) = vr[u];
                 }
+            }
+        }
+        if (kt == k0) {
+#pragma unroll
+            for (int u = 0; u < QPT; ++u) {
+                const int i = tid + u * DEC_TK;
+                qs[i / HD][i % HD] = qreg[u];
             }
         }
         __syncthreads();
@@ -170,6 +205,21 @@ __device__ __forceinline__ void attn_decode_impl(const float* __restrict__ q, co
         }
         __syncthreads();
     }
+    if (rg.used == 1) {  // the whole range was this block's: finish the softmax here, no combine
+        if (grp < NGRP) {
+#pragma unroll
+            for (int i = 0; i < GPT; ++i) {
+                const int g = grp + NGRP * i;
+                if (g < gc) {
+                    const float l = lrun[g], inv = l > 0.f ? 1.f / l : 0.f;
+                    float* po = out + ((long)t * H + h0 + g) * HD + 2 * dp;
+                    po[0] = o[i][0] * inv;
+                    po[1] = o[i][1] * inv;
+                }
+            }
+        }
+        return;
+    }
     if (grp < NGRP) {
 #pragma unroll
         for (int i = 0; i < GPT; ++i) {
@@ -191,29 +241,47 @@ __device__ __forceinline__ void attn_decode_impl(const float* __restrict__ q, co
 #define ATTN_DECODE_KERNEL(HD)                                                                          \
     extern "C" __global__ void __launch_bounds__(DEC_TK) attn_decode_hd##HD(                            \
         const float* q, const u16* ck, const u16* cv, const int* pos, const int* seq, float* part_o,   \
-        float* part_ml, int T, int H, int Hkv, int n_ctx, int n_split, float scale, int window,         \
-        float softcap) {                                                                                \
-        attn_decode_impl<HD>(q, ck, cv, pos, seq, part_o, part_ml, T, H, Hkv, n_ctx, n_split, scale,     \
-                             window, softcap);                                                          \
+        float* part_ml, float* out, int T, int H, int Hkv, int n_ctx, int n_split, int min_chunk,       \
+        float scale, int window, float softcap) {                                                       \
+        attn_decode_impl<HD>(q, ck, cv, pos, seq, part_o, part_ml, out, T, H, Hkv, n_ctx, n_split,       \
+                             min_chunk, scale, window, softcap);                                        \
     }
 ATTN_DECODE_KERNEL(64)
 ATTN_DECODE_KERNEL(128)
 ATTN_DECODE_KERNEL(256)
 
+#define DEC_MAX_SPLIT 64  // = cuda_layers.MAX_SPLITS
+
 extern "C" __global__ void attn_combine(const float* __restrict__ part_o, const float* __restrict__ part_ml,
-                                        float* __restrict__ out, int rows, int hd, int n_split) {
+                                        float* __restrict__ out, const int* __restrict__ pos, int rows, int H,
+                                        int hd, int n_split, int min_chunk, int window) {
+    __shared__ float wsp[DEC_MAX_SPLIT];
+    __shared__ float red[32];
     const long r = blockIdx.x;  // = t * H + h
     if (r >= rows) return;
+    const int used = dec_range(pos, (int)(r / H), n_split, min_chunk, window).used;
+    if (used <= 1) return;  // the decode kernel wrote this row
     const float* ml = part_ml + r * n_split * 2;
-    float M = NEG_INF;
-    for (int s = 0; s < n_split; ++s) M = fmaxf(M, ml[2 * s]);
-    float den = 0.f;
-    for (int s = 0; s < n_split; ++s) den += ml[2 * s] == NEG_INF ? 0.f : __expf(ml[2 * s] - M) * ml[2 * s + 1];
+    // every used split holds >= 1 key, so each m_s is finite
+    const float m = (int)threadIdx.x < used ? ml[2 * threadIdx.x] : NEG_INF;
+    const float l = (int)threadIdx.x < used ? ml[2 * threadIdx.x + 1] : 0.f;
+    // block max, then block sum of exp(m_s - M) * l_s (threads >= used contribute 0)
+    float M = warp_max(m);
+    __syncthreads();
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = M;
+    __syncthreads();
+    M = red[0];
+    for (int w = 1; w < (int)(blockDim.x >> 5); ++w) M = fmaxf(M, red[w]);
+    const float e = (int)threadIdx.x < used ? __expf(m - M) : 0.f;
+    const float den = block_sum(e * l, red);
     const float inv = den > 0.f ? 1.f / den : 0.f;
+    if ((int)threadIdx.x < used) wsp[threadIdx.x] = e * inv;
+    __syncthreads();
+    const float* po = part_o + r * n_split * hd;
     for (int d = threadIdx.x; d < hd; d += blockDim.x) {
         float num = 0.f;
-        for (int s = 0; s < n_split; ++s)
-            if (ml[2 * s] != NEG_INF) num += __expf(ml[2 * s] - M) * part_o[(r * n_split + s) * hd + d];
-        out[r * hd + d] = num * inv;
+#pragma unroll 8
+        for (int s = 0; s < used; ++s) num += wsp[s] * po[(long)s * hd + d];
+        out[r * hd + d] = num;
     }
 }

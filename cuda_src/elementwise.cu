@@ -5,10 +5,21 @@
 //   two halves of one fused gate_up buffer). kind 0: SwiGLU, act = silu(x) = x * (1 + tanh(x/2)) / 2
 //   (never overflows, as the reference writes it); kind 1: GeGLU, act = gelu_tanh (PyTorch
 //   approximate='tanh', gemma). Reference: ops/reference.swiglu / geglu.
+// glu_quant(gate_up f32 (M, 2F), xq u8, M, F, kind): the same activation, written straight into the
+//   decode matvec's pre-quantized x planes (xquant.cuh; M rows of xq_row_nbytes(F) bytes) for the
+//   down projection (matvec xmode 2): the quantization then runs once per step, not in every matvec
+//   block. F % 32 == 0. Grid cdiv(M*F/4, 256), 256 threads, 4 values per thread.
 // softcap(x, n, cap): x = cap * tanh(x / cap) in place (gemma-2 style logit capping).
 // add_bias(out f32 (M, N), bias f32 (N,), M, N): out[m, n] += bias[n] (the GEMM path's bias epilogue).
 // Launch geometry: 1-D grid over elements, 256 threads.
 #include "common.cuh"
+#include "xquant.cuh"
+
+__device__ __forceinline__ float glu_act(float g, int kind) {
+    if (kind == 0) return g * (0.5f * (1.f + tanhf(0.5f * g)));
+    const float c = 0.7978845608028654f;  // sqrt(2/pi)
+    return 0.5f * g * (1.f + tanhf(c * (g + 0.044715f * g * g * g)));
+}
 
 extern "C" __global__ void glu(const float* __restrict__ gate, const float* __restrict__ up, float* __restrict__ out,
                                int T, int F, long gate_stride, long up_stride, int kind) {
@@ -16,14 +27,23 @@ extern "C" __global__ void glu(const float* __restrict__ gate, const float* __re
     if (i >= (long)T * F) return;
     const long t = i / F, f = i - t * F;
     const float g = gate[t * gate_stride + f], u = up[t * up_stride + f];
-    float a;
-    if (kind == 0) {
-        a = g * (0.5f * (1.f + tanhf(0.5f * g)));
-    } else {
-        const float c = 0.7978845608028654f;  // sqrt(2/pi)
-        a = 0.5f * g * (1.f + tanhf(c * (g + 0.044715f * g * g * g)));
+    out[i] = glu_act(g, kind) * u;
+}
+
+extern "C" __global__ void glu_quant(const float* __restrict__ gate_up, u8* __restrict__ xq, int M, int F, int kind) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x, f4 = F >> 2;
+    const bool ok = i < M * f4;  // whole warps reach xq_put4 (its shuffles), idle lanes with zeros
+    const int m = ok ? i / f4 : 0, v = ok ? (i - m * f4) << 2 : 0;
+    float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (ok) {
+        const float4 g = __ldg(reinterpret_cast<const float4*>(gate_up + 2L * m * F + v));
+        const float4 u = __ldg(reinterpret_cast<const float4*>(gate_up + 2L * m * F + F + v));
+        a = make_float4(glu_act(g.x, kind) * u.x, glu_act(g.y, kind) * u.y, glu_act(g.z, kind) * u.z,
+                        glu_act(g.w, kind) * u.w);
     }
-    out[i] = a * u;
+    u8* row = xq + m * xq_row_nbytes(F);
+    float* xsc = reinterpret_cast<float*>(row + 2L * F);
+    xq_put4(a, ok, v, row, row + F, xsc, xsc + (F >> 5));
 }
 
 extern "C" __global__ void softcap(float* x, long n, float cap) {

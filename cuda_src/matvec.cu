@@ -20,6 +20,7 @@
 //  * float formats: fp32 x in shared memory and fp32 FMAs.
 // Numpy reference: out = x @ aircupy.gguf.quants.dequantize(raw, type, (N, K)).T  (ops/reference.linear).
 #include "blocks.cuh"
+#include "xquant.cuh"
 
 #define MV_SMEM_BYTES 40960
 // Values of x per tile: float path MR*KT = 8192 floats; int path MR*KT = 16384 (2 bytes each + scales).
@@ -33,8 +34,8 @@ __device__ __forceinline__ int mv_swz(int v) { return ((v >> 5) & 7) ^ ((v >> 7)
 __device__ __forceinline__ int mv_xoff(int v) { return (v & ~31) | ((((v >> 2) & 7) ^ mv_swz(v)) << 2); }
 // Int path: 16-value segment g is one 16-byte slot; slots XOR-permuted within 8-slot (128-byte) groups
 // so that every format's lane pattern (legacy: lane -> block; Q4_K/Q5_K: 8 items of a block;
-// Q2_K/Q3_K/Q6_K: 4 items of each of 2 blocks) reads 8 distinct slots per wavefront.
-__device__ __forceinline__ int mv_slot(int g) { return g ^ (3 * ((g >> 3) & 1)) ^ (4 * ((g >> 4) & 1)); }
+// Q2_K/Q3_K/Q6_K: 4 items of each of 2 blocks) reads 8 distinct slots per wavefront (xquant.cuh).
+__device__ __forceinline__ int mv_slot(int g) { return xq_slot(g); }
 
 template <class F, int MR>
 __device__ __forceinline__ void item_float(const typename F::Raw& r, int b, int it, const float* xs,
@@ -105,64 +106,81 @@ __host__ __device__ constexpr int mv_unroll() {
 }
 
 // Stage x[:, k0:k0+kt] (kt a multiple of 32): fp32 (float path) or quantized planes (int path).
+// xmode 0: x fp32 (M, K) as is; 1: rms-normed on the way, x * xinv[m] * nw (the launch computed xinv);
+// 2 (int path only): x is already quantized (xquant.cuh's global planes, M rows): a plain copy.
 template <class F, int MR>
-__device__ __forceinline__ void stage_x(const float* __restrict__ x, int K, int M, int k0, int kt, u8* sm) {
+__device__ __forceinline__ void stage_x(const float* __restrict__ x, int K, int M, int k0, int kt, u8* sm,
+                                        int xmode, const float* __restrict__ nw, const float* xinv) {
     constexpr int KT = mv_kt<F, MR>();
+    if constexpr (F::INT_DOT) {
+        if (xmode == 2) {
+            const u8* xq = reinterpret_cast<const u8*>(x);
+            const long rowb = xq_row_nbytes(K);
+            const int n16 = kt >> 4;  // 16-byte pieces of one plane of one row
+            for (int i = threadIdx.x; i < 2 * M * n16; i += blockDim.x) {
+                const int pl = i / (M * n16), r = i - pl * M * n16, m = r / n16, c = r - m * n16;
+                const uint4 w4 = __ldg(reinterpret_cast<const uint4*>(xq + m * rowb + (long)pl * K + k0) + c);
+                *reinterpret_cast<uint4*>(sm + pl * MR * KT + m * KT + 16 * c) = w4;
+            }
+            float* xsc = reinterpret_cast<float*>(sm + 2 * MR * KT);
+            float* xqs = xsc + MR * (KT / 32);
+            const int n32 = kt >> 5, n16s = kt >> 4;
+            for (int i = threadIdx.x; i < M * (n32 + n16s); i += blockDim.x) {
+                const int m = i / (n32 + n16s), j = i - m * (n32 + n16s);
+                const float* src = reinterpret_cast<const float*>(xq + m * rowb + 2L * K);  // xsc, then xqs
+                if (j < n32) xsc[m * (KT / 32) + j] = __ldg(src + (k0 >> 5) + j);
+                else xqs[m * (KT / 16) + j - n32] = __ldg(src + (K >> 5) + (k0 >> 4) + j - n32);
+            }
+            return;
+        }
+    }
     const int n4 = M * (kt >> 2);
     for (int i0 = 0; i0 < n4; i0 += blockDim.x) {  // uniform trip count: the shuffles below see full warps
         const int i = i0 + threadIdx.x;
         const bool ok = i < n4;
         const int m = ok ? i / (kt >> 2) : 0, v = ok ? (i - m * (kt >> 2)) << 2 : 0;
         float4 xv = ok ? __ldg(reinterpret_cast<const float4*>(x + (long)m * K + k0 + v)) : make_float4(0.f, 0.f, 0.f, 0.f);
+        if (xmode == 1 && ok) {  // rms_norm's (x * inv) * w, in its order of operations
+            const float inv = xinv[m];
+            const float4 w4 = __ldg(reinterpret_cast<const float4*>(nw + k0 + v));
+            xv = make_float4((xv.x * inv) * w4.x, (xv.y * inv) * w4.y, (xv.z * inv) * w4.z, (xv.w * inv) * w4.w);
+        }
         if constexpr (!F::INT_DOT) {
             if (ok) *reinterpret_cast<float4*>(reinterpret_cast<float*>(sm) + m * KT + mv_xoff(v)) = xv;
         } else {
-            u8* xh = sm;
-            u8* xl = sm + MR * KT;
             float* xsc = reinterpret_cast<float*>(sm + 2 * MR * KT);
-            float* xqs = xsc + MR * (KT / 32);
-            // 8 neighbouring threads hold one 32-value block: its absolute max sets the scale
-            float amax = fmaxf(fmaxf(fabsf(xv.x), fabsf(xv.y)), fmaxf(fabsf(xv.z), fabsf(xv.w)));
-            amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
-            amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
-            amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 4));
-            const float s = amax * (1.f / 16256.f), inv = amax > 0.f ? 16256.f / amax : 0.f;
-            const float e[4] = {xv.x, xv.y, xv.z, xv.w};
-            u32 ph = 0, pl = 0;
-            int isum = 0;
-            // round to nearest with the 1.5*2^23 trick (F2I/I2F run at 1/8 of the FP32 rate):
-            // |t| <= 16256, so h = rint(t/128) is in [-127, 127] and l = rint(t - 128h) in [-64, 64]
-            const float RND = 12582912.f;
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                const float t = e[j] * inv;
-                const float hr = fmaf(t, 1.f / 128.f, RND);
-                const float hf = hr - RND;                  // rint(t / 128), exact
-                const float lr = fmaf(-128.f, hf, t) + RND;  // t - 128h is exact (Sterbenz-free: |.| <= 64.5)
-                const int hq = __float_as_int(hr) - 0x4B400000, lq = __float_as_int(lr) - 0x4B400000;
-                ph |= (u32)(hq & 0xff) << (8 * j);
-                pl |= (u32)(lq & 0xff) << (8 * j);
-                isum += 128 * hq + lq;
-            }
-            isum += __shfl_xor_sync(0xffffffffu, isum, 1);  // 4 threads = one 16-value segment
-            isum += __shfl_xor_sync(0xffffffffu, isum, 2);
-            if (ok) {
-                const int so = (mv_slot(v >> 4) << 4) + (v & 15);
-                *reinterpret_cast<u32*>(xh + m * KT + so) = ph;
-                *reinterpret_cast<u32*>(xl + m * KT + so) = pl;
-                if ((threadIdx.x & 3) == 0) xqs[m * (KT / 16) + (v >> 4)] = s * (float)isum;
-                if ((threadIdx.x & 7) == 0) xsc[m * (KT / 32) + (v >> 5)] = s;
-            }
+            xq_put4(xv, ok, v, sm + m * KT, sm + MR * KT + m * KT, xsc + m * (KT / 32), xsc + MR * (KT / 32) + m * (KT / 16));
         }
+    }
+}
+
+// xinv[m] = 1 / sqrt(mean(x[m]^2) + eps) for the M rows (rms_norm's formula), into shared memory.
+template <int MR>
+__device__ __forceinline__ void row_inv_rms(const float* __restrict__ x, int K, int M, float eps, float* xinv,
+                                            float* red) {
+    for (int m = 0; m < M; ++m) {
+        float ss = 0.f;
+        for (int i = threadIdx.x; i < (K >> 2); i += blockDim.x) {
+            const float4 v = __ldg(reinterpret_cast<const float4*>(x + (long)m * K) + i);
+            ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+        }
+        ss = block_sum(ss, red);
+        if (threadIdx.x == 0) xinv[m] = 1.f / sqrtf(ss / (float)K + eps);
     }
 }
 
 template <class F, int MR>
 __device__ __forceinline__ void matvec_impl(const u8* __restrict__ body, const u8* __restrict__ head,
                                             const float* __restrict__ x, float* __restrict__ out,
-                                            const float* __restrict__ bias, int N, int K, int M, int accumulate) {
+                                            const float* __restrict__ bias, int N, int K, int M, int accumulate,
+                                            const float* __restrict__ normw, float eps, int xmode) {
     constexpr int KT = mv_kt<F, MR>(), U = mv_unroll<F>();
     __shared__ __align__(16) u8 sm[MV_SMEM_BYTES];
+    __shared__ float xinv[MR], red[32];
+    // xmode bits 0-1: how x arrives (stage_x); bit 2: issue the loads of the first two pipeline steps
+    // before staging x (both stages' latencies overlap the staging; matters when a warp has few steps)
+    const int xm = xmode & 3;
+    const bool pre2 = (xmode & 4) != 0;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
     const int rpb = (N + gridDim.x - 1) / gridDim.x;  // rows of this block: [rb, re)
     const int rb = blockIdx.x * rpb, re = min(N, rb + rpb);
@@ -221,13 +239,15 @@ __device__ __forceinline__ void matvec_impl(const u8* __restrict__ body, const u
             }
         };
         if (total > 0) load_step(0, ra);  // issued before staging: the two latencies overlap
-        __syncthreads();                   // the previous tile is consumed
-        stage_x<F, MR>(x, K, M, k0, kt, sm);
+        if (pre2 && total > 1) load_step(1, rb2);  // and the second stage too (short row ranges)
+        if (xm == 1 && k0 == 0) row_inv_rms<MR>(x, K, M, eps, xinv, red);  // ends with a barrier read
+        __syncthreads();                   // the previous tile is consumed (and xinv is visible)
+        stage_x<F, MR>(x, K, M, k0, kt, sm, xm, normw, xinv);
         __syncthreads();
 #pragma unroll
         for (int m = 0; m < MR; ++m) acc[m] = 0.f;
         for (int st = 0; st < total; st += 2) {
-            if (st + 1 < total) load_step(st + 1, rb2);
+            if (st + 1 < total && !(pre2 && st == 0)) load_step(st + 1, rb2);
             run_step(st, ra);
             if (st + 2 < total) load_step(st + 2, ra);
             if (st + 1 < total) run_step(st + 1, rb2);
@@ -240,8 +260,8 @@ __device__ __forceinline__ void matvec_impl(const u8* __restrict__ body, const u
 #define MATVEC_KERNEL_MR(name, Fmt, MR)                                                               \
     extern "C" __global__ void __launch_bounds__(256) matvec_##name##_m##MR(                          \
         const u8* body, const u8* head, const float* x, float* out, const float* bias, int N, int K,  \
-        int M, int accumulate) {                                                                      \
-        matvec_impl<Fmt, MR>(body, head, x, out, bias, N, K, M, accumulate);                          \
+        int M, int accumulate, const float* nw, float eps, int xmode) {                               \
+        matvec_impl<Fmt, MR>(body, head, x, out, bias, N, K, M, accumulate, nw, eps, xmode);          \
     }
 #define MATVEC_KERNELS(name, Fmt) \
     MATVEC_KERNEL_MR(name, Fmt, 1) MATVEC_KERNEL_MR(name, Fmt, 2) MATVEC_KERNEL_MR(name, Fmt, 4) \

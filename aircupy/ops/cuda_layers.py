@@ -14,6 +14,7 @@ from aircupy.ops._launch import NULL, cdiv, check, launch
 
 DECODE_MAX_ROWS = 8      # attention rows handled by the split-KV decode kernel; more -> prefill kernel
 MAX_SPLITS = 64          # KV splits of the decode kernel (fixed per launch shape: graph-safe)
+MIN_CHUNK = 64           # split granule: a 512-key context uses 8 splits, a 64-key one 1
 HEAD_DIMS = (64, 128, 256)
 _GLU_KIND = {"swiglu": 0, "silu": 0, "geglu": 1, "gelu_tanh": 1}
 
@@ -63,17 +64,13 @@ def rms_norm_add(lib, x, w, residual, eps: float, *, stream=None) -> None:
            (x, w, NULL, residual, np.int32(n), np.float32(eps), np.int32(2)), stream)
 
 
-def rope(lib, x, pos, *, base: float, mode: str, rope_dim: int | None = None, freq_scale: float = 1.0,
-         freq_factors=None, scaling=None, stream=None) -> None:
-    """Rotate x (T, H, hd) fp32 in place at positions pos (int32 (T,), device). mode "norm" (adjacent
-    pairs, llama) or "neox" (half split). `scaling` (aircupy.config.RopeScaling) overrides freq_scale
-    and enables yarn; freq_factors (rope_dim/2,) fp32 divides the frequencies (llama3 rope_freqs)."""
-    check(x, np.float32, None, "x")
-    t, h, hd = (int(s) for s in x.shape)
-    check(pos, np.int32, (t,), "pos")
+def _rope_scalars(hd: int, *, base: float, mode: str, rope_dim: int | None, freq_scale: float, freq_factors,
+                  scaling) -> tuple:
+    """The rope kernels' trailing arguments (rope_dim, base, freq_scale, freq_factors, ext_factor,
+    corr_low, corr_high, mscale, neox), validated."""
     rd = hd if rope_dim is None else int(rope_dim)
-    if rd % 2 or rd > hd:
-        raise ValueError(f"rope_dim {rd} must be even and <= head size {hd}")
+    if rd % 2 or rd > hd or rd > 256:
+        raise ValueError(f"rope_dim {rd} must be even and <= head size {hd} (and <= 256)")
     if mode not in ("norm", "neox"):
         raise ValueError(f"rope mode {mode!r}: expected 'norm' or 'neox'")
     ext, low, high, mscale, fs = 0.0, 0.0, 0.0, 1.0, float(freq_scale)
@@ -89,10 +86,46 @@ def rope(lib, x, pos, *, base: float, mode: str, rope_dim: int | None = None, fr
         check(freq_factors, np.float32, None, "freq_factors")
         if freq_factors.size < rd // 2:
             raise ValueError("freq_factors shorter than rope_dim / 2")
-    launch(lib.fn("rope"), (t,), (128,),
-           (x, pos, np.int32(t), np.int32(h), np.int32(hd), np.int32(rd), np.float32(base), np.float32(fs),
-            NULL if freq_factors is None else freq_factors, np.float32(ext), np.float32(low),
-            np.float32(high), np.float32(mscale), np.int32(1 if mode == "neox" else 0)), stream)
+    return (np.int32(rd), np.float32(base), np.float32(fs), NULL if freq_factors is None else freq_factors,
+            np.float32(ext), np.float32(low), np.float32(high), np.float32(mscale),
+            np.int32(1 if mode == "neox" else 0))
+
+
+def rope(lib, x, pos, *, base: float, mode: str, rope_dim: int | None = None, freq_scale: float = 1.0,
+         freq_factors=None, scaling=None, stream=None) -> None:
+    """Rotate x (T, H, hd) fp32 in place at positions pos (int32 (T,), device). mode "norm" (adjacent
+    pairs, llama) or "neox" (half split). `scaling` (aircupy.config.RopeScaling) overrides freq_scale
+    and enables yarn; freq_factors (rope_dim/2,) fp32 divides the frequencies (llama3 rope_freqs)."""
+    check(x, np.float32, None, "x")
+    t, h, hd = (int(s) for s in x.shape)
+    check(pos, np.int32, (t,), "pos")
+    sc = _rope_scalars(hd, base=base, mode=mode, rope_dim=rope_dim, freq_scale=freq_scale,
+                       freq_factors=freq_factors, scaling=scaling)
+    launch(lib.fn("rope"), (t,), (256,), (x, pos, np.int32(t), np.int32(h), np.int32(hd)) + sc, stream)
+
+
+def rope_kv_store(lib, q, k, v, ck, cv, pos, seq=None, *, base: float, mode: str, rope_dim: int | None = None,
+                  freq_scale: float = 1.0, freq_factors=None, scaling=None, stream=None) -> None:
+    """rope(q), rope(k) (in place, same arguments as `rope`) and kv_store(k, v, ck, cv, pos, seq) in one
+    launch: q (T, H, hd), k and v (T, Hkv, hd) fp32, caches fp16 (n_seq, Hkv, n_ctx, hd) or
+    (Hkv, n_ctx, hd). Same results as the three separate launches."""
+    ns, hkv, n_ctx, hd = _cache_dims(ck, "cache_k")
+    if _cache_dims(cv, "cache_v") != (ns, hkv, n_ctx, hd):
+        raise ValueError("cache_k and cache_v differ in shape")
+    check(q, np.float32, None, "q")
+    t, h, qhd = (int(s) for s in q.shape)
+    if qhd != hd:
+        raise ValueError(f"q head size {qhd}, cache {hd}")
+    check(k, np.float32, (t, hkv, hd), "k")
+    check(v, np.float32, (t, hkv, hd), "v")
+    check(pos, np.int32, (t,), "pos")
+    if seq is not None:
+        check(seq, np.int32, (t,), "seq")
+    sc = _rope_scalars(hd, base=base, mode=mode, rope_dim=rope_dim, freq_scale=freq_scale,
+                       freq_factors=freq_factors, scaling=scaling)
+    launch(lib.fn("rope_kv_store"), (t,), (256,),
+           (q, k, v, ck, cv, pos, NULL if seq is None else seq, np.int32(t), np.int32(h), np.int32(hkv),
+            np.int32(hd), np.int32(n_ctx)) + sc, stream)
 
 
 def _glu(lib, gate, up, out, kind: int, gate_stride: int, up_stride: int, stream) -> None:
@@ -126,6 +159,22 @@ def glu(lib, gate_up, out, kind: str, *, stream=None) -> None:
     _glu(lib, gate_up, gate_up[:, f:] if t else gate_up, out, _GLU_KIND[kind], 2 * f, 2 * f, stream)
 
 
+def glu_quant(lib, gate_up, xq, kind: str, *, stream=None) -> None:
+    """glu(gate_up (M, 2F)) written pre-quantized into xq (uint8, M * xq_row_nbytes(F), 16-byte aligned)
+    for cuda_matmul.matvec_xq (the down projection): same activation values as `glu`. F % 128 == 0."""
+    from aircupy.ops.cuda_matmul import xq_row_nbytes
+    m, f2 = (int(s) for s in gate_up.shape)
+    f = f2 // 2
+    check(gate_up, np.float32, (m, 2 * f), "gate_up")
+    check(xq, np.uint8, None, "xq")
+    if kind not in _GLU_KIND:
+        raise ValueError(f"glu kind {kind!r}")
+    if f % 128 or xq.size < m * xq_row_nbytes(f) or xq.data.ptr % 16:
+        raise ValueError(f"glu_quant: F {f} (needs % 128), xq {xq.size} bytes (needs {m * xq_row_nbytes(f)}, aligned)")
+    launch(lib.fn("glu_quant"), (cdiv(m * f // 4, 256),), (256,),
+           (gate_up, xq, np.int32(m), np.int32(f), np.int32(_GLU_KIND[kind])), stream)
+
+
 def softcap(lib, x, cap: float, *, stream=None) -> None:
     """x = cap * tanh(x / cap) in place (fp32)."""
     check(x, np.float32, None, "x")
@@ -157,11 +206,20 @@ def kv_store(lib, k, v, ck, cv, pos, seq=None, *, stream=None) -> None:
             np.int32(n_ctx)), stream)
 
 
-def decode_splits(lib, t: int, h: int, hkv: int) -> int:
-    """KV splits of the decode kernel: ~4 blocks per SM over the (kv head, group, row) grid, <= MAX_SPLITS.
-    Fixed for a launch shape (each split takes >= 128 keys, so short contexts leave most of them idle)."""
+def _decode_smem(hd: int) -> int:
+    return 128 * (2 * hd + 8) * 2  # K (padded) and V tiles of 128 keys
+
+
+def decode_splits(lib, t: int, h: int, hkv: int, hd: int = 128) -> int:
+    """KV splits of the decode kernel: as many blocks as fit on the GPU at once (one wave: shared memory
+    allows 3 blocks per SM at hd 128), over the (kv head, group, row) grid, <= MAX_SPLITS. Measured
+    (H200, ctx 4096): 64 splits of 64 keys = 2 waves, 27 us; 32 splits of 128 keys, 19 us. Fixed for a
+    launch shape; each split takes >= min_chunk keys, and blocks of splits a short context does not
+    reach exit at once."""
     ngrp = cdiv(h // hkv, 8)
-    return max(1, min(MAX_SPLITS, cdiv(4 * lib.n_sm, hkv * ngrp * t)))
+    per_sm = (getattr(lib, "max_smem_optin", 232448) + 1024) // (_decode_smem(hd) + 9 * 1024)  # + static
+    per_sm = max(1, min(4, per_sm))
+    return max(1, min(MAX_SPLITS, per_sm * lib.n_sm // (hkv * ngrp * t)))
 
 
 def attention_scratch_nbytes(t_max: int, h: int, hd: int) -> int:
@@ -171,12 +229,13 @@ def attention_scratch_nbytes(t_max: int, h: int, hd: int) -> int:
 
 
 def attention(lib, q, ck, cv, pos, out, *, scale: float, window: int = 0, softcap: float = 0.0, seq=None,
-              scratch=None, stream=None) -> None:
+              scratch=None, min_chunk: int = MIN_CHUNK, stream=None) -> None:
     """Causal grouped-query attention of q (T, H, hd) fp32 over the cache; out (T, H*hd) fp32.
 
     Row t attends keys [max(0, pos[t] + 1 - window), pos[t]] (window 0: from 0) of sequence seq[t]
     (None: 0); this step's keys must already be stored (kv_store). T <= 8: split-KV decode kernel, needs
-    `scratch` (uint8, attention_scratch_nbytes). T > 8: tiled tensor-core kernel, one sequence."""
+    `scratch` (uint8, attention_scratch_nbytes); min_chunk: keys per split are a multiple of it (a
+    tuning knob: any value >= 1 gives the same result). T > 8: tiled tensor-core kernel, one sequence."""
     ns, hkv, n_ctx, hd = _cache_dims(ck, "cache_k")
     _cache_dims(cv, "cache_v")
     check(q, np.float32, None, "q")
@@ -200,16 +259,21 @@ def attention(lib, q, ck, cv, pos, out, *, scale: float, window: int = 0, softca
                (q, ck, cv, pos, seq_arg, out) + common + (np.float32(scale), np.int32(window), np.float32(softcap)),
                stream, shared_mem=smem)
         return
-    ns_ = decode_splits(lib, t, h, hkv)
+    ns_ = decode_splits(lib, t, h, hkv, hd)
     need = t * h * ns_ * (hd + 2) * 4
     if scratch is None or scratch.size < need:
         raise ValueError(f"attention decode needs scratch of {need} bytes")
     part_o = scratch[:t * h * ns_ * hd * 4].view(np.float32)
     part_ml = scratch[t * h * ns_ * hd * 4:need].view(np.float32)
+    if min_chunk < 1:
+        raise ValueError(f"min_chunk {min_chunk} must be >= 1")
     ngrp = cdiv(h // hkv, 8)
-    smem = 128 * (2 * hd + 8) * 2  # K (padded) and V tiles of 128 keys
+    smem = _decode_smem(hd)
     launch(lib.fn(f"attn_decode_hd{hd}", smem), (hkv * ngrp, ns_, t), (128,),
-           (q, ck, cv, pos, seq_arg, part_o, part_ml) + common +
-           (np.int32(ns_), np.float32(scale), np.int32(window), np.float32(softcap)), stream, shared_mem=smem)
-    launch(lib.fn("attn_combine"), (t * h,), (min(hd, 256),),
-           (part_o, part_ml, out, np.int32(t * h), np.int32(hd), np.int32(ns_)), stream)
+           (q, ck, cv, pos, seq_arg, part_o, part_ml, out) + common +
+           (np.int32(ns_), np.int32(min_chunk), np.float32(scale), np.int32(window), np.float32(softcap)),
+           stream, shared_mem=smem)
+    # combine: one thread per split for the weights (blockDim >= MAX_SPLITS), then over dims
+    launch(lib.fn("attn_combine"), (t * h,), (max(MAX_SPLITS, min(hd, 256)),),
+           (part_o, part_ml, out, pos, np.int32(t * h), np.int32(h), np.int32(hd), np.int32(ns_),
+            np.int32(min_chunk), np.int32(window)), stream)

@@ -75,11 +75,23 @@ def matvec_grid(lib, n: int) -> int:
     return max(1, min(cdiv(n, 8), 2 * lib.n_sm))
 
 
-def matvec(lib, x, w: QWeight, out, *, accumulate: bool = False, bias=None, stream=None) -> None:
-    """out (M, N) (+)= x (M, K) @ W^T (+ bias (N,)), M = 1..8, fp32; W dequantized on the fly."""
+_FLOAT_TYPES = (GGMLType.F32, GGMLType.F16, GGMLType.BF16)
+
+
+def xq_row_nbytes(k: int) -> int:
+    """Bytes of one pre-quantized activation row of k values (cuda_src/xquant.cuh: int8 planes h and l,
+    fp32 scale per 32 values, fp32 sum per 16): 2.375 * k, less than the fp32 row it replaces."""
+    return 2 * k + (k // 32) * 4 + (k // 16) * 4
+
+
+def takes_xq(w: QWeight) -> bool:
+    """Whether matvec_xq can take pre-quantized activations for this weight (quant types, K % 128 == 0)."""
+    return w.ggml_type not in _FLOAT_TYPES and w.shape[1] % 128 == 0
+
+
+def _matvec_launch(lib, x, m: int, w: QWeight, out, accumulate, bias, normw, eps, xmode, prefetch2,
+                   stream) -> None:
     n, k = w.shape
-    m = int(x.shape[0])
-    check(x, np.float32, (m, k), "x")
     check(out, np.float32, (m, n), "out")
     if not 1 <= m <= MAX_MATVEC_ROWS:
         raise ValueError(f"matvec takes 1..{MAX_MATVEC_ROWS} rows, got {m}")
@@ -90,7 +102,36 @@ def matvec(lib, x, w: QWeight, out, *, accumulate: bool = False, bias=None, stre
     name = f"matvec_{FORMATS[w.ggml_type][0]}_m{mr}"
     launch(lib.fn(name), (matvec_grid(lib, n),), (256,),
            (body, head, x, out, NULL if bias is None else bias, np.int32(n), np.int32(k), np.int32(m),
-            np.int32(1 if accumulate else 0)), stream)
+            np.int32(1 if accumulate else 0), NULL if normw is None else normw, np.float32(eps),
+            np.int32(xmode | (4 if prefetch2 else 0))), stream)
+
+
+def matvec(lib, x, w: QWeight, out, *, accumulate: bool = False, bias=None, norm_w=None, eps: float = 0.0,
+           prefetch2: bool = True, stream=None) -> None:
+    """out (M, N) (+)= x (M, K) @ W^T (+ bias (N,)), M = 1..8, fp32; W dequantized on the fly.
+    With norm_w (f32 (K,)): x is rms-normed on the way in, out = rms_norm(x, norm_w, eps) @ W^T (each
+    block computes the rows' 1/rms itself: no normed copy of x, no separate launch). prefetch2: the
+    blocks issue their first two pipeline steps' weight loads before staging x (a speed knob only)."""
+    n, k = w.shape
+    m = int(x.shape[0])
+    check(x, np.float32, (m, k), "x")
+    if norm_w is not None:
+        check(norm_w, np.float32, (k,), "norm_w")
+    _matvec_launch(lib, x, m, w, out, accumulate, bias, norm_w, eps, 0 if norm_w is None else 1, prefetch2,
+                   stream)
+
+
+def matvec_xq(lib, xq, m: int, w: QWeight, out, *, accumulate: bool = False, bias=None, prefetch2: bool = True,
+              stream=None) -> None:
+    """matvec over m activation rows already quantized into `xq` (uint8, m * xq_row_nbytes(K) bytes,
+    16-byte aligned; written by cuda_layers.glu_quant): the blocks copy x instead of quantizing it."""
+    n, k = w.shape
+    if not takes_xq(w):
+        raise ValueError(f"matvec_xq needs a quant type and K % 128 == 0, got {w.ggml_type.name} K={k}")
+    check(xq, np.uint8, None, "xq")
+    if xq.size < m * xq_row_nbytes(k) or xq.data.ptr % 16:
+        raise ValueError(f"xq: {xq.size} bytes at {xq.data.ptr:#x}; needs {m * xq_row_nbytes(k)}, 16-byte aligned")
+    _matvec_launch(lib, xq, m, w, out, accumulate, bias, None, 0.0, 2, prefetch2, stream)
 
 
 def dequant(lib, w: QWeight, out, *, stream=None) -> None:

@@ -134,6 +134,21 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, rope_type: str) 
     return out
 
 
+def rope_kv_store(q: np.ndarray, k: np.ndarray, v: np.ndarray, cache_k: np.ndarray, cache_v: np.ndarray,
+                  pos: np.ndarray, cos: np.ndarray, sin: np.ndarray, rope_type: str,
+                  seq: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The fused decode-step op: rotate q (T, H, D) and k (T, Hkv, D), then store the rotated k and v
+    as float16 at cache[seq[t], :, pos[t]] (caches (n_seq, Hkv, n_ctx, D); seq None: sequence 0).
+    Returns new (q, k, cache_k, cache_v); the inputs are left unchanged."""
+    q2, k2 = apply_rope(q, cos, sin, rope_type), apply_rope(k, cos, sin, rope_type)
+    ck, cv = np.array(cache_k, copy=True), np.array(cache_v, copy=True)
+    for t, p in enumerate(np.asarray(pos)):
+        s = 0 if seq is None else int(seq[t])
+        ck[s, :, int(p)] = k2[t].astype(np.float16)
+        cv[s, :, int(p)] = np.asarray(v[t], dtype=np.float32).astype(np.float16)
+    return q2, k2, ck, cv
+
+
 # --- attention -----------------------------------------------------------------------------------
 
 def attention_mask(q_pos: np.ndarray, k_pos: np.ndarray, window: int | None = None) -> np.ndarray:

@@ -20,6 +20,7 @@ cp = pytest.importorskip("cupy")
 pytestmark = pytest.mark.gpu
 
 from aircupy.device.kernels import KernelLibrary  # noqa: E402
+from aircupy.ops import cuda_layers as ops_layers  # noqa: E402
 from aircupy.ops import cuda_ops as ops  # noqa: E402
 
 
@@ -76,6 +77,35 @@ def test_rope(lib, mode, hd, rd, base, ff, scaling):
     ops.rope(lib, d, cp.asarray(pos), base=base, mode=mode, rope_dim=rd,
              freq_factors=None if factors is None else cp.asarray(factors), scaling=scaling)
     assert rel_err(cp.asnumpy(d), want) < 1e-6
+
+
+@pytest.mark.parametrize("mode,hd,rd,ns,t", [("norm", 128, 128, 1, 1), ("neox", 64, 32, 2, 5),
+                                            ("neox", 256, 256, 1, 3)])
+def test_rope_kv_store(lib, mode, hd, rd, ns, t):
+    """The fused rope(q) + rope(k) + kv_store equals its numpy twin (rope's 1e-6, the fp16 cache exactly)."""
+    rng = np.random.default_rng(hd + t)
+    h, hkv, n_ctx = 6, 2, 40
+    q = rng.standard_normal((t, h, hd)).astype(np.float32)
+    k = rng.standard_normal((t, hkv, hd)).astype(np.float32)
+    v = rng.standard_normal((t, hkv, hd)).astype(np.float32)
+    pos = rng.choice(n_ctx, size=t, replace=False).astype(np.int32)
+    seq = (np.arange(t) % ns).astype(np.int32)
+    ck0 = np.full((ns, hkv, n_ctx, hd), np.nan, np.float16)  # NaN = not written
+    cv0 = np.full((ns, hkv, n_ctx, hd), np.nan, np.float16)
+    factors = (1.0 + rng.random(rd // 2)).astype(np.float32)
+    cos, sin = R.rope_angles(pos, rd, 500000.0, RopeScaling(), factors)
+    wq, wk, wck, wcv = R.rope_kv_store(q, k, v, ck0, cv0, pos, cos, sin, mode, seq)
+    dq, dk, dck, dcv = cp.asarray(q), cp.asarray(k), cp.asarray(ck0), cp.asarray(cv0)
+    ops_layers.rope_kv_store(lib, dq, dk, cp.asarray(v), dck, dcv, cp.asarray(pos), cp.asarray(seq),
+                             base=500000.0, mode=mode, rope_dim=rd, freq_factors=cp.asarray(factors))
+    assert rel_err(cp.asnumpy(dq), wq) < 1e-6
+    assert rel_err(cp.asnumpy(dk), wk) < 1e-6
+    gck, gcv = cp.asnumpy(dck), cp.asnumpy(dcv)
+    assert np.array_equal(gcv, wcv, equal_nan=True)
+    # k passes through fp16 after a rotation that may differ from numpy's in the last fp32 ulp
+    written = ~np.isnan(wck)
+    assert np.array_equal(~np.isnan(gck), written) and np.count_nonzero(written) == t * hkv * hd
+    assert rel_err(gck[written].astype(np.float32), wck[written].astype(np.float32)) < 1e-3
 
 
 @pytest.mark.parametrize("kind", ["swiglu", "geglu"])
@@ -148,6 +178,23 @@ def test_attention_decode(lib, hd, h, hkv, length, window, softcap):
     ops.attention(lib, cp.asarray(q), cp.asarray(k), cp.asarray(v), cp.asarray(pos), out, scale=scale,
                   window=window, softcap=softcap, scratch=scratch)
     assert rel_err(cp.asnumpy(out), _ref(q, k[0], v[0], pos, scale, window, softcap)) < 1e-5
+
+
+@pytest.mark.parametrize("min_chunk", [1, 64, 128, 10000])
+def test_attention_decode_chunking(lib, min_chunk):
+    """Any split size gives the reference result; a short row after a long one in the same scratch
+    (a replayed graph) must not read the long row's stale partials."""
+    rng = np.random.default_rng(min_chunk)
+    h, hkv, hd, n_ctx = 8, 2, 128, 3000
+    k, v = _cache(rng, 1, hkv, n_ctx, hd, n_ctx)
+    q = rng.standard_normal((1, h, hd)).astype(np.float32)
+    scratch = cp.empty(ops.attention_scratch_nbytes(1, h, hd), dtype=cp.uint8)
+    dq, dk, dv = cp.asarray(q), cp.asarray(k), cp.asarray(v)
+    for length in (3000, 70, 1, 700):
+        pos = np.array([length - 1], np.int32)
+        out = poison(cp, (1, h * hd))
+        ops.attention(lib, dq, dk, dv, cp.asarray(pos), out, scale=0.1, scratch=scratch, min_chunk=min_chunk)
+        assert rel_err(cp.asnumpy(out), _ref(q, k[0], v[0], pos, 0.1, 0, 0.0)) < 1e-5, length
 
 
 def test_attention_decode_batch_of_sequences(lib):

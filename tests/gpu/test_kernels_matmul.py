@@ -28,7 +28,10 @@ cp = pytest.importorskip("cupy")
 pytestmark = pytest.mark.gpu
 
 from aircupy.device.kernels import KernelLibrary  # noqa: E402
+from aircupy.ops import cuda_layers as ops_layers  # noqa: E402
+from aircupy.ops import cuda_matmul as ops_mm  # noqa: E402
 from aircupy.ops import cuda_ops as ops  # noqa: E402
+from aircupy.ops import reference as R  # noqa: E402
 
 LEGACY = [GGMLType.F32, GGMLType.F16, GGMLType.BF16, GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0,
           GGMLType.Q5_1, GGMLType.Q8_0]
@@ -126,16 +129,18 @@ def test_matvec(lib, t, m):
 
 @pytest.mark.parametrize("t", [GGMLType.Q4_0, GGMLType.Q6_K, GGMLType.Q8_0, GGMLType.F32], ids=lambda t: t.name)
 @pytest.mark.parametrize("m", [1, 8])
-def test_matvec_long_rows_many_blocks(lib, t, m):
+@pytest.mark.parametrize("prefetch2", [True, False])
+def test_matvec_long_rows_many_blocks(lib, t, m, prefetch2):
     """K over several shared-memory tiles (16384/M values per tile), N over many rows per block, and
-    activations with a few large outliers (per-32 quantization scales must follow them)."""
+    activations with a few large outliers (per-32 quantization scales must follow them); with and
+    without the early second pipeline stage (a speed knob: same result)."""
     rng = np.random.default_rng(20 + m)
     n, k = 1100, 17408
     w, ref, _ = _upload(lib, t, n, k, seed=3)
     x = rng.standard_normal((m, k)).astype(np.float32)
     x[:, ::997] *= 300.0
     out = poison(cp, (m, n))
-    ops.matvec(lib, cp.asarray(x), w, out)
+    ops.matvec(lib, cp.asarray(x), w, out, prefetch2=prefetch2)
     _check_matvec(cp.asnumpy(out), x, ref, t)
 
 
@@ -150,6 +155,47 @@ def test_matvec_accumulate_and_bias(lib, t):
     out = cp.asarray(base)
     ops.matvec(lib, cp.asarray(x), w, out, accumulate=True, bias=cp.asarray(bias))
     _check_matvec(cp.asnumpy(out), x, ref, t, base=base, bias=bias)
+
+
+@pytest.mark.parametrize("t", [GGMLType.Q4_0, GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.F16, GGMLType.F32],
+                         ids=lambda t: t.name)
+@pytest.mark.parametrize("m,k", [(1, 1280), (3, 2304), (8, 17408)])
+def test_matvec_fused_rms_norm(lib, t, m, k):
+    """matvec(x, norm_w=w) == rms_norm(x, w) @ W^T (numpy twins composed); 17408 at M=8 spans tiles."""
+    rng = np.random.default_rng(k + m)
+    n = 70
+    w, ref, _ = _upload(lib, t, n, k, seed=7)
+    x = (rng.standard_normal((m, k)) * 5).astype(np.float32)
+    nw = rng.standard_normal(k).astype(np.float32)
+    out = poison(cp, (m, n))
+    ops_mm.matvec(lib, cp.asarray(x), w, out, norm_w=cp.asarray(nw), eps=1e-5)
+    _check_matvec(cp.asnumpy(out), R.rms_norm(x, nw, 1e-5), ref, t)
+
+
+@pytest.mark.parametrize("t", [GGMLType.Q4_0, GGMLType.Q8_0, GGMLType.Q4_K, GGMLType.Q6_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("m,f,kind", [(1, 1280, "swiglu"), (3, 2304, "geglu"), (8, 17408, "swiglu")])
+def test_glu_quant_matvec_xq(lib, t, m, f, kind):
+    """glu_quant + matvec_xq (quantize once per step) == glu + matvec: the same activation values and
+    the same quantization code, so equal to fp32 rounding; and within the matvec bound of the numpy
+    twin glu(gate, up) @ W^T. Accumulates into a base, as the down projection does."""
+    rng = np.random.default_rng(f + m)
+    n = 45
+    w, ref, _ = _upload(lib, t, n, f, seed=8)
+    gu = (rng.standard_normal((m, 2 * f)) * 3).astype(np.float32)
+    gu[:, ::613] *= 40.0
+    base = rng.standard_normal((m, n)).astype(np.float32)
+    act = (R.swiglu if kind == "swiglu" else R.geglu)(gu[:, :f], gu[:, f:])
+    d_gu = cp.asarray(gu)
+    xq = cp.full(m * ops_mm.xq_row_nbytes(f), 0xFF, dtype=cp.uint8)
+    ops_layers.glu_quant(lib, d_gu, xq, kind)
+    got = cp.asarray(base)
+    ops_mm.matvec_xq(lib, xq, m, w, got, accumulate=True)
+    plain_act = poison(cp, (m, f))
+    ops.glu(lib, d_gu, plain_act, kind)
+    plain = cp.asarray(base)
+    ops.matvec(lib, plain_act, w, plain, accumulate=True)
+    assert rel_err(cp.asnumpy(got), cp.asnumpy(plain)) < 1e-6
+    _check_matvec(cp.asnumpy(got), act, ref, t, base=base)
 
 
 @pytest.mark.parametrize("t", ALL, ids=lambda t: t.name)
