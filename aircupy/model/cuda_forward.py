@@ -6,13 +6,18 @@ kernels (the kernels' contract, aircupy/ops/cuda_ops.py); the KV cache is float1
 
 Per layer, with x the residual (T, E) and h a normed copy (numpy twin: aircupy/model/numpy_model.py):
     h = rms_norm(x)                   qkv = h @ Wqkv^T (+ b)       [q/k rms_norm per head]
-    rope(q), rope(k) at pos           kv_store(k, v at pos)        a = attention(q, cache, pos)
+    rope(q), rope(k) + kv_store(k, v at pos) (one launch)        a = attention(q, cache, pos)
     x += a @ Wo^T                     (gemma: x += rms_norm(a @ Wo^T) * post_attn_norm)
     h = rms_norm(x)                   g = glu(h @ Wgate_up^T)      x += g @ Wdown^T (gemma: post-norm)
 Head: logits = rms_norm(x[rows]) @ Wout^T, in groups of HEAD_ROWS rows (the matvec path: no
 (V, E) fp16 dequantization scratch for a 128k-token vocabulary).
+Decode rows (T <= 8) fuse launches (bench/NOTES_kernels.md has the per-kernel figures): rms_norm into
+the fused qkv / gate_up / head matvecs (matvec norm_w), glu into the down projection's pre-quantized x
+(glu_quant + matvec_xq), rope + kv_store always. A decode step of an 8B llama layer is then 8 kernels (was 11).
 """
 from __future__ import annotations
+
+import numpy as np
 
 from aircupy.model.cuda_buffers import Buffers
 from aircupy.model.cuda_weights import WeightTable
@@ -24,7 +29,8 @@ class ForwardPass:
     """Launch sequence of the model: run(ids, pos, T, kv) over every layer, then head(r0, r1)."""
 
     def __init__(self, lib, config, glob: WeightTable, layers: list[WeightTable], buf: Buffers):
-        from aircupy.ops import cuda_ops as ops
+        from aircupy.ops import cuda_layers, cuda_matmul, cuda_ops as ops
+        self.lay, self.mm = cuda_layers, cuda_matmul  # fused launchers not (yet) re-exported by cuda_ops
         self.ops, self.lib, self.c, self.g, self.layers, self.b = ops, lib, config, glob, layers, buf
         c = config
         self.qd, self.kvd = c.n_head * c.head_dim, c.n_head_kv * c.head_dim
@@ -49,11 +55,17 @@ class ForwardPass:
     def layer(self, i: int, L: WeightTable, pos, T: int, kv) -> None:
         c, b, ops, lib = self.c, self.b, self.ops, self.lib
         x, h = b.x[:T], b.h[:T]
-        ops.rms_norm(lib, x, L.attn_norm, h, c.rms_eps)
+        # Decode rows (T <= 8, the matvec path): the pre-norms ride in the fused qkv / gate_up matvecs
+        # (each block normalizes x as it stages it), and glu writes the down projection's quantized x.
+        mv = T <= ops.MAX_MATVEC_ROWS
         q, k, v = b.q[:T], b.k[:T], b.v[:T]
         if L.qkv is not None:
             qkv = b.qkv[:T]
-            self._linear(h, L.qkv, qkv, bias=L.b_qkv)
+            if mv:
+                self.mm.matvec(lib, x, L.qkv, qkv, bias=L.b_qkv, norm_w=L.attn_norm, eps=c.rms_eps)
+            else:
+                ops.rms_norm(lib, x, L.attn_norm, h, c.rms_eps)
+                self._linear(h, L.qkv, qkv, bias=L.b_qkv)
             if T == 1:  # one row: the column slices are contiguous, view them
                 q = qkv[:, :self.qd].reshape(1, c.n_head, c.head_dim)
                 k = qkv[:, self.qd:self.qd + self.kvd].reshape(1, c.n_head_kv, c.head_dim)
@@ -63,6 +75,7 @@ class ForwardPass:
                 k.reshape(T, self.kvd)[...] = qkv[:, self.qd:self.qd + self.kvd]
                 v.reshape(T, self.kvd)[...] = qkv[:, self.qd + self.kvd:]
         else:
+            ops.rms_norm(lib, x, L.attn_norm, h, c.rms_eps)
             self._linear(h, L.q, q.reshape(T, self.qd), bias=L.b_q)
             self._linear(h, L.k, k.reshape(T, self.kvd), bias=L.b_k)
             self._linear(h, L.v, v.reshape(T, self.kvd), bias=L.b_v)
@@ -71,28 +84,31 @@ class ForwardPass:
             ops.rms_norm(lib, q2, L.q_norm, q2, c.rms_eps)
             ops.rms_norm(lib, k2, L.k_norm, k2, c.rms_eps)
         base, scaling = self.rope[i]
-        if L.qkv is not None and T == 1:
-            # q and k heads are adjacent in the stacked row: rotate all H + Hkv heads in one launch.
-            qk = b.qkv[:1, :self.qd + self.kvd].reshape(1, c.n_head + c.n_head_kv, c.head_dim)
-            targets = (qk,)
-        else:
-            targets = (q, k)
-        for t in targets:
-            ops.rope(lib, t, pos, base=base, mode=c.rope_type, rope_dim=c.rope_dim,
-                     scaling=scaling, freq_factors=self.g.rope_freqs)
         kc, vc = kv.layer(i)
-        ops.kv_store(lib, k, v, kc, vc, pos)
+        # rope(q), rope(k) and the KV-cache write of k, v: one launch (any T; q, k, v contiguous)
+        self.lay.rope_kv_store(lib, q, k, v, kc, vc, pos, base=base, mode=c.rope_type, rope_dim=c.rope_dim,
+                               scaling=scaling, freq_factors=self.g.rope_freqs)
         a = b.attn[:T]
         ops.attention(lib, q, kc, vc, pos, a, scale=float(c.attn_scale),
                       window=int(c.layer_window(i) or 0), softcap=float(c.attn_softcap or 0.0),
                       scratch=b.scratch)
         self._residual(a, L.wo, L.bo, L.post_attn_norm, T)
-        ops.rms_norm(lib, x, L.ffn_norm, h, c.rms_eps)
-        if L.gate_up is not None:
+        if L.gate_up is not None and mv:
+            gu = b.gu[:T]
+            self.mm.matvec(lib, x, L.gate_up, gu, norm_w=L.ffn_norm, eps=c.rms_eps)
+            if self.mm.takes_xq(L.down) and L.post_ffn_norm is None:
+                xq = b.act[:T].view(np.uint8)  # (T, 4F) bytes hold the (T, 2.375F) quantized rows
+                self.lay.glu_quant(lib, gu, xq, self.glu_kind)
+                self.mm.matvec_xq(lib, xq, T, L.down, x, accumulate=True)
+                return
+            ops.glu(lib, gu, b.act[:T], self.glu_kind)
+        elif L.gate_up is not None:
+            ops.rms_norm(lib, x, L.ffn_norm, h, c.rms_eps)
             gu = b.gu[:T]
             self._linear(h, L.gate_up, gu)
             ops.glu(lib, gu, b.act[:T], self.glu_kind)
         else:
+            ops.rms_norm(lib, x, L.ffn_norm, h, c.rms_eps)
             self._linear(h, L.gate, b.gate[:T])
             self._linear(h, L.up, b.up[:T])
             glu = ops.geglu if self.glu_kind == "geglu" else ops.swiglu
@@ -113,8 +129,12 @@ class ForwardPass:
         """Logits of residual rows [r0, r1) (r1 - r0 <= HEAD_ROWS) into logits[:r1-r0]; returns them."""
         n = r1 - r0
         hin, out = self.b.head_in[:n], self.b.logits[:n]
-        self.ops.rms_norm(self.lib, self.b.x[r0:r1], self.g.output_norm, hin, self.c.rms_eps)
-        self._linear(hin, self.g.output if self.g.output is not None else self.g.token_embd, out)
+        w = self.g.output if self.g.output is not None else self.g.token_embd
+        if n <= self.ops.MAX_MATVEC_ROWS:  # final norm fused into the head matvec
+            self.mm.matvec(self.lib, self.b.x[r0:r1], w, out, norm_w=self.g.output_norm, eps=self.c.rms_eps)
+        else:
+            self.ops.rms_norm(self.lib, self.b.x[r0:r1], self.g.output_norm, hin, self.c.rms_eps)
+            self._linear(hin, w, out)
         if self.c.final_softcap:
             self.ops.softcap(self.lib, out, float(self.c.final_softcap))
         return out
