@@ -27,6 +27,11 @@ def _time(cp, fn, reps: int, trials: int = 5, graph: bool = True) -> float:
     graph=True captures the `reps` calls into one CUDA graph and times its replays: a Python launch
     costs 10-30 us (argument checks, views, cupy's launch path), more than most of these kernels, so
     timing Python-issued launches would measure the host. The decode step runs as a graph too."""
+    # The inputs were made on the legacy default stream, which a non-blocking stream does not wait
+    # for: a pageable host-to-device copy (cp.asarray of `pos`) can still be in flight when the
+    # timed launch reads it, and a stale position sends the attention kernel to a wild address
+    # (seen once: cudaErrorInvalidAddressSpace). Finish all setup work first.
+    cp.cuda.Device().synchronize()
     s = cp.cuda.Stream(non_blocking=True)
     with s:
         fn()
@@ -142,6 +147,100 @@ def bench_attention(cp, lib, ops, quick=False) -> list[dict]:
     return res
 
 
+def _attn_kwargs(ops, min_chunk):
+    """attention() keywords: min_chunk only where this tree's launcher has it (the bench also runs
+    against older checkouts, for before/after figures)."""
+    import inspect
+    return {"min_chunk": min_chunk} if min_chunk and "min_chunk" in inspect.signature(ops.attention).parameters else {}
+
+
+def bench_decode_attention(cp, lib, ops, ctxs=(64, 512, 576, 4096, 32768), chunks=(None, 32, 128)) -> list[dict]:
+    """Decode attention (T = 1, 32 q heads, 8 kv heads, hd 128) over a cache of n_ctx = 32768 at each
+    length (the graph's grid is sized for n_ctx, as in the model); min_chunk None = the default."""
+    h, hkv, hd, n_ctx = 32, 8, 128, max(ctxs)
+    ck = cp.random.standard_normal((1, hkv, n_ctx, hd), dtype=cp.float32).astype(cp.float16)
+    cv = cp.random.standard_normal((1, hkv, n_ctx, hd), dtype=cp.float32).astype(cp.float16)
+    q = cp.random.standard_normal((1, h, hd), dtype=cp.float32)
+    out = cp.empty((1, h * hd), dtype=cp.float32)
+    scratch = cp.empty(ops.attention_scratch_nbytes(1, h, hd), dtype=cp.uint8)
+    res = []
+    for ctx in ctxs:
+        pos = cp.asarray(np.array([ctx - 1], np.int32))
+        for mc in chunks:
+            kw = _attn_kwargs(ops, mc)
+            if mc and not kw:
+                continue
+            sec = _time(cp, lambda: ops.attention(lib, q, ck, cv, pos, out, scale=0.088, scratch=scratch, **kw), 50)
+            res.append(dict(ctx=ctx, min_chunk=mc or "default", us=sec * 1e6))
+    return res
+
+
+def bench_decode_layer(cp, lib, ops, ctx=576) -> list[dict]:
+    """One Llama-3-8B decode layer (Q4_0, T = 1, context `ctx`), launch by launch as ForwardPass.layer
+    issues them, each timed alone (graph of 50) and the whole sequence as one graph: the gap between
+    the sum of the matvecs and the layer is what the small kernels cost."""
+    from aircupy.ops import cuda_layers, cuda_matmul
+    from aircupy.ops.packing import QWeight, repack_nbytes
+    t = GGMLType.Q4_0
+    w = {name: QWeight(cp.random.randint(0, 256, size=repack_nbytes(t, (n, k)), dtype=cp.uint8), t, (n, k))
+         for name, n, k in LAYER}
+    e, h, hkv, hd, f, n_ctx = 4096, 32, 8, 128, 14336, 4096
+    r = lambda *s: cp.random.standard_normal(s, dtype=cp.float32)  # noqa: E731
+    x, hb, qkv, attn, gu, act = r(1, e), r(1, e), r(1, 6144), r(1, e), r(1, 2 * f), r(1, f)
+    nw = cp.ones(e, dtype=cp.float32)
+    q, k, v = qkv[:, :4096].reshape(1, h, hd), qkv[:, 4096:5120].reshape(1, hkv, hd), qkv[:, 5120:].reshape(1, hkv, hd)
+    qk = qkv[:, :5120].reshape(1, h + hkv, hd)
+    ck = cp.random.standard_normal((hkv, n_ctx, hd), dtype=cp.float32).astype(cp.float16)
+    cv = ck.copy()
+    pos = cp.asarray(np.array([ctx - 1], np.int32))
+    scratch = cp.empty(ops.attention_scratch_nbytes(1, h, hd), dtype=cp.uint8)
+    rope_kw = dict(base=500000.0, mode="norm")
+    steps = {
+        "rms_norm": lambda: ops.rms_norm(lib, x, nw, hb, 1e-5),
+        "matvec qkv": lambda: ops.matvec(lib, hb, w["qkv"], qkv),
+        "rope q|k": lambda: ops.rope(lib, qk, pos, **rope_kw),
+        "kv_store": lambda: ops.kv_store(lib, k, v, ck, cv, pos),
+        "attention": lambda: ops.attention(lib, q, ck, cv, pos, attn, scale=0.088, scratch=scratch),
+        "matvec o (+=)": lambda: ops.matvec(lib, attn, w["o"], x, accumulate=True),
+        "matvec gate_up": lambda: ops.matvec(lib, hb, w["gate_up"], gu),
+        "glu": lambda: ops.glu(lib, gu, act, "swiglu"),
+        "matvec down (+=)": lambda: ops.matvec(lib, act, w["down"], x, accumulate=True),
+    }
+    fused = getattr(cuda_layers, "rope_kv_store", None)
+    if fused is not None:
+        steps["rope_kv_store (fused)"] = lambda: fused(lib, q, k, v, ck, cv, pos, **rope_kw)
+    xq = act.view(cp.uint8)
+    if hasattr(cuda_matmul, "matvec_xq"):
+        mm = cuda_matmul
+        steps["matvec qkv, rms_norm fused"] = lambda: mm.matvec(lib, x, w["qkv"], qkv, norm_w=nw, eps=1e-5)
+        steps["matvec gate_up, rms_norm fused"] = lambda: mm.matvec(lib, x, w["gate_up"], gu, norm_w=nw, eps=1e-5)
+        steps["glu_quant"] = lambda: cuda_layers.glu_quant(lib, gu, xq, "swiglu")
+        steps["matvec_xq down (+=)"] = lambda: mm.matvec_xq(lib, xq, 1, w["down"], x, accumulate=True)
+        if "prefetch2" in __import__("inspect").signature(mm.matvec).parameters:
+            steps["matvec qkv, no prefetch2"] = lambda: mm.matvec(lib, hb, w["qkv"], qkv, prefetch2=False)
+            steps["matvec o (+=), no prefetch2"] = lambda: mm.matvec(lib, attn, w["o"], x, accumulate=True,
+                                                                     prefetch2=False)
+            steps["matvec gate_up, no prefetch2"] = lambda: mm.matvec(lib, hb, w["gate_up"], gu, prefetch2=False)
+            steps["matvec_xq down (+=), no prefetch2"] = lambda: mm.matvec_xq(lib, xq, 1, w["down"], x,
+                                                                              accumulate=True, prefetch2=False)
+    old = ["rms_norm", "matvec qkv", "rope q|k", "kv_store", "attention", "matvec o (+=)", "rms_norm",
+           "matvec gate_up", "glu", "matvec down (+=)"]
+    seqs = {"layer, separate launches": old}
+    if fused is not None:
+        seqs["layer, rope_kv_store fused"] = [s if s != "rope q|k" else "rope_kv_store (fused)" for s in old
+                                              if s != "kv_store"]
+    if hasattr(cuda_matmul, "matvec_xq"):
+        seqs["layer, all fusions"] = ["matvec qkv, rms_norm fused", "rope_kv_store (fused)", "attention",
+                                      "matvec o (+=)", "matvec gate_up, rms_norm fused", "glu_quant",
+                                      "matvec_xq down (+=)"]
+    res = [dict(step=name, us=_time(cp, fn, 50) * 1e6) for name, fn in steps.items()]
+    for name, seq in seqs.items():
+        fns = [steps[s] for s in seq]
+        res.append(dict(step=f"{name} ({len(fns)} launchers)",
+                        us=_time(cp, lambda: [fn() for fn in fns], 20) * 1e6))
+    return res
+
+
 def bench_sampler(cp, lib, ops, v=128256) -> list[dict]:
     logits = cp.random.standard_normal((1, v), dtype=cp.float32) * 3
     out = cp.empty(1, cp.int32)
@@ -154,10 +253,20 @@ def bench_sampler(cp, lib, ops, v=128256) -> list[dict]:
     return res
 
 
+def print_decode(layer: list[dict], attn: list[dict]) -> None:
+    print("decode layer, Llama-3-8B Q4_0, T=1, ctx 576 (each launch alone; then whole layers):")
+    for r in layer:
+        print(f"  {r['step']:44s} {r['us']:8.1f} us")
+    print("decode attention (32 q / 8 kv heads, hd 128, cache n_ctx 32768):")
+    for r in attn:
+        print(f"  ctx {r['ctx']:6d}  min_chunk {str(r['min_chunk']):8s} {r['us']:8.1f} us")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", help="write all numbers here")
     ap.add_argument("--quick", action="store_true", help="fewer types and shapes")
+    ap.add_argument("--decode", action="store_true", help="only the decode layer breakdown and attention")
     args = ap.parse_args()
     import cupy as cp
     from aircupy.device.kernels import KernelLibrary
@@ -166,6 +275,10 @@ def main() -> None:
     lib = KernelLibrary()
     lib.warmup()
     name = cp.cuda.runtime.getDeviceProperties(lib.device.id)["name"].decode()
+    if args.decode:
+        print(f"device: {name} ({lib.arch})")
+        print_decode(bench_decode_layer(cp, lib, ops), bench_decode_attention(cp, lib, ops))
+        return
     types = [GGMLType.Q4_0, GGMLType.Q4_K, GGMLType.Q8_0] if args.quick else TYPES
     report = dict(device=name, arch=lib.arch, hbm_copy_gbps=bench_hbm(cp))
     report["matvec"] = bench_matvec(cp, lib, ops, types, rows=(1, 8) if not args.quick else (1,))
