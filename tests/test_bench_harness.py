@@ -44,8 +44,8 @@ def test_percent_budgets_expand_to_layer_splits_and_ngl(g8b):
     assert [got[p].ngl for p in (0, 25, 50, 100)] == [0, 8, 16, 99]   # all resident: head too
     budgets = [got[p].budget_bytes for p in (0, 25, 50, 100)]
     assert budgets == sorted(budgets) and budgets[0] > 0
-    for p in got.values():                 # the plan fits its budget; streamed bytes fall as it grows
-        assert p.plan["vram_bytes"] <= p.budget_bytes
+    for p in got.values():   # the exact pool (and the plan) fit the budget; streamed bytes fall
+        assert p.plan["pool_bytes"] <= p.budget_bytes
     assert got[0].plan["bytes_streamed_per_pass"] > got[50].plan["bytes_streamed_per_pass"] > 0
     assert got[100].plan["bytes_streamed_per_pass"] == 0 and got[100].resident
 
@@ -66,7 +66,7 @@ def test_minimum_budget_is_make_plans_floor(g8b):
 def test_70b_scenarios_absolute_and_forced_layers():
     g = virtual_gguf("llama-70b:Q4_0")
     at24 = expand(by_name("70b-q4_0-24gib"), g, n_ctx_for(8))
-    assert at24.budget_bytes == 24 << 30 and at24.plan["vram_bytes"] <= 24 << 30
+    assert at24.budget_bytes == 24 << 30 and at24.plan["pool_bytes"] <= 24 << 30
     assert 30 < at24.n_resident < 80 and at24.ngl == at24.n_resident
     zero = expand(by_name("70b-q4_0-0layers"), g, n_ctx_for(4))
     assert (zero.n_resident, zero.ngl, zero.n_layers) == (0, 0, 80)

@@ -56,7 +56,7 @@ def describe(p: Placement, real: bool, opt: Options) -> str:
     if not real:
         lines.append(f"  file: {path} (absent: `aircupy synth` writes it first)")
     if p.plan:
-        lines.append(f"  plan: VRAM {p.plan['vram_bytes'] / 2**30:.2f} GiB, {p.plan['slots']} slots, "
+        lines.append(f"  pool: {p.plan['pool_bytes'] / 2**30:.2f} GiB, {p.plan['slots']} slots, "
                      f"{p.plan['bytes_streamed_per_pass'] / 1e9:.2f} GB streamed per pass, PCIe bound "
                      f"{p.plan['pcie_bound_s']:.3f} s/pass")
     kind = "CudaModel (resident)" if p.resident else f"StreamedCudaModel(n_resident={p.n_resident})"

@@ -2,13 +2,14 @@
 
 A budget is one of
     "resident"   the whole model in VRAM (CudaModel, decode graph-replayed; llama.cpp -ngl 99);
-    "P%"         P percent of the layer weights resident: budget = the minimum working set with
-                 0 resident layers (globals + workspace + every layer's KV + the streaming slots)
-                 + round(P/100 x n_layers) x the largest layer window, so 0% keeps no layer,
-                 50% half of them and 100% every one;
+    "P%"         P percent of the layer weights resident: budget = the exact device pool with
+                 0 resident layers (globals + buffers + scratch + every layer's KV + the streaming
+                 slots and staging) + round(P/100 x n_layers) x the largest layer block, so 0%
+                 keeps no layer, 50% half of them and 100% every one;
     "24GiB"      an absolute budget (a 24 GB card holds 24 GiB), planned as it comes;
-    "0layers"    N resident layers forced (n_resident=N), budget = what the plan needs for them.
-The layer split aircupy runs is the plan's (make_plan, loader/plan.py); llama.cpp gets -ngl = that
+    "0layers"    N resident layers forced (n_resident=N), budget = the exact pool they need.
+The layer split aircupy runs is the exact pool's (StreamPlacement.choose, the streamed model's own
+rule, KV in VRAM); llama.cpp gets -ngl = that
 number of resident layers (it offloads the last N repeating layers and keeps the output head on
 the CPU unless N exceeds the layer count: the head is the one placement difference), and HF
 accelerate gets max_memory = the same budget bytes.
@@ -97,37 +98,49 @@ def parse_bytes(text: str) -> int:
 
 
 def expand(s: Scenario, g, n_ctx: int, prefill_chunk: int = 512) -> Placement:
-    """The placement of scenario `s` on model `g` (GGUFFile or models.virtual_gguf)."""
+    """The placement of scenario `s` on model `g` (GGUFFile or models.virtual_gguf).
+
+    Budgets and resident counts come from the exact device pool the streamed model allocates
+    (model.stream_placement.StreamPlacement, KV in VRAM), so aircupy runs within the stated budget
+    and llama.cpp gets the same layer count: "P%" = the pool with 0 resident layers + round(P/100 x
+    n_layers) x the largest layer block; "0layers" = the pool with 0 resident layers; an absolute
+    budget = as given. make_plan's view of the same budget (an estimate that errs high) is kept in
+    `plan` for the record."""
     from aircupy.config import ModelConfig
     from aircupy.loader.manifest import build_manifest
-    from aircupy.loader.plan import PlanSettings, make_plan
+    from aircupy.loader.plan import DEFAULT_PCIE_GBPS, PlanError, PlanSettings, make_plan
+    from aircupy.model.stream_placement import StreamPlacement
 
     c = ModelConfig.from_gguf(g)
     L = c.n_layers
     if s.budget == "resident":
         return Placement(s, L, L, None, 99, g.file_size, None, "all layers and the head on the GPU")
-    man = build_manifest(g)
-    st = PlanSettings(n_ctx=n_ctx, prefill_chunk=prefill_chunk)
-    floor = minimum_budget(man, c, st, kv_in_vram=True)
+    sp, _, layer_ls = StreamPlacement.for_model(g, c, n_ctx, prefill_chunk, 3)
+    floor = sp.pool_plan((), False).total     # every streamed layer, KV in VRAM
     note = ""
     if s.budget.endswith("%"):
         pct = float(s.budget[:-1])
-        budget = floor + round(pct / 100 * L) * -(-man.max_layer_bytes // 256) * 256
+        budget = floor + round(pct / 100 * L) * max(lay.nbytes for lay in layer_ls)
     elif s.budget.endswith("layers"):
         want = int(s.budget[:-len("layers")])
-        budget = floor
-        while len(make_plan(man, c, budget, st).resident_layers) < want:
-            budget += man.max_layer_bytes       # one more layer's window per step
-        note = f"{want} resident layers forced; budget = what the plan needs for them"
+        budget = sp.pool_plan(sp.resident_for(want), False).total
+        note = f"{want} resident layers forced; budget = the exact pool they need"
     else:
         budget = parse_bytes(s.budget)
-    plan = make_plan(man, c, budget, st)
-    n_res = len(plan.resident_layers)
-    if s.budget.endswith("layers") and n_res != int(s.budget[:-len("layers")]):
-        raise AssertionError(f"{s.name}: plan keeps {n_res} layers at {budget} B")
-    summary = {k: plan.to_dict()[k] for k in (
-        "vram_bytes", "slots", "slot_bytes", "kv_placement", "bytes_streamed_per_pass",
-        "pcie_bound_s", "decode_bound_tok_s")}
-    summary["resident_layers"] = list(plan.resident_layers)
+    resident, _ = sp.choose(budget, shuttle=False)
+    n_res = len(resident)
+    if s.budget.endswith("layers") and n_res < int(s.budget[:-len("layers")]):
+        raise AssertionError(f"{s.name}: the pool keeps {n_res} layers at {budget} B")
+    man = build_manifest(g)
+    streamed_b = sum(man.layers[i].nbytes for i in range(L) if i not in set(resident))
+    summary = {"pool_bytes": sp.pool_plan(resident, False).total if n_res < L else sp.total(L),
+               "resident_layers": list(resident), "slots": 3 if n_res < L else 0,
+               "kv_placement": "vram", "bytes_streamed_per_pass": streamed_b,
+               "pcie_bound_s": streamed_b / (DEFAULT_PCIE_GBPS * 1e9)}
+    try:   # make_plan's estimate of the same budget, for the record
+        plan = make_plan(man, c, budget, PlanSettings(n_ctx=n_ctx, prefill_chunk=prefill_chunk))
+        summary.update(plan_vram_bytes=plan.vram_bytes, plan_resident=len(plan.resident_layers))
+    except PlanError as e:     # the estimate's floor can sit a little above the exact pool's
+        summary["plan_error"] = str(e)
     ngl = 99 if n_res == L else n_res
     return Placement(s, L, n_res, budget, ngl, g.file_size, summary, note)
