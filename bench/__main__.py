@@ -1,7 +1,8 @@
 """python -m bench: aircupy against its peers on the issue-7 scenarios, one session, one card.
 
     python -m bench --out bench/results/run1 [--llama-bench PATH/llama-bench] [--scenarios 8b-*,smollm2-*]
-        [--synth-dir /root/synth] [--reps 2] [--n-gen N] [--no-hf] [--merge old/results.json] [--dry-run]
+        [--synth-dir /root/synth] [--reps 2] [--n-gen N] [--no-hf] [--engines aircupy,llama.cpp,hf]
+        [--merge old/results.json] [--dry-run]
 
 Writes into --out: results.csv and results.json (one record per scenario x engine x metric, with the
 card, driver, versions, date and exact command), results.md (a table for bench/RESULTS.md) and PNG
@@ -18,7 +19,7 @@ import sys
 from pathlib import Path
 
 from bench.harness import records as rec
-from bench.harness.run import Options, describe, peer_notes, plan_all, run_one
+from bench.harness.run import ENGINES, Options, describe, peer_notes, plan_all, run_one
 from bench.harness.scenarios import SCENARIOS, select
 
 
@@ -32,6 +33,9 @@ def parse(argv):
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--n-gen", type=int, default=None, help="decode steps (default: per scenario)")
     ap.add_argument("--no-hf", action="store_true", help="leave the HF transformers peer out")
+    ap.add_argument("--engines", default=",".join(ENGINES),
+                    help="engines to run (comma-separated: aircupy, llama.cpp, hf); with --merge, "
+                         "the other engines' merged records are kept")
     ap.add_argument("--merge", type=Path, action="append", default=[], metavar="RESULTS_JSON")
     ap.add_argument("--dry-run", action="store_true")
     return ap.parse_args(argv)
@@ -45,7 +49,14 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    opt = Options(a.synth_dir, a.llama_bench, not a.no_hf, a.reps, a.n_gen)
+    engines = tuple(e.strip() for e in a.engines.split(",") if e.strip())
+    unknown = [e for e in engines if e not in ENGINES]
+    if unknown or not engines:
+        print(f"error: --engines takes some of {', '.join(ENGINES)}; got {a.engines!r}", file=sys.stderr)
+        return 2
+    if a.no_hf:
+        engines = tuple(e for e in engines if e != "hf")
+    opt = Options(a.synth_dir, a.llama_bench, "hf" in engines, a.reps, a.n_gen, engines)
     placements = plan_all(scenarios, opt)
     notes = peer_notes(opt)
     if a.dry_run:
@@ -69,7 +80,7 @@ def main(argv=None) -> int:
     for p, _ in placements:
         print(describe(p, True, opt), flush=True)
         new = run_one(p, opt, env, pinned, cmd, notes)
-        records = [r for r in records if r["scenario"] != p.scenario.name] + new
+        records = rec.replace_scenario(records, new)
         for r in new:
             print(f"  {r['engine']:10} {r['metric']:18} {r['value']}  {r['note'][:80]}", flush=True)
         write_all(records, a.out, env, argv, run_notes, plots=False)   # keep partial results

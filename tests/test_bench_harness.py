@@ -186,3 +186,29 @@ def test_absent_peers_are_skipped_with_a_note(monkeypatch, smollm2_path, tmp_pat
         import cupy  # noqa: F401
     except ImportError:      # no GPU stack here: aircupy itself says why it did not run
         assert by_engine["aircupy"]["note"].startswith("aircupy failed:")
+
+
+def test_engines_option_runs_only_those_and_merge_keeps_the_rest(monkeypatch, smollm2_path, tmp_path):
+    """--engines llama.cpp: one engine's records; replace_scenario keeps the others' merged ones."""
+    from bench.harness.records import replace_scenario
+    from bench.harness.run import plan_all
+    monkeypatch.setenv("AIRCUPY_SMOLLM2_GGUF", str(smollm2_path))
+    scn = by_name("smollm2-resident")
+    opt = Options(tmp_path, None, False, 1, None, ("llama.cpp",))
+    (p, _), = plan_all([scn], opt)
+    notes = {"llama.cpp": llama_bench_missing(None), "hf": "off"}
+    new = run_one(p, opt, ENV, None, "python -m bench --engines llama.cpp", notes)
+    assert {r["engine"] for r in new} == {"llama.cpp"}
+    old = [dict(scenario=scn.name, engine=e, metric="decode_tps", value=1.0)
+           for e in ("aircupy", "llama.cpp")] + [dict(scenario="other", engine="llama.cpp",
+                                                      metric="decode_tps", value=2.0)]
+    merged = replace_scenario(old, new)
+    assert [r for r in merged if r["scenario"] == scn.name and r["engine"] == "aircupy"] == old[:1]
+    assert [r for r in merged if r["scenario"] == scn.name and r["engine"] == "llama.cpp"] == new
+    assert old[2] in merged
+
+
+def test_engines_option_rejects_unknown_names():
+    r = subprocess.run([sys.executable, "-m", "bench", "--dry-run", "--engines", "vllm"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--engines takes" in r.stderr

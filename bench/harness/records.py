@@ -97,3 +97,12 @@ def markdown(records: list[dict], env: dict) -> str:
     if cmds:
         lines += ["", "Commands:", ""] + [f"    [{e}] {c}" for e, c in cmds]
     return "\n".join(lines) + "\n"
+
+
+def replace_scenario(records: list[dict], new: list[dict]) -> list[dict]:
+    """`records` with the engines of `new` (one scenario's fresh records) replaced by `new`; the
+    scenario's other engines (merged from an earlier run) stay."""
+    if not new:
+        return list(records)
+    scenario, ran = new[0]["scenario"], {r["engine"] for r in new}
+    return [r for r in records if r["scenario"] != scenario or r["engine"] not in ran] + list(new)

@@ -17,6 +17,9 @@ PROMPTS = {"pp512": 512, "pp2048": 2048}
 TTFT_PROMPT = 512
 
 
+ENGINES = ("aircupy", "llama.cpp", "hf")
+
+
 def n_ctx_for(n_gen: int) -> int:
     return max([*PROMPTS.values(), TTFT_PROMPT]) + n_gen + 8
 
@@ -28,6 +31,7 @@ class Options:
     hf: bool
     reps: int
     n_gen: int | None          # overrides every scenario's decode length
+    engines: tuple[str, ...] = ENGINES   # which engines run; the others keep merged records
 
 
 def plan_all(scenarios: list[Scenario], opt: Options) -> list[tuple[Placement, bool]]:
@@ -95,21 +99,24 @@ def run_one(p: Placement, opt: Options, env: dict, pinned: float | None, argv_cm
            "n_resident": p.n_resident, "n_layers": p.n_layers, "ngl": p.ngl}
     path = model_file(s.model, opt.synth_dir, create=True)
     results = []
-    try:
-        raw = run_aircupy(path, p, PROMPTS, n_gen, TTFT_PROMPT, opt.reps)
-        results.append(aircupy_result(raw, pinned, argv_cmd))
-    except Exception as e:                        # one failing scenario must not lose the others
-        results.append(skipped("aircupy", f"aircupy failed: {type(e).__name__}: {e}", argv_cmd))
-    if notes["llama.cpp"]:
-        results.append(skipped("llama.cpp", notes["llama.cpp"]))
-    else:
-        results.append(run_llama(opt.llama_bench, path, p, PROMPTS, n_gen, opt.reps))
-    if notes["hf"]:
-        results.append(skipped("hf", notes["hf"]))
-    else:
-        preset = "smollm2-135m" if s.model == SMOLLM2 else s.model.split(":")[0]
+    if "aircupy" in opt.engines:
         try:
-            results.append(hf_peer.run_hf(preset, p.budget_bytes, PROMPTS, n_gen, TTFT_PROMPT))
-        except Exception as e:
-            results.append(skipped("hf", f"HF failed: {type(e).__name__}: {e}"))
+            raw = run_aircupy(path, p, PROMPTS, n_gen, TTFT_PROMPT, opt.reps)
+            results.append(aircupy_result(raw, pinned, argv_cmd))
+        except Exception as e:                    # one failing scenario must not lose the others
+            results.append(skipped("aircupy", f"aircupy failed: {type(e).__name__}: {e}", argv_cmd))
+    if "llama.cpp" in opt.engines:
+        if notes["llama.cpp"]:
+            results.append(skipped("llama.cpp", notes["llama.cpp"]))
+        else:
+            results.append(run_llama(opt.llama_bench, path, p, PROMPTS, n_gen, opt.reps))
+    if "hf" in opt.engines:
+        if notes["hf"]:
+            results.append(skipped("hf", notes["hf"]))
+        else:
+            preset = "smollm2-135m" if s.model == SMOLLM2 else s.model.split(":")[0]
+            try:
+                results.append(hf_peer.run_hf(preset, p.budget_bytes, PROMPTS, n_gen, TTFT_PROMPT))
+            except Exception as e:
+                results.append(skipped("hf", f"HF failed: {type(e).__name__}: {e}"))
     return [rec for r in results for rec in to_records(row, r, env)]
