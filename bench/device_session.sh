@@ -4,13 +4,14 @@
 #   stage1: SmolLM2 part 00 to /root/stage; llama-bench build (background, ~5 min on 16 cores);
 #           synthetic 8B Q4_0 + Q4_K and 70B Q4_0 (background); the GPU tier minus SmolLM2.
 #   stage2: join SmolLM2; its GPU tests; `python -m bench` on every scenario for aircupy and
-#           llama.cpp; resident 8B Q4_K and real SmolLM2 vs llama-bench (bench_resident.py); cold TTFT.
-#   stage3: the HF peer where it fits (SmolLM2 and the 8B scenarios), merged into stage2's results.
+#           llama.cpp (~7 min).
+#   stage3: resident 8B Q4_K and the real SmolLM2 vs llama-bench (bench_resident.py); cold TTFT.
+#   stage4: the HF peer where it fits (SmolLM2 and the 8B scenarios), merged into stage2's results.
 # The 98 MB SmolLM2 travels in two 48 MiB parts (../shared/device/split.sh), one per call: carry
 # .device/whl, .device/peers, .device/stage/part.00 + SHA256SUM in stage1 and part.01 in stage2.
-# usage (repo root, on the GPU host): bash bench/device_session.sh stage1|stage2|stage3
+# usage (repo root, on the GPU host): bash bench/device_session.sh stage1|stage2|stage3|stage4
 set -uo pipefail
-stage=${1:?usage: device_session.sh stage1|stage2|stage3}
+stage=${1:?usage: device_session.sh stage1|stage2|stage3|stage4}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /root/stage /root/synth /root/bench
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site AIRCUPY_SMOLLM2_GGUF=/root/stage/model.gguf
 LB=/root/llama/llama.cpp/build/bin/llama-bench
@@ -45,13 +46,17 @@ if [ "$stage" = stage2 ]; then
     | grep -E "passed|failed|FAILED|Error" | tail -10
   for i in $(seq 60); do [ -x $LB ] && break; sleep 5; done
   tail -1 /root/llama-build.log
-  timeout 330 python3 -m bench --engines aircupy,llama.cpp --synth-dir $S --llama-bench $LB \
+  timeout 450 python3 -m bench --engines aircupy,llama.cpp --synth-dir $S --llama-bench $LB \
     --out /root/bench/all --reps 2 2>&1 | grep -vE "^  (aircupy|llama.cpp|hf) " | tail -20
-  timeout 120 python3 bench/bench_resident.py --model /root/stage/model.gguf --model $S/llama3-8b-Q4_K.gguf \
-    --llama-bench $LB --json "$OUT/resident.json" 2>&1 | tail -8
-  timeout 60 python3 bench/bench_cold.py --model $S/llama3-8b-Q4_0.gguf --resident all,0 \
-    --json "$OUT/cold8.json" 2>&1 | tail -3
   cp /root/bench/all/results.json /root/bench/all/results.md /root/bench/all/*.png "$OUT/" 2>/dev/null  # <= 8 files back
+  exit 0
+fi
+
+if [ "$stage" = stage3 ]; then
+  timeout 200 python3 bench/bench_resident.py --model /root/stage/model.gguf --model $S/llama3-8b-Q4_K.gguf \
+    --llama-bench $LB --json "$OUT/resident.json" 2>&1 | tail -8
+  timeout 90 python3 bench/bench_cold.py --model $S/llama3-8b-Q4_0.gguf --resident all,0 \
+    --json "$OUT/cold8.json" 2>&1 | tail -3
   exit 0
 fi
 
