@@ -63,21 +63,18 @@ def disk_rate(path: Path, threads: int) -> float:
 
 def cold_ttft(path: Path, resident: str, n_prompt: int = 16) -> dict:
     """Seconds from a cold open to the first sampled id on the host, and what the model read."""
+    from bench_streaming import open_model   # this script runs as `python bench/bench_cold.py`
+
     from aircupy.config import ModelConfig
     from aircupy.engine.params import SamplingParams
     from aircupy.gguf.reader import GGUFFile
-    from aircupy.model.cuda_model import CudaModel
-    from aircupy.model.cuda_streamed import StreamedCudaModel
 
     evict(path)
     t0 = time.perf_counter()
     g = GGUFFile(path)
     c = ModelConfig.from_gguf(g)
     n_ctx = 256
-    if resident == "all":
-        m = CudaModel(g, c, n_ctx)
-    else:
-        m = StreamedCudaModel(g, c, n_ctx, n_resident=int(resident))
+    m, _ = open_model(g, c, n_ctx, resident)
     t_load = time.perf_counter() - t0
     ids = np.random.default_rng(0).integers(0, c.vocab_size, n_prompt).astype(np.int32)
     cache = m.new_cache(n_ctx)
