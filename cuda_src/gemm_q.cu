@@ -2,13 +2,19 @@
 // out[m, n] (+)= sum_k x[m, k] * W[n, k] (+ bias[n]) for any M >= 1 (the alternative to dequant.cu's
 // whole-tensor dequant into an fp16 scratch + cuBLAS GemmEx; ops/cuda_matmul.linear picks per shape).
 //
-// gemm_q_<type>_<h>_bm<BM>(body, head, x f32 (M, K), out f32 (M, N), bias f32 (N,) or null, M, N, K, acc)
+// gemm_q_<type>_<h>_bm<BM>(body, head, x, out f32 (M, N), bias f32 (N,) or null, M, N, K, acc, xh)
 //   type: the formats whose 32-value items tile a row in order (blocks.cuh: legacy q4_0 q4_1 q5_0 q5_1
 //   q8_0, and q4_k q5_k, whose items 2g and 2g+1 cover values [64g, 64g+64) of a block); h: f16 | bf16,
 //   the mma operand type (bf16 where activations may pass 65504). K % 32 == 0 (K % 256 for K-quants).
 //   acc != 0 adds into out (residual epilogue), then bias is added: out = out + x W^T + bias.
+//   x (M, K) row-major: fp32 (xh = 0, rounded to <h> while staged), or already <h> (xh = 1: u16 bits,
+//   e.g. cast_half's output; half the bytes per re-read: x is read once per 128-column block).
 // Launch geometry: grid (ceil(N / 128), ceil(M / BM)), block 256 threads = 8 warps, dynamic shared memory
 //   gq_smem_bytes(BM) = 2 stages * (128 + BM) rows * 72 halves * 2 B (55 KB for BM 64, 74 KB for 128).
+//   __launch_bounds__(256, 2): two blocks per SM (<= 128 registers; BM 128 alone would take ~168 and
+//   run one block), so one block's dequant phase overlaps the other's mma phase (each block separates
+//   them with its barrier). ptxas (CUDA 13): BM 64 111-123 registers, no spills; BM 128 capped at 128
+//   with 0-24 bytes of spills on sm_90 (Q4_K the most), up to 56 (Q5_K) on sm_80. Unmeasured choice: bench --gemm times BM 64 vs 128.
 //   Block (bx, by) owns the output tile rows [by*BM, +BM) x cols [bx*128, +128). Per 64-value K tile:
 //   each thread loads one 32-value item of the 128 weight rows (row tid/2) and BM*64/256 values of x;
 //   while the tensor cores work on the current stage (mma.sync m16n8k16, fp32 accumulate) those loads
@@ -64,8 +70,8 @@ struct GqStage {
 
 template <class F, int BM>
 __device__ __forceinline__ void gq_load(GqStage<F, BM>& st, const u8* __restrict__ body,
-                                        const u8* __restrict__ head, const float* __restrict__ x, int M,
-                                        int N, int K, int m0, int n0, int k0) {
+                                        const u8* __restrict__ head, const void* __restrict__ x, int xh,
+                                        int M, int N, int K, int m0, int n0, int k0) {
     const int tid = threadIdx.x;
     const int row = n0 + (tid >> 1);
     const int q = (k0 >> 5) + (tid & 1);  // 32-value item of the row (items tile rows in order)
@@ -79,13 +85,20 @@ __device__ __forceinline__ void gq_load(GqStage<F, BM>& st, const u8* __restrict
     for (int u = 0; u < GqStage<F, BM>::XV; ++u) {
         const int i = tid + 256 * u;
         const int r = i >> 4, c = k0 + 4 * (i & 15);
-        st.x[u] = (m0 + r < M && c < K) ? __ldg(reinterpret_cast<const float4*>(x + (long)(m0 + r) * K + c))
-                                        : make_float4(0.f, 0.f, 0.f, 0.f);
+        const bool ok = m0 + r < M && c < K;
+        const long o = (long)(m0 + r) * K + c;
+        if (xh) {  // 4 halves in the low 2 words
+            const uint2 h = ok ? __ldg(reinterpret_cast<const uint2*>(static_cast<const u16*>(x) + o)) : make_uint2(0, 0);
+            st.x[u] = make_float4(__uint_as_float(h.x), __uint_as_float(h.y), 0.f, 0.f);
+        } else {
+            st.x[u] = ok ? __ldg(reinterpret_cast<const float4*>(static_cast<const float*>(x) + o))
+                         : make_float4(0.f, 0.f, 0.f, 0.f);
+        }
     }
 }
 
 template <class F, int BM, bool BF>
-__device__ __forceinline__ void gq_store(const GqStage<F, BM>& st, u16* ws, u16* xs, int k0) {
+__device__ __forceinline__ void gq_store(const GqStage<F, BM>& st, u16* ws, u16* xs, int xh, int k0) {
     const int tid = threadIdx.x;
     const int q = (k0 >> 5) + (tid & 1);
     const int blk = q / F::IPB, it = q - blk * F::IPB;
@@ -107,14 +120,16 @@ __device__ __forceinline__ void gq_store(const GqStage<F, BM>& st, u16* ws, u16*
         const int i = tid + 256 * u;
         const float4 v = st.x[u];
         *reinterpret_cast<uint2*>(xs + (i >> 4) * GQ_LD + 4 * (i & 15)) =
-            make_uint2(gq_pack2<BF>(v.x, v.y), gq_pack2<BF>(v.z, v.w));
+            xh ? make_uint2(__float_as_uint(v.x), __float_as_uint(v.y))
+               : make_uint2(gq_pack2<BF>(v.x, v.y), gq_pack2<BF>(v.z, v.w));
     }
 }
 
 template <class F, int BM, bool BF>
 __device__ __forceinline__ void gemm_q_impl(const u8* __restrict__ body, const u8* __restrict__ head,
-                                            const float* __restrict__ x, float* __restrict__ out,
-                                            const float* __restrict__ bias, int M, int N, int K, int acc) {
+                                            const void* __restrict__ x, float* __restrict__ out,
+                                            const float* __restrict__ bias, int M, int N, int K, int acc,
+                                            int xh) {
     static_assert(F::IPB * 32 == F::BE && F::NSEG == 2, "items must be 32 consecutive-in-order values");
     static_assert(BM == 64 || BM == 128, "BM is 64 or 128");
     constexpr int WM = BM / 32, WN = 8 / WM;  // warp grid
@@ -135,13 +150,13 @@ __device__ __forceinline__ void gemm_q_impl(const u8* __restrict__ body, const u
         for (int j = 0; j < NT; ++j) c[i][j][0] = c[i][j][1] = c[i][j][2] = c[i][j][3] = 0.f;
 
     GqStage<F, BM> st;
-    gq_load<F, BM>(st, body, head, x, M, N, K, m0, n0, 0);
-    gq_store<F, BM, BF>(st, gq_smem, gq_smem + GQ_BN * GQ_LD, 0);
+    gq_load<F, BM>(st, body, head, x, xh, M, N, K, m0, n0, 0);
+    gq_store<F, BM, BF>(st, gq_smem, gq_smem + GQ_BN * GQ_LD, xh, 0);
     __syncthreads();
 
     for (int kt = 0; kt < nk; ++kt) {
         const int b = kt & 1;
-        if (kt + 1 < nk) gq_load<F, BM>(st, body, head, x, M, N, K, m0, n0, (kt + 1) * GQ_KT);
+        if (kt + 1 < nk) gq_load<F, BM>(st, body, head, x, xh, M, N, K, m0, n0, (kt + 1) * GQ_KT);
         const u32 wa = sbase + 2 * b * STAGE, xa = wa + 2 * GQ_BN * GQ_LD;
 #pragma unroll
         for (int kk = 0; kk < GQ_KT / 16; ++kk) {
@@ -165,7 +180,7 @@ __device__ __forceinline__ void gemm_q_impl(const u8* __restrict__ body, const u
         }
         if (kt + 1 < nk) {
             u16* ws = gq_smem + (b ^ 1) * STAGE;
-            gq_store<F, BM, BF>(st, ws, ws + GQ_BN * GQ_LD, (kt + 1) * GQ_KT);
+            gq_store<F, BM, BF>(st, ws, ws + GQ_BN * GQ_LD, xh, (kt + 1) * GQ_KT);
         }
         __syncthreads();  // stage b ^ 1 written; stage b free for the next iteration's store
     }
@@ -191,10 +206,10 @@ __device__ __forceinline__ void gemm_q_impl(const u8* __restrict__ body, const u
 }
 
 #define GEMM_Q_KERNEL(name, Fmt, hname, BF, BM)                                                        \
-    extern "C" __global__ void __launch_bounds__(256) gemm_q_##name##_##hname##_bm##BM(                \
-        const u8* body, const u8* head, const float* x, float* out, const float* bias, int M, int N,    \
-        int K, int acc) {                                                                               \
-        gemm_q_impl<Fmt, BM, BF>(body, head, x, out, bias, M, N, K, acc);                               \
+    extern "C" __global__ void __launch_bounds__(256, 2) gemm_q_##name##_##hname##_bm##BM(                \
+        const u8* body, const u8* head, const void* x, float* out, const float* bias, int M, int N,     \
+        int K, int acc, int xh) {                                                                       \
+        gemm_q_impl<Fmt, BM, BF>(body, head, x, out, bias, M, N, K, acc, xh);                           \
     }
 #define GEMM_Q_KERNELS(name, Fmt)                                                                      \
     GEMM_Q_KERNEL(name, Fmt, f16, false, 64) GEMM_Q_KERNEL(name, Fmt, f16, false, 128)                \

@@ -23,23 +23,26 @@ def test_m_buckets():
 
 
 def test_empty_table_means_cublas_everywhere():
-    assert gc.FUSED_SHAPES == frozenset()  # until a GPU run measures a win: behaviour unchanged
+    assert dict(gc.FAST_PATHS) == {}  # until a GPU run measures a win: behaviour unchanged
     for t in ("Q4_0", "Q8_0", "Q4_K", "Q6_K", "F16"):
         for m in (9, 512, 2048):
             assert gc.prefill_path(t, 4096, 4096, m) == "cublas"
+    with pytest.raises(TypeError):
+        gc.FAST_PATHS[("Q4_0", 1, 32, 32)] = "fused"  # read-only: no module-level mutable state
 
 
 def test_table_lookup_by_type_shape_and_bucket():
-    table = {("Q4_0", 6144, 4096, 512), ("Q4_K", 4096, 14336, 2048)}
+    table = {("Q4_0", 6144, 4096, 512): "fused", ("Q4_K", 4096, 14336, 2048): "fused_xh"}
     assert gc.prefill_path("Q4_0", 6144, 4096, 300, table) == "fused"   # bucket 512 holds 129..512
     assert gc.prefill_path("Q4_0", 6144, 4096, 100, table) == "cublas"  # bucket 128: not measured
     assert gc.prefill_path("Q4_0", 4096, 4096, 512, table) == "cublas"  # other N
     assert gc.prefill_path("Q8_0", 6144, 4096, 512, table) == "cublas"  # other type
-    assert gc.prefill_path("Q4_K", 4096, 14336, 8192, table) == "fused"  # past the last bound
+    assert gc.prefill_path("Q4_K", 4096, 14336, 8192, table) == "fused_xh"  # past the last bound
 
 
 def test_unsupported_types_never_take_the_fused_kernel():
-    table = {("Q6_K", 4096, 4096, 512), ("F16", 4096, 4096, 512), ("Q4_K", 64, 576, 512)}
+    table = {("Q6_K", 4096, 4096, 512): "fused", ("F16", 4096, 4096, 512): "fused",
+             ("Q4_K", 64, 576, 512): "fused"}
     assert gc.prefill_path("Q6_K", 4096, 4096, 512, table) == "cublas"
     assert gc.prefill_path("F16", 4096, 4096, 512, table) == "cublas"
     assert gc.prefill_path("Q4_K", 64, 576, 512, table) == "cublas"  # K % 256 != 0
@@ -47,23 +50,30 @@ def test_unsupported_types_never_take_the_fused_kernel():
     assert gc.gemm_q_supports("Q4_K", 768) and not gc.gemm_q_supports("Q6_K", 768)
 
 
-def test_measured_entries_need_a_win_at_every_m_of_the_bucket():
+def _row(t, n, k, m, cublas, fused, fused_xh):
+    return dict(type=t, n=n, k=k, m=m, cublas_us=cublas, fused_us=fused, fused_xh_us=fused_xh)
+
+
+def test_measured_table_needs_a_win_at_every_m_of_the_bucket():
     rows = [
-        dict(type="Q4_0", n=6144, k=4096, m=512, fused_us=80.0, cublas_us=100.0),    # win
-        dict(type="Q4_0", n=6144, k=4096, m=2048, fused_us=300.0, cublas_us=301.0),  # within margin
-        dict(type="Q8_0", n=4096, k=4096, m=400, fused_us=50.0, cublas_us=60.0),     # win at 400 ...
-        dict(type="Q8_0", n=4096, k=4096, m=512, fused_us=70.0, cublas_us=60.0),     # ... loss at 512
-        dict(type="Q4_K", n=576, k=1536, m=2048, fused_us=10.0, cublas_us=20.0),     # win
+        _row("Q4_0", 6144, 4096, 512, 100.0, 80.0, 85.0),    # both win, fused faster
+        _row("Q4_0", 6144, 4096, 2048, 300.0, 299.0, 305.0),  # within the 3% margin: cuBLAS
+        _row("Q8_0", 4096, 4096, 400, 60.0, 50.0, 55.0),      # fused wins at 400 ...
+        _row("Q8_0", 4096, 4096, 512, 60.0, 70.0, 55.0),      # ... not at 512; fused_xh wins at both
+        _row("Q4_K", 576, 1536, 300, 60.0, 70.0, 70.0),       # loses at 300 ...
+        _row("Q4_K", 576, 1536, 500, 60.0, 10.0, 10.0),       # ... so bucket 512 stays cuBLAS
+        _row("Q4_K", 4096, 14336, 2048, 20.0, 10.0, 12.0),
     ]
-    got = gc.measured_entries(rows)
-    assert got == [("Q4_0", 6144, 4096, 512), ("Q4_K", 576, 1536, 2048)]
-    # the printed table is valid Python that yields the same set
-    ns: dict = {}
-    exec(gc.format_entries(got), {}, ns)
-    assert ns["FUSED_SHAPES"] == frozenset(got)
-    ns = {}
-    exec(gc.format_entries([]), {}, ns)
-    assert ns["FUSED_SHAPES"] == frozenset()
+    got = gc.measured_table(rows)
+    assert got == {("Q4_0", 6144, 4096, 512): "fused", ("Q8_0", 4096, 4096, 512): "fused_xh",
+                   ("Q4_K", 4096, 14336, 2048): "fused"}
+    assert list(got) == sorted(got)
+    # the printed map is valid Python that yields the same table
+    for table in (got, {}):
+        ns: dict = {}
+        exec(gc.format_table(table), {"Mapping": dict, "Key": tuple, "MappingProxyType": gc.MappingProxyType}, ns)
+        assert dict(ns["FAST_PATHS"]) == table
+        assert all(v in gc.FUSED_PATHS for v in ns["FAST_PATHS"].values())
 
 
 def test_kernel_list_matches_the_supported_types():
@@ -95,6 +105,8 @@ def _w(t=GGMLType.Q4_0, n=40, k=256):
     (dict(out=np.zeros((41, 3), np.float32).T), ValueError),  # not C-contiguous
     (dict(bias=np.zeros(39, np.float32)), ValueError),
     (dict(half="fp8"), ValueError),
+    (dict(x=np.zeros((3, 256), np.uint16)), TypeError),  # bf16 bits with half="f16"
+    (dict(x=np.zeros((3, 256), np.float16), half="bf16"), TypeError),
     (dict(w=_w(GGMLType.Q6_K)), ValueError),
     (dict(w=QWeight(np.zeros(16, np.uint8), GGMLType.Q4_K, (40, 288))), ValueError),  # K % 256
     (dict(x=np.zeros((0, 256), np.float32), out=np.zeros((0, 40), np.float32)), ValueError),
@@ -113,3 +125,5 @@ def test_linear_rejects_unknown_path():
     w = _w()
     with pytest.raises(ValueError, match="path"):
         mm.linear(None, np.zeros((9, 256), np.float32), w, np.zeros((9, 40), np.float32), path="magic")
+    with pytest.raises(ValueError, match="scratch"):  # fused_xh casts x into the scratch
+        mm.linear(None, np.zeros((9, 256), np.float32), w, np.zeros((9, 40), np.float32), path="fused_xh")

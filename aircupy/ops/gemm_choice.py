@@ -1,10 +1,13 @@
-"""Which prefill matmul linear() runs for M > 8 rows, per shape: the fused-dequant tensor-core GEMM
-(cuda_src/gemm_q.cu, `gemm_q`) or dequantize into an fp16/bf16 scratch + cuBLAS GemmEx (`gemm`).
+"""Which prefill matmul linear() runs for M > 8 rows, per shape: dequantize W into an fp16/bf16 scratch
++ cuBLAS GemmEx ("cublas"), or the tensor-core GEMM with the dequantization fused (cuda_src/gemm_q.cu)
+reading x as fp32 ("fused") or after a cast_half of x into the scratch ("fused_xh": half the bytes of x,
+which the kernel re-reads once per 128 output columns, for one small extra launch).
 
-Pure Python (no numpy, no cupy): the CPU tier tests it. The choice is a lookup in FUSED_SHAPES, the
-(type name, N, K, M bucket) keys where gemm_q was MEASURED faster on a GPU; every other shape takes
-cuBLAS. `python bench/bench_kernels.py --gemm` times both paths and prints the entries to paste here.
-Until a GPU run fills it the table is empty, so linear() behaves exactly as before (cuBLAS).
+Pure Python (no numpy, no cupy): the CPU tier tests it. The choice is a lookup in FAST_PATHS, a
+read-only map (type name, N, K, M bucket) -> path of the shapes where a fused path was MEASURED faster
+on a GPU; every other shape takes cuBLAS. `python bench/bench_kernels.py --gemm` times all three and
+prints the map to paste here. Until a GPU run fills it the map is empty, so linear() behaves exactly
+as before (cuBLAS).
 
 M buckets: a shape's speed depends on M mostly through the number of row tiles and how long the K loop
 runs, so rows are grouped by the smallest bound in M_BUCKETS that holds them; past the last bound the
@@ -13,6 +16,7 @@ last bucket stands for every larger M (prefill chunks are at most a few thousand
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from types import MappingProxyType
 
 # Types gemm_q has kernels for: their 32-value items tile a row in order (legacy formats; Q4_K/Q5_K,
 # whose items 2g and 2g+1 cover values [64g, 64g + 64) of a 256-value block). Q2_K/Q3_K/Q6_K items
@@ -23,10 +27,12 @@ _BLOCK = {"Q4_K": 256, "Q5_K": 256}  # values per block where not 32: K must be 
 
 M_BUCKETS: tuple[int, ...] = (32, 128, 512, 2048)
 
-# (type name, N, K, M bucket) where gemm_q beat dequant + cuBLAS. Empty: nothing measured yet.
-FUSED_SHAPES: frozenset[tuple[str, int, int, int]] = frozenset()
+Key = tuple[str, int, int, int]  # (type name, N, K, M bucket)
+# Shapes where a fused path beat dequant + cuBLAS, and which one. Empty: nothing measured yet.
+FAST_PATHS: Mapping[Key, str] = MappingProxyType({})
 
-PATHS = ("fused", "cublas")
+FUSED_PATHS = ("fused", "fused_xh")
+PATHS = ("cublas",) + FUSED_PATHS
 
 
 def m_bucket(m: int) -> int:
@@ -41,29 +47,34 @@ def gemm_q_supports(type_name: str, k: int) -> bool:
     return type_name in GEMM_Q_TYPES and k % _BLOCK.get(type_name, 32) == 0
 
 
-def prefill_path(type_name: str, n: int, k: int, m: int,
-                 table: Iterable[tuple[str, int, int, int]] = FUSED_SHAPES) -> str:
-    """'fused' when (type, n, k, m_bucket(m)) is in the table and gemm_q supports it, else 'cublas'."""
+def prefill_path(type_name: str, n: int, k: int, m: int, table: Mapping[Key, str] = FAST_PATHS) -> str:
+    """The table's path for (type, n, k, m_bucket(m)) where gemm_q supports the weight, else 'cublas'."""
     if not gemm_q_supports(type_name, k):
         return "cublas"
-    return "fused" if (type_name, int(n), int(k), m_bucket(m)) in frozenset(table) else "cublas"
+    return table.get((type_name, int(n), int(k), m_bucket(m)), "cublas")
 
 
-def measured_entries(rows: Iterable[Mapping], margin: float = 0.03) -> list[tuple[str, int, int, int]]:
-    """FUSED_SHAPES entries from bench rows {type, n, k, m, fused_us, cublas_us}: the shapes where the
-    fused kernel was at least `margin` faster. A bucket measured at several M counts only if the fused
-    kernel won at every one of them (no guessing between measurements), sorted for a stable diff."""
-    won: dict[tuple[str, int, int, int], bool] = {}
+def measured_table(rows: Iterable[Mapping], margin: float = 0.03) -> dict[Key, str]:
+    """FAST_PATHS entries from bench rows {type, n, k, m, cublas_us, fused_us, fused_xh_us}: per key,
+    the fused path with the least total time among those at least `margin` faster than cuBLAS at EVERY
+    M measured in the bucket (no guessing between measurements); keys sorted for a stable diff."""
+    groups: dict[Key, list[Mapping]] = {}
     for r in rows:
-        key = (str(r["type"]), int(r["n"]), int(r["k"]), m_bucket(int(r["m"])))
-        ok = float(r["fused_us"]) * (1.0 + margin) <= float(r["cublas_us"])
-        won[key] = won.get(key, True) and ok
-    return sorted(k for k, ok in won.items() if ok)
+        groups.setdefault((str(r["type"]), int(r["n"]), int(r["k"]), m_bucket(int(r["m"]))), []).append(r)
+    out: dict[Key, str] = {}
+    for key, rs in sorted(groups.items()):
+        best = None
+        for p in FUSED_PATHS:
+            if all(f"{p}_us" in r and float(r[f"{p}_us"]) * (1.0 + margin) <= float(r["cublas_us"]) for r in rs):
+                total = sum(float(r[f"{p}_us"]) for r in rs)
+                if best is None or total < best[0]:
+                    best = (total, p)
+        if best is not None:
+            out[key] = best[1]
+    return out
 
 
-def format_entries(entries: Iterable[tuple[str, int, int, int]]) -> str:
-    """The FUSED_SHAPES assignment for these entries, as Python source to paste into this module."""
-    items = "".join(f"    {tuple(e)!r},\n" for e in sorted(entries))
-    if not items:
-        return "FUSED_SHAPES: frozenset[tuple[str, int, int, int]] = frozenset()"
-    return "FUSED_SHAPES: frozenset[tuple[str, int, int, int]] = frozenset({\n" + items + "})"
+def format_table(table: Mapping[Key, str]) -> str:
+    """The FAST_PATHS assignment for this map, as Python source to paste into this module."""
+    items = "".join(f"    {tuple(k)!r}: {v!r},\n" for k, v in sorted(table.items()))
+    return "FAST_PATHS: Mapping[Key, str] = MappingProxyType({" + (f"\n{items}" if items else "") + "})"
