@@ -179,6 +179,9 @@ def bench_gemm_paths(cp, lib, ops, types, ms=(512, 2048)) -> list[dict]:
                         sec, how = _time_any(cp, lambda: ops.linear(lib, x, w, o, scratch=scratch, path=p), 10)
                         row[f"{p}_us"], row[f"{p}_timing"] = sec * 1e6, how
                         row[f"{p}_tflops"] = 2.0 * m * n * k / sec / 1e12
+                    if m >= 128:  # the default there is BM 128: how BM 64 (more row tiles) compares
+                        o64 = outs["fused"]
+                        row["fused_bm64_us"] = _time_any(cp, lambda: ops.gemm_q(lib, x, w, o64, bm=64), 10)[0] * 1e6
                     ref = cp.linalg.norm(outs["cublas"])
                     row["rel_diff"] = max(float(cp.linalg.norm(outs[p] - outs["cublas"]) / ref)
                                           for p in ("fused", "fused_xh"))
@@ -186,7 +189,8 @@ def bench_gemm_paths(cp, lib, ops, types, ms=(512, 2048)) -> list[dict]:
                     print(f"  {model:7s} {t.name:5s} {name:8s} {n:5d}x{k:5d} M={m:5d}  cublas {row['cublas_us']:8.1f} us"
                           f" ({row['cublas_tflops']:4.0f} TF/s)  fused {row['fused_us']:8.1f} ({row['fused_tflops']:4.0f})"
                           f"  fused_xh {row['fused_xh_us']:8.1f} ({row['fused_xh_tflops']:4.0f})"
-                          f"  best x{row['cublas_us'] / min(row['fused_us'], row['fused_xh_us']):.2f}"
+                          + (f"  bm64 {row['fused_bm64_us']:8.1f}" if "fused_bm64_us" in row else "")
+                          + f"  best x{row['cublas_us'] / min(row['fused_us'], row['fused_xh_us']):.2f}"
                           f"  diff {row['rel_diff']:.1e}", flush=True)
                     del x, scratch, outs
                 del w

@@ -176,3 +176,45 @@ def test_gemm_q_replays_in_a_cuda_graph(lib):
         g.launch(s)
         s.synchronize()
     _check(cp.asnumpy(out), x2, ref, "f16")
+
+
+@pytest.mark.parametrize("preset,qtype", [("llama3-8b", "Q4_0"), ("qwen2-0.5b", "Q8_0"), ("gemma3-270m", "Q4_K")])
+@pytest.mark.parametrize("path", ["fused", "fused_xh"])
+def test_model_prefill_with_the_fused_path(lib, tmp_path, monkeypatch, preset, qtype, path):
+    """A whole synthetic model (qwen2: q/k/v biases; gemma3: bf16 operands) with every supported prefill
+    matmul forced to `path`: the logits of a 40-token prompt (chunks of 16, 16, 8 rows: the last chunk
+    is a matvec) match the cuBLAS path's to fp32 summation order (same rounded operands), and greedy
+    decode continues with the same tokens."""
+    from aircupy.config import ModelConfig
+    from aircupy.gguf.reader import GGUFFile
+    from aircupy.model.cuda_model import CudaModel
+    from aircupy.ops import cuda_matmul, gemm_choice
+    from aircupy.synth import synth_model
+    tiny = dict(vocab=512, n_embd=256, n_head=4, n_head_kv=2, head_dim=64, n_ff=512)
+    over = dict(tiny, sliding_window=8) if preset.startswith("gemma3") else tiny
+    rep = synth_model(tmp_path / "m.gguf", preset, qtype, n_layers=2, overrides=over, seed=3, logit_std=8.0)
+    used = []
+
+    def forced(type_name, n, k, m, table=None):
+        p = path if gemm_choice.gemm_q_supports(type_name, k) else "cublas"
+        used.append(p)
+        return p
+
+    with GGUFFile(rep.path) as g:
+        m = CudaModel(g, ModelConfig.from_gguf(g), 64, lib=lib, prefill_rows=16, prefill_graph_slots=0)
+        ids = np.random.default_rng(5).integers(0, m.config.vocab_size, 40).astype(np.int32)
+        outs = {}
+        for label in ("cublas", path):
+            if label != "cublas":
+                monkeypatch.setattr(cuda_matmul, "prefill_path", forced)
+            cache = m.new_cache(64)
+            cache.truncate(0)
+            first = m.forward(ids, np.arange(40, dtype=np.int32), cache, all_logits=True)
+            logits, toks = first, []
+            for _ in range(3):
+                toks.append(int(logits[-1].argmax()))
+                logits = m.forward(np.array([toks[-1]], np.int32), np.array([cache.length], np.int32), cache)
+            outs[label] = (first, toks)
+        assert path in used  # the fused kernel really ran
+        assert outs[path][1] == outs["cublas"][1]
+        assert rel_err(outs[path][0], outs["cublas"][0]) < 1e-4
