@@ -14,7 +14,8 @@
 //   __launch_bounds__(256, 2): two blocks per SM (<= 128 registers; BM 128 alone would take ~168 and
 //   run one block), so one block's dequant phase overlaps the other's mma phase (each block separates
 //   them with its barrier). ptxas (CUDA 13): BM 64 111-123 registers, no spills; BM 128 capped at 128
-//   with 0-24 bytes of spills on sm_90 (Q4_K the most), up to 56 (Q5_K) on sm_80. Unmeasured choice: bench --gemm times BM 64 vs 128.
+//   with 0-24 bytes of spills on sm_90 (Q4_K the most), up to 56 (Q5_K) on sm_80. Unmeasured choice;
+//   bench_kernels --gemm times BM 64 against 128.
 //   Block (bx, by) owns the output tile rows [by*BM, +BM) x cols [bx*128, +128). Per 64-value K tile:
 //   each thread loads one 32-value item of the 128 weight rows (row tid/2) and BM*64/256 values of x;
 //   while the tensor cores work on the current stage (mma.sync m16n8k16, fp32 accumulate) those loads
