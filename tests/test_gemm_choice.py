@@ -23,12 +23,20 @@ def test_m_buckets():
 
 
 def test_empty_table_means_cublas_everywhere():
-    assert dict(gc.FAST_PATHS) == {}  # until a GPU run measures a win: behaviour unchanged
     for t in ("Q4_0", "Q8_0", "Q4_K", "Q6_K", "F16"):
         for m in (9, 512, 2048):
-            assert gc.prefill_path(t, 4096, 4096, m) == "cublas"
+            assert gc.prefill_path(t, 4096, 4096, m, {}) == "cublas"
     with pytest.raises(TypeError):
         gc.FAST_PATHS[("Q4_0", 1, 32, 32)] = "fused"  # read-only: no module-level mutable state
+
+
+def test_the_shipped_table_is_well_formed():
+    """FAST_PATHS (empty until a GPU run measures a win; then pasted from bench_kernels --gemm) only
+    names fused paths, supported weights and real buckets; everything else stays on cuBLAS."""
+    for (t, n, k, b), p in gc.FAST_PATHS.items():
+        assert p in gc.FUSED_PATHS and gc.gemm_q_supports(t, k) and b in gc.M_BUCKETS and n > 0
+        assert gc.prefill_path(t, n, k, b) == p
+    assert gc.prefill_path("Q6_K", 4096, 4096, 512) == "cublas"
 
 
 def test_table_lookup_by_type_shape_and_bucket():
