@@ -2,6 +2,13 @@
 Llama-3-8B prefill shapes, attention and sampler times. Prints a table; --json writes the numbers.
 
     python bench/bench_kernels.py [--json out.json] [--quick]
+    python bench/bench_kernels.py --gemm [--gemm-m 512,2048] [--json out.json]
+
+--gemm: the prefill matmul paths per shape (Llama-3-8B and SmolLM2 layers, Q4_0 / Q8_0 / Q4_K, M = 512
+and 2048), all graph-replayed: dequant + cast into scratch + cuBLAS (linear(path="cublas")) against
+gemm_q, the tensor-core kernel with the dequantization fused, on fp32 x ("fused") or after a cast of x
+to half ("fused_xh"); prints the FAST_PATHS map for aircupy/ops/gemm_choice.py (shapes where a fused
+path won by >= 3%).
 
 Method: the launches are captured in a CUDA graph and its replays timed with device events (median of
 several trials, after a warm-up); GEMMs (cuBLAS) and the copy baseline are timed as plain launches.
@@ -120,6 +127,74 @@ def bench_gemm(cp, lib, ops, types, m=512) -> list[dict]:
                             dequant_gbps=(w.nbytes + n * k * 2) / t_deq / 1e9, gemm_us=t_gemm * 1e6,
                             gemm_tflops=fl / t_gemm / 1e12, linear_us=t_lin * 1e6, linear_tflops=fl / t_lin / 1e12))
             del w, x, out, wh, xh, scratch
+    return res
+
+
+SMOL = [("qkv", 960, 576), ("o", 576, 576), ("gate_up", 3072, 576), ("down", 576, 1536)]  # SmolLM2-135M
+# f16 header offsets inside a GGUF block: set to 2^-7 so random quant bytes make finite, realistic weights
+_F16_AT = {GGMLType.Q4_0: (0,), GGMLType.Q4_1: (0, 2), GGMLType.Q5_0: (0,), GGMLType.Q5_1: (0, 2),
+           GGMLType.Q8_0: (0,), GGMLType.Q4_K: (0, 2), GGMLType.Q5_K: (0, 2)}
+
+
+def _random_qweight(cp, lib, ops, t, n, k):
+    """A packed weight of random quant bytes and fixed finite scales (GGUF bytes -> ops.repack)."""
+    from aircupy.gguf.ggml import BLOCK_GEOMETRY
+    from aircupy.ops.packing import QWeight, repack_nbytes
+    be, bb = BLOCK_GEOMETRY[t]
+    raw = cp.random.randint(0, 256, size=(n * k // be, bb), dtype=cp.uint8)
+    for o in _F16_AT[t]:
+        raw[:, o], raw[:, o + 1] = 0x00, 0x20
+    packed = cp.empty(repack_nbytes(t, (n, k)), dtype=cp.uint8)
+    ops.repack(lib, raw.reshape(-1), packed, t, (n, k))
+    return QWeight(packed, t, (n, k))
+
+
+def _time_any(cp, fn, reps):
+    """(seconds, how): graph replays, or plain launches where the capture fails."""
+    try:
+        return _time(cp, fn, reps), "graph"
+    except Exception as e:  # noqa: BLE001 - a capture refusal must not end the run
+        print(f"    (graph capture failed: {type(e).__name__}: {e}; timing plain launches)")
+        return _time(cp, fn, reps, graph=False), "eager"
+
+
+def bench_gemm_paths(cp, lib, ops, types, ms=(512, 2048)) -> list[dict]:
+    """The prefill paths of linear() per (type, shape, M); also the relative L2 difference of each
+    fused output from cuBLAS's (same rounded operands: expect ~1e-6)."""
+    from aircupy.ops.gemm_choice import gemm_q_supports
+    res = []
+    for model, shapes in (("8B", LAYER), ("SmolLM2", SMOL)):
+        for t in types:
+            for name, n, k in shapes:
+                if not gemm_q_supports(t.name, k):
+                    print(f"  skip {t.name} {model} {name} {n}x{k}: gemm_q needs K % 256 == 0")
+                    continue
+                w = _random_qweight(cp, lib, ops, t, n, k)
+                for m in ms:
+                    x = cp.random.standard_normal((m, k), dtype=cp.float32)
+                    scratch = cp.empty(ops.linear_scratch_nbytes(n, k, m), dtype=cp.uint8)
+                    outs = {p: cp.empty((m, n), dtype=cp.float32) for p in ("cublas", "fused", "fused_xh")}
+                    row = dict(model=model, type=t.name, shape=name, n=n, k=k, m=m)
+                    for p, o in outs.items():
+                        sec, how = _time_any(cp, lambda: ops.linear(lib, x, w, o, scratch=scratch, path=p), 10)
+                        row[f"{p}_us"], row[f"{p}_timing"] = sec * 1e6, how
+                        row[f"{p}_tflops"] = 2.0 * m * n * k / sec / 1e12
+                    if m >= 128:  # the default there is BM 128: how BM 64 (more row tiles) compares
+                        o64 = outs["fused"]
+                        row["fused_bm64_us"] = _time_any(cp, lambda: ops.gemm_q(lib, x, w, o64, bm=64), 10)[0] * 1e6
+                    ref = cp.linalg.norm(outs["cublas"])
+                    row["rel_diff"] = max(float(cp.linalg.norm(outs[p] - outs["cublas"]) / ref)
+                                          for p in ("fused", "fused_xh"))
+                    res.append(row)
+                    print(f"  {model:7s} {t.name:5s} {name:8s} {n:5d}x{k:5d} M={m:5d}  cublas {row['cublas_us']:8.1f} us"
+                          f" ({row['cublas_tflops']:4.0f} TF/s)  fused {row['fused_us']:8.1f} ({row['fused_tflops']:4.0f})"
+                          f"  fused_xh {row['fused_xh_us']:8.1f} ({row['fused_xh_tflops']:4.0f})"
+                          + (f"  bm64 {row['fused_bm64_us']:8.1f}" if "fused_bm64_us" in row else "")
+                          + f"  best x{row['cublas_us'] / min(row['fused_us'], row['fused_xh_us']):.2f}"
+                          f"  diff {row['rel_diff']:.1e}", flush=True)
+                    del x, scratch, outs
+                del w
+                cp.get_default_memory_pool().free_all_blocks()
     return res
 
 
@@ -267,6 +342,8 @@ def main() -> None:
     ap.add_argument("--json", help="write all numbers here")
     ap.add_argument("--quick", action="store_true", help="fewer types and shapes")
     ap.add_argument("--decode", action="store_true", help="only the decode layer breakdown and attention")
+    ap.add_argument("--gemm", action="store_true", help="only the prefill paths: dequant+cuBLAS vs gemm_q")
+    ap.add_argument("--gemm-m", default="512,2048", help="rows for --gemm (comma-separated)")
     args = ap.parse_args()
     import cupy as cp
     from aircupy.device.kernels import KernelLibrary
@@ -278,6 +355,17 @@ def main() -> None:
     if args.decode:
         print(f"device: {name} ({lib.arch})")
         print_decode(bench_decode_layer(cp, lib, ops), bench_decode_attention(cp, lib, ops))
+        return
+    if args.gemm:
+        from aircupy.ops.gemm_choice import format_table, measured_table
+        print(f"device: {name} ({lib.arch}); prefill linear: dequant+cuBLAS vs gemm_q (graph replays)")
+        ms = tuple(int(v) for v in args.gemm_m.split(","))
+        rows = bench_gemm_paths(cp, lib, ops, [GGMLType.Q4_0, GGMLType.Q8_0, GGMLType.Q4_K], ms)
+        print("gemm_choice table from this run (paste into aircupy/ops/gemm_choice.py):")
+        print(format_table(measured_table(rows)))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(dict(device=name, arch=lib.arch, gemm_paths=rows), f, indent=1)
         return
     types = [GGMLType.Q4_0, GGMLType.Q4_K, GGMLType.Q8_0] if args.quick else TYPES
     report = dict(device=name, arch=lib.arch, hbm_copy_gbps=bench_hbm(cp))

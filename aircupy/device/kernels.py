@@ -20,11 +20,18 @@ from pathlib import Path
 # Every kernel file, in include order. A new .cu file must be listed here (the test suite checks that
 # the package's .cu files and this list agree).
 SOURCES = ("matvec.cu", "dequant.cu", "norm.cu", "rope.cu", "elementwise.cu", "attention_decode.cu",
-           "attention_prefill.cu", "sample.cu")
+           "attention_prefill.cu", "sample.cu", "gemm_q.cu")
 
 
 def source_dir() -> Path:
-    """The directory holding the .cu/.cuh files (package data of aircupy.cuda_src)."""
+    """The directory holding the .cu/.cuh files (package data of aircupy.cuda_src).
+
+    A source checkout's own cuda_src/ (beside the imported aircupy package) wins over the package
+    data: an editable install maps aircupy.cuda_src to the checkout it was installed from, so a second
+    worktree imported through PYTHONPATH would otherwise compile the first one's kernels."""
+    here = Path(__file__).resolve().parents[2] / "cuda_src"
+    if (here / "common.cuh").is_file():
+        return here
     return Path(str(importlib.resources.files("aircupy.cuda_src")))
 
 

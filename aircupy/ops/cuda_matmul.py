@@ -3,7 +3,9 @@
 Weights are QWeight (aircupy/ops/packing.py: the packed layout, shape (N, K)); activations are fp32.
   matvec    M = 1..8 rows, dequantization fused (cuda_src/matvec.cu)
   gemm      fp16/bf16 operands, fp32 output, cuBLAS GemmEx on the tensor cores
-  linear    matvec for M <= 8, else dequant + cast into `scratch` and gemm (prefill)
+  gemm_q    any M, quant weights dequantized inside the tensor-core GEMM's tile loader (gemm_q.cu)
+  linear    matvec for M <= 8, else per shape (ops/gemm_choice.py) gemm_q, or dequant + cast into
+            `scratch` and gemm (prefill)
 Every launcher takes `stream` (None = cupy's current stream) and preallocated outputs; none allocates.
 """
 from __future__ import annotations
@@ -12,6 +14,7 @@ import numpy as np
 
 from aircupy.gguf.ggml import BLOCK_GEOMETRY, GGMLType
 from aircupy.ops._launch import NULL, cdiv, check, half_flag, launch
+from aircupy.ops.gemm_choice import PATHS, gemm_q_supports, prefill_path
 from aircupy.ops.packing import HEADERS, QWeight, heads_offset, needs_repack, repack_nbytes
 
 # type -> (kernel name suffix, values per block, items per block) -- cuda_src/blocks.cuh's Fmt* structs
@@ -193,20 +196,79 @@ def linear_scratch_nbytes(n: int, k: int, m_max: int) -> int:
     return cdiv(n * k * 2, _ALIGN) * _ALIGN + cdiv(m_max * k * 2, _ALIGN) * _ALIGN
 
 
+GEMM_Q_BN = 128  # output columns per block (cuda_src/gemm_q.cu GQ_BN)
+
+
+def gemm_q_bm(m: int) -> int:
+    """Rows per block of gemm_q: 128 from 128 rows up (half the weight tile decodes per output), else 64."""
+    return 128 if m >= 128 else 64
+
+
+def gemm_q_smem_nbytes(bm: int) -> int:
+    """Dynamic shared memory of gemm_q: 2 stages of (128 weight + bm x) rows of 72 halves."""
+    return 2 * (GEMM_Q_BN + bm) * 72 * 2
+
+
+def gemm_q(lib, x, w: QWeight, out, *, accumulate: bool = False, bias=None, half: str = "f16",
+           bm: int | None = None, stream=None) -> None:
+    """out (M, N) (+)= x (M, K) @ W^T (+ bias (N,)) on the tensor cores, any M >= 1, no scratch: each
+    weight tile is dequantized into shared memory (the values dequant() writes) and multiplied in
+    `half` ("f16" | "bf16") with fp32 accumulation and output. x is fp32 (rounded to `half` on the way
+    in) or already `half` (float16 for "f16", uint16 bf16 bits for "bf16": cast_half's output). Types:
+    gemm_choice.GEMM_Q_TYPES (K % 256 == 0 for Q4_K/Q5_K). bm (64 | 128, rows per block) overrides
+    gemm_q_bm(M) for measurements."""
+    n, k = w.shape
+    m = int(x.shape[0]) if x.ndim == 2 else -1
+    if not gemm_q_supports(w.ggml_type.name, k):
+        raise ValueError(f"gemm_q has no kernel for {w.ggml_type.name} weights with K = {k}")
+    if half not in ("f16", "bf16"):
+        raise ValueError(f"half must be 'f16' or 'bf16', got {half!r}")
+    xh = x.dtype != np.float32
+    check(x, (np.uint16 if half == "bf16" else np.float16) if xh else np.float32, (m, k), "x")
+    if m < 1:
+        raise ValueError("gemm_q needs at least one row")
+    check(out, np.float32, (m, n), "out")
+    if bias is not None:
+        check(bias, np.float32, (n,), "bias")
+    body, head = _body_head(w)
+    bm = gemm_q_bm(m) if bm is None else int(bm)
+    if bm not in (64, 128):
+        raise ValueError(f"bm must be 64 or 128, got {bm}")
+    smem = gemm_q_smem_nbytes(bm)
+    kern = lib.fn(f"gemm_q_{FORMATS[w.ggml_type][0]}_{half}_bm{bm}", smem)
+    launch(kern, (cdiv(n, GEMM_Q_BN), cdiv(m, bm)), (256,),
+           (body, head, x, out, NULL if bias is None else bias, np.int32(m), np.int32(n), np.int32(k),
+            np.int32(1 if accumulate else 0), np.int32(1 if xh else 0)), stream, shared_mem=smem)
+
+
 def linear(lib, x, w: QWeight, out, *, accumulate: bool = False, bias=None, scratch=None,
-           half: str = "f16", stream=None) -> None:
-    """out (M, N) (+)= x (M, K) @ W^T (+ bias). M <= 8: fused matvec. Else W is dequantized and x cast
-    to `half` ("f16", or "bf16" where activations may pass 65504, e.g. gemma3) in `scratch` (uint8 of
-    linear_scratch_nbytes) and multiplied on the tensor cores."""
+           half: str = "f16", path: str | None = None, stream=None) -> None:
+    """out (M, N) (+)= x (M, K) @ W^T (+ bias). M <= 8: fused matvec. Else the prefill path of the shape
+    (gemm_choice.prefill_path; `path` forces one): "cublas": W dequantized and x cast to `half` ("f16",
+    or "bf16" where activations may pass 65504, e.g. gemma3) in `scratch` (uint8 of
+    linear_scratch_nbytes) and multiplied by cuBLAS on the tensor cores; "fused": gemm_q on fp32 x (no
+    scratch); "fused_xh": x cast to `half` into `scratch`, then gemm_q."""
     m = int(x.shape[0])
     if m <= MAX_MATVEC_ROWS:
         matvec(lib, x, w, out, accumulate=accumulate, bias=bias, stream=stream)
         return
     n, k = w.shape
+    if path is None:
+        path = prefill_path(w.ggml_type.name, n, k, m)
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    if path == "fused":
+        gemm_q(lib, x, w, out, accumulate=accumulate, bias=bias, half=half, stream=stream)
+        return
     check(x, np.float32, (m, k), "x")
     if scratch is None or scratch.size < linear_scratch_nbytes(n, k, m):
         raise ValueError(f"linear with {m} rows needs scratch of {linear_scratch_nbytes(n, k, m)} bytes")
     hdt = np.uint16 if half == "bf16" else np.float16
+    if path == "fused_xh":
+        xh = scratch[:m * k * 2].view(hdt).reshape(m, k)
+        cast_half(lib, x, xh, stream=stream)
+        gemm_q(lib, xh, w, out, accumulate=accumulate, bias=bias, half=half, stream=stream)
+        return
     wo = cdiv(n * k * 2, _ALIGN) * _ALIGN
     wh = scratch[:n * k * 2].view(hdt).reshape(n, k)
     xh = scratch[wo:wo + m * k * 2].view(hdt).reshape(m, k)
