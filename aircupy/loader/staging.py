@@ -85,7 +85,7 @@ class Stager:
         self._ram: dict[object, np.ndarray | Future] = {}   # a Future while its first read runs
         self._ram_budget = ram_tier_bytes
         self._lock = threading.Lock()       # guards stats updated from reader threads
-        self.buffer_bytes = buffer_bytes
+        self.buffer_bytes, self.n_buffers = buffer_bytes, n_buffers
         self.read_ahead = read_ahead
         self.stats = StagingStats()
 
@@ -223,7 +223,7 @@ class ReadAhead:
         self._consumed = 0
         self._stop = False
         self._cv = threading.Condition()
-        self._fd = os.open(os.fspath(path), os.O_RDONLY)
+        self._fd = os.open(os.fspath(path), os.O_RDONLY)   # the thread's own; it closes it
         self._thread = threading.Thread(target=self._run, name="aircupy-readahead", daemon=True)
         self._thread.start()
 
@@ -242,9 +242,6 @@ class ReadAhead:
             self._stop = True
             self._cv.notify()
         self._thread.join()
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
 
     def __enter__(self) -> "ReadAhead":
         return self
@@ -272,3 +269,5 @@ class ReadAhead:
                     self.bytes_read += got
         except OSError as e:               # a hint only: the consumers' own reads still run
             self.error = e
+        finally:
+            os.close(self._fd)

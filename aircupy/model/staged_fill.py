@@ -142,7 +142,7 @@ def run_load(plan: LoadPlan, stager, sink, depth: int | None = None) -> int:
     so one buffer is being released while the others fill) and hand the bytes to `sink`.
     Returns the bytes read from the file."""
     reads = plan.reads
-    depth = max(1, len(stager._buffers) - 1) if depth is None else depth
+    depth = max(1, stager.n_buffers - 1) if depth is None else depth
     left = [s.nbytes for s in plan.sources]
     host: dict[int, np.ndarray] = {}                  # vector source -> gathered bytes
     vec_raw: dict[tuple[int, str], dict] = {}         # (block, role) -> name -> (bytes, type, shape)
@@ -268,3 +268,33 @@ class CudaSink:
 def pinned_alloc(nbytes: int) -> np.ndarray:
     import cupyx
     return cupyx.empty_pinned((nbytes,), dtype=np.uint8)
+
+
+def start_read_ahead(path, ranges) -> "ReadAhead":
+    """A ReadAhead over `ranges` whose lead is at most half the available RAM (so the warmed pages
+    are not evicted before the consumers read them) and at most the bytes to read."""
+    import os
+
+    from aircupy.loader.staging import ReadAhead
+    total = sum(n for _, n in ranges)
+    try:
+        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        avail = 2 * total
+    return ReadAhead(path, ranges, ahead_bytes=max(CHUNK, min(total, avail // 2)))
+
+
+def load_blocks(plan: LoadPlan, path, blocks, staging, lib, stream, read_ahead=None,
+                n_buffers: int = 4, close_read_ahead: bool = True) -> int:
+    """run_load of `plan` into device `blocks` through a ring of n_buffers pinned `plan.chunk`-byte
+    buffers (128 MiB by default); returns the bytes read. The stream is synchronized at the end;
+    `read_ahead` (started by the caller, its ranges beginning with plan.ranges) is closed here,
+    also on an error, unless close_read_ahead is False (the streamer reads on behind it)."""
+    from aircupy.loader.staging import Stager
+    try:
+        with Stager(path, n_buffers=n_buffers, buffer_bytes=plan.chunk, alloc=pinned_alloc,
+                    read_ahead=read_ahead) as st:
+            return run_load(plan, st, CudaSink(blocks, staging, lib, stream))
+    finally:
+        if read_ahead is not None and close_read_ahead:
+            read_ahead.close()
