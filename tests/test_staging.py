@@ -129,4 +129,41 @@ def test_read_ahead_stays_within_its_lead_and_finishes(blob):
         deadline = time.time() + 5
         while not ra.done and time.time() < deadline:
             time.sleep(0.01)
-        assert ra.done and ra.bytes_read == 700_000 and ra.error is None
+        # Every piece passed; those the Stager had queued before the warmer reached them skipped.
+        assert ra.done and ra.position == 700_000 and ra.error is None
+        assert 200_000 <= ra.bytes_read <= 700_000
+
+
+def test_read_ahead_skips_what_the_consumers_queued(blob):
+    """Pieces the consumers queued (claimed) before the warmer got there are not read twice."""
+    import time
+    from aircupy.loader.staging import ReadAhead
+    path, _ = blob
+    with ReadAhead(path, [(0, 400_000)], ahead_bytes=100_000, piece=100_000) as ra:
+        deadline = time.time() + 5
+        while ra.bytes_read < 100_000 and time.time() < deadline:   # first piece, then it waits
+            time.sleep(0.01)
+        ra.claimed(400_000)
+        ra.consumed(400_000)
+        while not ra.done and time.time() < deadline:
+            time.sleep(0.01)
+        assert ra.done and ra.position == 400_000 and ra.bytes_read == 100_000
+
+
+def test_read_ahead_fadvise_mode_passes_every_range(blob):
+    """mode "fadvise" only hints the kernel (no bytes copied); the consumers' data is unchanged."""
+    import time
+    from aircupy.loader.staging import ReadAhead
+    path, data = blob
+    with ReadAhead(path, [(0, 300_000), (600_000, 300_000)], piece=64_000, mode="fadvise") as ra, \
+            Stager(path, n_buffers=2, buffer_bytes=300_000, read_ahead=ra) as st:
+        for off in (0, 600_000):
+            t = st.submit(off, 300_000)
+            assert np.array_equal(st.wait(t), data[off:off + 300_000])
+            st.release(t)
+        deadline = time.time() + 5
+        while not ra.done and time.time() < deadline:
+            time.sleep(0.01)
+        assert ra.done and ra.position == 600_000 and ra.error is None
+    with pytest.raises(ValueError):
+        ReadAhead(path, [(0, 10)], mode="mmap")

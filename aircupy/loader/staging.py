@@ -115,11 +115,15 @@ class Stager:
         if key is not None and self.stats.ram_tier_bytes + nbytes <= self._ram_budget:
             # First read of this window: the reader thread allocates its tier buffer and fills it.
             self.stats.ram_tier_bytes += nbytes
+            if self.read_ahead is not None:
+                self.read_ahead.claimed(nbytes)
             fut = self._pool.submit(self._alloc_and_read, offset, nbytes)
             self._ram[key] = fut
             return Ticket(key, offset, nbytes, None, future=fut)
         if nbytes > self.buffer_bytes:
             raise ValueError(f"window of {nbytes} bytes exceeds the {self.buffer_bytes}-byte buffers")
+        if self.read_ahead is not None:
+            self.read_ahead.claimed(nbytes)
         idx = self._take_buffer()
         t = Ticket(key, offset, nbytes, idx)
         t.future = self._pool.submit(self._read, self._buffers[idx], offset, nbytes)
@@ -209,23 +213,36 @@ class ReadAhead:
     one reusable buffer, one thread of 16 MiB reads being what bench_cold.disk_rate measures as
     the disk rate. It stays at most `ahead_bytes` ahead of what the consumers reported through
     consumed(), so a file larger than RAM does not evict its own first windows before they are
-    used. Its reads cost one extra memcpy per byte (page cache -> scratch) on an idle core.
+    used, and skips the pieces the consumers have already queued (claimed()): once they have
+    caught up, their own reads fetch those bytes, and a second reader would only add seeks. Its reads cost one extra memcpy per byte (page cache ->
+    scratch) on an otherwise idle core.
     """
 
     def __init__(self, path: str | os.PathLike, ranges, ahead_bytes: int = 2 << 30,
-                 piece: int = 16 << 20):
+                 piece: int = 16 << 20, mode: str = "read"):
+        if mode not in ("read", "fadvise"):
+            raise ValueError(f"mode must be 'read' or 'fadvise', got {mode!r}")
+        self.mode = mode if hasattr(os, "posix_fadvise") else "read"
         self.ranges = [(int(o), int(n)) for o, n in ranges if n > 0]
         self.total = sum(n for _, n in self.ranges)
         self.ahead_bytes, self.piece = int(ahead_bytes), int(piece)
+        self.position = 0             # bytes of the ranges passed (read or skipped)
         self.bytes_read = 0           # by this thread
         self.read_s = 0.0             # wall time of this thread's reading (waits excluded)
         self.error: BaseException | None = None
         self._consumed = 0
+        self._claimed = 0
         self._stop = False
         self._cv = threading.Condition()
         self._fd = os.open(os.fspath(path), os.O_RDONLY)   # the thread's own; it closes it
         self._thread = threading.Thread(target=self._run, name="aircupy-readahead", daemon=True)
         self._thread.start()
+
+    def claimed(self, nbytes: int) -> None:
+        """The consumers have queued reads of `nbytes` more of the ranges (in about range order:
+        byte counts stand for positions)."""
+        with self._cv:
+            self._claimed += nbytes
 
     def consumed(self, nbytes: int) -> None:
         """The consumers have read `nbytes` more of the ranges (any order; only the sum paces)."""
@@ -257,12 +274,20 @@ class ReadAhead:
                 for o in range(off, off + n, self.piece):
                     m = min(self.piece, off + n - o)
                     with self._cv:
-                        while not self._stop and self.bytes_read - self._consumed >= self.ahead_bytes:
+                        while not self._stop and self.position - self._consumed >= self.ahead_bytes:
                             self._cv.wait()
                         if self._stop:
                             return
+                        skip = self.position + m <= self._claimed
+                    self.position += m
+                    if skip:
+                        continue
                     t0 = time.perf_counter()
-                    got = os.preadv(self._fd, [mv[:m]], o)
+                    if self.mode == "fadvise":       # queue the disk reads; no copy, no wait
+                        os.posix_fadvise(self._fd, o, m, os.POSIX_FADV_WILLNEED)
+                        got = m
+                    else:
+                        got = os.preadv(self._fd, [mv[:m]], o)
                     self.read_s += time.perf_counter() - t0
                     if got <= 0:
                         return             # past the end: the consumers report the error

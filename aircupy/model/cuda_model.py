@@ -75,10 +75,12 @@ class CudaModel:
 
     def __init__(self, g, config, n_ctx: int, vram_budget: int | None = None, progress=None, *,
                  use_graphs: bool = True, prefill_rows: int = PREFILL_ROWS, lib=None,
-                 prefill_graph_slots: int = PREFILL_GRAPH_SLOTS):
+                 prefill_graph_slots: int = PREFILL_GRAPH_SLOTS, read_ahead: str = "fadvise"):
         """lib: a KernelLibrary to share between models in one process (compiles once).
         use_graphs: replay decode steps and prefill chunks as CUDA graphs (on the start-up KV cache);
-        prefill_graph_slots: how many prefill graphs (one per chunk length) to keep, 0 = none."""
+        prefill_graph_slots: how many prefill graphs (one per chunk length) to keep, 0 = none.
+        read_ahead: how the cold-start page-cache warmer reads ("fadvise", "read", "off";
+        staged_fill.start_read_ahead)."""
         import cupy as cp
         from aircupy.device.kernels import KernelLibrary
         from aircupy.ops import cuda_ops as ops
@@ -106,11 +108,12 @@ class CudaModel:
         # Cold start (issue 5): the disk starts reading now, while the CUDA context, the pool and
         # the kernels are set up; load_blocks closes read_ahead.
         load = plan_load([glob_l] + layer_ls, g.tensors, g.file_size)
-        read_ahead = start_read_ahead(g.path, load.ranges)
+        read_ahead = start_read_ahead(g.path, load.ranges, read_ahead)
         try:
             self.pool = DevicePool(plan, vram_budget, what=f"{g.path.name} ({c.arch})")
         except BaseException:
-            read_ahead.close()
+            if read_ahead is not None:
+                read_ahead.close()
             raise
 
         self.lib = lib if lib is not None else KernelLibrary()

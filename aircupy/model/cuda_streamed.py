@@ -95,11 +95,12 @@ class StreamedCudaModel(CudaModel):
     def __init__(self, g, config, n_ctx: int, vram_budget: int | None = None, progress=None, *,
                  prefill_rows: int = PREFILL_ROWS, lib=None, slots: int = 3,
                  ram_tier_bytes: int | None = None, n_resident: int | None = None,
-                 kv_shuttle: bool | None = None):
+                 kv_shuttle: bool | None = None, read_ahead: str = "fadvise"):
         """vram_budget None: free memory minus POOL_MARGIN. n_resident forces the resident count
         (tests, benchmarks); the pool must still fit the budget. ram_tier_bytes None: automatic.
         kv_shuttle None: automatic (StreamPlacement.choose; with n_resident forced, the shuttle
-        only when KV in VRAM would not fit); True/False force it (tests, benchmarks)."""
+        only when KV in VRAM would not fit); True/False force it (tests, benchmarks).
+        read_ahead: the cold-start page-cache warmer ("fadvise", "read", "off"; CudaModel's)."""
         c = self.config = config
         if n_ctx < 1:
             raise InvalidParameterError("n_ctx", f"must be positive, got {n_ctx}")
@@ -114,12 +115,13 @@ class StreamedCudaModel(CudaModel):
         order = list(first) + [i for i in range(c.n_layers) if i not in set(first)]
         self._read_ahead = start_read_ahead(g.path, plan_load([glob_l], g.tensors, g.file_size)
                                             .ranges + [(manifest.layers[i].offset,
-                                                        manifest.layers[i].nbytes) for i in order])
+                                                        manifest.layers[i].nbytes) for i in order],
+                                            read_ahead)
         try:
             self._build(g, c, vram_budget, progress or (lambda stage: None), lib, slots,
                         ram_tier_bytes, n_resident, kv_shuttle, sp, glob_l, layer_ls, manifest)
         except BaseException:
-            self._read_ahead.close()
+            self.close()
             raise
 
     def _build(self, g, c, vram_budget, report, lib, slots, ram_tier_bytes, n_resident, kv_shuttle,
@@ -380,6 +382,7 @@ class StreamedCudaModel(CudaModel):
                 f"(budget {fmt_bytes(self.pool.budget)}{kv}); " + super().allocation_report())
 
     def close(self) -> None:
-        self._read_ahead.close()
-        if self.stager is not None:
+        if self._read_ahead is not None:
+            self._read_ahead.close()
+        if getattr(self, "stager", None) is not None:
             self.stager.close()

@@ -270,9 +270,21 @@ def pinned_alloc(nbytes: int) -> np.ndarray:
     return cupyx.empty_pinned((nbytes,), dtype=np.uint8)
 
 
-def start_read_ahead(path, ranges) -> "ReadAhead":
+READ_AHEAD_MODES = ("fadvise", "read", "off")
+
+
+def start_read_ahead(path, ranges, mode: str = "fadvise") -> "ReadAhead | None":
     """A ReadAhead over `ranges` whose lead is at most half the available RAM (so the warmed pages
-    are not evicted before the consumers read them) and at most the bytes to read."""
+    are not evicted before the consumers read them) and at most the bytes to read; None for "off".
+
+    Default "fadvise" (WILLNEED hints: the kernel queues the reads, no CPU copy): on the CPU
+    benchmark (bench/bench_cold_read.py, a 2-core VM) it hid a 0.5 s set-up best, while "read"
+    (preads into a scratch buffer) competed with the consumers' own reads; on a file system that
+    ignores the hint, "read" is the one that works."""
+    if mode not in READ_AHEAD_MODES:
+        raise ValueError(f"read-ahead mode must be one of {READ_AHEAD_MODES}, got {mode!r}")
+    if mode == "off":
+        return None
     import os
 
     from aircupy.loader.staging import ReadAhead
@@ -281,7 +293,7 @@ def start_read_ahead(path, ranges) -> "ReadAhead":
         avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         avail = 2 * total
-    return ReadAhead(path, ranges, ahead_bytes=max(CHUNK, min(total, avail // 2)))
+    return ReadAhead(path, ranges, ahead_bytes=max(CHUNK, min(total, avail // 2)), mode=mode)
 
 
 def load_blocks(plan: LoadPlan, path, blocks, staging, lib, stream, read_ahead=None,
