@@ -106,14 +106,14 @@ class CudaModel:
         plan.add("scratch", scratch_nbytes(ops, c, [glob_l] + layer_ls, g.tensors, self.rows,
                                            HEAD_ROWS), "scratch")
         # Cold start (issue 5): the disk starts reading now, while the CUDA context, the pool and
-        # the kernels are set up; load_blocks closes read_ahead.
+        # the kernels are set up; load_blocks closes the warmer.
         load = plan_load([glob_l] + layer_ls, g.tensors, g.file_size)
-        read_ahead = start_read_ahead(g.path, load.ranges, read_ahead)
+        warmer = start_read_ahead(g.path, load.ranges, read_ahead)
         try:
             self.pool = DevicePool(plan, vram_budget, what=f"{g.path.name} ({c.arch})")
         except BaseException:
-            if read_ahead is not None:
-                read_ahead.close()
+            if warmer is not None:
+                warmer.close()
             raise
 
         self.lib = lib if lib is not None else KernelLibrary()
@@ -127,8 +127,7 @@ class CudaModel:
                  [self.pool.array(f"weights.layer{i}", lay.nbytes, np.uint8)
                   for i, lay in enumerate(layer_ls)]
         report("uploading weights to the GPU")
-        self.bytes_read = load_blocks(load, g.path, blocks, staging, self.lib, self.stream,
-                                      read_ahead)
+        self.bytes_read = load_blocks(load, g.path, blocks, staging, self.lib, self.stream, warmer)
         self.glob = bind(glob_l, blocks[0])
         self.layers = [bind(lay, blocks[i + 1]) for i, lay in enumerate(layer_ls)]
         self.layouts = layer_ls
