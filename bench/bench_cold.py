@@ -14,7 +14,9 @@ Issue 5's target: a cold start's TTFT is within 10% of file size / disk read rat
      one device-sampled token, to the id on the host.
 A model that streams reads its windows on the first pass, a resident one at load: either way the
 whole file crosses the disk once before the first token. bound_s = size / disk rate; ratio = ttft /
-bound_s (target <= 1.10).
+bound_s (target <= 1.10). stages_s: when the model reported each start-up stage (after the pool
+and CUDA context: "uploading ... weights"; after the weights: "compiling GPU kernels").
+--read-ahead runs each model with each cold-start warmer mode (staged_fill.start_read_ahead).
 """
 from __future__ import annotations
 
@@ -71,13 +73,19 @@ def cold_ttft(path: Path, resident: str, n_prompt: int = 16, read_ahead: str = "
 
     evict(path)
     t0 = time.perf_counter()
+    marks = {}                     # the model's progress stages, seconds since t0 (where time goes)
+
+    def progress(stage: str) -> None:
+        marks[stage] = round(time.perf_counter() - t0, 3)
+
     g = GGUFFile(path)
     c = ModelConfig.from_gguf(g)
     n_ctx = 256
     if resident == "all":
-        m = CudaModel(g, c, n_ctx, read_ahead=read_ahead)
+        m = CudaModel(g, c, n_ctx, progress=progress, read_ahead=read_ahead)
     else:
-        m = StreamedCudaModel(g, c, n_ctx, n_resident=int(resident), read_ahead=read_ahead)
+        m = StreamedCudaModel(g, c, n_ctx, progress=progress, n_resident=int(resident),
+                              read_ahead=read_ahead)
     t_load = time.perf_counter() - t0
     ids = np.random.default_rng(0).integers(0, c.vocab_size, n_prompt).astype(np.int32)
     cache = m.new_cache(n_ctx)
@@ -85,7 +93,7 @@ def cold_ttft(path: Path, resident: str, n_prompt: int = 16, read_ahead: str = "
                            m.new_sampler(SamplingParams(temperature=0.0)))
     ttft = time.perf_counter() - t0
     out = dict(resident=resident, read_ahead=read_ahead, ttft_s=round(ttft, 3),
-               load_s=round(t_load, 3), token=int(tok))
+               load_s=round(t_load, 3), token=int(tok), stages_s=marks)
     if getattr(m, "streamer", None) is not None:
         st = m.stats()
         out.update(disk_GB=round(st["disk_bytes_read"] / 1e9, 3), disk_GBps=round(st["disk_gbps"], 2))
