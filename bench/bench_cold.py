@@ -14,7 +14,9 @@ Issue 5's target: a cold start's TTFT is within 10% of file size / disk read rat
      one device-sampled token, to the id on the host.
 A model that streams reads its windows on the first pass, a resident one at load: either way the
 whole file crosses the disk once before the first token. bound_s = size / disk rate; ratio = ttft /
-bound_s (target <= 1.10).
+bound_s (target <= 1.10). stages_s: when the model reported each start-up stage (after the pool
+and CUDA context: "uploading ... weights"; after the weights: "compiling GPU kernels").
+--read-ahead runs each model with each cold-start warmer mode (staged_fill.start_read_ahead).
 """
 from __future__ import annotations
 
@@ -61,7 +63,7 @@ def disk_rate(path: Path, threads: int) -> float:
     return size / dt / 1e9
 
 
-def cold_ttft(path: Path, resident: str, n_prompt: int = 16) -> dict:
+def cold_ttft(path: Path, resident: str, n_prompt: int = 16, read_ahead: str = "fadvise") -> dict:
     """Seconds from a cold open to the first sampled id on the host, and what the model read."""
     from bench_streaming import open_model   # this script runs as `python bench/bench_cold.py`
 
@@ -71,17 +73,23 @@ def cold_ttft(path: Path, resident: str, n_prompt: int = 16) -> dict:
 
     evict(path)
     t0 = time.perf_counter()
+    marks = {}                     # the model's progress stages, seconds since t0 (where time goes)
+
+    def progress(stage: str) -> None:
+        marks[stage] = round(time.perf_counter() - t0, 3)
+
     g = GGUFFile(path)
     c = ModelConfig.from_gguf(g)
     n_ctx = 256
-    m, _ = open_model(g, c, n_ctx, resident)
+    m, _ = open_model(g, c, n_ctx, resident, progress=progress, read_ahead=read_ahead)
     t_load = time.perf_counter() - t0
     ids = np.random.default_rng(0).integers(0, c.vocab_size, n_prompt).astype(np.int32)
     cache = m.new_cache(n_ctx)
     tok = m.forward_sample(ids, np.arange(n_prompt, dtype=np.int32), cache,
                            m.new_sampler(SamplingParams(temperature=0.0)))
     ttft = time.perf_counter() - t0
-    out = dict(resident=resident, ttft_s=round(ttft, 3), load_s=round(t_load, 3), token=int(tok))
+    out = dict(resident=resident, read_ahead=read_ahead, ttft_s=round(ttft, 3),
+               load_s=round(t_load, 3), token=int(tok), stages_s=marks)
     if getattr(m, "streamer", None) is not None:
         st = m.stats()
         out.update(disk_GB=round(st["disk_bytes_read"] / 1e9, 3), disk_GBps=round(st["disk_gbps"], 2))
@@ -97,6 +105,8 @@ def main() -> None:
     ap.add_argument("--model", type=Path, required=True)
     ap.add_argument("--resident", default="all,0")
     ap.add_argument("--read-threads", type=int, default=4)
+    ap.add_argument("--read-ahead", default="fadvise",
+                    help="comma-separated cold-start warmer modes to run: fadvise, read, off")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
     import cupy as cp
@@ -107,8 +117,8 @@ def main() -> None:
     print(json.dumps({"model": a.model.name, "size_GB": round(size / 1e9, 3),
                       "disk_GBps": {str(k): round(v, 2) for k, v in rates.items()}}), flush=True)
     rows = []
-    for r in a.resident.split(","):
-        row = cold_ttft(a.model, r)
+    for r, mode in [(r, m) for r in a.resident.split(",") for m in a.read_ahead.split(",")]:
+        row = cold_ttft(a.model, r, read_ahead=mode)
         bound = size / (best * 1e9)
         row.update(model=a.model.name, gpu=gpu, bound_s=round(bound, 3),
                    ratio=round(row["ttft_s"] / bound, 3))

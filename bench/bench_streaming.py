@@ -19,17 +19,19 @@ from pathlib import Path
 import numpy as np
 
 
-def open_model(g, c, n_ctx: int, resident: str, vram_budget: int | None = None):
+def open_model(g, c, n_ctx: int, resident: str, vram_budget: int | None = None, **model_kw):
     """`resident` "all": CudaModel; a number k: StreamedCudaModel with k resident layers, the pool
-    sized for them (vram_budget None: the free memory is the cap). Returns (model, load seconds)."""
+    sized for them (vram_budget None: the free memory is the cap). model_kw go to the model's
+    constructor (progress=, read_ahead=). Returns (model, load seconds)."""
     from aircupy.model.cuda_model import CudaModel
     from aircupy.model.cuda_streamed import StreamedCudaModel
 
     t0 = time.perf_counter()
     if resident == "all":
-        m = CudaModel(g, c, n_ctx)
+        m = CudaModel(g, c, n_ctx, **model_kw)
     else:
-        m = StreamedCudaModel(g, c, n_ctx, vram_budget=vram_budget, n_resident=int(resident))
+        m = StreamedCudaModel(g, c, n_ctx, vram_budget=vram_budget, n_resident=int(resident),
+                              **model_kw)
     return m, time.perf_counter() - t0
 
 

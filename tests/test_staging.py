@@ -88,3 +88,82 @@ def test_bad_windows_rejected(blob):
             st.submit(len(data) - 10, 20)
         with pytest.raises(ValueError, match="exceeds"):
             st.submit(0, 2000)
+
+
+def test_ram_tier_buffers_are_allocated_by_reader_threads(blob):
+    """Pinning a tier buffer is slow (cudaHostAlloc): it must not run on the caller's thread."""
+    from aircupy.loader.staging import numpy_alloc
+    path, data = blob
+    where = []
+
+    def alloc(n):
+        where.append(threading.current_thread().name)
+        return numpy_alloc(n)
+
+    with Stager(path, n_buffers=1, buffer_bytes=1000, alloc=alloc, ram_tier_bytes=1 << 20) as st:
+        where.clear()                                   # the ring was allocated by the caller
+        tickets = [st.submit(k * 100_000, 90_000, key=k) for k in range(4)]
+        again = st.submit(0, 90_000, key=0)             # before or after its first read ended
+        for k, t in enumerate(tickets):
+            assert np.array_equal(st.wait(t), data[k * 100_000:k * 100_000 + 90_000])
+        assert np.array_equal(st.wait(again), data[:90_000])
+        assert np.array_equal(st.wait(st.submit(0, 90_000, key=0)), data[:90_000])
+        assert len(where) == 4 and all(n.startswith("aircupy-read") for n in where)
+        assert st.stats.bytes_read == 4 * 90_000 and st.stats.ram_tier_hits == 2
+
+
+def test_read_ahead_stays_within_its_lead_and_finishes(blob):
+    import time
+    from aircupy.loader.staging import ReadAhead
+    path, data = blob
+    ranges = [(0, 300_000), (500_000, 400_000)]
+    with ReadAhead(path, ranges, ahead_bytes=200_000, piece=50_000) as ra:
+        time.sleep(0.2)
+        assert ra.bytes_read == 200_000 and not ra.done   # paced: nothing consumed yet
+        with Stager(path, n_buffers=2, buffer_bytes=100_000, read_ahead=ra) as st:
+            for o, n in ranges:
+                for off in range(o, o + n, 100_000):
+                    t = st.submit(off, 100_000)
+                    assert np.array_equal(st.wait(t), data[off:off + 100_000])
+                    st.release(t)
+        deadline = time.time() + 5
+        while not ra.done and time.time() < deadline:
+            time.sleep(0.01)
+        # Every piece passed; those the Stager had queued before the warmer reached them skipped.
+        assert ra.done and ra.position == 700_000 and ra.error is None
+        assert 200_000 <= ra.bytes_read <= 700_000
+
+
+def test_read_ahead_skips_what_the_consumers_queued(blob):
+    """Pieces the consumers queued (claimed) before the warmer got there are not read twice."""
+    import time
+    from aircupy.loader.staging import ReadAhead
+    path, _ = blob
+    with ReadAhead(path, [(0, 400_000)], ahead_bytes=100_000, piece=100_000) as ra:
+        deadline = time.time() + 5
+        while ra.bytes_read < 100_000 and time.time() < deadline:   # first piece, then it waits
+            time.sleep(0.01)
+        ra.claimed(400_000)
+        ra.consumed(400_000)
+        while not ra.done and time.time() < deadline:
+            time.sleep(0.01)
+        assert ra.done and ra.position == 400_000 and ra.bytes_read == 100_000
+
+
+def test_read_ahead_fadvise_mode_passes_every_range(blob):
+    """mode "fadvise" only hints the kernel (no bytes copied); the consumers' data is unchanged."""
+    import time
+    from aircupy.loader.staging import ReadAhead
+    path, data = blob
+    with ReadAhead(path, [(0, 300_000), (600_000, 300_000)], piece=64_000, mode="fadvise") as ra, \
+            Stager(path, n_buffers=2, buffer_bytes=300_000, read_ahead=ra) as st:
+        for off in (0, 600_000):
+            t = st.submit(off, 300_000)
+            assert np.array_equal(st.wait(t), data[off:off + 300_000])
+            st.release(t)
+        deadline = time.time() + 5
+        while not ra.done and time.time() < deadline:
+            time.sleep(0.01)
+        assert ra.done and ra.position == 600_000 and ra.error is None
+    with pytest.raises(ValueError):
+        ReadAhead(path, [(0, 10)], mode="mmap")

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import importlib.resources
+import threading
+from concurrent.futures import Future
 from pathlib import Path
 
 # Every kernel file, in include order. A new .cu file must be listed here (the test suite checks that
@@ -61,18 +63,20 @@ class KernelLibrary:
         self.n_sm = int(props["multiProcessorCount"])
         self.max_smem_optin = int(props.get("sharedMemPerBlockOptin", 49152))
         self._module = None
+        self._module_lock = threading.Lock()   # warmup_async's thread and the caller may race
         self._fns: dict[str, object] = {}
 
     @property
     def module(self):
         if self._module is None:
-            d = source_dir()
-            with self.device:
-                self._module = self._cp.RawModule(
-                    code=translation_unit(),
-                    options=("-std=c++17", f"-I{d}"),
-                )
-                self._module.compile()
+            with self._module_lock:
+                if self._module is None:
+                    d = source_dir()
+                    with self.device:
+                        m = self._cp.RawModule(code=translation_unit(),
+                                               options=("-std=c++17", f"-I{d}"))
+                        m.compile()
+                    self._module = m
         return self._module
 
     def fn(self, name: str, dynamic_smem: int = 0):
@@ -91,3 +95,20 @@ class KernelLibrary:
     def warmup(self) -> None:
         """Compile and load the module now (a few seconds the first time; cupy caches the cubin)."""
         _ = self.module
+
+    def warmup_async(self) -> Future:
+        """warmup() on a thread of its own: a cold start compiles (or loads the cached cubin)
+        while the disk reads the weights. Launches meanwhile wait on the module lock; call
+        warmup() (or .result()) before a graph capture. If the thread failed, the module is still
+        None and the next use compiles on the caller's thread, raising the error there."""
+        fut: Future = Future()
+
+        def work() -> None:
+            try:
+                self.warmup()
+                fut.set_result(None)
+            except BaseException as e:   # re-raised by fut.result() on the caller's thread
+                fut.set_exception(e)
+
+        threading.Thread(target=work, name="aircupy-nvrtc", daemon=True).start()
+        return fut

@@ -29,7 +29,8 @@ from aircupy.model.cuda_forward import HEAD_ROWS, ForwardPass
 from aircupy.model.cuda_layout import global_layout, layer_layout
 from aircupy.model.cuda_prefill import PREFILL_GRAPH_SLOTS, PrefillGraphs
 from aircupy.model.cuda_sampling import DeviceSampler, DeviceSampling
-from aircupy.model.cuda_weights import bind, fill
+from aircupy.model.cuda_weights import bind
+from aircupy.model.staged_fill import load_blocks, plan_load, start_read_ahead
 
 PREFILL_ROWS = 512  # tokens per prefill launch sequence (the engine feeds 512-token chunks too)
 
@@ -74,10 +75,12 @@ class CudaModel:
 
     def __init__(self, g, config, n_ctx: int, vram_budget: int | None = None, progress=None, *,
                  use_graphs: bool = True, prefill_rows: int = PREFILL_ROWS, lib=None,
-                 prefill_graph_slots: int = PREFILL_GRAPH_SLOTS):
+                 prefill_graph_slots: int = PREFILL_GRAPH_SLOTS, read_ahead: str = "fadvise"):
         """lib: a KernelLibrary to share between models in one process (compiles once).
         use_graphs: replay decode steps and prefill chunks as CUDA graphs (on the start-up KV cache);
-        prefill_graph_slots: how many prefill graphs (one per chunk length) to keep, 0 = none."""
+        prefill_graph_slots: how many prefill graphs (one per chunk length) to keep, 0 = none.
+        read_ahead: how the cold-start page-cache warmer reads ("fadvise", "read", "off";
+        staged_fill.start_read_ahead)."""
         import cupy as cp
         from aircupy.device.kernels import KernelLibrary
         from aircupy.ops import cuda_ops as ops
@@ -102,9 +105,21 @@ class CudaModel:
         plan_buffers(plan, c, self.rows, HEAD_ROWS)
         plan.add("scratch", scratch_nbytes(ops, c, [glob_l] + layer_ls, g.tensors, self.rows,
                                            HEAD_ROWS), "scratch")
-        self.pool = DevicePool(plan, vram_budget, what=f"{g.path.name} ({c.arch})")
+        # Cold start (issue 5): the disk starts reading now, while the CUDA context, the pool and
+        # the kernels are set up; load_blocks closes the warmer.
+        load = plan_load([glob_l] + layer_ls, g.tensors, g.file_size)
+        warmer = start_read_ahead(g.path, load.ranges, read_ahead)
+        try:
+            self.pool = DevicePool(plan, vram_budget, what=f"{g.path.name} ({c.arch})")
+        except BaseException:
+            if warmer is not None:
+                warmer.close()
+            raise
 
         self.lib = lib if lib is not None else KernelLibrary()
+        # NVRTC / cubin load on a thread while the disk reads; warmup() below waits for it (and
+        # compiles on this thread if that failed, raising the real error).
+        self.lib.warmup_async()
         self.stream = cp.cuda.Stream(non_blocking=True)
         self.buf = make_buffers(self.pool, c, self.rows, HEAD_ROWS)
         staging = self.pool.array("scratch", plan.regions["scratch"].nbytes, np.uint8)
@@ -112,9 +127,7 @@ class CudaModel:
                  [self.pool.array(f"weights.layer{i}", lay.nbytes, np.uint8)
                   for i, lay in enumerate(layer_ls)]
         report("uploading weights to the GPU")
-        self.bytes_read = fill(glob_l, blocks[0], g.tensors, self.lib, staging, self.stream)
-        for i, lay in enumerate(layer_ls):
-            self.bytes_read += fill(lay, blocks[i + 1], g.tensors, self.lib, staging, self.stream)
+        self.bytes_read = load_blocks(load, g.path, blocks, staging, self.lib, self.stream, warmer)
         self.glob = bind(glob_l, blocks[0])
         self.layers = [bind(lay, blocks[i + 1]) for i, lay in enumerate(layer_ls)]
         self.layouts = layer_ls

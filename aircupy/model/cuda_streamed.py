@@ -41,8 +41,9 @@ from aircupy.model.cuda_buffers import make_buffers
 from aircupy.model.cuda_forward import HEAD_ROWS, ForwardPass
 from aircupy.model.cuda_model import PREFILL_ROWS, CudaModel, _check_supported
 from aircupy.model.cuda_sampling import DeviceSampling
-from aircupy.model.cuda_weights import _host_vector, bind, fill
+from aircupy.model.cuda_weights import _host_vector, bind
 from aircupy.model.kv_shuttle import KVShuttle, ShuttleKVCache, cuda_copy_rows, pinned_f16
+from aircupy.model.staged_fill import load_blocks, plan_load, start_read_ahead
 from aircupy.model.stream_placement import STAGING_BUFFERS, StreamPlacement
 
 POOL_MARGIN = 512 << 20   # left outside the pool for cuBLAS, NVRTC modules (DevicePool's default)
@@ -94,26 +95,44 @@ class StreamedCudaModel(CudaModel):
     def __init__(self, g, config, n_ctx: int, vram_budget: int | None = None, progress=None, *,
                  prefill_rows: int = PREFILL_ROWS, lib=None, slots: int = 3,
                  ram_tier_bytes: int | None = None, n_resident: int | None = None,
-                 kv_shuttle: bool | None = None):
+                 kv_shuttle: bool | None = None, read_ahead: str = "fadvise"):
         """vram_budget None: free memory minus POOL_MARGIN. n_resident forces the resident count
         (tests, benchmarks); the pool must still fit the budget. ram_tier_bytes None: automatic.
         kv_shuttle None: automatic (StreamPlacement.choose; with n_resident forced, the shuttle
-        only when KV in VRAM would not fit); True/False force it (tests, benchmarks)."""
-        import cupy as cp
-        from aircupy.device.kernels import KernelLibrary
-
-        report = progress or (lambda stage: None)
+        only when KV in VRAM would not fit); True/False force it (tests, benchmarks).
+        read_ahead: the cold-start page-cache warmer ("fadvise", "read", "off"; CudaModel's)."""
         c = self.config = config
         if n_ctx < 1:
             raise InvalidParameterError("n_ctx", f"must be positive, got {n_ctx}")
         self.n_ctx, self.rows = int(n_ctx), int(prefill_rows)
         sp, glob_l, layer_ls = StreamPlacement.for_model(g, c, self.n_ctx, self.rows, slots)
         _check_supported(c, [glob_l] + layer_ls)
+        manifest = build_manifest(g)
+        # Cold start (issue 5): the disk starts reading before the first CUDA call, in the order
+        # the file will be consumed: globals, resident layers (when forced; chosen later
+        # otherwise), then the windows of the first pass; the streamer's Stager paces it.
+        first = sp.resident_for(n_resident) if n_resident is not None else ()
+        order = list(first) + [i for i in range(c.n_layers) if i not in set(first)]
+        self._read_ahead = start_read_ahead(g.path, plan_load([glob_l], g.tensors, g.file_size)
+                                            .ranges + [(manifest.layers[i].offset,
+                                                        manifest.layers[i].nbytes) for i in order],
+                                            read_ahead)
+        try:
+            self._build(g, c, vram_budget, progress or (lambda stage: None), lib, slots,
+                        ram_tier_bytes, n_resident, kv_shuttle, sp, glob_l, layer_ls, manifest)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self, g, c, vram_budget, report, lib, slots, ram_tier_bytes, n_resident, kv_shuttle,
+               sp, glob_l, layer_ls, manifest) -> None:
+        """Placement, pool, kernels, resident weights, streamer (the body of __init__)."""
+        import cupy as cp
+        from aircupy.device.kernels import KernelLibrary
 
         free = int(cp.cuda.runtime.memGetInfo()[0])
         room = max(0, free - POOL_MARGIN)
         budget = room if vram_budget is None else min(int(vram_budget), room)
-        manifest = build_manifest(g)
         try:
             self.plan = make_plan(manifest, c, budget, PlanSettings(
                 n_ctx=self.n_ctx, prefill_chunk=self.rows, slots=slots))
@@ -135,6 +154,9 @@ class StreamedCudaModel(CudaModel):
                                what=f"{g.path.name} ({c.arch}, streamed)")
 
         self.lib = lib if lib is not None else KernelLibrary()
+        # NVRTC / cubin load on a thread while the disk reads; warmup() below waits for it (and
+        # compiles on this thread if that failed, raising the real error).
+        self.lib.warmup_async()
         self.stream = cp.cuda.Stream(non_blocking=True)
         self.copy_stream = cp.cuda.Stream(non_blocking=True)
         self.repack_stream = cp.cuda.Stream(non_blocking=True)
@@ -142,13 +164,16 @@ class StreamedCudaModel(CudaModel):
         scratch = self.pool.array("scratch", pool_plan.regions["scratch"].nbytes, np.uint8)
         gblock = self.pool.array("weights.globals", glob_l.nbytes, np.uint8)
         report("uploading resident weights to the GPU")
-        self.bytes_read = fill(glob_l, gblock, g.tensors, self.lib, scratch, self.stream)
+        # Globals and resident layers in one staged load (staged_fill: sequential pinned reads
+        # overlapped with uploads and repacks; the same bytes as cuda_weights.fill).
+        rblocks = {i: self.pool.array(f"weights.layer{i}", layer_ls[i].nbytes, np.uint8)
+                   for i in resident}
+        load = plan_load([glob_l] + [layer_ls[i] for i in resident], g.tensors, g.file_size)
+        self.bytes_read = load_blocks(load, g.path, [gblock] + list(rblocks.values()), scratch,
+                                      self.lib, self.stream, self._read_ahead,
+                                      close_read_ahead=False)
         self.glob = bind(glob_l, gblock)
-        tables = {}
-        for i in resident:
-            block = self.pool.array(f"weights.layer{i}", layer_ls[i].nbytes, np.uint8)
-            self.bytes_read += fill(layer_ls[i], block, g.tensors, self.lib, scratch, self.stream)
-            tables[i] = bind(layer_ls[i], block)
+        tables = {i: bind(layer_ls[i], b) for i, b in rblocks.items()}
         self.layouts = layer_ls
         self.weight_bytes = sum(lay.nbytes for lay in layer_ls) + glob_l.nbytes
 
@@ -170,7 +195,8 @@ class StreamedCudaModel(CudaModel):
             tier = _auto_ram_tier(total) if ram_tier_bytes is None else int(ram_tier_bytes)
             self.stager = Stager(g.path, n_buffers=slots + 2,
                                  buffer_bytes=max(n for _, n in windows.values()),
-                                 alloc=_pinned_alloc, ram_tier_bytes=tier)
+                                 alloc=_pinned_alloc, ram_tier_bytes=tier,
+                                 read_ahead=self._read_ahead)
             self.streamer = LayerStreamer(SlotSchedule(c.n_layers, S, slots), windows, self.slots,
                                           self._fill_slot, self.stager, self.stream, self.copy_stream)
         self._slot_tables: dict = {}
@@ -356,5 +382,7 @@ class StreamedCudaModel(CudaModel):
                 f"(budget {fmt_bytes(self.pool.budget)}{kv}); " + super().allocation_report())
 
     def close(self) -> None:
-        if self.stager is not None:
+        if self._read_ahead is not None:
+            self._read_ahead.close()
+        if getattr(self, "stager", None) is not None:
             self.stager.close()

@@ -6,6 +6,10 @@
 A table names every weight the forward pass uses; matrices are QWeight (packed bytes + type + (N, K)),
 vectors float32 cupy arrays, absent roles None. Resident models bind each layer once to its pool
 region; the streaming model binds each slot once per layer layout and swaps tables, not code.
+
+The models load through model/staged_fill.py (sequential pinned reads overlapped with the uploads,
+issue 5); fill is the per-tensor path it replaced, kept as the reference the GPU test
+(tests/gpu/test_cold_load.py) compares the staged load's bytes with.
 """
 from __future__ import annotations
 
