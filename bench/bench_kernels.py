@@ -343,7 +343,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer types and shapes")
     ap.add_argument("--decode", action="store_true", help="only the decode layer breakdown and attention")
     ap.add_argument("--gemm", action="store_true", help="only the prefill paths: dequant+cuBLAS vs gemm_q")
-    ap.add_argument("--gemm-m", default="512,2048", help="rows for --gemm (comma-separated)")
+    ap.add_argument("--gemm-m", default="128,512,2048", help="rows for --gemm (comma-separated)")
+    ap.add_argument("--table-out", help="--gemm: write the measured map here (for AIRCUPY_GEMM_TABLE)")
     args = ap.parse_args()
     import cupy as cp
     from aircupy.device.kernels import KernelLibrary
@@ -357,12 +358,14 @@ def main() -> None:
         print_decode(bench_decode_layer(cp, lib, ops), bench_decode_attention(cp, lib, ops))
         return
     if args.gemm:
-        from aircupy.ops.gemm_choice import format_table, measured_table
+        from aircupy.ops.gemm_choice import format_table, measured_table, save_table
         print(f"device: {name} ({lib.arch}); prefill linear: dequant+cuBLAS vs gemm_q (graph replays)")
         ms = tuple(int(v) for v in args.gemm_m.split(","))
-        rows = bench_gemm_paths(cp, lib, ops, [GGMLType.Q4_0, GGMLType.Q8_0, GGMLType.Q4_K], ms)
+        rows = bench_gemm_paths(cp, lib, ops, [GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0, GGMLType.Q4_K], ms)
         print("gemm_choice table from this run (paste into aircupy/ops/gemm_choice.py):")
         print(format_table(measured_table(rows)))
+        if args.table_out:
+            save_table(measured_table(rows), args.table_out, device=name)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(dict(device=name, arch=lib.arch, gemm_paths=rows), f, indent=1)

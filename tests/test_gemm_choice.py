@@ -3,6 +3,7 @@ cuda_src/gemm_q.cu against it, and gemm_q's argument checks (they run before any
 arrays exercise them without a GPU)."""
 from __future__ import annotations
 
+import json
 import re
 
 import numpy as np
@@ -135,3 +136,31 @@ def test_linear_rejects_unknown_path():
         mm.linear(None, np.zeros((9, 256), np.float32), w, np.zeros((9, 40), np.float32), path="magic")
     with pytest.raises(ValueError, match="scratch"):  # fused_xh casts x into the scratch
         mm.linear(None, np.zeros((9, 256), np.float32), w, np.zeros((9, 40), np.float32), path="fused_xh")
+
+
+def test_a_saved_table_loads_back_and_the_env_file_replaces_the_shipped_map(tmp_path, monkeypatch):
+    import importlib
+
+    table = {("Q4_0", 4096, 4096, 512): "fused", ("Q4_K", 14336, 4096, 2048): "fused_xh"}
+    path = tmp_path / "h200.json"
+    gc.save_table(table, str(path), device="NVIDIA H200")
+    assert gc.load_table(str(path)) == table
+    monkeypatch.setenv(gc.TABLE_ENV, str(path))
+    try:
+        mod = importlib.reload(gc)
+        assert dict(mod.FAST_PATHS) == table
+        assert mod.prefill_path("Q4_0", 4096, 4096, 300) == "fused"
+        assert mod.prefill_path("Q4_0", 4096, 4096, 100) == "cublas"
+    finally:
+        monkeypatch.delenv(gc.TABLE_ENV)
+        importlib.reload(gc)
+    assert gc.prefill_path("Q4_0", 4096, 4096, 300) == gc.FAST_PATHS.get(("Q4_0", 4096, 4096, 512), "cublas")
+
+
+@pytest.mark.parametrize("row", [["Q6_K", 64, 256, 512, "fused"], ["Q4_0", 64, 256, 100, "fused"],
+                                 ["Q4_0", 64, 256, 512, "cublas"], ["Q4_0", 64, 256, 512]])
+def test_a_malformed_table_entry_is_an_error_naming_the_file(tmp_path, row):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({"fast_paths": [row]}))
+    with pytest.raises(ValueError, match="bad.json: bad gemm table entry"):
+        gc.load_table(str(path))

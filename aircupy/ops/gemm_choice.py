@@ -15,6 +15,8 @@ last bucket stands for every larger M (prefill chunks are at most a few thousand
 """
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 
@@ -33,6 +35,7 @@ FAST_PATHS: Mapping[Key, str] = MappingProxyType({})
 
 FUSED_PATHS = ("fused", "fused_xh")
 PATHS = ("cublas",) + FUSED_PATHS
+TABLE_ENV = "AIRCUPY_GEMM_TABLE"  # a JSON file from `bench_kernels.py --gemm --table-out`: this GPU's map
 
 
 def m_bucket(m: int) -> int:
@@ -47,10 +50,13 @@ def gemm_q_supports(type_name: str, k: int) -> bool:
     return type_name in GEMM_Q_TYPES and k % _BLOCK.get(type_name, 32) == 0
 
 
-def prefill_path(type_name: str, n: int, k: int, m: int, table: Mapping[Key, str] = FAST_PATHS) -> str:
-    """The table's path for (type, n, k, m_bucket(m)) where gemm_q supports the weight, else 'cublas'."""
+def prefill_path(type_name: str, n: int, k: int, m: int, table: Mapping[Key, str] | None = None) -> str:
+    """The table's path (default FAST_PATHS) for (type, n, k, m_bucket(m)) where gemm_q supports the
+    weight, else 'cublas'."""
     if not gemm_q_supports(type_name, k):
         return "cublas"
+    if table is None:
+        table = FAST_PATHS
     return table.get((type_name, int(n), int(k), m_bucket(m)), "cublas")
 
 
@@ -78,3 +84,30 @@ def format_table(table: Mapping[Key, str]) -> str:
     """The FAST_PATHS assignment for this map, as Python source to paste into this module."""
     items = "".join(f"    {tuple(k)!r}: {v!r},\n" for k, v in sorted(table.items()))
     return "FAST_PATHS: Mapping[Key, str] = MappingProxyType({" + (f"\n{items}" if items else "") + "})"
+
+
+def save_table(table: Mapping[Key, str], path: str, device: str = "") -> None:
+    """Write a measured map as JSON ({"device", "fast_paths": [[type, n, k, m_bucket, path], ...]}), the
+    file AIRCUPY_GEMM_TABLE names to use it in place of the shipped FAST_PATHS (a per-GPU tuning)."""
+    rows = [[k[0], int(k[1]), int(k[2]), int(k[3]), v] for k, v in sorted(table.items())]
+    with open(path, "w") as f:
+        json.dump({"device": device, "fast_paths": rows}, f, indent=1)
+
+
+def load_table(path: str) -> dict[Key, str]:
+    """The map in a save_table file; ValueError naming the file on a malformed entry."""
+    with open(path) as f:
+        doc = json.load(f)
+    out: dict[Key, str] = {}
+    for row in doc.get("fast_paths", []) if isinstance(doc, dict) else [None]:
+        ok = (isinstance(row, list) and len(row) == 5 and row[0] in GEMM_Q_TYPES and row[4] in FUSED_PATHS
+              and all(isinstance(v, int) and v > 0 for v in row[1:4]) and row[3] in M_BUCKETS)
+        if not ok:
+            raise ValueError(f"{path}: bad gemm table entry {row!r} (want [type, n, k, m_bucket, "
+                             f"one of {FUSED_PATHS}], type in {sorted(GEMM_Q_TYPES)}, m_bucket in {M_BUCKETS})")
+        out[(row[0], row[1], row[2], row[3])] = row[4]
+    return out
+
+
+if os.environ.get(TABLE_ENV):  # this GPU's measured map replaces the shipped one
+    FAST_PATHS = MappingProxyType(load_table(os.environ[TABLE_ENV]))
