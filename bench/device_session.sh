@@ -17,7 +17,8 @@
 set -uo pipefail
 stage=${1:?usage: device_session.sh stage1|stage2|stage3|stage4|stage5}
 OUT=${OUT:-/tmp/out}; L=/root/logs; mkdir -p "$OUT" $L /root/stage /root/synth /root/bench
-export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site AIRCUPY_SMOLLM2_GGUF=/root/stage/model.gguf
+export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site
+[ -f /root/stage/model.gguf ] && export AIRCUPY_SMOLLM2_GGUF=/root/stage/model.gguf   # after stage3's join
 LB=/root/llama/llama.cpp/build/bin/llama-bench
 S=/root/synth
 [ -f /root/gemm_table.json ] && export AIRCUPY_GEMM_TABLE=/root/gemm_table.json
@@ -39,7 +40,7 @@ if [ "$stage" = stage1 ]; then
     && python3 -m aircupy synth $S/llama3-8b-Q4_K.gguf --arch llama3-8b --type Q4_K \
     && python3 -m aircupy synth $S/llama-70b-Q4_0.gguf --arch llama-70b --type Q4_0" > $L/synth.log 2>&1 &)
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
-  timeout 520 python3 -m pytest -q -rf --tb=short --durations=10 tests/gpu -k "not smollm2" \
+  timeout 520 python3 -m pytest -q -rfs --tb=short --durations=10 tests/gpu -k "not smollm2" \
     --ignore tests/gpu/test_streaming.py --ignore tests/gpu/test_cold_load.py 2>&1 \
     | tee $L/gpu_tier.log | grep -E "passed|failed|FAILED|Error" | tail -25
   tail -2 $L/synth.log $L/llama-build.log
@@ -68,7 +69,10 @@ fi
 if [ "$stage" = stage3 ]; then
   cp .device/stage/part.01 /root/stage/ && (cd /root/stage && cat part.* > model.gguf \
     && sha256sum -c SHA256SUM && rm -f part.*) || echo "SmolLM2 join failed"
-  timeout 100 python3 -m pytest -q -rf --tb=short tests/gpu -k smollm2 2>&1 | tee $L/gpu_smol.log \
+  export AIRCUPY_SMOLLM2_GGUF=/root/stage/model.gguf
+  # every test on the real file (stage1 left them out: the smollm2_path fixture's tests)
+  timeout 150 python3 -m pytest -q -rfs --tb=short tests/gpu/test_cuda_model.py tests/gpu/test_cold_load.py \
+    -k "smollm2 or not tiny" 2>&1 | tee $L/gpu_smol.log \
     | grep -E "passed|failed|FAILED|Error" | tail -10
   for i in $(seq 60); do [ -x $LB ] && break; sleep 5; done
   tail -1 $L/llama-build.log

@@ -212,3 +212,12 @@ def test_engines_option_rejects_unknown_names():
     r = subprocess.run([sys.executable, "-m", "bench", "--dry-run", "--engines", "vllm"],
                        cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "--engines takes" in r.stderr
+
+
+def test_hf_layers_on_gpu_reads_accelerates_device_map():
+    from bench.harness.hf_peer import layers_on_gpu
+    assert layers_on_gpu({"": 0}, 30) == 30                                   # whole model on the GPU
+    assert layers_on_gpu({"model.embed_tokens": 0, "model.layers": "cpu", "lm_head": 0}, 4) == 0
+    dmap = {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": 0, "model.layers.10": "cpu",
+            "model.layers.2": "cpu", "model.norm": "cpu", "lm_head": "cpu"}
+    assert layers_on_gpu(dmap, 3) == 2       # "model.layers.1" must not claim "model.layers.10"

@@ -167,3 +167,20 @@ def test_read_ahead_fadvise_mode_passes_every_range(blob):
         assert ra.done and ra.position == 600_000 and ra.error is None
     with pytest.raises(ValueError):
         ReadAhead(path, [(0, 10)], mode="mmap")
+
+
+def test_available_ram_reads_memavailable_not_memfree(tmp_path):
+    from aircupy.loader.staging import available_ram
+    info = tmp_path / "meminfo"
+    info.write_text("MemTotal:       131072000 kB\nMemFree:         2000000 kB\n"
+                    "MemAvailable:   100000000 kB\nCached:         90000000 kB\n")
+    assert available_ram(str(info)) == 100000000 * 1024
+    assert available_ram(str(tmp_path / "absent")) >= 0     # falls back to the free pages
+
+
+def test_the_ram_tier_takes_what_half_the_available_ram_holds():
+    from aircupy.model.cuda_streamed import _auto_ram_tier
+    gb = 10**9
+    assert _auto_ram_tier(38 * gb, avail=100 * gb) == 38 * gb    # all streamed windows
+    assert _auto_ram_tier(38 * gb, avail=40 * gb) == 20 * gb     # a part: the rest streams each pass
+    assert _auto_ram_tier(38 * gb, avail=0) == 0

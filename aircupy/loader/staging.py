@@ -40,6 +40,23 @@ import numpy as np
 Alloc = Callable[[int], np.ndarray]
 
 
+def available_ram(meminfo: str = "/proc/meminfo") -> int:
+    """Bytes of host RAM a new allocation can get without swapping: MemAvailable (free memory plus
+    the reclaimable page cache; a model file just read or written sits in the cache and would make
+    MemFree look full), else the free pages where /proc is absent; 0 when neither is known."""
+    try:
+        with open(meminfo) as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
 def numpy_alloc(nbytes: int) -> np.ndarray:
     """Pageable host memory: for tests and the CPU backend; the GPU streamer passes a pinned allocator."""
     return np.empty(nbytes, dtype=np.uint8)

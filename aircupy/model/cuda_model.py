@@ -75,7 +75,7 @@ class CudaModel:
 
     def __init__(self, g, config, n_ctx: int, vram_budget: int | None = None, progress=None, *,
                  use_graphs: bool = True, prefill_rows: int = PREFILL_ROWS, lib=None,
-                 prefill_graph_slots: int = PREFILL_GRAPH_SLOTS, read_ahead: str = "fadvise"):
+                 prefill_graph_slots: int = PREFILL_GRAPH_SLOTS, read_ahead: str = "read"):
         """lib: a KernelLibrary to share between models in one process (compiles once).
         use_graphs: replay decode steps and prefill chunks as CUDA graphs (on the start-up KV cache);
         prefill_graph_slots: how many prefill graphs (one per chunk length) to keep, 0 = none.

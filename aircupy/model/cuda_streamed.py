@@ -24,7 +24,6 @@ into the KV slot paired with its weight slot, its new rows going back after its 
 """
 from __future__ import annotations
 
-import os
 import weakref
 
 import numpy as np
@@ -82,20 +81,20 @@ def _pinned_alloc(nbytes: int) -> np.ndarray:
     return cupyx.empty_pinned((nbytes,), dtype=np.uint8)
 
 
-def _auto_ram_tier(streamed_bytes: int) -> int:
-    """Keep every streamed window pinned in RAM when that takes at most half the available memory."""
-    try:
-        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 0
-    return streamed_bytes if streamed_bytes <= avail // 2 else 0
+def _auto_ram_tier(streamed_bytes: int, avail: int | None = None) -> int:
+    """RAM-tier capacity: every streamed window while that takes at most half the available RAM
+    (loader.staging.available_ram: page cache counts as available), else as many windows as half
+    of it holds (the rest are read from the page cache or the disk each pass)."""
+    from aircupy.loader.staging import available_ram
+    avail = available_ram() if avail is None else avail
+    return max(0, min(streamed_bytes, avail // 2))
 
 
 class StreamedCudaModel(CudaModel):
     def __init__(self, g, config, n_ctx: int, vram_budget: int | None = None, progress=None, *,
                  prefill_rows: int = PREFILL_ROWS, lib=None, slots: int = 3,
                  ram_tier_bytes: int | None = None, n_resident: int | None = None,
-                 kv_shuttle: bool | None = None, read_ahead: str = "fadvise"):
+                 kv_shuttle: bool | None = None, read_ahead: str = "read"):
         """vram_budget None: free memory minus POOL_MARGIN. n_resident forces the resident count
         (tests, benchmarks); the pool must still fit the budget. ram_tier_bytes None: automatic.
         kv_shuttle None: automatic (StreamPlacement.choose; with n_resident forced, the shuttle

@@ -273,26 +273,23 @@ def pinned_alloc(nbytes: int) -> np.ndarray:
 READ_AHEAD_MODES = ("fadvise", "read", "off")
 
 
-def start_read_ahead(path, ranges, mode: str = "fadvise") -> "ReadAhead | None":
+def start_read_ahead(path, ranges, mode: str = "read") -> "ReadAhead | None":
     """A ReadAhead over `ranges` whose lead is at most half the available RAM (so the warmed pages
     are not evicted before the consumers read them) and at most the bytes to read; None for "off".
 
-    Default "fadvise" (WILLNEED hints: the kernel queues the reads, no CPU copy): on the CPU
-    benchmark (bench/bench_cold_read.py, a 2-core VM) it hid a 0.5 s set-up best, while "read"
-    (preads into a scratch buffer) competed with the consumers' own reads; on a file system that
-    ignores the hint, "read" is the one that works."""
+    Default "read" (preads into a scratch buffer ahead of the consumers). "fadvise" (WILLNEED hints:
+    the kernel queues the reads, no CPU copy) hid a 0.5 s set-up best on the CPU benchmark
+    (bench/bench_cold_read.py, a 2-core VM), but on the GPU host (H200, its disk at 1.2-1.5 GB/s)
+    it was the slowest mode in every cold-TTFT run of bench_cold.py (8B Q4_0, 2026-11-27:
+    fadvise 4.2-5.5 s, read 3.2-3.9 s, off 3.2-4.2 s): the host's file system does not act on
+    the hint in time and it only adds contention."""
     if mode not in READ_AHEAD_MODES:
         raise ValueError(f"read-ahead mode must be one of {READ_AHEAD_MODES}, got {mode!r}")
     if mode == "off":
         return None
-    import os
-
-    from aircupy.loader.staging import ReadAhead
+    from aircupy.loader.staging import ReadAhead, available_ram
     total = sum(n for _, n in ranges)
-    try:
-        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        avail = 2 * total
+    avail = available_ram() or 2 * total
     return ReadAhead(path, ranges, ahead_bytes=max(CHUNK, min(total, avail // 2)), mode=mode)
 
 

@@ -6,8 +6,7 @@ which the kernel re-reads once per 128 output columns, for one small extra launc
 Pure Python (no numpy, no cupy): the CPU tier tests it. The choice is a lookup in FAST_PATHS, a
 read-only map (type name, N, K, M bucket) -> path of the shapes where a fused path was MEASURED faster
 on a GPU; every other shape takes cuBLAS. `python bench/bench_kernels.py --gemm` times all three and
-prints the map to paste here. Until a GPU run fills it the map is empty, so linear() behaves exactly
-as before (cuBLAS).
+prints the map to paste here (AIRCUPY_GEMM_TABLE names a file of another GPU's map).
 
 M buckets: a shape's speed depends on M mostly through the number of row tiles and how long the K loop
 runs, so rows are grouped by the smallest bound in M_BUCKETS that holds them; past the last bound the
@@ -30,8 +29,16 @@ _BLOCK = {"Q4_K": 256, "Q5_K": 256}  # values per block where not 32: K must be 
 M_BUCKETS: tuple[int, ...] = (32, 128, 512, 2048)
 
 Key = tuple[str, int, int, int]  # (type name, N, K, M bucket)
-# Shapes where a fused path beat dequant + cuBLAS, and which one. Empty: nothing measured yet.
-FAST_PATHS: Mapping[Key, str] = MappingProxyType({})
+# Shapes where a fused path beat dequant + cuBLAS by >= 3% at every M timed in the bucket, and which
+# one: `python bench/bench_kernels.py --gemm` on an NVIDIA H200 (sm_90, cupy 14.2, 2026-11-27). gemm_q
+# (mma.sync, ~180 TF/s at best) wins only where cuBLAS's tiles leave the SMs idle (the 8B gate_up at
+# M = 128: 186 vs 229 us); cuBLAS (Hopper wgmma, up to 590 TF/s) wins the other 100 shapes by 2-7x.
+FAST_PATHS: Mapping[Key, str] = MappingProxyType({
+    ('Q4_0', 28672, 4096, 128): 'fused_xh',
+    ('Q4_1', 28672, 4096, 128): 'fused_xh',
+    ('Q4_K', 28672, 4096, 128): 'fused_xh',
+    ('Q8_0', 28672, 4096, 128): 'fused_xh',
+})
 
 FUSED_PATHS = ("fused", "fused_xh")
 PATHS = ("cublas",) + FUSED_PATHS

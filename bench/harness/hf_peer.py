@@ -10,7 +10,6 @@ A model whose bf16 weights exceed half the host's available RAM is skipped with 
 from __future__ import annotations
 
 import importlib.util
-import os
 import time
 
 
@@ -43,10 +42,23 @@ def bf16_bytes(shape) -> int:
 
 
 def _avail_ram() -> int:
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 0
+    from aircupy.loader.staging import available_ram
+    return available_ram()
+
+
+OFFLOADED_DECODE_STEPS = 4   # accelerate moves every offloaded layer per token: seconds a step
+
+
+def layers_on_gpu(dmap: dict, n_layers: int, gpu=0) -> int:
+    """Decoder layers accelerate's device map puts on `gpu`: each layer goes where the longest key
+    that prefixes "model.layers.I." says ("" is the whole model, "model.layers" all layers)."""
+    def device_of(name: str):
+        best = None
+        for k, v in dmap.items():
+            if (k == "" or name == k or name.startswith(k + ".")) and (best is None or len(k) > len(best[0])):
+                best = (k, v)
+        return None if best is None else best[1]
+    return sum(1 for i in range(n_layers) if device_of(f"model.layers.{i}") == gpu)
 
 
 def run_hf(preset: str, budget_bytes: int | None, prompts: dict[str, int], n_gen: int,
@@ -77,7 +89,9 @@ def run_hf(preset: str, budget_bytes: int | None, prompts: dict[str, int], n_gen
     dmap = infer_auto_device_map(model, max_memory=max_memory,
                                  no_split_module_classes=["LlamaDecoderLayer"])
     model = dispatch_model(model, dmap, main_device=0)
-    on_gpu = sum(1 for k, v in dmap.items() if ".layers." in k and v == 0)
+    on_gpu = layers_on_gpu(dmap, shape.n_layers)
+    if on_gpu < shape.n_layers:
+        n_gen = min(n_gen, OFFLOADED_DECODE_STEPS)
     torch.cuda.reset_peak_memory_stats()
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, shape.vocab, (1, max([*prompts.values(), ttft_prompt])), generator=g).to(0)
@@ -108,7 +122,8 @@ def run_hf(preset: str, budget_bytes: int | None, prompts: dict[str, int], n_gen
         "command": f"AutoModelForCausalLM.from_config(llama {preset}, bf16) + dispatch_model("
                    f"infer_auto_device_map(max_memory={{0: {int(gpu)}, 'cpu': ...}}))",
         "note": f"random bf16 weights; {on_gpu}/{shape.n_layers} layers on the GPU, the rest "
-                "offloaded to CPU RAM (accelerate hooks); decode via generate()"}
+                "offloaded to CPU RAM (accelerate hooks); decode via generate()"
+                + (f", {n_gen} steps" if on_gpu < shape.n_layers else "")}
     del model
     torch.cuda.empty_cache()
     return res

@@ -8,9 +8,6 @@ the reference's top-2 margin exceeds the error: a failure reports both.
 """
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -91,11 +88,9 @@ def test_tiny_synthetic_greedy_and_logits_match_numpy(tmp_path, lib, preset, n_l
 
 
 @pytest.fixture(scope="module")
-def smollm2(request, lib):
-    """The real SmolLM2 Q4_1; on the GPU host it arrives in parts (AIRCUPY_SMOLLM2_GGUF names it)."""
-    env = os.environ.get("AIRCUPY_SMOLLM2_GGUF")
-    path = Path(env) if env else request.getfixturevalue("smollm2_path")
-    return _load(path, lib, n_ctx=256)
+def smollm2(smollm2_path, lib):
+    """The real SmolLM2 Q4_1 (conftest's smollm2_path: $AIRCUPY_SMOLLM2_GGUF on the GPU host)."""
+    return _load(smollm2_path, lib, n_ctx=256)
 
 
 def test_smollm2_greedy_and_logits_match_numpy(smollm2):
