@@ -221,3 +221,20 @@ def test_hf_layers_on_gpu_reads_accelerates_device_map():
     dmap = {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": 0, "model.layers.10": "cpu",
             "model.layers.2": "cpu", "model.norm": "cpu", "lm_head": "cpu"}
     assert layers_on_gpu(dmap, 3) == 2       # "model.layers.1" must not claim "model.layers.10"
+
+
+def test_hf_peer_runs_in_a_child_with_a_time_limit(monkeypatch):
+    slow = [sys.executable, "-c", "import time; time.sleep(30)"]
+    monkeypatch.setattr(hf_peer, "_child_cmd", lambda args: slow)
+    r = hf_peer.run_hf_limited("llama3-8b", 1 << 30, {"pp": 512}, 4, 512, timeout=0.5)
+    assert r["engine"] == "hf" and r["metrics"] == {} and "ran past 0.5 s on llama3-8b" in r["note"]
+
+    done = {"engine": "hf", "metrics": {"decode_tps": 1.5}, "command": "c", "note": "", "extra": {}}
+    monkeypatch.setattr(hf_peer, "_child_cmd", lambda args: [
+        sys.executable, "-c", f"print('noise'); print({json.dumps(json.dumps(done))})"])
+    assert hf_peer.run_hf_limited("llama3-8b", None, {"pp": 512}, 4, 512, timeout=30) == done
+
+    monkeypatch.setattr(hf_peer, "_child_cmd", lambda args: [
+        sys.executable, "-c", "import sys; sys.exit('CUDA out of memory')"])
+    r = hf_peer.run_hf_limited("llama3-8b", None, {"pp": 512}, 4, 512, timeout=30)
+    assert r["metrics"] == {} and r["note"] == "HF failed (exit 1): CUDA out of memory"

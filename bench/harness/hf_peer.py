@@ -10,7 +10,13 @@ A model whose bf16 weights exceed half the host's available RAM is skipped with 
 from __future__ import annotations
 
 import importlib.util
+import json
+import subprocess
+import sys
 import time
+from pathlib import Path
+
+HF_TIMEOUT_S = 300   # per scenario: offloaded bf16 8B shapes can take many minutes (accelerate's hooks)
 
 
 def missing() -> str | None:
@@ -127,3 +133,34 @@ def run_hf(preset: str, budget_bytes: int | None, prompts: dict[str, int], n_gen
     del model
     torch.cuda.empty_cache()
     return res
+
+
+def _child_cmd(args: dict) -> list[str]:
+    return [sys.executable, "-m", "bench.harness.hf_peer", json.dumps(args)]
+
+
+def run_hf_limited(preset: str, budget_bytes: int | None, prompts: dict[str, int], n_gen: int,
+                   ttft_prompt: int, timeout: float = HF_TIMEOUT_S) -> dict:
+    """run_hf in a child process that may take at most `timeout` seconds: past it the child is
+    killed and the result is a note saying so (the run goes on with the next scenario), so one
+    offloaded model that crawls cannot eat the whole benchmark session."""
+    from bench.harness.peers import skipped
+    args = dict(preset=preset, budget_bytes=budget_bytes, prompts=prompts, n_gen=n_gen,
+                ttft_prompt=ttft_prompt)
+    try:
+        r = subprocess.run(_child_cmd(args), capture_output=True, text=True, timeout=timeout,
+                           cwd=Path(__file__).resolve().parents[2])
+    except subprocess.TimeoutExpired:
+        return skipped("hf", f"HF ran past {timeout:g} s on {preset} (bf16, accelerate offloading at this "
+                             "budget); killed, no figures")
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
+    if r.returncode != 0 or not lines:
+        tail = (r.stderr.strip().splitlines() or ["no output"])[-1]
+        return skipped("hf", f"HF failed (exit {r.returncode}): {tail}")
+    return json.loads(lines[-1])
+
+
+if __name__ == "__main__":   # the child of run_hf_limited: one JSON result on the last stdout line
+    a = json.loads(sys.argv[1])
+    print(json.dumps(run_hf(a["preset"], a["budget_bytes"], {k: int(v) for k, v in a["prompts"].items()},
+                            a["n_gen"], a["ttft_prompt"])))

@@ -116,7 +116,7 @@ def run_one(p: Placement, opt: Options, env: dict, pinned: float | None, argv_cm
         else:
             preset = "smollm2-135m" if s.model == SMOLLM2 else s.model.split(":")[0]
             try:
-                results.append(hf_peer.run_hf(preset, p.budget_bytes, PROMPTS, n_gen, TTFT_PROMPT))
+                results.append(hf_peer.run_hf_limited(preset, p.budget_bytes, PROMPTS, n_gen, TTFT_PROMPT))
             except Exception as e:
                 results.append(skipped("hf", f"HF failed: {type(e).__name__}: {e}"))
     return [rec for r in results for rec in to_records(row, r, env)]
