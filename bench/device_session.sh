@@ -2,7 +2,7 @@
 # Every GPU measurement of issues 4, 5 and 7 in back-to-back device calls (the machine is kept only
 # while calls keep coming: issue each stage as soon as the previous one returns). Each stage is under
 # the 10-minute call limit; logs go to /root/logs and come back as $OUT/logs-STAGE.tgz with the JSON.
-#   stage1 (carry .device/whl .device/peers): wheels + editable install; llama-bench build and the
+#   stage1 (carry .device/whl .device/peers .device/COMMIT): wheels + editable install; llama-bench build and the
 #          synthetic 8B Q4_0 + Q4_K and 70B Q4_0 in the background; the GPU tier minus the SmolLM2,
 #          streaming and cold-load tests.
 #   stage2 (carry .device/stage/part.00 + SHA256SUM): the streaming and cold-load GPU tests; the
@@ -22,6 +22,9 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site
 LB=/root/llama/llama.cpp/build/bin/llama-bench
 S=/root/synth
 [ -f /root/gemm_table.json ] && export AIRCUPY_GEMM_TABLE=/root/gemm_table.json
+# The host's copy of .git can be stale: the records take the commit from .device/COMMIT, written here
+# before the calls with `git describe --always --dirty > .device/COMMIT` (carry .device/COMMIT).
+[ -f .device/COMMIT ] && export AIRCUPY_COMMIT=$(cat .device/COMMIT)
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || echo "pip -e failed"
 pack() { tar czf "$OUT/logs-$stage.tgz" -C $L . 2>/dev/null; }
 trap pack EXIT

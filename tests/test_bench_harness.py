@@ -238,3 +238,11 @@ def test_hf_peer_runs_in_a_child_with_a_time_limit(monkeypatch):
         sys.executable, "-c", "import sys; sys.exit('CUDA out of memory')"])
     r = hf_peer.run_hf_limited("llama3-8b", None, {"pp": 512}, 4, 512, timeout=30)
     assert r["metrics"] == {} and r["note"] == "HF failed (exit 1): CUDA out of memory"
+
+
+def test_records_take_the_commit_from_aircupy_commit_where_set(monkeypatch):
+    from bench.harness.measure import git_commit
+    monkeypatch.setenv("AIRCUPY_COMMIT", "0bf97c0")
+    assert git_commit() == "0bf97c0"
+    monkeypatch.delenv("AIRCUPY_COMMIT")
+    assert git_commit() != "0bf97c0"

@@ -5,6 +5,7 @@ Everything here imports cupy lazily: the module loads on a machine without a GPU
 """
 from __future__ import annotations
 
+import os
 import platform
 import shutil
 import subprocess
@@ -46,6 +47,10 @@ def environment() -> dict:
 
 
 def git_commit() -> str:
+    """HEAD (+dirty), or $AIRCUPY_COMMIT where set: a GPU host's copy of the tree may carry a stale
+    .git, so the device scripts pass the commit the session measured (git describe on this side)."""
+    if os.environ.get("AIRCUPY_COMMIT"):
+        return os.environ["AIRCUPY_COMMIT"]
     try:
         r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                            timeout=10)
