@@ -12,7 +12,7 @@ the file is evicted (fsync + POSIX_FADV_DONTNEED, bench_cold.evict), then:
   staged  staged_fill.run_load: 32 MiB preads by a Stager ring (2 reader threads, 4 buffers) in
           file order, the copies on the caller's thread; its ReadAhead (mode "read": 16 MiB preads
           into a scratch buffer) starts before `setup_s`;
-  staged-fadvise  the same with ReadAhead mode "fadvise" (WILLNEED hints: the models' default);
+  staged-fadvise  the same with ReadAhead mode "fadvise" (WILLNEED hints; the default is "read");
   staged-no-ra  the same without ReadAhead (the disk waits for the setup);
   staged-dma  staged-fadvise with the upload costing no host CPU (DmaSink), as from pinned memory
           on the GPU host. The numpy-copy fake charges the staged path a second CPU copy per byte
@@ -32,32 +32,20 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.bench_cold import disk_rate, evict
+from aircupy.model.staged_fill import HostSink
+from bench_cold import disk_rate, evict   # this script runs as `python bench/bench_cold_read.py`
 
 
-class CopySink:
-    """The fake upload: the bytes the GPU sink would DMA, copied into host blocks."""
+class CopySink(HostSink):
+    """The fake upload: HostSink (the bytes the GPU sink would DMA, copied into host blocks) minus
+    the repack, which the GPU does at HBM speed (not the bound)."""
 
     def __init__(self, blocks, staging_bytes):
+        super().__init__(blocks, staging_bytes)
         # Touched before use, like the blocks (a device buffer has no first-touch page faults).
-        self.blocks, self.staging = blocks, np.ones(staging_bytes, np.uint8)
-
-    def copy(self, part, block, off):
-        self.blocks[block][off:off + part.nbytes] = part
-
-    def stage(self, part, off):
-        self.staging[off:off + part.nbytes] = part
+        self.staging = np.ones(staging_bytes, np.uint8)
 
     def repack(self, block, piece, s, row0):
-        pass                                   # on the device: HBM speed, not the bound
-
-    def vector(self, block, piece, values):
-        self.blocks[block][piece.offset:piece.offset + values.nbytes] = values.view(np.uint8)
-
-    def fence(self):
-        return None
-
-    def finish(self):
         pass
 
 
