@@ -7,11 +7,12 @@
 #          streaming and cold-load tests.
 #   stage2 (carry .device/stage/part.00 + SHA256SUM): the streaming and cold-load GPU tests; the
 #          prefill GEMM paths (bench_kernels --gemm) -> /root/gemm_table.json, used by later stages
-#          through AIRCUPY_GEMM_TABLE only if the gemm_q GPU tests passed; cold TTFT per read-ahead.
+#          through AIRCUPY_GEMM_TABLE only if the gemm_q GPU tests passed.
 #   stage3 (carry .device/stage/part.01): join SmolLM2; its GPU tests; `python -m bench` on SmolLM2
 #          and the 8B scenarios for aircupy and llama.cpp.
 #   stage4: the 70B scenarios (merged); resident 8B Q4_K and the real SmolLM2 (bench_resident.py).
-#   stage5: the HF peer where it fits (SmolLM2 and the 8B scenarios), merged.
+#   stage5: cold TTFT per read-ahead mode, 3 interleaved reps (no build or synthesis running now);
+#          the HF peer on SmolLM2 and the resident 8B (its child gives up after 300 s), merged.
 # The 98 MB SmolLM2 travels in two 48 MiB parts (../shared/device/split.sh), one per call.
 # usage (repo root, on the GPU host): bash bench/device_session.sh stage1|...|stage5
 set -uo pipefail
@@ -46,7 +47,7 @@ if [ "$stage" = stage1 ]; then
   timeout 520 python3 -m pytest -q -rfs --tb=short --durations=10 tests/gpu -k "not smollm2" \
     --ignore tests/gpu/test_streaming.py --ignore tests/gpu/test_cold_load.py 2>&1 \
     | tee $L/gpu_tier.log | grep -E "passed|failed|FAILED|Error" | tail -25
-  tail -2 $L/synth.log $L/llama-build.log
+  tail -n 2 $L/synth.log $L/llama-build.log
   exit 0
 fi
 
@@ -62,10 +63,7 @@ if [ "$stage" = stage2 ]; then
   else
     cp /root/gemm_candidate.json /root/gemm_table.json 2>/dev/null && cp /root/gemm_table.json "$OUT/"
   fi
-  for i in $(seq 40); do grep -q "llama-70b" $L/synth.log && [ -z "$(pgrep -f 'aircupy synth')" ] && break; sleep 3; done
-  timeout 170 python3 bench/bench_cold.py --model $S/llama3-8b-Q4_0.gguf --resident all,0 \
-    --read-ahead fadvise,read,off --json "$OUT/cold8.json" 2>&1 | tee $L/cold8.log | tail -8
-  tail -2 $L/synth.log $L/llama-build.log
+  tail -n 2 $L/synth.log $L/llama-build.log
   exit 0
 fi
 
@@ -95,6 +93,9 @@ if [ "$stage" = stage4 ]; then
   exit 0
 fi
 
-timeout 540 python3 -m bench --engines hf --scenarios 'smollm2-resident,8b-*' --synth-dir $S \
+# cold TTFT here, with the llama.cpp build and the synthesis long done (CPU and disk contention)
+timeout 200 python3 bench/bench_cold.py --model $S/llama3-8b-Q4_0.gguf --resident all,0 --reps 3 \
+  --read-ahead read,off --json "$OUT/cold8.json" 2>&1 | tee $L/cold8.log | tail -5
+timeout 330 python3 -m bench --engines hf --scenarios 'smollm2-resident,8b-q4_0-100pct' --synth-dir $S \
   --out /root/bench/hf --reps 2 --merge /root/bench/all/results.json 2>&1 | tee $L/bench_hf.log | tail -12
 cp /root/bench/hf/results.json /root/bench/hf/results.md /root/bench/hf/*.png "$OUT/" 2>/dev/null
