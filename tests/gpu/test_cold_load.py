@@ -4,25 +4,16 @@ whose weights were written by fill. Each case starts from a cold page cache (fsy
 POSIX_FADV_DONTNEED, as bench_cold.evict), so the ReadAhead thread and the Stager read the disk."""
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
+
+from bench.bench_cold import evict
 
 pytestmark = pytest.mark.gpu
 
 TINY = dict(vocab=512, n_embd=256, n_head=4, n_head_kv=2, head_dim=64, n_ff=512)
 CASES = [("llama3-8b", "Q4_0", 2), ("qwen2-0.5b", "Q6_K", 2), ("qwen3-0.6b", "Q8_0", 2),
          ("gemma3-270m", "Q4_K", 6), ("llama3-8b", "Q4_1", 2)]
-
-
-def _evict(path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 @pytest.fixture(scope="module")
@@ -66,11 +57,11 @@ def _both_paths(path, lib, chunk):
         old = [cp.zeros(lay.nbytes, cp.uint8) for lay in layouts]
         new = [cp.zeros(lay.nbytes, cp.uint8) for lay in layouts]
         staging = cp.zeros(big, cp.uint8)
-        _evict(path)
+        evict(path)
         for lay, b in zip(layouts, old):
             fill(lay, b, g.tensors, lib, staging, stream)
         plan = plan_load(layouts, g.tensors, g.file_size, chunk=chunk)
-        _evict(path)
+        evict(path)
         read = load_blocks(plan, g.path, new, staging, lib, stream,
                            start_read_ahead(g.path, plan.ranges), n_buffers=3)
         host = [np.zeros(lay.nbytes, np.uint8) for lay in layouts]
@@ -114,7 +105,7 @@ def test_models_on_the_staged_load_give_fills_logits(tmp_path, lib, preset, qtyp
     ids = np.random.default_rng(3).integers(4, TINY["vocab"], 12).astype(np.int32)
     with GGUFFile(path) as g:
         c, layouts = _layouts(g)
-        _evict(path)
+        evict(path)
         m = CudaModel(g, c, 64, lib=lib, use_graphs=False)
         assert m.bytes_read <= g.file_size
         staged = _logits(m, ids, 64)
@@ -124,7 +115,7 @@ def test_models_on_the_staged_load_give_fills_logits(tmp_path, lib, preset, qtyp
             fill(lay, m.pool.array(name, lay.nbytes, np.uint8), g.tensors, lib, scratch, m.stream)
         cp.cuda.Device().synchronize()
         assert np.array_equal(staged, _logits(m, ids, 64))
-        _evict(path)
+        evict(path)
         s = StreamedCudaModel(g, c, 64, lib=lib, n_resident=1, ram_tier_bytes=1 << 30)
         try:
             for _ in range(2):                           # the first pass reads, the second hits the tier
