@@ -64,6 +64,11 @@ def run(path: Path, lengths: list[int], reps: int) -> dict:
     out["graphs_outside_pool_MiB"] = round((free0 - cp.cuda.runtime.memGetInfo()[0]) / 2**20, 2)
     full = pg.graphs.get(m.rows)
     if full is not None:
+        # The graph's memcpy nodes upload whatever the pinned ids/positions hold. After pp(100) that
+        # is positions 0..99 then the stale 612..1023 of pp1024's second chunk: replays timed on
+        # them attend over ~1024 keys instead of <= 512 (the 2026-11-27 run's 3.36 ms per replay,
+        # slower than a whole host-timed pp512 of 2.79 ms). A full pass first sets them to 0..511.
+        pp(m.rows)
         e0, e1 = cp.cuda.Event(), cp.cuda.Event()
         e0.record(m.stream)
         for _ in range(20):
