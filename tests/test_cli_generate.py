@@ -166,3 +166,8 @@ def test_streaming_stats_line():
         "disk_bytes_read": 2**30, "disk_gbps": 1.5, "ram_tier_hits": 6}})
     assert line == ("[streaming] 4 passes, 3.00 GiB streamed at 51.2 GB/s | overlap 88% | stalled 0.013 s"
                     " | disk 1.00 GiB at 1.50 GB/s | RAM-tier hits 6")
+    partial = streaming_line({"streaming": {
+        "passes": 4, "bytes_streamed": 3 * 2**30, "pcie_gbps": 51.25, "overlap": 0.875, "stall_s": 0.0125,
+        "disk_bytes_read": 2**30, "disk_gbps": 1.5, "ram_tier_hits": 6,
+        "ram_tier_bytes": 2**29, "ram_tier_capacity": 2**30}})
+    assert partial.endswith("RAM-tier hits 6 (0.50 of 1.00 GiB held)")

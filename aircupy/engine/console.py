@@ -92,15 +92,22 @@ def summary_line(engine, result) -> str:
 def streaming_line(stats: dict) -> str | None:
     """The layer-streaming figures of Engine.stats() (a streamed CUDA model), or None when nothing
     streams: bytes moved, achieved PCIe rate, share of the upload hidden behind compute, compute time
-    stalled waiting for weights, disk rate and RAM-tier hits, and the KV shuttle's traffic (part of
-    the bytes streamed) when it runs."""
+    stalled waiting for weights, disk rate, RAM-tier hits and the bytes the tier holds of what it may
+    (short of it when half the available RAM holds only part of the streamed layers), and the KV
+    shuttle's traffic (part of the bytes streamed) when it runs."""
     s = stats.get("streaming")
     if not s or not s.get("passes"):
         return None
     return (f"[streaming] {s['passes']} passes, {s['bytes_streamed'] / 2**30:.2f} GiB streamed at "
             f"{s['pcie_gbps']:.1f} GB/s | overlap {100 * s['overlap']:.0f}% | stalled {s['stall_s']:.3f} s"
             f" | disk {s.get('disk_bytes_read', 0) / 2**30:.2f} GiB at {s.get('disk_gbps', 0.0):.2f} GB/s"
-            f" | RAM-tier hits {s.get('ram_tier_hits', 0)}" + _kv_part(s))
+            f" | RAM-tier hits {s.get('ram_tier_hits', 0)}" + _tier_part(s) + _kv_part(s))
+
+
+def _tier_part(s: dict) -> str:
+    """The RAM tier's fill against its capacity, where it has one."""
+    cap = s.get("ram_tier_capacity", 0)
+    return f" ({s.get('ram_tier_bytes', 0) / 2**30:.2f} of {cap / 2**30:.2f} GiB held)" if cap else ""
 
 
 def _kv_part(s: dict) -> str:

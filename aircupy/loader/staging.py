@@ -100,7 +100,7 @@ class Stager:
         self._pending_release: deque[tuple[int, Callable[[], object] | None]] = deque()
         self._pool = ThreadPoolExecutor(max_workers=n_threads, thread_name_prefix="aircupy-read")
         self._ram: dict[object, np.ndarray | Future] = {}   # a Future while its first read runs
-        self._ram_budget = ram_tier_bytes
+        self.ram_tier_capacity = ram_tier_bytes   # bytes the tier may hold (what fits is kept)
         self._lock = threading.Lock()       # guards stats updated from reader threads
         self.buffer_bytes, self.n_buffers = buffer_bytes, n_buffers
         self.read_ahead = read_ahead
@@ -129,7 +129,7 @@ class Stager:
                     return Ticket(key, offset, nbytes, None, future=held)
                 held = self._ram[key] = held.result()
             return Ticket(key, offset, nbytes, None, view=held[:nbytes])
-        if key is not None and self.stats.ram_tier_bytes + nbytes <= self._ram_budget:
+        if key is not None and self.stats.ram_tier_bytes + nbytes <= self.ram_tier_capacity:
             # First read of this window: the reader thread allocates its tier buffer and fills it.
             self.stats.ram_tier_bytes += nbytes
             if self.read_ahead is not None:

@@ -241,7 +241,8 @@ class LayerStreamer:
         s = self.stager.stats
         out = _rates(dict(self.totals))
         out.update(disk_bytes_read=s.bytes_read, disk_gbps=s.read_gbps, ram_tier_hits=s.ram_tier_hits,
-                   ram_tier_bytes=s.ram_tier_bytes, host_read_wait_s=s.wait_s,
+                   ram_tier_bytes=s.ram_tier_bytes, ram_tier_capacity=self.stager.ram_tier_capacity,
+                   host_read_wait_s=s.wait_s,
                    host_issue_s=self.host_issue_s, last_pass=self.last_pass)
         return out
 
