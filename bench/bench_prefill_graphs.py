@@ -14,21 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 import numpy as np
-
-
-def _timed(fn, reps: int) -> float:
-    fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+from bench_resident import timed   # this script runs as `python bench/bench_prefill_graphs.py`
 
 
 def run(path: Path, lengths: list[int], reps: int) -> dict:
@@ -51,13 +40,13 @@ def run(path: Path, lengths: list[int], reps: int) -> dict:
     out = {"model": path.name, "gpu": cp.cuda.runtime.getDeviceProperties(0)["name"].decode()}
     m.prefill_graphs = None
     for n in lengths:
-        out[f"pp{n}_eager_tps"] = round(n / _timed(lambda: pp(n), reps), 1)
+        out[f"pp{n}_eager_tps"] = round(n / timed(lambda: pp(n), reps), 1)
     ref = {n: pp(n) for n in lengths}
     m.prefill_graphs = pg
     cp.cuda.Device().synchronize()
     free0 = cp.cuda.runtime.memGetInfo()[0]
     for n in lengths:
-        out[f"pp{n}_graph_tps"] = round(n / _timed(lambda: pp(n), reps), 1)
+        out[f"pp{n}_graph_tps"] = round(n / timed(lambda: pp(n), reps), 1)
         out[f"pp{n}_speedup"] = round(out[f"pp{n}_graph_tps"] / out[f"pp{n}_eager_tps"], 2)
         out[f"pp{n}_bit_identical"] = bool(np.array_equal(pp(n), ref[n]))
     cp.cuda.Device().synchronize()

@@ -112,6 +112,14 @@ def test_ram_tier_buffers_are_allocated_by_reader_threads(blob):
         assert st.stats.bytes_read == 4 * 90_000 and st.stats.ram_tier_hits == 2
 
 
+def _wait_done(ra, timeout: float = 5.0) -> None:
+    """Wait (at most `timeout` s) for a ReadAhead to reach the end of its ranges."""
+    import time
+    deadline = time.time() + timeout
+    while not ra.done and time.time() < deadline:
+        time.sleep(0.01)
+
+
 def test_read_ahead_stays_within_its_lead_and_finishes(blob):
     import time
     from aircupy.loader.staging import ReadAhead
@@ -126,9 +134,7 @@ def test_read_ahead_stays_within_its_lead_and_finishes(blob):
                     t = st.submit(off, 100_000)
                     assert np.array_equal(st.wait(t), data[off:off + 100_000])
                     st.release(t)
-        deadline = time.time() + 5
-        while not ra.done and time.time() < deadline:
-            time.sleep(0.01)
+        _wait_done(ra)
         # Every piece passed; those the Stager had queued before the warmer reached them skipped.
         assert ra.done and ra.position == 700_000 and ra.error is None
         assert 200_000 <= ra.bytes_read <= 700_000
@@ -145,14 +151,12 @@ def test_read_ahead_skips_what_the_consumers_queued(blob):
             time.sleep(0.01)
         ra.claimed(400_000)
         ra.consumed(400_000)
-        while not ra.done and time.time() < deadline:
-            time.sleep(0.01)
+        _wait_done(ra)
         assert ra.done and ra.position == 400_000 and ra.bytes_read == 100_000
 
 
 def test_read_ahead_fadvise_mode_passes_every_range(blob):
     """mode "fadvise" only hints the kernel (no bytes copied); the consumers' data is unchanged."""
-    import time
     from aircupy.loader.staging import ReadAhead
     path, data = blob
     with ReadAhead(path, [(0, 300_000), (600_000, 300_000)], piece=64_000, mode="fadvise") as ra, \
@@ -161,9 +165,7 @@ def test_read_ahead_fadvise_mode_passes_every_range(blob):
             t = st.submit(off, 300_000)
             assert np.array_equal(st.wait(t), data[off:off + 300_000])
             st.release(t)
-        deadline = time.time() + 5
-        while not ra.done and time.time() < deadline:
-            time.sleep(0.01)
+        _wait_done(ra)
         assert ra.done and ra.position == 600_000 and ra.error is None
     with pytest.raises(ValueError):
         ReadAhead(path, [(0, 10)], mode="mmap")
