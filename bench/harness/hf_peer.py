@@ -47,11 +47,6 @@ def bf16_bytes(shape) -> int:
     return 2 * (L * per_layer + V * E * (1 if shape.tied else 2))
 
 
-def _avail_ram() -> int:
-    from aircupy.loader.staging import available_ram
-    return available_ram()
-
-
 OFFLOADED_DECODE_STEPS = 4   # accelerate moves every offloaded layer per token: seconds a step
 
 
@@ -71,14 +66,16 @@ def run_hf(preset: str, budget_bytes: int | None, prompts: dict[str, int], n_gen
            ttft_prompt: int) -> dict:
     from bench.harness.peers import skipped
 
+    from aircupy.loader.staging import available_ram
     from aircupy.synth import PRESETS
     shape = PRESETS[preset]
     need = bf16_bytes(shape)
     if shape.arch != "llama":
         return skipped("hf", f"HF not run: preset {preset} is not llama-architecture")
-    if need > _avail_ram() // 2:
+    avail = available_ram()
+    if need > avail // 2:
         return skipped("hf", f"HF not run: bf16 weights {need / 1e9:.1f} GB exceed half the "
-                             f"available RAM ({_avail_ram() / 1e9:.1f} GB)")
+                             f"available RAM ({avail / 1e9:.1f} GB)")
     import torch
     from accelerate import dispatch_model, infer_auto_device_map, init_empty_weights
     from transformers import AutoModelForCausalLM
@@ -91,7 +88,7 @@ def run_hf(preset: str, budget_bytes: int | None, prompts: dict[str, int], n_gen
         for p in model.parameters():
             p.normal_(0.0, 0.02)
     gpu = budget_bytes if budget_bytes is not None else torch.cuda.mem_get_info()[0]
-    max_memory = {0: int(gpu), "cpu": int(_avail_ram() * 0.8)}
+    max_memory = {0: int(gpu), "cpu": int(available_ram() * 0.8)}   # after the CPU copy is built
     dmap = infer_auto_device_map(model, max_memory=max_memory,
                                  no_split_module_classes=["LlamaDecoderLayer"])
     model = dispatch_model(model, dmap, main_device=0)
