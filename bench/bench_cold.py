@@ -9,23 +9,28 @@ Issue 5's target: a cold start's TTFT is within 10% of file size / disk read rat
      read would run at tens of GB/s;
   2. disk rate: evict, then read the whole file with `--read-threads` threads of 16 MiB preads into
      one reusable buffer each (what a loader at its best could do); GB/s = size / wall time;
-  3. cold TTFT: evict, then time GGUFFile open + model construction (`resident` "all": CudaModel; a
-     number k: StreamedCudaModel with k resident layers, RAM tier on) + a 16-token prompt's prefill and
-     one device-sampled token, to the id on the host.
+  3. cold TTFT, in a fresh process (cupy and aircupy imported, no CUDA call yet: the context is
+     created inside the timed span, as on a real start): evict, then time GGUFFile open + model
+     construction (`resident` "all": CudaModel; a number k: StreamedCudaModel with k resident layers,
+     RAM tier on) + a 16-token prompt's prefill and one device-sampled token, to the id on the host.
+     The import time is reported beside it (imports_s), not in it.
 A model that streams reads its windows on the first pass, a resident one at load: either way the
-whole file crosses the disk once before the first token. bound_s = size / disk rate; ratio = ttft /
-bound_s (target <= 1.10). stages_s: when the model reported each start-up stage (after the pool
-and CUDA context: "uploading ... weights"; after the weights: "compiling GPU kernels").
---read-ahead runs each model with each cold-start warmer mode (staged_fill.start_read_ahead); --reps
-repeats the whole set, interleaved, and every run is held against a disk rate measured just before
-it (step 2 per run: this host's disk drifts by +-15% between minutes); the summary gives the median
-and best ratio per (model, mode).
+whole file crosses the disk once before the first token. bound_s = size / disk rate; ratio =
+ttft / bound_s (target <= 1.10). stages_s: when the header was parsed and when the model reported
+each start-up stage (after the pool and CUDA context: "uploading ... weights"; after the weights:
+"compiling GPU kernels"); `warmer`: when the page-cache warmer started and read its last byte, and
+its GB/s. --read-ahead runs each model with each count of cold-start warmer threads (0: none;
+staged_fill.start_read_ahead); --reps repeats the whole set, interleaved, and every run is held
+against a disk rate measured just before it (step 2 per run: this host's disk drifts by +-15%
+between minutes); the summary gives the median, best and worst ratio per (model, warmer).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -66,8 +71,9 @@ def disk_rate(path: Path, threads: int) -> float:
     return size / dt / 1e9
 
 
-def cold_ttft(path: Path, resident: str, n_prompt: int = 16, read_ahead: str = "fadvise") -> dict:
-    """Seconds from a cold open to the first sampled id on the host, and what the model read."""
+def cold_ttft(path: Path, resident: str, n_prompt: int = 16, read_ahead: int = 1) -> dict:
+    """Seconds from a cold open to the first sampled id on the host, and what the model read.
+    Call it in a fresh process (main() does): the CUDA context is created inside the timed span."""
     from bench_streaming import open_model   # this script runs as `python bench/bench_cold.py`
 
     from aircupy.config import ModelConfig
@@ -83,6 +89,7 @@ def cold_ttft(path: Path, resident: str, n_prompt: int = 16, read_ahead: str = "
 
     g = GGUFFile(path)
     c = ModelConfig.from_gguf(g)
+    marks["gguf parsed"] = round(time.perf_counter() - t0, 3)
     n_ctx = 256
     m, _ = open_model(g, c, n_ctx, resident, progress=progress, read_ahead=read_ahead)
     t_load = time.perf_counter() - t0
@@ -93,6 +100,13 @@ def cold_ttft(path: Path, resident: str, n_prompt: int = 16, read_ahead: str = "
     ttft = time.perf_counter() - t0
     out = dict(resident=resident, read_ahead=read_ahead, ttft_s=round(ttft, 3),
                load_s=round(t_load, 3), token=int(tok), stages_s=marks)
+    ra = m.warmer
+    if ra is not None:             # the warmer's disk phase: when it began and ended, its rate
+        out["warmer"] = dict(start_s=round(ra.started_at - t0, 3), GB=round(ra.bytes_read / 1e9, 3))
+        if ra.last_read_at is not None:
+            span = ra.last_read_at - ra.started_at
+            out["warmer"].update(end_s=round(ra.last_read_at - t0, 3),
+                                 GBps=round(ra.bytes_read / span / 1e9, 3) if span > 0 else None)
     if getattr(m, "streamer", None) is not None:
         st = m.stats()
         out.update(disk_GB=round(st["disk_bytes_read"] / 1e9, 3), disk_GBps=round(st["disk_gbps"], 2))
@@ -103,41 +117,65 @@ def cold_ttft(path: Path, resident: str, n_prompt: int = 16, read_ahead: str = "
     return out
 
 
+def child(argv: list[str]) -> None:
+    """`--child MODEL RESIDENT THREADS`: one cold start in this fresh process; prints its row."""
+    t_start = time.perf_counter()
+    import cupy  # noqa: F401  (imported, no CUDA call yet: the context is made in the timed span)
+    import aircupy.model.cuda_streamed  # noqa: F401
+    path, resident, threads = Path(argv[0]), argv[1], int(argv[2])
+    imports = time.perf_counter() - t_start
+    row = cold_ttft(path, resident, read_ahead=threads)
+    row["imports_s"] = round(imports, 3)       # before t0, not in ttft_s
+    print(json.dumps(row), flush=True)
+
+
+def run_child(path: Path, resident: str, threads: int) -> dict:
+    r = subprocess.run([sys.executable, __file__, "--child", str(path), resident, str(threads)],
+                       capture_output=True, text=True, timeout=300)
+    if r.returncode:
+        raise RuntimeError(f"cold start {resident}/{threads} failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--child"]:
+        return child(sys.argv[2:])
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, required=True)
     ap.add_argument("--resident", default="all,0")
     ap.add_argument("--read-threads", type=int, default=4)
-    ap.add_argument("--read-ahead", default="read",
-                    help="comma-separated cold-start warmer modes to run: read (default), fadvise, off")
+    ap.add_argument("--read-ahead", default="1",
+                    help="comma-separated counts of cold-start warmer threads to run (0: no warmer)")
     ap.add_argument("--reps", type=int, default=1,
-                    help="runs per (model, mode), interleaved; each against the disk rate measured just "
-                         "before it (the disk's rate drifts between minutes)")
+                    help="runs per (model, warmer), interleaved; each against the disk rate measured "
+                         "just before it (the disk's rate drifts between minutes)")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
-    import cupy as cp
-    gpu = cp.cuda.runtime.getDeviceProperties(0)["name"].decode()
+    gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                         capture_output=True, text=True).stdout.strip().splitlines()[:1]
     size = a.model.stat().st_size
-    configs = [(r, m) for r in a.resident.split(",") for m in a.read_ahead.split(",")]
+    configs = [(r, int(m)) for r in a.resident.split(",") for m in a.read_ahead.split(",")]
     rows = []
     for rep in range(a.reps):
-        for r, mode in configs:
+        for r, threads in configs:
             rates = {n: disk_rate(a.model, n) for n in sorted({1, a.read_threads})}
             bound = size / (max(rates.values()) * 1e9)
-            row = cold_ttft(a.model, r, read_ahead=mode)
-            row.update(model=a.model.name, size_GB=round(size / 1e9, 3), gpu=gpu, rep=rep,
-                       disk_GBps={str(k): round(v, 2) for k, v in rates.items()},
+            row = run_child(a.model, r, threads)
+            row.update(model=a.model.name, size_GB=round(size / 1e9, 3), gpu=gpu[0] if gpu else "?",
+                       rep=rep, disk_GBps={str(k): round(v, 2) for k, v in rates.items()},
                        bound_s=round(bound, 3), ratio=round(row["ttft_s"] / bound, 3))
             print(json.dumps(row), flush=True)
             rows.append(row)
     summary = [dict(resident=r, read_ahead=m, runs=len(rs),
-                    ratio_median=round(float(np.median(rs)), 3), ratio_min=round(min(rs), 3))
+                    ratio_median=round(float(np.median(rs)), 3), ratio_min=round(min(rs), 3),
+                    ratio_max=round(max(rs), 3))
                for r, m in configs for rs in [[x["ratio"] for x in rows
                                                if x["resident"] == r and x["read_ahead"] == m]]]
     for line in summary:
         print(json.dumps(line), flush=True)
     if a.json:
         a.json.write_text(json.dumps({"runs": rows, "summary": summary}, indent=1))
+
 
 if __name__ == "__main__":
     main()

@@ -10,11 +10,11 @@ the file is evicted (fsync + POSIX_FADV_DONTNEED, bench_cold.evict), then:
   old     cuda_weights.fill's host side: per piece source in layout order, a copy out of the mmap
           view (page faults on the cold file; what the pageable cudaMemcpy did), after `setup_s`;
   staged  staged_fill.run_load: 32 MiB preads by a Stager ring (2 reader threads, 4 buffers) in
-          file order, the copies on the caller's thread; its ReadAhead (mode "read": 16 MiB preads
-          into a scratch buffer) starts before `setup_s`;
-  staged-fadvise  the same with ReadAhead mode "fadvise" (WILLNEED hints; the default is "read");
+          file order, the copies on the caller's thread; its ReadAhead (one thread of 16 MiB
+          preads, the disk's only reader until it is done) starts before `setup_s`;
+  staged-ra2  the same with two warmer threads;
   staged-no-ra  the same without ReadAhead (the disk waits for the setup);
-  staged-dma  staged-fadvise with the upload costing no host CPU (DmaSink), as from pinned memory
+  staged-dma  staged with the upload costing no host CPU (DmaSink), as from pinned memory
           on the GPU host. The numpy-copy fake charges the staged path a second CPU copy per byte
           that the GPU path does not make, while the old path's fake copy is real there (a pageable
           cudaMemcpy copies through the driver's staging buffer on the CPU).
@@ -100,7 +100,7 @@ def old_path(path: Path, setup_s: float) -> float:
     return time.perf_counter() - t0
 
 
-def staged_path(path: Path, setup_s: float, read_ahead: str | None, sink_cls=CopySink) -> float:
+def staged_path(path: Path, setup_s: float, read_ahead: int, sink_cls=CopySink) -> float:
     from aircupy.gguf.reader import GGUFFile
     from aircupy.loader.staging import Stager
     from aircupy.model.staged_fill import plan_load, run_load, start_read_ahead
@@ -111,7 +111,7 @@ def staged_path(path: Path, setup_s: float, read_ahead: str | None, sink_cls=Cop
         layouts = _layouts(g)
         plan = plan_load(layouts, g.tensors, g.file_size)
         sink = sink_cls(blocks, max(s.nbytes for s in plan.sources))
-        ra = start_read_ahead(path, plan.ranges, read_ahead or "off")
+        ra = start_read_ahead(path, plan.ranges, read_ahead)
         try:
             time.sleep(setup_s)
             with Stager(path, n_buffers=4, buffer_bytes=plan.chunk, read_ahead=ra) as st:
@@ -131,10 +131,10 @@ def main() -> None:
     a = ap.parse_args()
     size = a.model.stat().st_size
     paths = {"old": lambda s: old_path(a.model, s),
-             "staged": lambda s: staged_path(a.model, s, "read"),
-             "staged-fadvise": lambda s: staged_path(a.model, s, "fadvise"),
-             "staged-no-ra": lambda s: staged_path(a.model, s, None),
-             "staged-dma": lambda s: staged_path(a.model, s, "fadvise", DmaSink)}
+             "staged": lambda s: staged_path(a.model, s, 1),
+             "staged-ra2": lambda s: staged_path(a.model, s, 2),
+             "staged-no-ra": lambda s: staged_path(a.model, s, 0),
+             "staged-dma": lambda s: staged_path(a.model, s, 1, DmaSink)}
     # Interleaved reps (disk, then every path and setup): a VM disk's rate drifts between runs.
     disk, times = [], {(n, s): [] for s in a.setup_s for n in paths}
     for _ in range(a.reps):

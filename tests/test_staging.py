@@ -135,40 +135,119 @@ def test_read_ahead_stays_within_its_lead_and_finishes(blob):
                     assert np.array_equal(st.wait(t), data[off:off + 100_000])
                     st.release(t)
         _wait_done(ra)
-        # Every piece passed; those the Stager had queued before the warmer reached them skipped.
+        # Every piece passed; those the Stager had read from the (warm) cache first were skipped.
         assert ra.done and ra.position == 700_000 and ra.error is None
         assert 200_000 <= ra.bytes_read <= 700_000
 
 
-def test_read_ahead_skips_what_the_consumers_queued(blob):
-    """Pieces the consumers queued (claimed) before the warmer got there are not read twice."""
-    import time
+def _cold(monkeypatch):
+    """Make every window look uncached to the Stager (a cold page cache): it must wait for the
+    warmer. Returns the list of (offset, nbytes, warmer passed it?) of the Stager's disk reads."""
+    import aircupy.loader.staging as staging
+    monkeypatch.setattr(staging, "read_cached", lambda fd, mv, offset: 0)
+    seen = []
+    real = Stager._read
+
+    def read(self, buf, offset, nbytes):
+        real(self, buf, offset, nbytes)
+        seen.append((offset, nbytes, self.read_ahead.passed(offset, nbytes)))
+    monkeypatch.setattr(Stager, "_read", read)
+    return seen
+
+
+def test_on_a_cold_cache_the_consumers_wait_for_the_warmer(blob, monkeypatch):
+    """The warmer is the disk's only reader: a window is read by the Stager only after the warmer
+    passed every piece of it, also beyond the warmer's lead (a waiting consumer lifts the pacing)."""
     from aircupy.loader.staging import ReadAhead
-    path, _ = blob
-    with ReadAhead(path, [(0, 400_000)], ahead_bytes=100_000, piece=100_000) as ra:
+    path, data = blob
+    seen = _cold(monkeypatch)
+    ranges = [(0, 400_000), (600_000, 300_000)]
+    with ReadAhead(path, ranges, ahead_bytes=50_000, piece=30_000) as ra, \
+            Stager(path, n_buffers=3, buffer_bytes=150_000, read_ahead=ra) as st:
+        wins = [(0, 150_000), (150_000, 150_000), (600_000, 150_000), (300_000, 100_000),
+                (750_000, 150_000), (900_000, 1000)]        # the last one is outside the ranges
+        for off, n in wins:
+            t = st.submit(off, n)
+            assert np.array_equal(st.wait(t), data[off:off + n])
+            st.release(t)
+        assert [(o, n) for o, n, _ in seen] == wins and all(p for _, _, p in seen)
+        _wait_done(ra)
+        assert ra.done and ra.bytes_read == 700_000 and ra.error is None
+
+
+def test_a_warm_cache_is_read_without_waiting_and_not_warmed_again(blob, monkeypatch):
+    """Windows the page cache already holds are copied at once (no wait on a warmer held back by
+    its lead); the warmer then skips the pieces they covered."""
+    import os
+    import time
+    import aircupy.loader.staging as staging
+    from aircupy.loader.staging import ReadAhead
+    path, data = blob
+    monkeypatch.setattr(staging, "read_cached", lambda fd, mv, off: os.preadv(fd, [mv], off))
+    with ReadAhead(path, [(0, 800_000)], ahead_bytes=100_000, piece=100_000) as ra:
         deadline = time.time() + 5
         while ra.bytes_read < 100_000 and time.time() < deadline:   # first piece, then it waits
             time.sleep(0.01)
-        ra.claimed(400_000)
-        ra.consumed(400_000)
-        _wait_done(ra)
-        assert ra.done and ra.position == 400_000 and ra.bytes_read == 100_000
-
-
-def test_read_ahead_fadvise_mode_passes_every_range(blob):
-    """mode "fadvise" only hints the kernel (no bytes copied); the consumers' data is unchanged."""
-    from aircupy.loader.staging import ReadAhead
-    path, data = blob
-    with ReadAhead(path, [(0, 300_000), (600_000, 300_000)], piece=64_000, mode="fadvise") as ra, \
-            Stager(path, n_buffers=2, buffer_bytes=300_000, read_ahead=ra) as st:
-        for off in (0, 600_000):
-            t = st.submit(off, 300_000)
-            assert np.array_equal(st.wait(t), data[off:off + 300_000])
+        with Stager(path, n_buffers=1, buffer_bytes=700_000, read_ahead=ra) as st:
+            t = st.submit(100_000, 700_000)             # all of it ahead of the warmer
+            assert np.array_equal(st.wait(t), data[100_000:800_000])
             st.release(t)
         _wait_done(ra)
-        assert ra.done and ra.position == 600_000 and ra.error is None
+        # Had the Stager waited, the warmer would have read all 8 pieces.
+        assert ra.done and ra.position == 800_000 and ra.bytes_read == 100_000
+
+
+def test_a_failing_warmer_does_not_hang_the_consumers(blob, monkeypatch):
+    """A warmer that stops (an I/O error) leaves the reads to the consumers."""
+    import os
+    from aircupy.loader.staging import ReadAhead
+    path, data = blob
+    _cold(monkeypatch)
+    real = os.preadv
+
+    def preadv(fd, bufs, off, *flags):
+        if __import__("threading").current_thread().name.startswith("aircupy-readahead"):
+            raise OSError(5, "I/O error")
+        return real(fd, bufs, off, *flags)
+    monkeypatch.setattr(os, "preadv", preadv)
+    with ReadAhead(path, [(0, 500_000)], piece=50_000) as ra, \
+            Stager(path, n_buffers=2, buffer_bytes=500_000, read_ahead=ra) as st:
+        t = st.submit(0, 500_000)
+        assert np.array_equal(st.wait(t), data[:500_000])
+        assert ra.done and isinstance(ra.error, OSError)
+
+
+def test_read_ahead_threads_pass_every_piece(blob, monkeypatch):
+    from aircupy.loader.staging import ReadAhead
+    path, data = blob
+    seen = _cold(monkeypatch)
+    with ReadAhead(path, [(0, 1 << 20)], piece=10_000, threads=3) as ra, \
+            Stager(path, n_buffers=2, buffer_bytes=200_000, read_ahead=ra) as st:
+        for off in range(0, 1 << 20, 200_000):
+            n = min(200_000, (1 << 20) - off)
+            t = st.submit(off, n)
+            assert np.array_equal(st.wait(t), data[off:off + n])
+            st.release(t)
+        _wait_done(ra)
+        assert all(p for _, _, p in seen) and ra.bytes_read == 1 << 20
     with pytest.raises(ValueError):
-        ReadAhead(path, [(0, 10)], mode="mmap")
+        ReadAhead(path, [(0, 10)], threads=0)
+
+
+def test_read_cached_copies_only_true_bytes(blob):
+    """preadv2(RWF_NOWAIT) on a just-written file: all of it where the flag works, none where it
+    is refused; whatever it reports is the file's bytes."""
+    import os
+    from aircupy.loader.staging import read_cached
+    path, data = blob
+    buf = np.zeros(300_000, np.uint8)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        n = read_cached(fd, memoryview(buf), 100_000)
+    finally:
+        os.close(fd)
+    assert 0 <= n <= 300_000 and np.array_equal(buf[:n], data[100_000:100_000 + n])
+    assert not buf[n:].any()
 
 
 def test_available_ram_reads_memavailable_not_memfree(tmp_path):

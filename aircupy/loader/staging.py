@@ -18,15 +18,17 @@ a filled ticket at once. The allocator decides whether that memory is pinned. Th
 allocated by the reader thread that fills it, not by the caller: pinning ~120 MB (cudaHostAlloc) takes
 tens of milliseconds, which on the caller's thread stalled the first pass of a cold start.
 
-Cold start: ReadAhead (below) reads the file ahead of the consumers from t = 0, before the CUDA
-context exists, so the disk never idles while the process sets up the GPU; a Stager given
-`read_ahead` reports every window it read to it, which paces the warmer.
+Cold start: ReadAhead (below) reads the file into the page cache ahead of the consumers from t = 0,
+before the CUDA context exists, so the disk never idles while the process sets up the GPU; a Stager
+given `read_ahead` leaves the disk to it (reads what is cached, waits for the rest) and reports
+every window it read, which paces the warmer.
 
 Thread-safety: submit/wait/release are called from the one thread that drives the forward pass; the
 reader threads only fill buffers.
 """
 from __future__ import annotations
 
+import bisect
 import os
 import threading
 import time
@@ -132,15 +134,11 @@ class Stager:
         if key is not None and self.stats.ram_tier_bytes + nbytes <= self.ram_tier_capacity:
             # First read of this window: the reader thread allocates its tier buffer and fills it.
             self.stats.ram_tier_bytes += nbytes
-            if self.read_ahead is not None:
-                self.read_ahead.claimed(nbytes)
             fut = self._pool.submit(self._alloc_and_read, offset, nbytes)
             self._ram[key] = fut
             return Ticket(key, offset, nbytes, None, future=fut)
         if nbytes > self.buffer_bytes:
             raise ValueError(f"window of {nbytes} bytes exceeds the {self.buffer_bytes}-byte buffers")
-        if self.read_ahead is not None:
-            self.read_ahead.claimed(nbytes)
         idx = self._take_buffer()
         t = Ticket(key, offset, nbytes, idx)
         t.future = self._pool.submit(self._read, self._buffers[idx], offset, nbytes)
@@ -201,6 +199,13 @@ class Stager:
         t0 = time.perf_counter()
         mv = memoryview(buf)[:nbytes]
         done = 0
+        ra = self.read_ahead
+        if ra is not None and not ra.passed(offset, nbytes):
+            # The warmer is the disk's only reader: take what the page cache holds (a warm
+            # start), wait for the warmer to pass the rest, then copy that from the cache.
+            done = read_cached(self._fd, mv, offset)
+            if done < nbytes:
+                ra.wait_for(offset + done, nbytes - done)
         while done < nbytes:
             n = os.preadv(self._fd, [mv[done:]], offset + done)
             if n <= 0:
@@ -210,72 +215,124 @@ class Stager:
         with self._lock:
             self.stats.bytes_read += nbytes
             self.stats.read_s += dt
-        if self.read_ahead is not None:
-            self.read_ahead.consumed(nbytes)
+        if ra is not None:
+            ra.covered(offset, nbytes)
+            ra.consumed(nbytes)
 
 
 class ReadAhead:
-    """Warms the page cache over `ranges` (file (offset, nbytes), in the order the consumers will
-    read them) from one background thread, starting at once.
+    """Reads `ranges` (file (offset, nbytes), in the order the consumers will read them) into the
+    page cache from `threads` background threads (default one), starting at once, and is the only
+    reader of the disk until it is done: a Stager given it reads a window that the warmer has not
+    passed yet only from the page cache (preadv2 RWF_NOWAIT), and otherwise waits for the warmer to
+    pass it, then copies it from the cache.
 
         ra = ReadAhead(path, [(off, n), ...], ahead_bytes=2 << 30)
         ... set up the GPU (context, pool, kernels) while the disk reads ...
-        stager = Stager(path, ..., read_ahead=ra)     # its preadvs now mostly hit the page cache
+        stager = Stager(path, ..., read_ahead=ra)     # its preadvs hit the page cache
         ra.close()
 
-    Why: on a cold start the disk is the bound (issue 5: TTFT within 10% of size / disk rate), so
-    it must read from the first millisecond to the last without a pause; the consumers (the staged
-    resident load, the streamer's first pass) start late (after CUDA context creation, the pool,
-    NVRTC) and pause (uploads, repacks, the prefill). This thread reads `piece`-byte preads into
-    one reusable buffer, one thread of 16 MiB reads being what bench_cold.disk_rate measures as
-    the disk rate. It stays at most `ahead_bytes` ahead of what the consumers reported through
+    Why (issue 5: TTFT from a cold page cache within 10% of size / disk rate): the disk must read
+    from the first millisecond to the last, in one sequential stream. The consumers (the staged
+    resident load, the streamer's first pass) start late (after the CUDA context, the pool and
+    NVRTC) and pause (uploads, repacks, the prefill); and once they caught up with an earlier
+    warmer that only read ahead, their own reader threads hit the disk beside it. On the GPU host
+    (H200, 2026-11-27) one thread of 16 MiB preads read the file at 1.34-1.52 GB/s and four at
+    1.18-1.44, and cold loads with warmer and consumers both reading ran the disk at about 1.2 GB/s.
+
+    Pacing: the warmer stays at most `ahead_bytes` ahead of what the consumers reported through
     consumed(), so a file larger than RAM does not evict its own first windows before they are
-    used, and skips the pieces the consumers have already queued (claimed()): once they have
-    caught up, their own reads fetch those bytes, and a second reader would only add seeks. Its reads cost one extra memcpy per byte (page cache ->
-    scratch) on an otherwise idle core.
+    used; a consumer waiting on a piece lifts that limit up to the piece. Pieces a consumer
+    already read from a warm cache (covered()) are skipped. Each piece read costs one memcpy
+    (page cache -> scratch) on an otherwise idle core.
     """
 
     def __init__(self, path: str | os.PathLike, ranges, ahead_bytes: int = 2 << 30,
-                 piece: int = 16 << 20, mode: str = "read"):
-        if mode not in ("read", "fadvise"):
-            raise ValueError(f"mode must be 'read' or 'fadvise', got {mode!r}")
-        self.mode = mode if hasattr(os, "posix_fadvise") else "read"
+                 piece: int = 16 << 20, threads: int = 1):
+        if threads < 1:
+            raise ValueError(f"threads must be at least 1, got {threads}")
         self.ranges = [(int(o), int(n)) for o, n in ranges if n > 0]
         self.total = sum(n for _, n in self.ranges)
         self.ahead_bytes, self.piece = int(ahead_bytes), int(piece)
-        self.position = 0             # bytes of the ranges passed (read or skipped)
-        self.bytes_read = 0           # by this thread
-        self.read_s = 0.0             # wall time of this thread's reading (waits excluded)
+        # Pieces in reading order; (start, seq) sorted by start to find a window's pieces.
+        self._pieces = [(o, min(self.piece, off + n - o)) for off, n in self.ranges
+                        for o in range(off, off + n, self.piece)]
+        self._starts = [0] * (len(self._pieces) + 1)       # bytes of the ranges before piece k
+        for k, (_, m) in enumerate(self._pieces):
+            self._starts[k + 1] = self._starts[k] + m
+        by_start = sorted(range(len(self._pieces)), key=lambda k: self._pieces[k][0])
+        self._index = ([self._pieces[k][0] for k in by_start], by_start)
+        self.bytes_read = 0           # by the warmer's threads
+        self.read_s = 0.0             # wall time of their reading (waits excluded), summed
+        # perf_counter() at the start and at the first and last read's end (None: no such read):
+        # a cold start's disk phase, for bench/bench_cold.py
+        self.started_at, self.first_read_at, self.last_read_at = time.perf_counter(), None, None
         self.error: BaseException | None = None
+        self._next = 0                # next piece a warmer thread takes
+        self._done = bytearray(len(self._pieces))
+        self._covered = bytearray(len(self._pieces))
+        self._prefix = 0              # every piece before this one is done
+        self._demand = -1             # the highest piece a consumer waits for
         self._consumed = 0
-        self._claimed = 0
         self._stop = False
+        self._running = threads
         self._cv = threading.Condition()
-        self._fd = os.open(os.fspath(path), os.O_RDONLY)   # the thread's own; it closes it
-        self._thread = threading.Thread(target=self._run, name="aircupy-readahead", daemon=True)
-        self._thread.start()
+        self._fd = os.open(os.fspath(path), os.O_RDONLY)   # the threads' own; the last closes it
+        self._threads = [threading.Thread(target=self._run, name=f"aircupy-readahead{k}",
+                                          daemon=True) for k in range(threads)]
+        for t in self._threads:
+            t.start()
 
-    def claimed(self, nbytes: int) -> None:
-        """The consumers have queued reads of `nbytes` more of the ranges (in about range order:
-        byte counts stand for positions)."""
-        with self._cv:
-            self._claimed += nbytes
+    @property
+    def position(self) -> int:
+        """Bytes of the ranges the warmer has passed (read, skipped or being read)."""
+        return self._starts[self._next]
+
+    @property
+    def done(self) -> bool:
+        """The warmer has stopped: every range passed, close() called, or a read failed."""
+        return self._running == 0
 
     def consumed(self, nbytes: int) -> None:
         """The consumers have read `nbytes` more of the ranges (any order; only the sum paces)."""
         with self._cv:
             self._consumed += nbytes
-            self._cv.notify()
+            self._cv.notify_all()
 
-    @property
-    def done(self) -> bool:
-        return not self._thread.is_alive()
+    def passed(self, offset: int, nbytes: int) -> bool:
+        """Whether file bytes [offset, offset+nbytes) need no wait: the warmer read every piece
+        of them, or has stopped (the consumer then reads on its own)."""
+        last = self._last_piece(offset, nbytes)
+        return last < 0 or self._prefix > last or self._running == 0
+
+    def wait_for(self, offset: int, nbytes: int) -> None:
+        """Block until passed(offset, nbytes); the ahead_bytes limit does not hold the pieces up."""
+        last = self._last_piece(offset, nbytes)
+        if last < 0:
+            return
+        with self._cv:
+            if last > self._demand:
+                self._demand = last
+                self._cv.notify_all()
+            while self._prefix <= last and self._running:
+                self._cv.wait()
+
+    def covered(self, offset: int, nbytes: int) -> None:
+        """A consumer has read [offset, offset+nbytes): pieces wholly inside need no warming."""
+        starts, seqs = self._index
+        lo = bisect.bisect_left(starts, offset)
+        hi = bisect.bisect_left(starts, offset + nbytes)
+        for j in range(lo, hi):
+            o, m = self._pieces[seqs[j]]
+            if o + m <= offset + nbytes:
+                self._covered[seqs[j]] = 1
 
     def close(self) -> None:
         with self._cv:
             self._stop = True
-            self._cv.notify()
-        self._thread.join()
+            self._cv.notify_all()
+        for t in self._threads:
+            t.join()
 
     def __enter__(self) -> "ReadAhead":
         return self
@@ -283,33 +340,70 @@ class ReadAhead:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def _last_piece(self, offset: int, nbytes: int) -> int:
+        """The highest reading-order index of the pieces that overlap the window; -1 for none."""
+        starts, seqs = self._index
+        lo = bisect.bisect_left(starts, offset - self.piece + 1)
+        hi = bisect.bisect_left(starts, offset + nbytes)
+        return max((seqs[j] for j in range(lo, hi)
+                    if self._pieces[seqs[j]][0] + self._pieces[seqs[j]][1] > offset), default=-1)
+
     def _run(self) -> None:
-        buf = np.empty(min(self.piece, max((n for _, n in self.ranges), default=1)), np.uint8)
+        buf = np.empty(min(self.piece, max((m for _, m in self._pieces), default=1)), np.uint8)
         mv = memoryview(buf)
         try:
-            for off, n in self.ranges:
-                for o in range(off, off + n, self.piece):
-                    m = min(self.piece, off + n - o)
-                    with self._cv:
-                        while not self._stop and self.position - self._consumed >= self.ahead_bytes:
-                            self._cv.wait()
-                        if self._stop:
-                            return
-                        skip = self.position + m <= self._claimed
-                    self.position += m
-                    if skip:
-                        continue
+            while True:
+                with self._cv:
+                    while (not self._stop and self._next < len(self._pieces)
+                           and self._starts[self._next] - self._consumed >= self.ahead_bytes
+                           and self._next > self._demand):
+                        self._cv.wait()
+                    if self._stop or self._next >= len(self._pieces):
+                        return
+                    k = self._next
+                    self._next += 1
+                if not self._covered[k]:
+                    o, m = self._pieces[k]
                     t0 = time.perf_counter()
-                    if self.mode == "fadvise":       # queue the disk reads; no copy, no wait
-                        os.posix_fadvise(self._fd, o, m, os.POSIX_FADV_WILLNEED)
-                        got = m
-                    else:
-                        got = os.preadv(self._fd, [mv[:m]], o)
-                    self.read_s += time.perf_counter() - t0
+                    got = os.preadv(self._fd, [mv[:m]], o)
+                    t1 = time.perf_counter()
+                    with self._cv:
+                        self.read_s += t1 - t0
+                        self.bytes_read += max(got, 0)
+                        self.first_read_at = self.first_read_at or t1
+                        self.last_read_at = t1
                     if got <= 0:
                         return             # past the end: the consumers report the error
-                    self.bytes_read += got
-        except OSError as e:               # a hint only: the consumers' own reads still run
+                with self._cv:
+                    self._done[k] = 1
+                    while self._prefix < len(self._done) and self._done[self._prefix]:
+                        self._prefix += 1
+                    self._cv.notify_all()
+        except OSError as e:               # the consumers' own reads still run
             self.error = e
         finally:
-            os.close(self._fd)
+            with self._cv:
+                self._stop = self._stop or self.error is not None
+                self._running -= 1
+                if self._running == 0:
+                    os.close(self._fd)
+                self._cv.notify_all()
+
+
+def read_cached(fd: int, mv: memoryview, offset: int) -> int:
+    """Bytes of `mv` filled from file offset `offset` out of the page cache alone (preadv2 with
+    RWF_NOWAIT: it stops at the first page that would need the disk); 0 where the flag is
+    unsupported."""
+    flag = getattr(os, "RWF_NOWAIT", None)
+    if flag is None:
+        return 0
+    done = 0
+    while done < len(mv):
+        try:
+            n = os.preadv(fd, [mv[done:]], offset + done, flag)
+        except OSError:               # EAGAIN: not cached; EOPNOTSUPP/EINVAL: no such reads here
+            break
+        if n <= 0:
+            break
+        done += n
+    return done

@@ -75,12 +75,12 @@ class CudaModel:
 
     def __init__(self, g, config, n_ctx: int, vram_budget: int | None = None, progress=None, *,
                  use_graphs: bool = True, prefill_rows: int = PREFILL_ROWS, lib=None,
-                 prefill_graph_slots: int = PREFILL_GRAPH_SLOTS, read_ahead: str = "read"):
+                 prefill_graph_slots: int = PREFILL_GRAPH_SLOTS, read_ahead: int = 1):
         """lib: a KernelLibrary to share between models in one process (compiles once).
         use_graphs: replay decode steps and prefill chunks as CUDA graphs (on the start-up KV cache);
         prefill_graph_slots: how many prefill graphs (one per chunk length) to keep, 0 = none.
-        read_ahead: how the cold-start page-cache warmer reads ("fadvise", "read", "off";
-        staged_fill.start_read_ahead)."""
+        read_ahead: reader threads of the cold-start page-cache warmer, 0 for none
+        (staged_fill.start_read_ahead)."""
         import cupy as cp
         from aircupy.device.kernels import KernelLibrary
         from aircupy.ops import cuda_ops as ops
@@ -108,7 +108,7 @@ class CudaModel:
         # Cold start (issue 5): the disk starts reading now, while the CUDA context, the pool and
         # the kernels are set up; load_blocks closes the warmer.
         load = plan_load([glob_l] + layer_ls, g.tensors, g.file_size)
-        warmer = start_read_ahead(g.path, load.ranges, read_ahead)
+        warmer = self.warmer = start_read_ahead(g.path, load.ranges, read_ahead)
         try:
             self.pool = DevicePool(plan, vram_budget, what=f"{g.path.name} ({c.arch})")
         except BaseException:

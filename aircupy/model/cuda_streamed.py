@@ -94,12 +94,12 @@ class StreamedCudaModel(CudaModel):
     def __init__(self, g, config, n_ctx: int, vram_budget: int | None = None, progress=None, *,
                  prefill_rows: int = PREFILL_ROWS, lib=None, slots: int = 3,
                  ram_tier_bytes: int | None = None, n_resident: int | None = None,
-                 kv_shuttle: bool | None = None, read_ahead: str = "read"):
+                 kv_shuttle: bool | None = None, read_ahead: int = 1):
         """vram_budget None: free memory minus POOL_MARGIN. n_resident forces the resident count
         (tests, benchmarks); the pool must still fit the budget. ram_tier_bytes None: automatic.
         kv_shuttle None: automatic (StreamPlacement.choose; with n_resident forced, the shuttle
         only when KV in VRAM would not fit); True/False force it (tests, benchmarks).
-        read_ahead: the cold-start page-cache warmer ("fadvise", "read", "off"; CudaModel's)."""
+        read_ahead: reader threads of the cold-start page-cache warmer, 0 for none (CudaModel's)."""
         c = self.config = config
         if n_ctx < 1:
             raise InvalidParameterError("n_ctx", f"must be positive, got {n_ctx}")
@@ -112,7 +112,7 @@ class StreamedCudaModel(CudaModel):
         # otherwise), then the windows of the first pass; the streamer's Stager paces it.
         first = sp.resident_for(n_resident) if n_resident is not None else ()
         order = list(first) + [i for i in range(c.n_layers) if i not in set(first)]
-        self._read_ahead = start_read_ahead(g.path, plan_load([glob_l], g.tensors, g.file_size)
+        self.warmer = start_read_ahead(g.path, plan_load([glob_l], g.tensors, g.file_size)
                                             .ranges + [(manifest.layers[i].offset,
                                                         manifest.layers[i].nbytes) for i in order],
                                             read_ahead)
@@ -169,7 +169,7 @@ class StreamedCudaModel(CudaModel):
                    for i in resident}
         load = plan_load([glob_l] + [layer_ls[i] for i in resident], g.tensors, g.file_size)
         self.bytes_read = load_blocks(load, g.path, [gblock] + list(rblocks.values()), scratch,
-                                      self.lib, self.stream, self._read_ahead,
+                                      self.lib, self.stream, self.warmer,
                                       close_read_ahead=False)
         self.glob = bind(glob_l, gblock)
         tables = {i: bind(layer_ls[i], b) for i, b in rblocks.items()}
@@ -195,7 +195,7 @@ class StreamedCudaModel(CudaModel):
             self.stager = Stager(g.path, n_buffers=slots + 2,
                                  buffer_bytes=max(n for _, n in windows.values()),
                                  alloc=_pinned_alloc, ram_tier_bytes=tier,
-                                 read_ahead=self._read_ahead)
+                                 read_ahead=self.warmer)
             self.streamer = LayerStreamer(SlotSchedule(c.n_layers, S, slots), windows, self.slots,
                                           self._fill_slot, self.stager, self.stream, self.copy_stream)
         self._slot_tables: dict = {}
@@ -381,7 +381,7 @@ class StreamedCudaModel(CudaModel):
                 f"(budget {fmt_bytes(self.pool.budget)}{kv}); " + super().allocation_report())
 
     def close(self) -> None:
-        if self._read_ahead is not None:
-            self._read_ahead.close()
+        if self.warmer is not None:
+            self.warmer.close()
         if getattr(self, "stager", None) is not None:
             self.stager.close()

@@ -270,27 +270,23 @@ def pinned_alloc(nbytes: int) -> np.ndarray:
     return cupyx.empty_pinned((nbytes,), dtype=np.uint8)
 
 
-READ_AHEAD_MODES = ("fadvise", "read", "off")
+def start_read_ahead(path, ranges, threads: int = 1) -> "ReadAhead | None":
+    """A ReadAhead over `ranges` with `threads` reader threads (0: none, None returned), whose lead
+    is at most half the available RAM (so the warmed pages are not evicted before the consumers
+    read them) and at most the bytes to read.
 
-
-def start_read_ahead(path, ranges, mode: str = "read") -> "ReadAhead | None":
-    """A ReadAhead over `ranges` whose lead is at most half the available RAM (so the warmed pages
-    are not evicted before the consumers read them) and at most the bytes to read; None for "off".
-
-    Default "read" (preads into a scratch buffer ahead of the consumers). "fadvise" (WILLNEED hints:
-    the kernel queues the reads, no CPU copy) hid a 0.5 s set-up best on the CPU benchmark
-    (bench/bench_cold_read.py, a 2-core VM), but on the GPU host (H200, its disk at 1.2-1.5 GB/s)
-    it was the slowest mode in every cold-TTFT run of bench_cold.py (8B Q4_0, 2026-11-27:
-    fadvise 4.2-5.5 s, read 3.2-3.9 s, off 3.2-4.2 s): the host's file system does not act on
-    the hint in time and it only adds contention."""
-    if mode not in READ_AHEAD_MODES:
-        raise ValueError(f"read-ahead mode must be one of {READ_AHEAD_MODES}, got {mode!r}")
-    if mode == "off":
+    One thread by default: on the GPU host (H200, 2026-11-27) one thread of 16 MiB preads read a
+    cold file faster than four (1.34-1.52 vs 1.18-1.44 GB/s). An earlier mode that only queued
+    posix_fadvise(WILLNEED) hints was the slowest in every cold-TTFT run there (the file system
+    did not act on the hints in time) and is gone."""
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+        raise ValueError(f"read-ahead threads must be an int >= 0, got {threads!r}")
+    if threads == 0:
         return None
     from aircupy.loader.staging import ReadAhead, available_ram
     total = sum(n for _, n in ranges)
     avail = available_ram() or 2 * total
-    return ReadAhead(path, ranges, ahead_bytes=max(CHUNK, min(total, avail // 2)), mode=mode)
+    return ReadAhead(path, ranges, ahead_bytes=max(CHUNK, min(total, avail // 2)), threads=threads)
 
 
 def load_blocks(plan: LoadPlan, path, blocks, staging, lib, stream, read_ahead=None,
