@@ -39,7 +39,7 @@ if [ "$stage" = stage2 ]; then
   timeout 150 python3 -m pytest -q -rfs --tb=short tests/gpu/test_cuda_model.py tests/gpu/test_cold_load.py \
     -k "smollm2 or decode_graph_equals or device_sampling or over_the_vram or bad_steps or probe_and_engine" \
     2>&1 | tee $L/gpu_smol.log | grep -E "passed|failed|FAILED|Error" | tail -10
-  timeout 330 python3 bench/bench_cold.py --model $M --resident all,0 --read-ahead 1,2,0 --reps 3 \
+  timeout 330 python3 bench/bench_cold.py --model $M --resident all,0,engine --read-ahead 1,2,0 --reps 3 \
     --json "$OUT/cold8.json" 2>&1 | tee $L/cold8.log | tail -8
   timeout 90 python3 bench/bench_prefill_graphs.py --model /root/stage/model.gguf 2>&1 \
     | tee $L/prefill_graphs.log | tail -8

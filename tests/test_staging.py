@@ -75,10 +75,12 @@ def test_ram_tier_skips_the_second_read(blob):
                 t = st.submit(off, 100_000, key=layer)
                 assert np.array_equal(st.wait(t), data[off:off + 100_000])
                 st.release(t)
-        # two windows fit the tier; the third is read from the file on every pass
+            st.tier_settled()
+        # two windows fit the tier; the third is read from the file on every pass. The first
+        # pass read all three through the ring and the two tier copies behind them.
         assert st.stats.ram_tier_bytes == 200_000
         assert st.stats.ram_tier_hits == 4
-        assert st.stats.bytes_read == 2 * 100_000 + 3 * 100_000
+        assert st.stats.bytes_read == 3 * 100_000 + 2 * 100_000 + 2 * 100_000
 
 
 def test_bad_windows_rejected(blob):
@@ -90,26 +92,33 @@ def test_bad_windows_rejected(blob):
             st.submit(0, 2000)
 
 
-def test_ram_tier_buffers_are_allocated_by_reader_threads(blob):
-    """Pinning a tier buffer is slow (cudaHostAlloc): it must not run on the caller's thread."""
+def test_pinning_is_off_the_callers_thread_and_never_delays_a_read(blob):
+    """Pinning is slow (cudaHostAlloc): the ring and the tier are allocated on the pin thread, and a
+    window whose tier copy is not complete yet is read through the ring, not waited for."""
     from aircupy.loader.staging import numpy_alloc
     path, data = blob
-    where = []
+    where, gate = [], threading.Event()
 
     def alloc(n):
         where.append(threading.current_thread().name)
+        if n == 90_000:                                 # a tier buffer: held until the gate opens
+            gate.wait(5)
         return numpy_alloc(n)
 
-    with Stager(path, n_buffers=1, buffer_bytes=1000, alloc=alloc, ram_tier_bytes=1 << 20) as st:
-        where.clear()                                   # the ring was allocated by the caller
-        tickets = [st.submit(k * 100_000, 90_000, key=k) for k in range(4)]
-        again = st.submit(0, 90_000, key=0)             # before or after its first read ended
-        for k, t in enumerate(tickets):
-            assert np.array_equal(st.wait(t), data[k * 100_000:k * 100_000 + 90_000])
-        assert np.array_equal(st.wait(again), data[:90_000])
-        assert np.array_equal(st.wait(st.submit(0, 90_000, key=0)), data[:90_000])
-        assert len(where) == 4 and all(n.startswith("aircupy-read") for n in where)
-        assert st.stats.bytes_read == 4 * 90_000 and st.stats.ram_tier_hits == 2
+    with Stager(path, n_buffers=2, buffer_bytes=100_000, alloc=alloc, ram_tier_bytes=1 << 20) as st:
+        for _ in range(2):                              # two passes while no tier copy can finish
+            for k in range(3):
+                t = st.submit(k * 100_000, 90_000, key=k)
+                assert t.buffer is not None             # through the ring
+                assert np.array_equal(st.wait(t), data[k * 100_000:k * 100_000 + 90_000])
+                st.release(t)
+        gate.set()
+        st.tier_settled()
+        for k in range(3):
+            t = st.submit(k * 100_000, 90_000, key=k)
+            assert t.buffer is None and np.array_equal(st.wait(t), data[k * 100_000:k * 100_000 + 90_000])
+        assert len(where) == 2 + 3 and all(n.startswith("aircupy-pin") for n in where)
+        assert st.stats.ram_tier_hits == 3 and st.stats.ram_tier_bytes == 3 * 90_000
 
 
 def _wait_done(ra, timeout: float = 5.0) -> None:
@@ -197,24 +206,41 @@ def test_a_warm_cache_is_read_without_waiting_and_not_warmed_again(blob, monkeyp
         assert ra.done and ra.position == 800_000 and ra.bytes_read == 100_000
 
 
-def test_a_failing_warmer_does_not_hang_the_consumers(blob, monkeypatch):
-    """A warmer that stops (an I/O error) leaves the reads to the consumers."""
-    import os
+def test_a_dead_warmer_does_not_hang_the_consumers(blob, monkeypatch):
+    """A warmer whose process dies (or never starts) leaves the reads to the consumers."""
+    import subprocess
+    import time
     from aircupy.loader.staging import ReadAhead
     path, data = blob
     _cold(monkeypatch)
-    real = os.preadv
-
-    def preadv(fd, bufs, off, *flags):
-        if __import__("threading").current_thread().name.startswith("aircupy-readahead"):
-            raise OSError(5, "I/O error")
-        return real(fd, bufs, off, *flags)
-    monkeypatch.setattr(os, "preadv", preadv)
-    with ReadAhead(path, [(0, 500_000)], piece=50_000) as ra, \
+    with ReadAhead(path, [(0, 1 << 20)], ahead_bytes=100_000, piece=50_000) as ra, \
             Stager(path, n_buffers=2, buffer_bytes=500_000, read_ahead=ra) as st:
-        t = st.submit(0, 500_000)
-        assert np.array_equal(st.wait(t), data[:500_000])
+        deadline = time.time() + 5
+        while ra.bytes_read < 100_000 and time.time() < deadline:   # paced after two pieces
+            time.sleep(0.01)
+        ra._proc.kill()
+        t = st.submit(400_000, 500_000)
+        assert np.array_equal(st.wait(t), data[400_000:900_000])
+        assert ra.done
+    def no_spawn(*a, **k):
+        raise OSError(12, "cannot allocate memory")
+    monkeypatch.setattr(subprocess, "Popen", no_spawn)
+    with ReadAhead(path, [(0, 1 << 20)]) as ra, \
+            Stager(path, n_buffers=1, buffer_bytes=500_000, read_ahead=ra) as st:
         assert ra.done and isinstance(ra.error, OSError)
+        assert np.array_equal(st.wait(st.submit(0, 500_000)), data[:500_000])
+
+
+def test_a_warmer_read_error_is_reported_and_the_consumers_read_on(blob, monkeypatch):
+    """A range past the end of the file: the child reports a short read and stops."""
+    from aircupy.loader.staging import ReadAhead
+    path, data = blob
+    _cold(monkeypatch)
+    with ReadAhead(path, [(1_000_000, 200_000), (0, 500_000)], piece=100_000) as ra, \
+            Stager(path, n_buffers=1, buffer_bytes=500_000, read_ahead=ra) as st:
+        assert np.array_equal(st.wait(st.submit(0, 500_000)), data[:500_000])
+        _wait_done(ra)
+        assert ra.done and isinstance(ra.error, OSError) and "short read" in str(ra.error)
 
 
 def test_read_ahead_threads_pass_every_piece(blob, monkeypatch):

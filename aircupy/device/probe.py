@@ -33,19 +33,21 @@ def cuda_unavailable_reason() -> str | None:
 
 
 def load_model(g, config, *, vram_budget: int | None = None, progress=None,
-               n_ctx: int | None = None):
+               n_ctx: int | None = None, read_ahead=None):
     """The resident CUDA model for an open GGUFFile, or, when weights + KV cache + buffers exceed
     the VRAM budget, the streamed one (layers through device slots each pass, issue 5); below the
-    streaming minimum a one-line PlanError states it."""
+    streaming minimum a one-line PlanError states it. read_ahead: a started ReadAhead for the model
+    to take over (the resident attempt leaves it to the streamed one), None: the model's own."""
     from aircupy.device.pool import ModelTooLargeError
     from aircupy.model.cuda_model import CudaModel
     from aircupy.model.cuda_streamed import StreamedCudaModel
 
     if n_ctx is None:
         n_ctx = config.default_n_ctx
+    kw = {} if read_ahead is None else dict(read_ahead=read_ahead)
     try:
-        return CudaModel(g, config, n_ctx, vram_budget=vram_budget, progress=progress)
+        return CudaModel(g, config, n_ctx, vram_budget=vram_budget, progress=progress, **kw)
     except ModelTooLargeError:  # raised before anything is allocated: stream instead
         if progress is not None:
             progress("the model exceeds the VRAM budget: streaming layers")
-        return StreamedCudaModel(g, config, n_ctx, vram_budget=vram_budget, progress=progress)
+        return StreamedCudaModel(g, config, n_ctx, vram_budget=vram_budget, progress=progress, **kw)

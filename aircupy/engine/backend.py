@@ -69,14 +69,17 @@ def select_backend(name: str, notice=None) -> str:
 
 
 def load_model(backend: str, g, config, *, vram_budget: int | None = None, n_ctx: int | None = None,
-               progress=None):
+               progress=None, read_ahead=None):
     """The backend's model object (new_cache / forward) for an open GGUFFile and its ModelConfig;
-    n_ctx lets the CUDA backend size its KV cache within the VRAM budget."""
+    n_ctx lets the CUDA backend size its KV cache within the VRAM budget; read_ahead: a cold-start
+    page-cache warmer the caller started (loader.staging.ReadAhead; the CUDA model takes it over),
+    None for the model's own."""
     if backend == "cuda":
         probe = _device_probe()
         if probe is None:
             raise BackendUnavailableError("the cuda backend is unavailable: aircupy.device.probe is missing")
-        return probe.load_model(g, config, vram_budget=vram_budget, progress=progress, n_ctx=n_ctx)
+        return probe.load_model(g, config, vram_budget=vram_budget, progress=progress, n_ctx=n_ctx,
+                                read_ahead=read_ahead)
     from aircupy.model.numpy_model import NumpyModel  # the numpy reference forward; ignores vram_budget
     return NumpyModel(g, config)
 

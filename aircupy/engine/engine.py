@@ -12,6 +12,7 @@ exhausted or closed; closing it (generator.close(), or dropping it) stops decodi
 from __future__ import annotations
 
 import errno
+import importlib.util
 import threading
 import time
 from contextlib import contextmanager
@@ -47,6 +48,10 @@ class Engine:
             raise IsADirectoryError(errno.EISDIR, "is a directory, not a GGUF file", str(path))
         budget = parse_size(vram_budget) if vram_budget is not None else None
         report = progress or (lambda stage: None)
+        # Cold start (issue 5): where the CUDA backend may run, the disk starts reading the whole
+        # file into the page cache now, in a child process, while this one parses the header,
+        # builds the tokenizer, imports cupy and sets up the GPU; the CUDA model takes it over.
+        warmer = _start_warmer(path, backend)
         # Imported here: `import aircupy.engine` stays light, and these are other packages' modules.
         from aircupy.config import ModelConfig
         from aircupy.gguf.chat_template import ChatTemplate
@@ -54,7 +59,12 @@ class Engine:
         from aircupy.gguf.tokenizer import Tokenizer
 
         report("reading the GGUF header")
-        self.gguf = GGUFFile(path)
+        try:
+            self.gguf = GGUFFile(path)
+        except BaseException:
+            if warmer is not None:
+                warmer.close()
+            raise
         try:
             self.config = ModelConfig.from_gguf(self.gguf)
             report("building the tokenizer")
@@ -65,10 +75,15 @@ class Engine:
             # before the slow part (an unavailable "cuda" fails before any weight is read).
             self.backend_name = select_backend(backend)
             report("loading the weights")
+            if self.backend_name != "cuda" and warmer is not None:
+                warmer.close()
+                warmer = None
             self.model = load_model(self.backend_name, self.gguf, self.config, vram_budget=budget,
-                                    n_ctx=self.n_ctx, progress=progress)
+                                    n_ctx=self.n_ctx, progress=progress, read_ahead=warmer)
             self._kv = KVState(self.model, self.n_ctx)
         except BaseException:
+            if warmer is not None:
+                warmer.close()
             self.gguf.close()
             raise
         self.model_path = path
@@ -218,6 +233,9 @@ class Engine:
 
     # -- lifetime --------------------------------------------------------------------------------------
     def close(self) -> None:
+        close_model = getattr(self.model, "close", None)   # the streamed model's readers
+        if close_model is not None:
+            close_model()
         self.gguf.close()
 
     def __enter__(self) -> "Engine":
@@ -229,6 +247,15 @@ class Engine:
     def __repr__(self) -> str:
         return (f"Engine({self.model_name!r}, arch={self.config.arch}, backend={self.backend_name}, "
                 f"n_ctx={self.n_ctx})")
+
+
+def _start_warmer(path: Path, backend: str):
+    """The whole-file page-cache warmer (model.staged_fill.warm_file) when the CUDA backend may be
+    chosen (asked for, or "auto" with cupy installed: found without importing it); else None."""
+    if backend not in ("cuda", "auto") or importlib.util.find_spec("cupy") is None:
+        return None
+    from aircupy.model.staged_fill import warm_file
+    return warm_file(path, path.stat().st_size)
 
 
 def _is_int(x) -> bool:

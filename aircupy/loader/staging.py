@@ -9,14 +9,20 @@
 Why read() into the buffer instead of copying from the mmap: the GPU may only DMA from pinned memory
 (pageable copies run at a sixth of the rate and block), so the bytes must land in a pinned buffer
 anyway; os.preadv writes them there straight from the page cache (or the disk), one copy instead of
-page-fault-driven mmap reads plus a memcpy. posix_fadvise(WILLNEED) on the windows queued behind the
-ones being read lets the kernel's readahead fetch them from disk while the current ones are copied.
+page-fault-driven mmap reads plus a memcpy.
 
-RAM tier: with `ram_tier_bytes`, a keyed window is read, the first time, into a buffer of its own that
-is never reused (while the budget lasts), so later passes skip the disk and the read: `submit` returns
-a filled ticket at once. The allocator decides whether that memory is pinned. The tier's buffer is
-allocated by the reader thread that fills it, not by the caller: pinning ~120 MB (cudaHostAlloc) takes
-tens of milliseconds, which on the caller's thread stalled the first pass of a cold start.
+Pinning is slow and serial: cudaHostAlloc ran at about 1.8 GB/s on the H200 host (2026-11-27), and
+two threads pinning at once each took twice as long. So one "pin" thread does all of it, off the
+caller's thread: the ring first (at construction; a read waits only for its own buffer), then the
+RAM tier.
+
+RAM tier: with `ram_tier_bytes`, a keyed window gets a buffer of its own that is never reused (while
+the budget lasts), so later passes skip the disk and the read: `submit` returns a filled ticket at
+once. The first read of a window goes through the ring like any other, and the tier's copy (pinning
++ a read, from the page cache by then) is made behind it on the pin thread, used from the first
+submit after it is complete: a cold start's first pass is paced by the disk, not by pinning 4 GB
+(an 8B model's tier took 2.2 s of pinning, longer than the disk took to read the file). The
+allocator decides whether that memory is pinned.
 
 Cold start: ReadAhead (below) reads the file into the page cache ahead of the consumers from t = 0,
 before the CUDA context exists, so the disk never idles while the process sets up the GPU; a Stager
@@ -97,11 +103,14 @@ class Stager:
         self._fd = os.open(os.fspath(path), os.O_RDONLY)
         self._size = os.fstat(self._fd).st_size
         self._alloc = alloc
-        self._buffers = [alloc(buffer_bytes) for _ in range(n_buffers)]
+        # One thread allocates the ring (now, off the caller's thread: pinning is slow) and then
+        # fills the RAM tier, behind the reads; the reader threads only read.
+        self._pin = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aircupy-pin")
+        self._buffers = [self._pin.submit(alloc, buffer_bytes) for _ in range(n_buffers)]
         self._free: deque[int] = deque(range(n_buffers))
         self._pending_release: deque[tuple[int, Callable[[], object] | None]] = deque()
         self._pool = ThreadPoolExecutor(max_workers=n_threads, thread_name_prefix="aircupy-read")
-        self._ram: dict[object, np.ndarray | Future] = {}   # a Future while its first read runs
+        self._ram: dict[object, np.ndarray | Future] = {}   # a Future while its tier copy is made
         self.ram_tier_capacity = ram_tier_bytes   # bytes the tier may hold (what fits is kept)
         self._lock = threading.Lock()       # guards stats updated from reader threads
         self.buffer_bytes, self.n_buffers = buffer_bytes, n_buffers
@@ -109,52 +118,47 @@ class Stager:
         self.stats = StagingStats()
 
     # -- the caller's side ---------------------------------------------------------------------
-    def prefetch(self, offset: int, nbytes: int) -> None:
-        """Hint the kernel to start reading a window that will be submitted later."""
-        if hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(self._fd, offset, nbytes, os.POSIX_FADV_WILLNEED)
-
     def submit(self, offset: int, nbytes: int, key: object = None) -> Ticket:
         """Queue the read of file bytes [offset, offset+nbytes) into a free buffer.
+
+        A keyed window whose RAM-tier copy is complete is returned at once (a filled ticket). One
+        not in the tier yet, while the tier has room, is read into a ring buffer as usual, and its
+        tier copy (allocation + read) is queued behind, on the pinning thread: the pass that first
+        reads a window (a cold start's) never waits for the slow pinning of the tier's memory.
 
         Blocks only when every buffer is still held (submitted and not yet released); the caller
         sizes the ring so that this does not happen in steady state.
         """
         if offset < 0 or nbytes < 0 or offset + nbytes > self._size:
             raise ValueError(f"window [{offset}, {offset + nbytes}) is outside the file ({self._size} bytes)")
-        if key is not None and key in self._ram:
-            with self._lock:
-                self.stats.ram_tier_hits += 1
-            held = self._ram[key]
-            if isinstance(held, Future):
-                if not held.done():             # its first read is still running: share it
-                    return Ticket(key, offset, nbytes, None, future=held)
+        if key is not None:
+            held = self._ram.get(key)
+            if isinstance(held, Future) and held.done() and held.exception() is None:
                 held = self._ram[key] = held.result()
-            return Ticket(key, offset, nbytes, None, view=held[:nbytes])
-        if key is not None and self.stats.ram_tier_bytes + nbytes <= self.ram_tier_capacity:
-            # First read of this window: the reader thread allocates its tier buffer and fills it.
-            self.stats.ram_tier_bytes += nbytes
-            fut = self._pool.submit(self._alloc_and_read, offset, nbytes)
-            self._ram[key] = fut
-            return Ticket(key, offset, nbytes, None, future=fut)
+            if isinstance(held, np.ndarray):
+                with self._lock:
+                    self.stats.ram_tier_hits += 1
+                return Ticket(key, offset, nbytes, None, view=held[:nbytes])
+            if held is None and self.stats.ram_tier_bytes + nbytes <= self.ram_tier_capacity:
+                self.stats.ram_tier_bytes += nbytes
+                self._ram[key] = self._pin.submit(self._alloc_and_read, offset, nbytes)
         if nbytes > self.buffer_bytes:
             raise ValueError(f"window of {nbytes} bytes exceeds the {self.buffer_bytes}-byte buffers")
         idx = self._take_buffer()
         t = Ticket(key, offset, nbytes, idx)
-        t.future = self._pool.submit(self._read, self._buffers[idx], offset, nbytes)
+        t.future = self._pool.submit(self._read_into, idx, offset, nbytes)
         return t
 
     def wait(self, t: Ticket) -> np.ndarray:
         """The filled bytes of ticket `t` as a uint8 view (nbytes,)."""
         if t.view is None:
             t0 = time.perf_counter()
-            filled = t.future.result()          # the tier buffer, or None for a ring buffer
+            t.future.result()
             dt = time.perf_counter() - t0
             with self._lock:
                 self.stats.waits += 1
                 self.stats.wait_s += dt
-            src = self._buffers[t.buffer] if t.buffer is not None else filled
-            t.view = src[:t.nbytes]
+            t.view = self._buffers[t.buffer].result()[:t.nbytes]
         return t.view
 
     def release(self, t: Ticket, ready: Callable[[], object] | None = None) -> None:
@@ -164,8 +168,15 @@ class Stager:
             self._pending_release.append((t.buffer, ready))
             t.buffer = None
 
+    def tier_settled(self) -> None:
+        """Wait until every queued RAM-tier copy is made (tests, benchmarks)."""
+        for held in list(self._ram.values()):
+            if isinstance(held, Future):
+                held.exception()
+
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+        self._pin.shutdown(wait=True)
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -189,6 +200,9 @@ class Stager:
         # first keeps the order of reuse equal to the order of release, which is what the copy
         # stream completes in.
         return self._free.popleft()
+
+    def _read_into(self, idx: int, offset: int, nbytes: int) -> None:
+        self._read(self._buffers[idx].result(), offset, nbytes)
 
     def _alloc_and_read(self, offset: int, nbytes: int) -> np.ndarray:
         buf = self._alloc(nbytes)
@@ -222,10 +236,10 @@ class Stager:
 
 class ReadAhead:
     """Reads `ranges` (file (offset, nbytes), in the order the consumers will read them) into the
-    page cache from `threads` background threads (default one), starting at once, and is the only
-    reader of the disk until it is done: a Stager given it reads a window that the warmer has not
-    passed yet only from the page cache (preadv2 RWF_NOWAIT), and otherwise waits for the warmer to
-    pass it, then copies it from the cache.
+    page cache from a child process (loader/_warm_child.py; `threads` reader threads there, default
+    one), starting at once, and is the only reader of the disk until it is done: a Stager given it
+    reads a window that the warmer has not passed yet only from the page cache (preadv2
+    RWF_NOWAIT), and otherwise waits for the warmer to pass it, then copies it from the cache.
 
         ra = ReadAhead(path, [(off, n), ...], ahead_bytes=2 << 30)
         ... set up the GPU (context, pool, kernels) while the disk reads ...
@@ -235,104 +249,122 @@ class ReadAhead:
     Why (issue 5: TTFT from a cold page cache within 10% of size / disk rate): the disk must read
     from the first millisecond to the last, in one sequential stream. The consumers (the staged
     resident load, the streamer's first pass) start late (after the CUDA context, the pool and
-    NVRTC) and pause (uploads, repacks, the prefill); and once they caught up with an earlier
-    warmer that only read ahead, their own reader threads hit the disk beside it. On the GPU host
-    (H200, 2026-11-27) one thread of 16 MiB preads read the file at 1.34-1.52 GB/s and four at
-    1.18-1.44, and cold loads with warmer and consumers both reading ran the disk at about 1.2 GB/s.
+    NVRTC) and pause (uploads, repacks, the prefill); once they caught up with an earlier warmer
+    that only read ahead, their reader threads hit the disk beside it. On the GPU host (H200,
+    2026-11-27) one thread of 16 MiB preads read the file at 1.34-1.52 GB/s and four at 1.18-1.44,
+    and cold loads with warmer and consumers both reading ran the disk at about 1.2 GB/s. A warmer
+    thread in the model's process (this class's first form) ran at half the disk's rate while the
+    main thread started the GPU: it needs the GIL between reads. The child has its own.
 
-    Pacing: the warmer stays at most `ahead_bytes` ahead of what the consumers reported through
-    consumed(), so a file larger than RAM does not evict its own first windows before they are
-    used; a consumer waiting on a piece lifts that limit up to the piece. Pieces a consumer
-    already read from a warm cache (covered()) are skipped. Each piece read costs one memcpy
-    (page cache -> scratch) on an otherwise idle core.
+    Order and pace: pieces are read in `ranges` order, at most `ahead_bytes` ahead of what the
+    consumers reported through consumed() (a file larger than RAM does not evict its own first
+    windows before they are used); a piece a consumer waits for (wait_for) is read next, whatever
+    the order and the pace, so any consumer order is served. Pieces a consumer already read from a
+    warm cache (covered()) are skipped. Each piece read costs one copy (page cache -> the child's
+    buffer) on an otherwise idle core. Should the child fail to start or die, the warmer counts as
+    done and the consumers read the file themselves.
     """
 
     def __init__(self, path: str | os.PathLike, ranges, ahead_bytes: int = 2 << 30,
                  piece: int = 16 << 20, threads: int = 1):
+        import subprocess
+        import sys
+        from aircupy.loader._warm_child import pieces_of
         if threads < 1:
             raise ValueError(f"threads must be at least 1, got {threads}")
         self.ranges = [(int(o), int(n)) for o, n in ranges if n > 0]
         self.total = sum(n for _, n in self.ranges)
         self.ahead_bytes, self.piece = int(ahead_bytes), int(piece)
-        # Pieces in reading order; (start, seq) sorted by start to find a window's pieces.
-        self._pieces = [(o, min(self.piece, off + n - o)) for off, n in self.ranges
-                        for o in range(off, off + n, self.piece)]
-        self._starts = [0] * (len(self._pieces) + 1)       # bytes of the ranges before piece k
-        for k, (_, m) in enumerate(self._pieces):
-            self._starts[k + 1] = self._starts[k] + m
+        self._pieces = pieces_of(self.ranges, self.piece)
         by_start = sorted(range(len(self._pieces)), key=lambda k: self._pieces[k][0])
         self._index = ([self._pieces[k][0] for k in by_start], by_start)
-        self.bytes_read = 0           # by the warmer's threads
-        self.read_s = 0.0             # wall time of their reading (waits excluded), summed
-        # perf_counter() at the start and at the first and last read's end (None: no such read):
-        # a cold start's disk phase, for bench/bench_cold.py
-        self.started_at, self.first_read_at, self.last_read_at = time.perf_counter(), None, None
-        self.error: BaseException | None = None
-        self._next = 0                # next piece a warmer thread takes
         self._done = bytearray(len(self._pieces))
-        self._covered = bytearray(len(self._pieces))
-        self._prefix = 0              # every piece before this one is done
-        self._demand = -1             # the highest piece a consumer waits for
+        self._asked = bytearray(len(self._pieces))   # demanded or reported covered already
+        self.position = 0             # bytes of the pieces passed (read or skipped)
+        self.bytes_read = 0           # by the warmer
+        self.error: BaseException | None = None
+        # perf_counter() at the start and when the first and the last piece read was reported
+        # (None: none yet): a cold start's disk phase, for bench/bench_cold.py
+        self.started_at, self.first_read_at, self.last_read_at = time.perf_counter(), None, None
         self._consumed = 0
-        self._stop = False
-        self._running = threads
         self._cv = threading.Condition()
-        self._fd = os.open(os.fspath(path), os.O_RDONLY)   # the threads' own; the last closes it
-        self._threads = [threading.Thread(target=self._run, name=f"aircupy-readahead{k}",
-                                          daemon=True) for k in range(threads)]
-        for t in self._threads:
-            t.start()
-
-    @property
-    def position(self) -> int:
-        """Bytes of the ranges the warmer has passed (read, skipped or being read)."""
-        return self._starts[self._next]
+        self._wlock = threading.Lock()
+        self._alive = bool(self._pieces)
+        self._proc = self._listener = None
+        if not self._alive:
+            return
+        child = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_warm_child.py")
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-I", "-S", child, os.fspath(path), str(self.piece),
+                 str(self.ahead_bytes), str(int(threads))],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        except OSError as e:          # no warmer: the consumers read on their own
+            self.error, self._alive = e, False
+            return
+        self._send("".join(f"R {o} {n}\n" for o, n in self.ranges) + "G\n")
+        self._listener = threading.Thread(target=self._listen, name="aircupy-readahead",
+                                          daemon=True)
+        self._listener.start()
 
     @property
     def done(self) -> bool:
-        """The warmer has stopped: every range passed, close() called, or a read failed."""
-        return self._running == 0
+        """The warmer has stopped: every piece passed, close() called, or it failed."""
+        return not self._alive
 
     def consumed(self, nbytes: int) -> None:
         """The consumers have read `nbytes` more of the ranges (any order; only the sum paces)."""
-        with self._cv:
+        with self._wlock:
             self._consumed += nbytes
-            self._cv.notify_all()
+            total = self._consumed
+        self._send(f"C {total}\n")
 
     def passed(self, offset: int, nbytes: int) -> bool:
         """Whether file bytes [offset, offset+nbytes) need no wait: the warmer read every piece
         of them, or has stopped (the consumer then reads on its own)."""
-        last = self._last_piece(offset, nbytes)
-        return last < 0 or self._prefix > last or self._running == 0
+        return not self._alive or all(self._done[k] for k in self._overlapping(offset, nbytes))
 
     def wait_for(self, offset: int, nbytes: int) -> None:
-        """Block until passed(offset, nbytes); the ahead_bytes limit does not hold the pieces up."""
-        last = self._last_piece(offset, nbytes)
-        if last < 0:
-            return
+        """Block until passed(offset, nbytes); the pieces are read next if they are not yet."""
+        ks = [k for k in self._overlapping(offset, nbytes) if not self._done[k]]
+        ask = [k for k in ks if not self._asked[k]]
+        for k in ask:
+            self._asked[k] = 1
+        if ask:
+            self._send("".join(f"D {k}\n" for k in ask))
         with self._cv:
-            if last > self._demand:
-                self._demand = last
-                self._cv.notify_all()
-            while self._prefix <= last and self._running:
+            while self._alive and not all(self._done[k] for k in ks):
                 self._cv.wait()
 
     def covered(self, offset: int, nbytes: int) -> None:
         """A consumer has read [offset, offset+nbytes): pieces wholly inside need no warming."""
-        starts, seqs = self._index
-        lo = bisect.bisect_left(starts, offset)
-        hi = bisect.bisect_left(starts, offset + nbytes)
-        for j in range(lo, hi):
-            o, m = self._pieces[seqs[j]]
-            if o + m <= offset + nbytes:
-                self._covered[seqs[j]] = 1
+        ks = [k for k in self._overlapping(offset, nbytes)
+              if self._pieces[k][0] >= offset and sum(self._pieces[k]) <= offset + nbytes
+              and not self._done[k] and not self._asked[k]]
+        if ks and self._alive:
+            for k in ks:
+                self._asked[k] = 1
+            self._send("".join(f"V {k}\n" for k in ks))
 
     def close(self) -> None:
+        """Stop the child (it ends at its current piece) and wait for it."""
+        p = self._proc
+        if p is not None:
+            with self._wlock:
+                try:
+                    p.stdin.close()
+                except OSError:
+                    pass
+            try:
+                p.wait(timeout=10)
+            except Exception:
+                p.kill()
+                p.wait()
+        if self._listener is not None:
+            self._listener.join()
         with self._cv:
-            self._stop = True
+            self._alive = False
             self._cv.notify_all()
-        for t in self._threads:
-            t.join()
 
     def __enter__(self) -> "ReadAhead":
         return self
@@ -340,53 +372,42 @@ class ReadAhead:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _last_piece(self, offset: int, nbytes: int) -> int:
-        """The highest reading-order index of the pieces that overlap the window; -1 for none."""
+    def _overlapping(self, offset: int, nbytes: int) -> list[int]:
+        """Reading-order indices of the pieces that overlap [offset, offset+nbytes)."""
         starts, seqs = self._index
         lo = bisect.bisect_left(starts, offset - self.piece + 1)
         hi = bisect.bisect_left(starts, offset + nbytes)
-        return max((seqs[j] for j in range(lo, hi)
-                    if self._pieces[seqs[j]][0] + self._pieces[seqs[j]][1] > offset), default=-1)
+        return [seqs[j] for j in range(lo, hi) if sum(self._pieces[seqs[j]]) > offset]
 
-    def _run(self) -> None:
-        buf = np.empty(min(self.piece, max((m for _, m in self._pieces), default=1)), np.uint8)
-        mv = memoryview(buf)
+    def _send(self, text: str) -> None:
+        with self._wlock:
+            try:
+                self._proc.stdin.write(text.encode())
+                self._proc.stdin.flush()
+            except (OSError, ValueError, AttributeError):   # the child is gone, or closed
+                pass
+
+    def _listen(self) -> None:
         try:
-            while True:
-                with self._cv:
-                    while (not self._stop and self._next < len(self._pieces)
-                           and self._starts[self._next] - self._consumed >= self.ahead_bytes
-                           and self._next > self._demand):
-                        self._cv.wait()
-                    if self._stop or self._next >= len(self._pieces):
-                        return
-                    k = self._next
-                    self._next += 1
-                if not self._covered[k]:
-                    o, m = self._pieces[k]
-                    t0 = time.perf_counter()
-                    got = os.preadv(self._fd, [mv[:m]], o)
-                    t1 = time.perf_counter()
-                    with self._cv:
-                        self.read_s += t1 - t0
-                        self.bytes_read += max(got, 0)
-                        self.first_read_at = self.first_read_at or t1
-                        self.last_read_at = t1
-                    if got <= 0:
-                        return             # past the end: the consumers report the error
+            for raw in self._proc.stdout:
+                line = raw.decode().strip()
+                if line.startswith("E "):
+                    self.error = OSError(f"page-cache warmer: {line[2:]}")
+                    continue
+                k, n = (int(x) for x in line.split())
+                now = time.perf_counter()
                 with self._cv:
                     self._done[k] = 1
-                    while self._prefix < len(self._done) and self._done[self._prefix]:
-                        self._prefix += 1
+                    self.position += self._pieces[k][1]
+                    if n:
+                        self.bytes_read += n
+                        self.first_read_at = self.first_read_at or now
+                        self.last_read_at = now
                     self._cv.notify_all()
-        except OSError as e:               # the consumers' own reads still run
-            self.error = e
         finally:
+            self._proc.stdout.close()
             with self._cv:
-                self._stop = self._stop or self.error is not None
-                self._running -= 1
-                if self._running == 0:
-                    os.close(self._fd)
+                self._alive = False
                 self._cv.notify_all()
 
 

@@ -68,6 +68,18 @@ def _check_supported(c, layouts) -> None:
                                             f"{p.ggml_type.name}, which the CUDA kernels lack")
 
 
+def _warm_cublas(ops, lib, c, layer_ls, scratch, stream) -> None:
+    """cuBLAS's first-use costs now, while the disk is the bound (cold start, issue 5), not at the
+    first prompt: a GEMM per layer matrix shape that prefill gives to cuBLAS, on `scratch` (the
+    load's device staging; `stream` orders them before the load's copies into it)."""
+    from aircupy.ops.gemm_choice import prefill_path
+    rows = 16
+    shapes = {p.shape for lay in layer_ls for p in lay.matrices()
+              if prefill_path(p.ggml_type.name, p.shape[0], p.shape[1], rows) == "cublas"}
+    ops.warm_gemm(lib, shapes, scratch, half="bf16" if c.arch == "gemma3" else "f16", rows=rows,
+                  stream=stream)
+
+
 class CudaModel:
     # Graph-replayed prefill (PrefillGraphs) or None: eager. A class attribute so that subclasses
     # with their own constructor (StreamedCudaModel: weights move between passes) stay eager.
@@ -75,12 +87,13 @@ class CudaModel:
 
     def __init__(self, g, config, n_ctx: int, vram_budget: int | None = None, progress=None, *,
                  use_graphs: bool = True, prefill_rows: int = PREFILL_ROWS, lib=None,
-                 prefill_graph_slots: int = PREFILL_GRAPH_SLOTS, read_ahead: int = 1):
+                 prefill_graph_slots: int = PREFILL_GRAPH_SLOTS, read_ahead=1):
         """lib: a KernelLibrary to share between models in one process (compiles once).
         use_graphs: replay decode steps and prefill chunks as CUDA graphs (on the start-up KV cache);
         prefill_graph_slots: how many prefill graphs (one per chunk length) to keep, 0 = none.
-        read_ahead: reader threads of the cold-start page-cache warmer, 0 for none
-        (staged_fill.start_read_ahead)."""
+        read_ahead: reader threads of the cold-start page-cache warmer, 0 for none, or a
+        ReadAhead the caller started (staged_fill.start_read_ahead); the model closes it once
+        the weights are in, but not when it raises before reading (ModelTooLargeError)."""
         import cupy as cp
         from aircupy.device.kernels import KernelLibrary
         from aircupy.ops import cuda_ops as ops
@@ -112,7 +125,7 @@ class CudaModel:
         try:
             self.pool = DevicePool(plan, vram_budget, what=f"{g.path.name} ({c.arch})")
         except BaseException:
-            if warmer is not None:
+            if warmer is not None and warmer is not read_ahead:   # a caller's stays theirs
                 warmer.close()
             raise
 
@@ -126,6 +139,7 @@ class CudaModel:
         blocks = [self.pool.array("weights.globals", glob_l.nbytes, np.uint8)] + \
                  [self.pool.array(f"weights.layer{i}", lay.nbytes, np.uint8)
                   for i, lay in enumerate(layer_ls)]
+        _warm_cublas(ops, self.lib, c, layer_ls, staging, self.stream)
         report("uploading weights to the GPU")
         self.bytes_read = load_blocks(load, g.path, blocks, staging, self.lib, self.stream, warmer)
         self.glob = bind(glob_l, blocks[0])

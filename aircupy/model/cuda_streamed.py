@@ -38,7 +38,7 @@ from aircupy.loader.staging import Stager
 from aircupy.loader.streamer import LayerStreamer
 from aircupy.model.cuda_buffers import make_buffers
 from aircupy.model.cuda_forward import HEAD_ROWS, ForwardPass
-from aircupy.model.cuda_model import PREFILL_ROWS, CudaModel, _check_supported
+from aircupy.model.cuda_model import PREFILL_ROWS, CudaModel, _check_supported, _warm_cublas
 from aircupy.model.cuda_sampling import DeviceSampling
 from aircupy.model.cuda_weights import _host_vector, bind
 from aircupy.model.kv_shuttle import KVShuttle, ShuttleKVCache, cuda_copy_rows, pinned_f16
@@ -94,12 +94,14 @@ class StreamedCudaModel(CudaModel):
     def __init__(self, g, config, n_ctx: int, vram_budget: int | None = None, progress=None, *,
                  prefill_rows: int = PREFILL_ROWS, lib=None, slots: int = 3,
                  ram_tier_bytes: int | None = None, n_resident: int | None = None,
-                 kv_shuttle: bool | None = None, read_ahead: int = 1):
+                 kv_shuttle: bool | None = None, read_ahead=1):
         """vram_budget None: free memory minus POOL_MARGIN. n_resident forces the resident count
         (tests, benchmarks); the pool must still fit the budget. ram_tier_bytes None: automatic.
         kv_shuttle None: automatic (StreamPlacement.choose; with n_resident forced, the shuttle
         only when KV in VRAM would not fit); True/False force it (tests, benchmarks).
-        read_ahead: reader threads of the cold-start page-cache warmer, 0 for none (CudaModel's)."""
+        read_ahead: reader threads of the cold-start page-cache warmer, 0 for none, or a
+        ReadAhead the caller started (CudaModel's); the model closes it (at close(), or when it
+        raises)."""
         c = self.config = config
         if n_ctx < 1:
             raise InvalidParameterError("n_ctx", f"must be positive, got {n_ctx}")
@@ -162,6 +164,8 @@ class StreamedCudaModel(CudaModel):
         self.buf = make_buffers(self.pool, c, self.rows, HEAD_ROWS)
         scratch = self.pool.array("scratch", pool_plan.regions["scratch"].nbytes, np.uint8)
         gblock = self.pool.array("weights.globals", glob_l.nbytes, np.uint8)
+        from aircupy.ops import cuda_ops as ops
+        _warm_cublas(ops, self.lib, c, layer_ls, scratch, self.stream)
         report("uploading resident weights to the GPU")
         # Globals and resident layers in one staged load (staged_fill: sequential pinned reads
         # overlapped with uploads and repacks; the same bytes as cuda_weights.fill).

@@ -270,23 +270,33 @@ def pinned_alloc(nbytes: int) -> np.ndarray:
     return cupyx.empty_pinned((nbytes,), dtype=np.uint8)
 
 
-def start_read_ahead(path, ranges, threads: int = 1) -> "ReadAhead | None":
+def start_read_ahead(path, ranges, threads=1) -> "ReadAhead | None":
     """A ReadAhead over `ranges` with `threads` reader threads (0: none, None returned), whose lead
     is at most half the available RAM (so the warmed pages are not evicted before the consumers
-    read them) and at most the bytes to read.
+    read them) and at most the bytes to read. `threads` may also be a ReadAhead already started
+    (by the Engine, over the whole file, before the header was even parsed): it is returned as it
+    is; its consumers' waits steer it to the ranges they need.
 
     One thread by default: on the GPU host (H200, 2026-11-27) one thread of 16 MiB preads read a
     cold file faster than four (1.34-1.52 vs 1.18-1.44 GB/s). An earlier mode that only queued
     posix_fadvise(WILLNEED) hints was the slowest in every cold-TTFT run there (the file system
     did not act on the hints in time) and is gone."""
+    from aircupy.loader.staging import ReadAhead, available_ram
+    if isinstance(threads, ReadAhead):
+        return threads
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
-        raise ValueError(f"read-ahead threads must be an int >= 0, got {threads!r}")
+        raise ValueError(f"read-ahead threads must be an int >= 0 or a ReadAhead, got {threads!r}")
     if threads == 0:
         return None
-    from aircupy.loader.staging import ReadAhead, available_ram
     total = sum(n for _, n in ranges)
     avail = available_ram() or 2 * total
     return ReadAhead(path, ranges, ahead_bytes=max(CHUNK, min(total, avail // 2)), threads=threads)
+
+
+def warm_file(path, size: int) -> "ReadAhead":
+    """The cold-start warmer over a whole file in file order, started before anything else is
+    known of it (the Engine's first step; a model given it reads in about file order)."""
+    return start_read_ahead(path, [(0, size)], 1)
 
 
 def load_blocks(plan: LoadPlan, path, blocks, staging, lib, stream, read_ahead=None,

@@ -189,6 +189,27 @@ def gemm(lib, a, b, out, *, accumulate: bool = False, stream=None) -> None:
             cublas.gemmEx(*args)
 
 
+def warm_gemm(lib, shapes, scratch, *, half: str = "f16", rows: int = 16, stream=None) -> int:
+    """One cuBLAS GEMM of `rows` rows per (n, k) of `shapes`, on whatever `scratch` (device uint8)
+    holds, the output in it too: cuBLAS's first-use costs (library set-up, kernel loading; 0.15-0.2
+    s for the first GEMM of a fresh process on the H200 host, 2026-11-27) are paid where this is
+    called (a model's load, while the disk is the bound), not at the first prompt. Shapes whose
+    operands do not fit `scratch` are skipped. Returns how many GEMMs ran."""
+    hdt = np.uint16 if half == "bf16" else np.float16
+    ran = 0
+    for n, k in sorted(set(shapes)):
+        wo = cdiv(n * k * 2, _ALIGN) * _ALIGN
+        oo = wo + cdiv(rows * k * 2, _ALIGN) * _ALIGN
+        if oo + rows * n * 4 > scratch.nbytes:
+            continue
+        w = scratch[:n * k * 2].view(hdt).reshape(n, k)
+        x = scratch[wo:wo + rows * k * 2].view(hdt).reshape(rows, k)
+        out = scratch[oo:oo + rows * n * 4].view(np.float32).reshape(rows, n)
+        gemm(lib, x, w, out, stream=stream)
+        ran += 1
+    return ran
+
+
 def linear_scratch_nbytes(n: int, k: int, m_max: int) -> int:
     """Scratch bytes `linear` needs for an (n, k) weight and up to m_max rows (0 when m_max <= 8)."""
     if m_max <= MAX_MATVEC_ROWS:

@@ -18,7 +18,7 @@ from aircupy.ops.cuda_layers import (DECODE_MAX_ROWS, HEAD_DIMS, MAX_SPLITS, MIN
                                      softcap, swiglu)
 from aircupy.ops.cuda_matmul import (FORMATS, MAX_MATVEC_ROWS, cast_half, dequant, gemm, gemm_q, get_rows,
                                      linear, linear_scratch_nbytes, matvec, matvec_xq, repack, takes_xq,
-                                     xq_row_nbytes)
+                                     warm_gemm, xq_row_nbytes)
 from aircupy.ops.cuda_sampling import apply_penalties, argmax, sample
 from aircupy.ops.packing import QWeight, needs_repack, repack_nbytes
 
@@ -27,6 +27,6 @@ __all__ = [
     "decode_splits", "geglu", "glu", "kv_store", "rms_norm", "rms_norm_add", "rope", "softcap", "swiglu",
     "MIN_CHUNK", "glu_quant", "rope_kv_store",
     "FORMATS", "MAX_MATVEC_ROWS", "cast_half", "dequant", "gemm", "gemm_q", "get_rows", "linear",
-    "linear_scratch_nbytes", "matvec", "repack", "matvec_xq", "takes_xq", "xq_row_nbytes", "apply_penalties", "argmax", "sample", "QWeight",
+    "linear_scratch_nbytes", "matvec", "repack", "matvec_xq", "takes_xq", "warm_gemm", "xq_row_nbytes", "apply_penalties", "argmax", "sample", "QWeight",
     "needs_repack", "repack_nbytes",
 ]

@@ -1,0 +1,142 @@
+"""Where a cold start's time goes beyond the disk (issue 5): fixed costs of a fresh process and the
+streamed first pass's per-window timeline. A diagnostic; figures go to stdout as JSON lines.
+
+    python bench/probe_cold.py costs --model m.gguf       # fresh-process fixed costs
+    python bench/probe_cold.py timeline --model m.gguf    # cold streamed 0-layer start, per window
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+def costs(model: Path) -> None:
+    t = time.perf_counter()
+    import cupy as cp
+    import cupyx
+    out = {"import_cupy_s": time.perf_counter() - t}
+    t = time.perf_counter()
+    cp.cuda.Device(0).use()
+    cp.empty(1)
+    out["context_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    cp.cuda.device.get_cublas_handle()
+    out["cublas_handle_s"] = time.perf_counter() - t
+    a = cp.ones((16, 4096), cp.float16)
+    b = cp.ones((4096, 4096), cp.float16)
+    for k in range(3):
+        t = time.perf_counter()
+        (a @ b.T).sum()
+        cp.cuda.Device().synchronize()
+        out[f"gemm16_{k}_s"] = time.perf_counter() - t
+    n = 123 << 20
+    for k in range(4):
+        t = time.perf_counter()
+        x = cupyx.empty_pinned((n,), np.uint8)
+        out[f"pinned_alloc_{k}_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        x[:] = 1
+        out[f"pinned_touch_{k}_s"] = time.perf_counter() - t
+    for k in range(2):
+        t = time.perf_counter()
+        y = np.empty(n, np.uint8)
+        y[:] = 1
+        out[f"numpy_alloc_touch_{k}_s"] = time.perf_counter() - t
+    # page cache -> pinned: the model file's first windows, cached by a first read
+    fd = os.open(model, os.O_RDONLY)
+    bufs = [cupyx.empty_pinned((n,), np.uint8) for _ in range(2)]
+    for b_ in bufs:
+        os.preadv(fd, [memoryview(b_)], 0)
+    t = time.perf_counter()
+    os.preadv(fd, [memoryview(bufs[0])], 0)
+    out["cached_pread_1thread_GBps"] = n / (time.perf_counter() - t) / 1e9
+    t = time.perf_counter()
+    ths = [threading.Thread(target=os.preadv, args=(fd, [memoryview(bufs[i])], i * n)) for i in range(2)]
+    for th in ths:
+        th.start()
+    for th in ths:
+        th.join()
+    out["cached_pread_2threads_GBps"] = 2 * n / (time.perf_counter() - t) / 1e9
+    os.close(fd)
+    print(json.dumps({k: round(v, 4) for k, v in out.items()}), flush=True)
+
+
+def timeline(model: Path, resident: str) -> None:
+    import cupy  # noqa: F401
+    from bench_cold import evict
+    from bench_streaming import open_model
+
+    import aircupy.loader.staging as staging
+    from aircupy.config import ModelConfig
+    from aircupy.engine.params import SamplingParams
+    from aircupy.gguf.reader import GGUFFile
+
+    log = []
+    t0 = [0.0]
+    lock = threading.Lock()
+    real_read, real_alloc = staging.Stager._read, staging.Stager._alloc_and_read
+    real_wait = staging.ReadAhead.wait_for
+
+    def rel():
+        return round(time.perf_counter() - t0[0], 4)
+
+    def read(self, buf, offset, nbytes):
+        a = rel()
+        real_read(self, buf, offset, nbytes)
+        with lock:
+            log.append(("read", offset, nbytes, a, rel(), threading.current_thread().name))
+
+    def alloc_and_read(self, offset, nbytes):
+        a = rel()
+        buf = self._alloc(nbytes)
+        with lock:
+            log.append(("alloc", offset, nbytes, a, rel(), threading.current_thread().name))
+        self._read(buf, offset, nbytes)
+        return buf
+
+    def wait_for(self, offset, nbytes):
+        a = rel()
+        real_wait(self, offset, nbytes)
+        with lock:
+            log.append(("wait", offset, nbytes, a, rel(), threading.current_thread().name))
+
+    staging.Stager._read = read
+    staging.Stager._alloc_and_read = alloc_and_read
+    staging.ReadAhead.wait_for = wait_for
+    evict(model)
+    t0[0] = time.perf_counter()
+    marks = {}
+    g = GGUFFile(model)
+    c = ModelConfig.from_gguf(g)
+    m, _ = open_model(g, c, 256, resident, progress=lambda s: marks.__setitem__(s, rel()))
+    marks["model built"] = rel()
+    ids = np.random.default_rng(0).integers(0, c.vocab_size, 16).astype(np.int32)
+    cache = m.new_cache(256)
+    sampler = m.new_sampler(SamplingParams(temperature=0.0))
+    marks["cache+sampler"] = rel()
+    m.forward_sample(ids, np.arange(16, dtype=np.int32), cache, sampler)
+    marks["first token"] = rel()
+    ra = m.warmer
+    marks["warmer_last_read"] = round(ra.last_read_at - t0[0], 4) if ra and ra.last_read_at else None
+    print(json.dumps({"marks": marks}), flush=True)
+    if getattr(m, "streamer", None) is not None:
+        print(json.dumps({"stats": {k: v for k, v in m.stats().items() if not isinstance(v, dict)}},
+                         default=str), flush=True)
+    for e in sorted(log, key=lambda e: e[3]):
+        print(json.dumps(e), flush=True)
+
+
+if __name__ == "__main__":
+    what, model = sys.argv[1], Path(sys.argv[sys.argv.index("--model") + 1])
+    if what == "costs":
+        costs(model)
+    else:
+        timeline(model, sys.argv[sys.argv.index("--resident") + 1] if "--resident" in sys.argv else "0")
