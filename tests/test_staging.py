@@ -206,6 +206,28 @@ def test_a_warm_cache_is_read_without_waiting_and_not_warmed_again(blob, monkeyp
         assert ra.done and ra.position == 800_000 and ra.bytes_read == 100_000
 
 
+def test_after_a_cache_miss_the_stager_stops_probing_the_cache(blob, monkeypatch):
+    """A page-cache probe that misses starts the kernel's readahead (disk I/O beside the warmer's):
+    after the first miss a Stager only waits for the warmer."""
+    import os
+    import aircupy.loader.staging as staging
+    from aircupy.loader.staging import ReadAhead
+    path, data = blob
+    probes = []
+
+    def half_cached(fd, mv, offset):
+        probes.append(offset)
+        return os.preadv(fd, [mv[:len(mv) // 2]], offset)
+    monkeypatch.setattr(staging, "read_cached", half_cached)
+    with ReadAhead(path, [(0, 1 << 20)], ahead_bytes=1000, piece=1000) as ra, \
+            Stager(path, n_buffers=1, buffer_bytes=100_000, read_ahead=ra) as st:
+        for off in (500_000, 600_000, 700_000):
+            t = st.submit(off, 100_000)
+            assert np.array_equal(st.wait(t), data[off:off + 100_000])
+            st.release(t)
+    assert probes == [500_000]
+
+
 def test_a_dead_warmer_does_not_hang_the_consumers(blob, monkeypatch):
     """A warmer whose process dies (or never starts) leaves the reads to the consumers."""
     import subprocess

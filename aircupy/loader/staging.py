@@ -115,6 +115,7 @@ class Stager:
         self._lock = threading.Lock()       # guards stats updated from reader threads
         self.buffer_bytes, self.n_buffers = buffer_bytes, n_buffers
         self.read_ahead = read_ahead
+        self._cache_missed = False          # a read_cached came back short (cold start)
         self.stats = StagingStats()
 
     # -- the caller's side ---------------------------------------------------------------------
@@ -205,6 +206,10 @@ class Stager:
         self._read(self._buffers[idx].result(), offset, nbytes)
 
     def _alloc_and_read(self, offset: int, nbytes: int) -> np.ndarray:
+        if self.read_ahead is not None:
+            # A cold start: the tier waits until the disk phase is over. Pinning holds a driver
+            # lock that the uploads and launches of the first pass would queue behind.
+            self.read_ahead.wait_done()
         buf = self._alloc(nbytes)
         self._read(buf, offset, nbytes)
         return buf
@@ -216,8 +221,12 @@ class Stager:
         ra = self.read_ahead
         if ra is not None and not ra.passed(offset, nbytes):
             # The warmer is the disk's only reader: take what the page cache holds (a warm
-            # start), wait for the warmer to pass the rest, then copy that from the cache.
-            done = read_cached(self._fd, mv, offset)
+            # start), wait for the warmer to pass the rest, then copy that from the cache. Only
+            # until the cache first lacks a page: a miss starts the kernel's own readahead there,
+            # I/O beside the warmer's, so a cold start waits from then on.
+            if not self._cache_missed:
+                done = read_cached(self._fd, mv, offset)
+                self._cache_missed = done < nbytes
             if done < nbytes:
                 ra.wait_for(offset + done, nbytes - done)
         while done < nbytes:
@@ -311,6 +320,12 @@ class ReadAhead:
     def done(self) -> bool:
         """The warmer has stopped: every piece passed, close() called, or it failed."""
         return not self._alive
+
+    def wait_done(self) -> None:
+        """Block until the warmer has stopped (done)."""
+        with self._cv:
+            while self._alive:
+                self._cv.wait()
 
     def consumed(self, nbytes: int) -> None:
         """The consumers have read `nbytes` more of the ranges (any order; only the sum paces)."""

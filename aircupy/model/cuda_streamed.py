@@ -31,6 +31,7 @@ import numpy as np
 from aircupy.device.pool import DevicePool, fmt_bytes
 from aircupy.errors import InvalidParameterError
 from aircupy.gguf.ggml import row_nbytes
+from aircupy.gguf.quants import dequantize
 from aircupy.loader.manifest import build_manifest
 from aircupy.loader.plan import PlanError, PlanSettings, make_plan
 from aircupy.loader.schedule import SlotSchedule
@@ -40,7 +41,7 @@ from aircupy.model.cuda_buffers import make_buffers
 from aircupy.model.cuda_forward import HEAD_ROWS, ForwardPass
 from aircupy.model.cuda_model import PREFILL_ROWS, CudaModel, _check_supported, _warm_cublas
 from aircupy.model.cuda_sampling import DeviceSampling
-from aircupy.model.cuda_weights import _host_vector, bind
+from aircupy.model.cuda_weights import bind
 from aircupy.model.kv_shuttle import KVShuttle, ShuttleKVCache, cuda_copy_rows, pinned_f16
 from aircupy.model.staged_fill import load_blocks, plan_load, start_read_ahead
 from aircupy.model.stream_placement import STAGING_BUFFERS, StreamPlacement
@@ -299,19 +300,34 @@ class StreamedCudaModel(CudaModel):
         return t
 
     def _pin_vectors(self, layers) -> dict:
-        """Float32 vectors (norms, biases) of the streamed layers, converted once into one pinned
-        array: per fill they are small pinned copies, no conversion on the hot path."""
+        """Room for the float32 vectors (norms, biases) of the streamed layers in one pinned array,
+        filled at each layer's first upload from its window's bytes (_vector_from_window): per fill
+        they are then small pinned copies, with no conversion on the hot path. Not from the mmap at
+        load: on a cold page cache that read the vectors one page fault at a time, scattered over
+        the file (a second of the streamed model's start-up on the H200 host, 2026-11-27)."""
         import cupyx
-        host = {(i, p.role): _host_vector(p, self._tensors) for i in layers
-                for p in self.layouts[i].pieces.values() if not p.is_matrix}
-        pinned = cupyx.empty_pinned((sum(v.size for v in host.values()),), dtype=np.float32)
+        keys = [(i, p) for i in layers for p in self.layouts[i].pieces.values() if not p.is_matrix]
+        pinned = cupyx.empty_pinned((sum(p.shape[0] for _, p in keys),), dtype=np.float32)
         out, o = {}, 0
-        for key, v in host.items():
-            pinned[o:o + v.size] = v
-            out[key] = pinned[o:o + v.size]
-            o += v.size
-        self._vectors_mem = pinned
+        for i, p in keys:
+            out[(i, p.role)] = pinned[o:o + p.shape[0]]
+            o += p.shape[0]
+        self._vectors_mem, self._vectors_set = pinned, set()
         return out
+
+    def _vector_from_window(self, layer: int, p, host: np.ndarray) -> np.ndarray:
+        """cuda_weights._host_vector of piece p, from the layer's window bytes `host`, into its
+        pinned room (once per layer and piece)."""
+        v = self._vectors[(layer, p.role)]
+        if (layer, p.role) not in self._vectors_set:
+            chunk = self._manifest.layers[layer]
+            v[:] = 0
+            for name, row0 in p.sources:
+                sl, info = chunk.slice(name), self._tensors[name]
+                x = dequantize(host[sl.offset:sl.offset + sl.nbytes], info.ggml_type, info.shape)
+                v[row0:row0 + x.size] = x.reshape(-1)
+            self._vectors_set.add((layer, p.role))
+        return v
 
     def _fill_slot(self, layer: int, host: np.ndarray, block, stream):
         """Enqueue the upload of layer's window (`host`, pinned uint8) into `block`: DMAs on `stream`
@@ -330,7 +346,7 @@ class StreamedCudaModel(CudaModel):
         for p in self.layouts[layer].pieces.values():
             dst = block[p.offset:p.offset + p.nbytes]
             if not p.is_matrix:
-                v = self._vectors[(layer, p.role)]
+                v = self._vector_from_window(layer, p, host)
                 dst.data.copy_from_host_async(v.ctypes.data, v.nbytes, stream)
                 continue
             t, (n_rows, k) = p.ggml_type, p.shape
