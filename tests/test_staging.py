@@ -121,6 +121,31 @@ def test_pinning_is_off_the_callers_thread_and_never_delays_a_read(blob):
         assert st.stats.ram_tier_hits == 3 and st.stats.ram_tier_bytes == 3 * 90_000
 
 
+def test_a_deferred_tier_waits_for_start_tier(blob):
+    """defer_tier: no tier copy (no pinning) until start_tier(); reads go through the ring."""
+    from aircupy.loader.staging import numpy_alloc
+    path, data = blob
+    allocs = []
+
+    def alloc(n):
+        allocs.append(n)
+        return numpy_alloc(n)
+
+    with Stager(path, n_buffers=2, buffer_bytes=100_000, alloc=alloc, ram_tier_bytes=1 << 20,
+                defer_tier=True) as st:
+        for _ in range(2):
+            for k in range(3):
+                t = st.submit(k * 100_000, 100_000, key=k)
+                assert t.buffer is not None and np.array_equal(st.wait(t), data[k * 100_000:(k + 1) * 100_000])
+                st.release(t)
+        assert allocs == [100_000, 100_000]             # the ring only
+        st.start_tier()
+        st.tier_settled()
+        assert len(allocs) == 5
+        t = st.submit(0, 100_000, key=0)
+        assert t.buffer is None and np.array_equal(st.wait(t), data[:100_000])
+
+
 def _wait_done(ra, timeout: float = 5.0) -> None:
     """Wait (at most `timeout` s) for a ReadAhead to reach the end of its ranges."""
     import time

@@ -97,7 +97,9 @@ class Ticket:
 class Stager:
     def __init__(self, path: str | os.PathLike, n_buffers: int, buffer_bytes: int,
                  alloc: Alloc = numpy_alloc, n_threads: int = 2, ram_tier_bytes: int = 0,
-                 read_ahead: "ReadAhead | None" = None):
+                 read_ahead: "ReadAhead | None" = None, defer_tier: bool = False):
+        """defer_tier: RAM-tier copies wait for start_tier() (the streamer calls it when its second
+        pass begins: the first pass, a cold start's, runs without pinning beside it)."""
         if n_buffers < 1 or buffer_bytes < 1:
             raise ValueError("need at least one buffer of at least one byte")
         self._fd = os.open(os.fspath(path), os.O_RDONLY)
@@ -116,6 +118,9 @@ class Stager:
         self.buffer_bytes, self.n_buffers = buffer_bytes, n_buffers
         self.read_ahead = read_ahead
         self._cache_missed = False          # a read_cached came back short (cold start)
+        self._tier_go, self._closing = threading.Event(), False
+        if not defer_tier:
+            self._tier_go.set()
         self.stats = StagingStats()
 
     # -- the caller's side ---------------------------------------------------------------------
@@ -169,6 +174,10 @@ class Stager:
             self._pending_release.append((t.buffer, ready))
             t.buffer = None
 
+    def start_tier(self) -> None:
+        """Let deferred RAM-tier copies run (idempotent)."""
+        self._tier_go.set()
+
     def tier_settled(self) -> None:
         """Wait until every queued RAM-tier copy is made (tests, benchmarks)."""
         for held in list(self._ram.values()):
@@ -177,7 +186,9 @@ class Stager:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
-        self._pin.shutdown(wait=True)
+        self._tier_go.set()                 # a tier copy waiting to start returns at once
+        self._closing = True
+        self._pin.shutdown(wait=True, cancel_futures=True)
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -205,11 +216,10 @@ class Stager:
     def _read_into(self, idx: int, offset: int, nbytes: int) -> None:
         self._read(self._buffers[idx].result(), offset, nbytes)
 
-    def _alloc_and_read(self, offset: int, nbytes: int) -> np.ndarray:
-        if self.read_ahead is not None:
-            # A cold start: the tier waits until the disk phase is over. Pinning holds a driver
-            # lock that the uploads and launches of the first pass would queue behind.
-            self.read_ahead.wait_done()
+    def _alloc_and_read(self, offset: int, nbytes: int) -> np.ndarray | None:
+        self._tier_go.wait()
+        if self._closing:
+            return None
         buf = self._alloc(nbytes)
         self._read(buf, offset, nbytes)
         return buf
@@ -227,8 +237,15 @@ class Stager:
             if not self._cache_missed:
                 done = read_cached(self._fd, mv, offset)
                 self._cache_missed = done < nbytes
-            if done < nbytes:
-                ra.wait_for(offset + done, nbytes - done)
+            # Piece by piece behind the warmer: when it reads the window's last byte, only that
+            # piece is left to copy.
+            while done < nbytes:
+                step = min(nbytes - done, ra.piece)
+                ra.wait_for(offset + done, step)
+                n = os.preadv(self._fd, [mv[done:done + step]], offset + done)
+                if n <= 0:
+                    raise OSError(f"short read at byte {offset + done} of the model file")
+                done += n
         while done < nbytes:
             n = os.preadv(self._fd, [mv[done:]], offset + done)
             if n <= 0:
@@ -320,12 +337,6 @@ class ReadAhead:
     def done(self) -> bool:
         """The warmer has stopped: every piece passed, close() called, or it failed."""
         return not self._alive
-
-    def wait_done(self) -> None:
-        """Block until the warmer has stopped (done)."""
-        with self._cv:
-            while self._alive:
-                self._cv.wait()
 
     def consumed(self, nbytes: int) -> None:
         """The consumers have read `nbytes` more of the ranges (any order; only the sum paces)."""

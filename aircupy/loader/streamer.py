@@ -139,6 +139,10 @@ class LayerStreamer:
         """kv: this pass's KV shuttle (see the module doc), or None when the KV stays in VRAM."""
         with self._lock:
             self._harvest()
+        if self._pass >= 1 and hasattr(self.stager, "start_tier"):
+            # The first pass (a cold start's) is done and its token out: the Stager may now pin
+            # its RAM tier (deferred: pinning holds a driver lock the first pass would queue on).
+            self.stager.start_tier()
         self._actions = deque(self.sched.pass_actions(self._pass))
         self._pass_start = self._event()
         self._pass_start.record(self.compute)

@@ -200,7 +200,7 @@ class StreamedCudaModel(CudaModel):
             self.stager = Stager(g.path, n_buffers=slots + 2,
                                  buffer_bytes=max(n for _, n in windows.values()),
                                  alloc=_pinned_alloc, ram_tier_bytes=tier,
-                                 read_ahead=self.warmer)
+                                 read_ahead=self.warmer, defer_tier=True)
             self.streamer = LayerStreamer(SlotSchedule(c.n_layers, S, slots), windows, self.slots,
                                           self._fill_slot, self.stager, self.stream, self.copy_stream)
         self._slot_tables: dict = {}
