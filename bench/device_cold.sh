@@ -7,10 +7,12 @@
 #   stage2 (carry .device/stage/part.01): join SmolLM2; the GPU tests that use it; cold TTFT of the
 #          8B, resident and all-streamed, per count of warmer threads (1, 2, 0), 3 interleaved reps,
 #          each run in a fresh process; the prefill-graph replay timing.
+#   cold (carry .device/whl): on a fresh machine, the cold TTFT runs alone: resident, all-streamed,
+#          the Engine, and the warmer with no model beside it, 4 interleaved reps.
 # Logs come back as $OUT/logs-STAGE.tgz, JSON beside them.
-# usage (repo root, on the GPU host): bash bench/device_cold.sh stage1|stage2
+# usage (repo root, on the GPU host): bash bench/device_cold.sh stage1|stage2|cold
 set -uo pipefail
-stage=${1:?usage: device_cold.sh stage1|stage2}
+stage=${1:?usage: device_cold.sh stage1|stage2|cold}
 OUT=${OUT:-/tmp/out}; L=/root/logs; S=/root/synth; mkdir -p "$OUT" $L /root/stage $S
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site
 [ -f .device/COMMIT ] && export AIRCUPY_COMMIT=$(cat .device/COMMIT)
@@ -43,6 +45,15 @@ if [ "$stage" = stage2 ]; then
     --json "$OUT/cold8.json" 2>&1 | tee $L/cold8.log | tail -8
   timeout 90 python3 bench/bench_prefill_graphs.py --model /root/stage/model.gguf 2>&1 \
     | tee $L/prefill_graphs.log | tail -8
+  exit 0
+fi
+if [ "$stage" = cold ]; then   # one call on a fresh machine: the cold TTFT runs only
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .device/whl/*.whl
+  python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null || echo "pip -e failed"
+  nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+  python3 -m aircupy synth $M --arch llama3-8b --type Q4_0 > $L/synth.log 2>&1; tail -1 $L/synth.log
+  timeout 500 python3 bench/bench_cold.py --model $M --resident all,0,engine,warmer --read-ahead 1 \
+    --reps 4 --json "$OUT/cold8.json" 2>&1 | tee $L/cold8.log | tail -5
   exit 0
 fi
 echo "unknown stage $stage"; exit 2

@@ -226,7 +226,7 @@ def test_a_warm_cache_is_read_without_waiting_and_not_warmed_again(blob, monkeyp
             t = st.submit(100_000, 700_000)             # all of it ahead of the warmer
             assert np.array_equal(st.wait(t), data[100_000:800_000])
             st.release(t)
-        _wait_done(ra)
+        ra.wait_done()
         # Had the Stager waited, the warmer would have read all 8 pieces.
         assert ra.done and ra.position == 800_000 and ra.bytes_read == 100_000
 

@@ -338,6 +338,12 @@ class ReadAhead:
         """The warmer has stopped: every piece passed, close() called, or it failed."""
         return not self._alive
 
+    def wait_done(self) -> None:
+        """Block until the warmer has stopped (done)."""
+        with self._cv:
+            while self._alive:
+                self._cv.wait()
+
     def consumed(self, nbytes: int) -> None:
         """The consumers have read `nbytes` more of the ranges (any order; only the sum paces)."""
         with self._wlock:
