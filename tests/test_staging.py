@@ -146,6 +146,22 @@ def test_a_deferred_tier_waits_for_start_tier(blob):
         assert t.buffer is None and np.array_equal(st.wait(t), data[:100_000])
 
 
+def test_a_deferred_tier_starts_once_the_warmer_is_done(blob):
+    """With a warmer, deferred tier copies also start when it has swept the file (a warm start)."""
+    from aircupy.loader.staging import ReadAhead
+    path, data = blob
+    with ReadAhead(path, [(0, 300_000)], piece=100_000) as ra, \
+            Stager(path, n_buffers=2, buffer_bytes=100_000, ram_tier_bytes=1 << 20, read_ahead=ra,
+                   defer_tier=True) as st:
+        for k in range(3):
+            t = st.submit(k * 100_000, 100_000, key=k)
+            assert np.array_equal(st.wait(t), data[k * 100_000:(k + 1) * 100_000])
+            st.release(t)
+        ra.wait_done()
+        st.tier_settled()                               # no start_tier(): the warmer ended
+        assert all(st.submit(k * 100_000, 100_000, key=k).buffer is None for k in range(3))
+
+
 def _wait_done(ra, timeout: float = 5.0) -> None:
     """Wait (at most `timeout` s) for a ReadAhead to reach the end of its ranges."""
     import time

@@ -99,7 +99,10 @@ class Stager:
                  alloc: Alloc = numpy_alloc, n_threads: int = 2, ram_tier_bytes: int = 0,
                  read_ahead: "ReadAhead | None" = None, defer_tier: bool = False):
         """defer_tier: RAM-tier copies wait for start_tier() (the streamer calls it when its second
-        pass begins: the first pass, a cold start's, runs without pinning beside it)."""
+        pass begins) or for `read_ahead` to be done, whichever comes first: a cold start's first
+        pass, paced by the disk, runs without pinning beside it (pinning holds a driver lock its
+        uploads and launches would queue on), and a warm start's tier fills as soon as the warmer
+        has swept the cached file."""
         if n_buffers < 1 or buffer_bytes < 1:
             raise ValueError("need at least one buffer of at least one byte")
         self._fd = os.open(os.fspath(path), os.O_RDONLY)
@@ -217,7 +220,9 @@ class Stager:
         self._read(self._buffers[idx].result(), offset, nbytes)
 
     def _alloc_and_read(self, offset: int, nbytes: int) -> np.ndarray | None:
-        self._tier_go.wait()
+        while not self._tier_go.wait(0.05):
+            if self.read_ahead is not None and self.read_ahead.done:
+                break
         if self._closing:
             return None
         buf = self._alloc(nbytes)
