@@ -7,8 +7,9 @@
 #   stage2 (carry .device/stage/part.01): join SmolLM2; the GPU tests that use it; cold TTFT of the
 #          8B, resident and all-streamed, per count of warmer threads (1, 2, 0), 3 interleaved reps,
 #          each run in a fresh process; the prefill-graph replay timing.
-#   cold (carry .device/whl): on a fresh machine, the cold TTFT runs alone: resident, all-streamed,
-#          the Engine, and the warmer with no model beside it, 4 interleaved reps.
+#   cold (carry .device/whl): on a fresh machine, steady-state streaming of the 8B (0 and 16
+#          resident layers), then the cold TTFT runs: resident, all-streamed, the Engine, and the
+#          warmer with no model beside it, 4 interleaved reps, each bracketed by disk-rate reads.
 # Logs come back as $OUT/logs-STAGE.tgz, JSON beside them.
 # usage (repo root, on the GPU host): bash bench/device_cold.sh stage1|stage2|cold
 set -uo pipefail
