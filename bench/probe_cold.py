@@ -2,7 +2,10 @@
 streamed first pass's per-window timeline. A diagnostic; figures go to stdout as JSON lines.
 
     python bench/probe_cold.py costs --model m.gguf       # fresh-process fixed costs
-    python bench/probe_cold.py timeline --model m.gguf    # cold streamed 0-layer start, per window
+    python bench/probe_cold.py timeline --model m.gguf [--resident all|K]   # a cold start, per read
+
+The timeline wraps Stager._read (every read: start, end, thread), Stager._alloc_and_read (RAM-tier
+copies) and ReadAhead.wait_for (waits for the warmer), in seconds since the open.
 """
 from __future__ import annotations
 
@@ -94,12 +97,11 @@ def timeline(model: Path, resident: str) -> None:
         with lock:
             log.append(("read", offset, nbytes, a, rel(), threading.current_thread().name))
 
-    def alloc_and_read(self, offset, nbytes):
+    def alloc_and_read(self, offset, nbytes):     # a RAM-tier copy: its wait, pinning and read
         a = rel()
-        buf = self._alloc(nbytes)
+        buf = real_alloc(self, offset, nbytes)
         with lock:
-            log.append(("alloc", offset, nbytes, a, rel(), threading.current_thread().name))
-        self._read(buf, offset, nbytes)
+            log.append(("tier", offset, nbytes, a, rel(), threading.current_thread().name))
         return buf
 
     def wait_for(self, offset, nbytes):

@@ -20,9 +20,10 @@ RAM tier: with `ram_tier_bytes`, a keyed window gets a buffer of its own that is
 the budget lasts), so later passes skip the disk and the read: `submit` returns a filled ticket at
 once. The first read of a window goes through the ring like any other, and the tier's copy (pinning
 + a read, from the page cache by then) is made behind it on the pin thread, used from the first
-submit after it is complete: a cold start's first pass is paced by the disk, not by pinning 4 GB
-(an 8B model's tier took 2.2 s of pinning, longer than the disk took to read the file). The
-allocator decides whether that memory is pinned.
+submit after it is complete: a cold start's first pass is paced by the disk, not by pinning (an 8B
+model's 3.9 GB tier is, at that rate, 2.2 s of pinning: longer than the disk takes to read the file).
+With `defer_tier` the copies also wait for start_tier() or the warmer's end. The allocator decides
+whether that memory is pinned.
 
 Cold start: ReadAhead (below) reads the file into the page cache ahead of the consumers from t = 0,
 before the CUDA context exists, so the disk never idles while the process sets up the GPU; a Stager
