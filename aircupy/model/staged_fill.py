@@ -266,8 +266,9 @@ class CudaSink:
 
 
 def pinned_alloc(nbytes: int) -> np.ndarray:
-    import cupyx
-    return cupyx.empty_pinned((nbytes,), dtype=np.uint8)
+    """Pinned uint8 host memory for the Stagers' rings and RAM tier (device.pinned.pinned_empty)."""
+    from aircupy.device.pinned import pinned_empty
+    return pinned_empty(nbytes)
 
 
 def start_read_ahead(path, ranges, threads=1) -> "ReadAhead | None":
