@@ -11,18 +11,17 @@ Why read() into the buffer instead of copying from the mmap: the GPU may only DM
 anyway; os.preadv writes them there straight from the page cache (or the disk), one copy instead of
 page-fault-driven mmap reads plus a memcpy.
 
-Pinning is not free: cudaHostAlloc ran at about 1.8 GB/s on the H200 host (2026-11-27), serially
-(two threads at once each took twice as long); device/pinned.py's touch-then-register is about 7x
-faster, and still a driver call. So one "pin" thread does all the allocating, off the caller's
-thread: the ring first (at construction; a read waits only for its own buffer), then the RAM tier.
+Pinning is slow and serial: cudaHostAlloc ran at about 1.8 GB/s on the H200 host (2026-11-27), and
+two threads pinning at once each took twice as long. So one "pin" thread does all of it, off the
+caller's thread: the ring first (at construction; a read waits only for its own buffer), then the
+RAM tier.
 
 RAM tier: with `ram_tier_bytes`, a keyed window gets a buffer of its own that is never reused (while
 the budget lasts), so later passes skip the disk and the read: `submit` returns a filled ticket at
 once. The first read of a window goes through the ring like any other, and the tier's copy (pinning
 + a read, from the page cache by then) is made behind it on the pin thread, used from the first
 submit after it is complete: a cold start's first pass is paced by the disk, not by pinning (an 8B
-model's 3.9 GB tier was, with cudaHostAlloc, 2.2 s of pinning: longer than the disk took to read the
-file).
+model's 3.9 GB tier is, at that rate, 2.2 s of pinning: longer than the disk takes to read the file).
 With `defer_tier` the copies also wait for start_tier() or the warmer's end. The allocator decides
 whether that memory is pinned.
 

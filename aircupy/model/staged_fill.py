@@ -266,9 +266,8 @@ class CudaSink:
 
 
 def pinned_alloc(nbytes: int) -> np.ndarray:
-    """Pinned uint8 host memory for the Stagers' rings and RAM tier (device.pinned.pinned_empty)."""
-    from aircupy.device.pinned import pinned_empty
-    return pinned_empty(nbytes)
+    import cupyx
+    return cupyx.empty_pinned((nbytes,), dtype=np.uint8)
 
 
 def start_read_ahead(path, ranges, threads=1) -> "ReadAhead | None":
