@@ -3,6 +3,7 @@ streamed first pass's per-window timeline. A diagnostic; figures go to stdout as
 
     python bench/probe_cold.py costs --model m.gguf       # fresh-process fixed costs
     python bench/probe_cold.py timeline --model m.gguf [--resident all|K]   # a cold start, per read
+    python bench/probe_cold.py pin                         # page-locking 1 GiB: alloc vs register
 
 The timeline wraps Stager._read (every read: start, end, thread), Stager._alloc_and_read (RAM-tier
 copies) and ReadAhead.wait_for (waits for the warmer), in seconds since the open.
@@ -136,7 +137,55 @@ def timeline(model: Path, resident: str) -> None:
         print(json.dumps(e), flush=True)
 
 
+def pin() -> None:
+    """Ways to get 1 GiB of page-locked host memory, and the DMA rate from registered memory."""
+    import cupy as cp
+    import cupyx
+    out = {}
+    cp.cuda.Device(0).use()
+    cp.empty(1)
+    n = 1 << 30
+    t = time.perf_counter()
+    cupyx.empty_pinned((n,), np.uint8)
+    out["hostalloc_1GiB_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    np.empty(n, np.uint8)[:] = 0
+    out["numpy_touch_1thread_s"] = time.perf_counter() - t
+
+    def touch(arr, k, parts):
+        step = len(arr) // parts
+        arr[k * step:(k + 1) * step] = 0
+    for nth in (4, 8):
+        c = np.empty(n, np.uint8)
+        t = time.perf_counter()
+        ts = [threading.Thread(target=touch, args=(c, k, nth)) for k in range(nth)]
+        for x in ts:
+            x.start()
+        for x in ts:
+            x.join()
+        out[f"numpy_touch_{nth}threads_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        cp.cuda.runtime.hostRegister(c.ctypes.data, n, 0)
+        out[f"hostRegister_after_touch_{nth}_s"] = time.perf_counter() - t
+        d, s = cp.empty(n, cp.uint8), cp.cuda.Stream(non_blocking=True)
+        e0, e1 = cp.cuda.Event(), cp.cuda.Event()
+        e0.record(s)
+        d.data.copy_from_host_async(c.ctypes.data, n, s)
+        e1.record(s)
+        e1.synchronize()
+        out[f"dma_from_registered_GBps_{nth}"] = n / cp.cuda.get_elapsed_time(e0, e1) * 1e3 / 1e9
+        cp.cuda.runtime.hostUnregister(c.ctypes.data)
+    c = np.empty(n, np.uint8)
+    t = time.perf_counter()
+    cp.cuda.runtime.hostRegister(c.ctypes.data, n, 0)
+    out["hostRegister_untouched_s"] = time.perf_counter() - t
+    print(json.dumps({k: round(v, 4) for k, v in out.items()}), flush=True)
+
+
 if __name__ == "__main__":
+    if sys.argv[1] == "pin":
+        pin()
+        sys.exit()
     what, model = sys.argv[1], Path(sys.argv[sys.argv.index("--model") + 1])
     if what == "costs":
         costs(model)
