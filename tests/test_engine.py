@@ -225,3 +225,47 @@ def test_backend_selection_without_cuda(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "numpy" in err and "cupy is not installed" in err
     assert backend.select_backend("numpy") == "numpy"
+
+
+# -- cold start: the page-cache warmer the Engine starts first ----------------------------------------
+
+def test_the_warmer_starts_only_where_cuda_may_run_and_is_closed_when_numpy_is_chosen(smollm2_path,
+                                                                                        monkeypatch):
+    """Engine starts a whole-file warmer for "cuda"/"auto" when cupy is installed (found without
+    importing it), never for "numpy"; when "auto" then resolves to numpy, the Engine closes it."""
+    import importlib.util
+    import aircupy.engine.engine as eng_mod
+    import aircupy.model.staged_fill as staged_fill
+    started = []
+    real = staged_fill.warm_file
+
+    def warm_file(path, size):
+        ra = real(path, size)
+        started.append(ra)
+        return ra
+    monkeypatch.setattr(staged_fill, "warm_file", warm_file)
+    assert eng_mod._start_warmer(smollm2_path, "numpy") is None
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "cupy" else find_spec(name, *a))
+    monkeypatch.setattr(eng_mod, "select_backend", lambda name, notice=None: "numpy")
+    e = Engine(smollm2_path, backend="auto")
+    try:
+        assert len(started) == 1 and started[0].done         # started, then closed for numpy
+        assert started[0].ranges == [(0, smollm2_path.stat().st_size)]
+        assert e.backend_name == "numpy" and len(e.generate("Hi", GREEDY).token_ids) > 0
+    finally:
+        e.close()
+
+
+def test_start_read_ahead_takes_a_started_warmer_and_checks_counts(tmp_path):
+    from aircupy.loader.staging import ReadAhead
+    from aircupy.model.staged_fill import start_read_ahead
+    p = tmp_path / "f.bin"
+    p.write_bytes(b"x" * 100_000)
+    with ReadAhead(p, [(0, 100_000)]) as ra:
+        assert start_read_ahead(p, [(0, 10)], ra) is ra       # a model takes the Engine's warmer over
+    assert start_read_ahead(p, [(0, 10)], 0) is None
+    for bad in (-1, True, 1.5, "1"):
+        with pytest.raises(ValueError, match="read-ahead threads"):
+            start_read_ahead(p, [(0, 10)], bad)
