@@ -78,6 +78,7 @@ def timeline(model: Path, resident: str) -> None:
     from bench_cold import evict
     from bench_streaming import open_model
 
+    import aircupy.loader.read_ahead as read_ahead
     import aircupy.loader.staging as staging
     from aircupy.config import ModelConfig
     from aircupy.engine.params import SamplingParams
@@ -87,7 +88,7 @@ def timeline(model: Path, resident: str) -> None:
     t0 = [0.0]
     lock = threading.Lock()
     real_read, real_alloc = staging.Stager._read, staging.Stager._alloc_and_read
-    real_wait = staging.ReadAhead.wait_for
+    real_wait = read_ahead.ReadAhead.wait_for
 
     def rel():
         return round(time.perf_counter() - t0[0], 4)
@@ -113,7 +114,7 @@ def timeline(model: Path, resident: str) -> None:
 
     staging.Stager._read = read
     staging.Stager._alloc_and_read = alloc_and_read
-    staging.ReadAhead.wait_for = wait_for
+    read_ahead.ReadAhead.wait_for = wait_for
     evict(model)
     t0[0] = time.perf_counter()
     marks = {}

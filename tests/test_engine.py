@@ -259,7 +259,7 @@ def test_the_warmer_starts_only_where_cuda_may_run_and_is_closed_when_numpy_is_c
 
 
 def test_start_read_ahead_takes_a_started_warmer_and_checks_counts(tmp_path):
-    from aircupy.loader.staging import ReadAhead
+    from aircupy.loader.read_ahead import ReadAhead
     from aircupy.model.staged_fill import start_read_ahead
     p = tmp_path / "f.bin"
     p.write_bytes(b"x" * 100_000)

@@ -10,7 +10,8 @@ from aircupy.config import ModelConfig
 from aircupy.gguf.reader import GGUFFile
 from aircupy.loader.arch import tensor_map
 from aircupy.loader.manifest import PAGE
-from aircupy.loader.staging import ReadAhead, Stager
+from aircupy.loader.read_ahead import ReadAhead
+from aircupy.loader.staging import Stager
 from aircupy.model.cuda_layout import global_layout, layer_layout
 from aircupy.model.cuda_weights import _host_vector
 from aircupy.model.staged_fill import HostSink, plan_load, run_load

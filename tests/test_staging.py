@@ -148,7 +148,7 @@ def test_a_deferred_tier_waits_for_start_tier(blob):
 
 def test_a_deferred_tier_starts_once_the_warmer_is_done(blob):
     """With a warmer, deferred tier copies also start when it has swept the file (a warm start)."""
-    from aircupy.loader.staging import ReadAhead
+    from aircupy.loader.read_ahead import ReadAhead
     path, data = blob
     with ReadAhead(path, [(0, 300_000)], piece=100_000) as ra, \
             Stager(path, n_buffers=2, buffer_bytes=100_000, ram_tier_bytes=1 << 20, read_ahead=ra,
@@ -172,7 +172,7 @@ def _wait_done(ra, timeout: float = 5.0) -> None:
 
 def test_read_ahead_stays_within_its_lead_and_finishes(blob):
     import time
-    from aircupy.loader.staging import ReadAhead
+    from aircupy.loader.read_ahead import ReadAhead
     path, data = blob
     ranges = [(0, 300_000), (500_000, 400_000)]
     with ReadAhead(path, ranges, ahead_bytes=200_000, piece=50_000) as ra:
@@ -208,7 +208,7 @@ def _cold(monkeypatch):
 def test_on_a_cold_cache_the_consumers_wait_for_the_warmer(blob, monkeypatch):
     """The warmer is the disk's only reader: a window is read by the Stager only after the warmer
     passed every piece of it, also beyond the warmer's lead (a waiting consumer lifts the pacing)."""
-    from aircupy.loader.staging import ReadAhead
+    from aircupy.loader.read_ahead import ReadAhead
     path, data = blob
     seen = _cold(monkeypatch)
     ranges = [(0, 400_000), (600_000, 300_000)]
@@ -231,7 +231,7 @@ def test_a_warm_cache_is_read_without_waiting_and_not_warmed_again(blob, monkeyp
     import os
     import time
     import aircupy.loader.staging as staging
-    from aircupy.loader.staging import ReadAhead
+    from aircupy.loader.read_ahead import ReadAhead
     path, data = blob
     monkeypatch.setattr(staging, "read_cached", lambda fd, mv, off: os.preadv(fd, [mv], off))
     with ReadAhead(path, [(0, 800_000)], ahead_bytes=100_000, piece=100_000) as ra:
@@ -252,7 +252,7 @@ def test_after_a_cache_miss_the_stager_stops_probing_the_cache(blob, monkeypatch
     after the first miss a Stager only waits for the warmer."""
     import os
     import aircupy.loader.staging as staging
-    from aircupy.loader.staging import ReadAhead
+    from aircupy.loader.read_ahead import ReadAhead
     path, data = blob
     probes = []
 
@@ -273,7 +273,7 @@ def test_a_dead_warmer_does_not_hang_the_consumers(blob, monkeypatch):
     """A warmer whose process dies (or never starts) leaves the reads to the consumers."""
     import subprocess
     import time
-    from aircupy.loader.staging import ReadAhead
+    from aircupy.loader.read_ahead import ReadAhead
     path, data = blob
     _cold(monkeypatch)
     with ReadAhead(path, [(0, 1 << 20)], ahead_bytes=100_000, piece=50_000) as ra, \
@@ -296,7 +296,7 @@ def test_a_dead_warmer_does_not_hang_the_consumers(blob, monkeypatch):
 
 def test_a_warmer_read_error_is_reported_and_the_consumers_read_on(blob, monkeypatch):
     """A range past the end of the file: the child reports a short read and stops."""
-    from aircupy.loader.staging import ReadAhead
+    from aircupy.loader.read_ahead import ReadAhead
     path, data = blob
     _cold(monkeypatch)
     with ReadAhead(path, [(1_000_000, 200_000), (0, 500_000)], piece=100_000) as ra, \
@@ -307,7 +307,7 @@ def test_a_warmer_read_error_is_reported_and_the_consumers_read_on(blob, monkeyp
 
 
 def test_read_ahead_threads_pass_every_piece(blob, monkeypatch):
-    from aircupy.loader.staging import ReadAhead
+    from aircupy.loader.read_ahead import ReadAhead
     path, data = blob
     seen = _cold(monkeypatch)
     with ReadAhead(path, [(0, 1 << 20)], piece=10_000, threads=3) as ra, \
@@ -327,7 +327,7 @@ def test_read_cached_copies_only_true_bytes(blob):
     """preadv2(RWF_NOWAIT) on a just-written file: all of it where the flag works, none where it
     is refused; whatever it reports is the file's bytes."""
     import os
-    from aircupy.loader.staging import read_cached
+    from aircupy.loader.read_ahead import read_cached
     path, data = blob
     buf = np.zeros(300_000, np.uint8)
     fd = os.open(path, os.O_RDONLY)

@@ -72,7 +72,7 @@ def load_model(backend: str, g, config, *, vram_budget: int | None = None, n_ctx
                progress=None, read_ahead=None):
     """The backend's model object (new_cache / forward) for an open GGUFFile and its ModelConfig;
     n_ctx lets the CUDA backend size its KV cache within the VRAM budget; read_ahead: a cold-start
-    page-cache warmer the caller started (loader.staging.ReadAhead; the CUDA model takes it over),
+    page-cache warmer the caller started (loader.read_ahead.ReadAhead; the CUDA model takes it over),
     None for the model's own."""
     if backend == "cuda":
         probe = _device_probe()

@@ -1,4 +1,4 @@
-"""The page-cache warmer's reader process: loader.staging.ReadAhead runs this file by path with
+"""The page-cache warmer's reader process: loader.read_ahead.ReadAhead runs this file by path with
 `python -I -S`, so it imports the standard library only (no aircupy, no numpy).
 
 Why a process: the warmer must keep the disk busy from the first millisecond to the last. As a

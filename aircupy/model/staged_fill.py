@@ -281,7 +281,8 @@ def start_read_ahead(path, ranges, threads=1) -> "ReadAhead | None":
     cold file faster than four (1.34-1.52 vs 1.18-1.44 GB/s). An earlier mode that only queued
     posix_fadvise(WILLNEED) hints was the slowest in every cold-TTFT run there (the file system
     did not act on the hints in time) and is gone."""
-    from aircupy.loader.staging import ReadAhead, available_ram
+    from aircupy.loader.read_ahead import ReadAhead
+    from aircupy.loader.staging import available_ram
     if isinstance(threads, ReadAhead):
         return threads
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
