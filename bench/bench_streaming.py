@@ -101,7 +101,6 @@ def settle(m) -> None:
     reads of the windows, on the Stager's pin thread; deferred on a cold start) are complete."""
     st = getattr(m, "stager", None)
     if st is not None:
-        st.start_tier()
         st.tier_settled()
 
 

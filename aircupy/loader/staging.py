@@ -187,7 +187,9 @@ class Stager:
         self._tier_go.set()
 
     def tier_settled(self) -> None:
-        """Wait until every queued RAM-tier copy is made (tests, benchmarks)."""
+        """Start the RAM-tier copies (if deferred) and wait until every queued one is made
+        (tests, benchmarks: steady state)."""
+        self.start_tier()
         for held in list(self._ram.values()):
             if isinstance(held, Future):
                 held.exception()
