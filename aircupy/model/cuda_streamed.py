@@ -116,9 +116,9 @@ class StreamedCudaModel(CudaModel):
         first = sp.resident_for(n_resident) if n_resident is not None else ()
         order = list(first) + [i for i in range(c.n_layers) if i not in set(first)]
         self.warmer = start_read_ahead(g.path, plan_load([glob_l], g.tensors, g.file_size)
-                                            .ranges + [(manifest.layers[i].offset,
-                                                        manifest.layers[i].nbytes) for i in order],
-                                            read_ahead)
+                                       .ranges + [(manifest.layers[i].offset,
+                                                   manifest.layers[i].nbytes) for i in order],
+                                       read_ahead)
         try:
             self._build(g, c, vram_budget, progress or (lambda stage: None), lib, slots,
                         ram_tier_bytes, n_resident, kv_shuttle, sp, glob_l, layer_ls, manifest)
@@ -304,7 +304,7 @@ class StreamedCudaModel(CudaModel):
         filled at each layer's first upload from its window's bytes (_vector_from_window): per fill
         they are then small pinned copies, with no conversion on the hot path. Not from the mmap at
         load: on a cold page cache that read the vectors one page fault at a time, scattered over
-        the file (a second of the streamed model's start-up on the H200 host, 2026-11-27)."""
+        the file (about half a second of the streamed model's start-up on the H200 host, 2026-11-27)."""
         import cupyx
         keys = [(i, p) for i in layers for p in self.layouts[i].pieces.values() if not p.is_matrix]
         pinned = cupyx.empty_pinned((sum(p.shape[0] for _, p in keys),), dtype=np.float32)
