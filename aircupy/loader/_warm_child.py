@@ -27,10 +27,10 @@ def pieces_of(ranges, piece):
 
 
 class Warmer:
-    def __init__(self, path, piece, ahead, threads, ranges):
+    def __init__(self, path, piece, ahead, ranges):
         self.fd = os.open(path, os.O_RDONLY)
         self.pieces = pieces_of(ranges, piece)
-        self.ahead, self.threads = ahead, threads
+        self.ahead = ahead
         self.taken = bytearray(len(self.pieces))
         self.covered = bytearray(len(self.pieces))
         self.demand = deque()
@@ -121,7 +121,7 @@ def main():
     else:
         return                        # the parent went away before the start
     try:
-        w = Warmer(path, piece, ahead, threads, ranges)
+        w = Warmer(path, piece, ahead, ranges)
     except OSError as e:
         os.write(1, f"E {e}\n".encode())
         return

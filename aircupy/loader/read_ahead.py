@@ -53,7 +53,6 @@ class ReadAhead:
         if threads < 1:
             raise ValueError(f"threads must be at least 1, got {threads}")
         self.ranges = [(int(o), int(n)) for o, n in ranges if n > 0]
-        self.total = sum(n for _, n in self.ranges)
         self.ahead_bytes, self.piece = int(ahead_bytes), int(piece)
         self._pieces = pieces_of(self.ranges, self.piece)
         by_start = sorted(range(len(self._pieces)), key=lambda k: self._pieces[k][0])
@@ -63,9 +62,9 @@ class ReadAhead:
         self.position = 0             # bytes of the pieces passed (read or skipped)
         self.bytes_read = 0           # by the warmer
         self.error: BaseException | None = None
-        # perf_counter() at the start and when the first and the last piece read was reported
-        # (None: none yet): a cold start's disk phase, for bench/bench_cold.py
-        self.started_at, self.first_read_at, self.last_read_at = time.perf_counter(), None, None
+        # perf_counter() at the start and when the last piece read was reported (None: none yet):
+        # a cold start's disk phase, for bench/bench_cold.py
+        self.started_at, self.last_read_at = time.perf_counter(), None
         self._consumed = 0
         self._cv = threading.Condition()
         self._wlock = threading.Lock()
@@ -187,7 +186,6 @@ class ReadAhead:
                     self.position += self._pieces[k][1]
                     if n:
                         self.bytes_read += n
-                        self.first_read_at = self.first_read_at or now
                         self.last_read_at = now
                     self._cv.notify_all()
         finally:

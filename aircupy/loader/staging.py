@@ -196,8 +196,8 @@ class Stager:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
-        self._tier_go.set()                 # a tier copy waiting to start returns at once
-        self._closing = True
+        self._closing = True                # before the release: a waiting tier copy returns at once
+        self._tier_go.set()
         self._pin.shutdown(wait=True, cancel_futures=True)
         if self._fd >= 0:
             os.close(self._fd)
