@@ -10,10 +10,13 @@
 #   cold (carry .device/whl): on a fresh machine, steady-state streaming of the 8B (0 and 16
 #          resident layers), then the cold TTFT runs: resident, all-streamed, the Engine, and the
 #          warmer with no model beside it, 4 interleaved reps, each bracketed by disk-rate reads.
+#   disk (carry .device/whl): on a fresh machine, how fast the disk reads the 8B by each way of
+#          reading (probe_disk.py); a cold start's per-read timeline, resident and streamed (the first
+#          also fills the kernel cache); then the cold TTFT runs as in `cold`, 5 reps.
 # Logs come back as $OUT/logs-STAGE.tgz, JSON beside them.
-# usage (repo root, on the GPU host): bash bench/device_cold.sh stage1|stage2|cold
+# usage (repo root, on the GPU host): bash bench/device_cold.sh stage1|stage2|cold|disk
 set -uo pipefail
-stage=${1:?usage: device_cold.sh stage1|stage2|cold}
+stage=${1:?usage: device_cold.sh stage1|stage2|cold|disk}
 OUT=${OUT:-/tmp/out}; L=/root/logs; S=/root/synth; mkdir -p "$OUT" $L /root/stage $S
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site
 [ -f .device/COMMIT ] && export AIRCUPY_COMMIT=$(cat .device/COMMIT)
@@ -58,6 +61,21 @@ if [ "$stage" = cold ]; then   # one call on a fresh machine: the cold TTFT runs
     --json "$OUT/stream8.json" 2>&1 | tee $L/stream8.log | cut -c1-300
   timeout 420 python3 bench/bench_cold.py --model $M --resident all,0,engine,warmer --read-ahead 1 \
     --reps 4 --json "$OUT/cold8.json" 2>&1 | tee $L/cold8.log | tail -4
+  exit 0
+fi
+if [ "$stage" = disk ]; then
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .device/whl/*.whl
+  python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null || echo "pip -e failed"
+  nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+  python3 -m aircupy synth $M --arch llama3-8b --type Q4_0 > $L/synth.log 2>&1; tail -1 $L/synth.log
+  timeout 200 python3 bench/probe_disk.py --model $M --reps 3 --json "$OUT/disk.json" 2>&1 \
+    | tee $L/disk.log | grep median
+  for r in all 0 all 0; do            # the first of each fills the kernel cache (NVRTC)
+    timeout 150 python3 bench/probe_cold.py timeline --model $M --resident $r > $L/timeline_$r.jsonl 2>&1
+  done
+  cp $L/timeline_*.jsonl "$OUT/" 2>/dev/null
+  timeout 400 python3 bench/bench_cold.py --model $M --resident all,0,engine,warmer --read-ahead 1 \
+    --reps 5 --json "$OUT/cold8.json" 2>&1 | tee $L/cold8.log | tail -5
   exit 0
 fi
 echo "unknown stage $stage"; exit 2

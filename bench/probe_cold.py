@@ -5,8 +5,10 @@ streamed first pass's per-window timeline. A diagnostic; figures go to stdout as
     python bench/probe_cold.py timeline --model m.gguf [--resident all|K]   # a cold start, per read
     python bench/probe_cold.py pin                         # page-locking 1 GiB: alloc vs register
 
-The timeline wraps Stager._read (every read: start, end, thread), Stager._alloc_and_read (RAM-tier
-copies) and ReadAhead.wait_for (waits for the warmer), in seconds since the open.
+The timeline starts the whole-file warmer first, as the Engine does, samples how far it has read
+every 50 ms, and wraps Stager._read (every read: start, end, thread), Stager._alloc_and_read
+(RAM-tier copies), ReadAhead.wait_for (waits for the warmer) and staged_fill.pinned_alloc (every
+page-locked allocation), in seconds since the open.
 """
 from __future__ import annotations
 
@@ -80,6 +82,7 @@ def timeline(model: Path, resident: str) -> None:
 
     import aircupy.loader.read_ahead as read_ahead
     import aircupy.loader.staging as staging
+    import aircupy.model.staged_fill as staged_fill
     from aircupy.config import ModelConfig
     from aircupy.engine.params import SamplingParams
     from aircupy.gguf.reader import GGUFFile
@@ -89,6 +92,7 @@ def timeline(model: Path, resident: str) -> None:
     lock = threading.Lock()
     real_read, real_alloc = staging.Stager._read, staging.Stager._alloc_and_read
     real_wait = read_ahead.ReadAhead.wait_for
+    real_pinned = staged_fill.pinned_alloc
 
     def rel():
         return round(time.perf_counter() - t0[0], 4)
@@ -112,15 +116,33 @@ def timeline(model: Path, resident: str) -> None:
         with lock:
             log.append(("wait", offset, nbytes, a, rel(), threading.current_thread().name))
 
+    def pinned(nbytes):                            # every page-locked allocation of the load
+        a = rel()
+        buf = real_pinned(nbytes)
+        with lock:
+            log.append(("pin", 0, nbytes, a, rel(), threading.current_thread().name))
+        return buf
+
     staging.Stager._read = read
     staging.Stager._alloc_and_read = alloc_and_read
     read_ahead.ReadAhead.wait_for = wait_for
+    staged_fill.pinned_alloc = pinned
     evict(model)
     t0[0] = time.perf_counter()
     marks = {}
+    # As the Engine starts: the whole-file warmer first; its progress sampled every 50 ms
+    warmer = staged_fill.start_read_ahead(model, [(0, model.stat().st_size)], 1)
+    progress_log = []
+
+    def sample():
+        while not warmer.done:
+            progress_log.append((rel(), round(warmer.position / 1e9, 3)))
+            time.sleep(0.05)
+    threading.Thread(target=sample, daemon=True).start()
     g = GGUFFile(model)
     c = ModelConfig.from_gguf(g)
-    m, _ = open_model(g, c, 256, resident, progress=lambda s: marks.__setitem__(s, rel()))
+    m, _ = open_model(g, c, 256, resident, progress=lambda s: marks.__setitem__(s, rel()),
+                      read_ahead=warmer)
     marks["model built"] = rel()
     ids = np.random.default_rng(0).integers(0, c.vocab_size, 16).astype(np.int32)
     cache = m.new_cache(256)
@@ -134,6 +156,7 @@ def timeline(model: Path, resident: str) -> None:
     if getattr(m, "streamer", None) is not None:
         print(json.dumps({"stats": {k: v for k, v in m.stats().items() if not isinstance(v, dict)}},
                          default=str), flush=True)
+    print(json.dumps({"warmer_GB_at_s": progress_log}), flush=True)
     for e in sorted(log, key=lambda e: e[3]):
         print(json.dumps(e), flush=True)
 

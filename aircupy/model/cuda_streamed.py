@@ -43,6 +43,7 @@ from aircupy.model.cuda_model import PREFILL_ROWS, CudaModel, _check_supported, 
 from aircupy.model.cuda_sampling import DeviceSampling
 from aircupy.model.cuda_weights import bind
 from aircupy.model.kv_shuttle import KVShuttle, ShuttleKVCache, cuda_copy_rows, pinned_f16
+from aircupy.model import staged_fill
 from aircupy.model.staged_fill import load_blocks, plan_load, start_read_ahead
 from aircupy.model.stream_placement import STAGING_BUFFERS, StreamPlacement
 
@@ -75,11 +76,6 @@ class StreamedForwardPass(ForwardPass):
             if self.shuttle is not None:
                 self.shuttle.invalidate()
             raise
-
-
-def _pinned_alloc(nbytes: int) -> np.ndarray:
-    import cupyx
-    return cupyx.empty_pinned((nbytes,), dtype=np.uint8)
 
 
 def _auto_ram_tier(streamed_bytes: int, avail: int | None = None) -> int:
@@ -199,7 +195,7 @@ class StreamedCudaModel(CudaModel):
             tier = _auto_ram_tier(total) if ram_tier_bytes is None else int(ram_tier_bytes)
             self.stager = Stager(g.path, n_buffers=slots + 2,
                                  buffer_bytes=max(n for _, n in windows.values()),
-                                 alloc=_pinned_alloc, ram_tier_bytes=tier,
+                                 alloc=staged_fill.pinned_alloc, ram_tier_bytes=tier,
                                  read_ahead=self.warmer, defer_tier=True)
             self.streamer = LayerStreamer(SlotSchedule(c.n_layers, S, slots), windows, self.slots,
                                           self._fill_slot, self.stager, self.stream, self.copy_stream)
