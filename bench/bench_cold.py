@@ -30,7 +30,8 @@ cold-start warmer threads (0: none; staged_fill.start_read_ahead); --reps repeat
 interleaved, each rep starting one config later (this host's disk drifts by +-15% between
 whole-file reads: single runs do not compare, medians over interleaved reps do). The summary gives
 per config the median, best and worst ratio; batch_ratio = median TTFT / (size / the mean of every
-disk read of the batch); vs_warmer_alone = median TTFT / the median of the warmer-alone runs.
+disk read of the batch); vs_warmer_alone = median TTFT / the median of the warmer-alone runs (with
+the fewest warmer threads; "warmer" runs once per count of --read-ahead, "engine" with its own).
 (Runs 2-15 in RESULTS.md held each run against the faster of a 1- and a 4-thread read: the larger
 of two noisy samples, on average 4.4% above their mean over those runs' 157 pairs, so the bound was
 that much too short.)
@@ -194,9 +195,10 @@ def main() -> None:
     gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
                          capture_output=True, text=True).stdout.strip().splitlines()[:1]
     size = a.model.stat().st_size
-    configs = [(r, int(m)) for r in a.resident.split(",") if r not in ("engine", "warmer")
-               for m in a.read_ahead.split(",")] + \
-        [(r, 1) for r in ("engine", "warmer") if r in a.resident.split(",")]
+    modes, counts = a.resident.split(","), [int(m) for m in a.read_ahead.split(",")]
+    configs = [(r, m) for r in modes if r not in ("engine", "warmer") for m in counts] + \
+        [("engine", 1)] * ("engine" in modes) + \
+        [("warmer", m) for m in counts if m > 0 and "warmer" in modes]
     readers = sorted({1, a.read_threads})
     reads = []                     # every disk-rate read of the batch: (threads, GB/s)
 
@@ -223,7 +225,7 @@ def main() -> None:
     # the drift, see probe_disk.py). batch_ratio = median TTFT / (size / that rate).
     rate = float(np.mean([v for _, v in reads]))
     by = {c: [x for x in rows if (x["resident"], x["read_ahead"]) == c] for c in configs}
-    alone = [x["ttft_s"] for x in by.get(("warmer", 1), [])]
+    alone = [x["ttft_s"] for x in by.get(("warmer", min(counts)), [])]
     summary = []
     for (r, m), rs in by.items():
         v, t = [x["ratio"] for x in rs], [x["ttft_s"] for x in rs]

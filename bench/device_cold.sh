@@ -13,10 +13,14 @@
 #   disk (carry .device/whl): on a fresh machine, how fast the disk reads the 8B by each way of
 #          reading (probe_disk.py); a cold start's per-read timeline, resident and streamed (the first
 #          also fills the kernel cache); then the cold TTFT runs as in `cold`, 5 reps.
+#   prep (carry .device/whl): a fresh machine: install, the synthetic 8B, the GPU tier minus the
+#          real-SmolLM2 tests, cold-start timelines resident and streamed (probe_cold.py).
+#   ttft (right after prep, same machine): bench_cold, modes all,0,engine,warmer, warmer threads
+#          $READ_AHEAD (default 1,4), $REPS interleaved reps (default 4).
 # Logs come back as $OUT/logs-STAGE.tgz, JSON beside them.
-# usage (repo root, on the GPU host): bash bench/device_cold.sh stage1|stage2|cold|disk
+# usage (repo root, on the GPU host): bash bench/device_cold.sh stage1|stage2|cold|disk|prep|ttft
 set -uo pipefail
-stage=${1:?usage: device_cold.sh stage1|stage2|cold|disk}
+stage=${1:?usage: device_cold.sh stage1|stage2|cold|disk|prep|ttft}
 OUT=${OUT:-/tmp/out}; L=/root/logs; S=/root/synth; mkdir -p "$OUT" $L /root/stage $S
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site
 [ -f .device/COMMIT ] && export AIRCUPY_COMMIT=$(cat .device/COMMIT)
@@ -76,6 +80,26 @@ if [ "$stage" = disk ]; then
   cp $L/timeline_*.jsonl "$OUT/" 2>/dev/null
   timeout 400 python3 bench/bench_cold.py --model $M --resident all,0,engine,warmer --read-ahead 1 \
     --reps 5 --json "$OUT/cold8.json" 2>&1 | tee $L/cold8.log | tail -5
+  exit 0
+fi
+if [ "$stage" = prep ]; then
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .device/whl/*.whl
+  python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null || echo "pip -e failed"
+  nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+  python3 -m aircupy synth $M --arch llama3-8b --type Q4_0 > $L/synth.log 2>&1; tail -1 $L/synth.log
+  timeout 330 python3 -m pytest -q -rfs --tb=short --durations=5 tests/gpu 2>&1 \
+    | tee $L/gpu_tier.log | grep -E "passed|failed|FAILED|Error" | tail -25
+  for r in all 0 all 0; do            # the kernel cache is filled by now (the GPU tier)
+    timeout 60 python3 bench/probe_cold.py timeline --model $M --resident $r > $L/timeline_$r.jsonl 2>&1
+  done
+  cp $L/timeline_*.jsonl "$OUT/" 2>/dev/null
+  exit 0
+fi
+if [ "$stage" = ttft ]; then
+  python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
+  timeout 560 python3 bench/bench_cold.py --model $M --resident all,0,engine,warmer \
+    --read-ahead ${READ_AHEAD:-1,4} --reps ${REPS:-4} --json "$OUT/cold8.json" 2>&1 \
+    | tee $L/cold8.log | tail -9
   exit 0
 fi
 echo "unknown stage $stage"; exit 2

@@ -7,8 +7,9 @@ streamed first pass's per-window timeline. A diagnostic; figures go to stdout as
 
 The timeline starts the whole-file warmer first, as the Engine does, samples how far it has read
 every 50 ms, and wraps Stager._read (every read: start, end, thread), Stager._alloc_and_read
-(RAM-tier copies), ReadAhead.wait_for (waits for the warmer) and staged_fill.pinned_alloc (every
-page-locked allocation), in seconds since the open.
+(RAM-tier copies), ReadAhead.wait_for (waits for the warmer), staged_fill.pinned_alloc (every
+page-locked allocation) and the start-up steps around the load ("span": the weights' load, kernel
+warm-up, sampling and prefill-graph set-up, the first forward), in seconds since the open.
 """
 from __future__ import annotations
 
@@ -123,6 +124,25 @@ def timeline(model: Path, resident: str) -> None:
             log.append(("pin", 0, nbytes, a, rel(), threading.current_thread().name))
         return buf
 
+    def span(owner, name):                        # one start-up step on the caller's thread
+        real = getattr(owner, name)
+
+        def wrapped(*a, **k):
+            t = rel()
+            try:
+                return real(*a, **k)
+            finally:
+                with lock:
+                    log.append(("span", 0, 0, t, rel(), f"{owner.__name__}.{name}"))
+        setattr(owner, name, wrapped)
+
+    from aircupy.device.kernels import KernelLibrary
+    from aircupy.model import cuda_model, cuda_sampling, cuda_streamed
+    for owner, name in ((KernelLibrary, "warmup"), (cuda_sampling.DeviceSampling, "__init__"),
+                        (cuda_model.CudaModel, "_enable_prefill_graphs"),
+                        (cuda_model.CudaModel, "forward_sample"), (cuda_model, "load_blocks"),
+                        (cuda_streamed, "load_blocks")):
+        span(owner, name)
     staging.Stager._read = read
     staging.Stager._alloc_and_read = alloc_and_read
     read_ahead.ReadAhead.wait_for = wait_for

@@ -38,15 +38,19 @@ class ReadAhead:
 
     Order and pace: pieces are read in `ranges` order, at most `ahead_bytes` ahead of what the
     consumers reported through consumed() (a file larger than RAM does not evict its own first
-    windows before they are used); a piece a consumer waits for (wait_for) is read next, whatever
-    the order and the pace, so any consumer order is served. Pieces a consumer already read from a
-    warm cache (covered()) are skipped. Each piece read costs one copy (page cache -> the child's
+    windows before they are used). A piece a consumer waits for (ask, wait_for) is read next if it
+    lies `near_bytes` or more ahead of the reading cursor, whatever the order and the pace, so any
+    consumer order is served; a nearer one is read in turn, the pace lifted until it is (the
+    disk's rate holds only on one sequential stream: loader/_warm_child.py). 1 GiB by default:
+    two windows of a 70B Q4_0 layer (0.46 GB each; a streamer's two reader threads hold two), and
+    half a second of this host's disk. Pieces a consumer already read from a warm cache
+    (covered()) are skipped. Each piece read costs one copy (page cache -> the child's
     buffer) on an otherwise idle core. Should the child fail to start or die, the warmer counts as
     done and the consumers read the file themselves.
     """
 
     def __init__(self, path: str | os.PathLike, ranges, ahead_bytes: int = 2 << 30,
-                 piece: int = 16 << 20, threads: int = 1):
+                 piece: int = 16 << 20, threads: int = 1, near_bytes: int = 1 << 30):
         import subprocess
         import sys
         from aircupy.loader._warm_child import pieces_of
@@ -76,7 +80,7 @@ class ReadAhead:
         try:
             self._proc = subprocess.Popen(
                 [sys.executable, "-I", "-S", child, os.fspath(path), str(self.piece),
-                 str(self.ahead_bytes), str(int(threads))],
+                 str(self.ahead_bytes), str(int(threads)), str(int(near_bytes))],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         except OSError as e:          # no warmer: the consumers read on their own
             self.error, self._alive = e, False
@@ -109,14 +113,20 @@ class ReadAhead:
         of them, or has stopped (the consumer then reads on its own)."""
         return not self._alive or all(self._done[k] for k in self._overlapping(offset, nbytes))
 
-    def wait_for(self, offset: int, nbytes: int) -> None:
-        """Block until passed(offset, nbytes); the pieces are read next if they are not yet."""
+    def ask(self, offset: int, nbytes: int) -> list[int]:
+        """A consumer will wait for [offset, offset+nbytes): its pieces not read yet are asked for
+        (in file order, so a far window is read as one stretch). Returns those pieces."""
         ks = [k for k in self._overlapping(offset, nbytes) if not self._done[k]]
         ask = [k for k in ks if not self._asked[k]]
         for k in ask:
             self._asked[k] = 1
         if ask:
             self._send("".join(f"D {k}\n" for k in ask))
+        return ks
+
+    def wait_for(self, offset: int, nbytes: int) -> None:
+        """Block until passed(offset, nbytes), asking for the pieces (ask) first."""
+        ks = self.ask(offset, nbytes)
         with self._cv:
             while self._alive and not all(self._done[k] for k in ks):
                 self._cv.wait()

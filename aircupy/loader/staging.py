@@ -250,7 +250,8 @@ class Stager:
                 done = read_cached(self._fd, mv, offset)
                 self._cache_missed = done < nbytes
             # Piece by piece behind the warmer: when it reads the window's last byte, only that
-            # piece is left to copy.
+            # piece is left to copy. The whole window is asked for first (one stretch if far).
+            ra.ask(offset + done, nbytes - done)
             while done < nbytes:
                 step = min(nbytes - done, ra.piece)
                 ra.wait_for(offset + done, step)
