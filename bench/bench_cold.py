@@ -19,7 +19,9 @@ Issue 5's target: a cold start's TTFT is within 10% of file size / disk read rat
      the host.
      The import time is reported beside it (imports_s), not in it.
 `resident` "engine" times aircupy.Engine as a user starts it (the warmer is its own, one thread);
-"warmer" the page-cache warmer alone, no model (its rate with nothing beside it).
+"warmer" the page-cache warmer alone, no model (its rate with nothing beside it). Diagnostics:
+"tok" = "all" after building the tokenizer and chat template on the main thread (the Engine's order
+before 2026-11-27's last change), "late" = "all" after an idle 0.6 s (a consumer that starts late).
 A model that streams reads its windows on the first pass, a resident one at load: either way the
 whole file crosses the disk once before the first token. bound_s = size / the mean of the disk
 reads just before and after the run; ratio = ttft / bound_s (target <= 1.10). stages_s: when the
@@ -128,7 +130,15 @@ def cold_ttft(path: Path, resident: str, n_prompt: int = 16, read_ahead: int = 1
         g = GGUFFile(path)
         c = ModelConfig.from_gguf(g)
         marks["gguf parsed"] = round(time.perf_counter() - t0, 3)
-        m, _ = open_model(g, c, n_ctx, resident, progress=progress, read_ahead=warmer or 0)
+        if resident == "tok":      # the tokenizer and chat template first, as the Engine built them
+            from aircupy.gguf.chat_template import ChatTemplate
+            from aircupy.gguf.tokenizer import Tokenizer
+            ChatTemplate.from_gguf(g, Tokenizer.from_gguf(g))
+        elif resident == "late":   # the model starts 0.6 s late, idle meanwhile
+            time.sleep(0.6)
+        marks["pre"] = round(time.perf_counter() - t0, 3)
+        m, _ = open_model(g, c, n_ctx, "all" if resident in ("tok", "late") else resident,
+                          progress=progress, read_ahead=warmer or 0)
         t_load = time.perf_counter() - t0
         ids = np.random.default_rng(0).integers(0, c.vocab_size, n_prompt).astype(np.int32)
         cache = m.new_cache(n_ctx)

@@ -15,7 +15,7 @@
 #          also fills the kernel cache); then the cold TTFT runs as in `cold`, 5 reps.
 #   prep (carry .device/whl): a fresh machine: install, the synthetic 8B, the GPU tier minus the
 #          real-SmolLM2 tests, cold-start timelines resident and streamed (probe_cold.py).
-#   ttft (right after prep, same machine): bench_cold, modes all,0,engine,warmer, warmer threads
+#   ttft (right after prep, same machine): bench_cold, modes $MODES (default all,0,engine,warmer), warmer threads
 #          $READ_AHEAD (default 1,4), $REPS interleaved reps (default 4).
 # Logs come back as $OUT/logs-STAGE.tgz, JSON beside them.
 # usage (repo root, on the GPU host): bash bench/device_cold.sh stage1|stage2|cold|disk|prep|ttft
@@ -97,7 +97,7 @@ if [ "$stage" = prep ]; then
 fi
 if [ "$stage" = ttft ]; then
   python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
-  timeout 560 python3 bench/bench_cold.py --model $M --resident all,0,engine,warmer \
+  timeout 560 python3 bench/bench_cold.py --model $M --resident ${MODES:-all,0,engine,warmer} \
     --read-ahead ${READ_AHEAD:-1,4} --reps ${REPS:-4} --json "$OUT/cold8.json" 2>&1 \
     | tee $L/cold8.log | tail -9
   exit 0

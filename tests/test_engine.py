@@ -258,6 +258,66 @@ def test_the_warmer_starts_only_where_cuda_may_run_and_is_closed_when_numpy_is_c
         e.close()
 
 
+class _FakeWarmer:
+    done = False
+
+    def close(self):
+        self.done = True
+
+
+def _cuda_with_a_warmer(monkeypatch, load):
+    """The Engine's CUDA path on the CPU: a (fake) warmer started, "cuda" selected, and `load`
+    standing in for backend.load_model."""
+    import aircupy.engine.engine as eng_mod
+    monkeypatch.setattr(eng_mod, "_start_warmer", lambda path, backend: _FakeWarmer())
+    monkeypatch.setattr(eng_mod, "select_backend", lambda name, notice=None: "cuda")
+    monkeypatch.setattr(eng_mod, "load_model", load)
+
+
+def test_with_a_warmer_the_tokenizer_is_built_while_the_weights_load(smollm2_path, monkeypatch):
+    """Cold start: the tokenizer must not hold back the weights' load (its consumer must keep up
+    with the disk), so it is built on a thread beside it."""
+    from aircupy.engine import backend
+    from aircupy.gguf.tokenizer import Tokenizer
+    load_started, seen = threading.Event(), {}
+    real_tok = Tokenizer.from_gguf.__func__
+
+    def from_gguf(cls, g):
+        seen["load had started"] = load_started.wait(10)
+        return real_tok(cls, g)
+
+    def load(name, g, c, read_ahead=None, **kw):
+        load_started.set()
+        seen["warmer"] = read_ahead
+        return backend.load_model("numpy", g, c, **kw)
+    monkeypatch.setattr(Tokenizer, "from_gguf", classmethod(from_gguf))
+    _cuda_with_a_warmer(monkeypatch, load)
+    e = Engine(smollm2_path, backend="cuda")
+    try:
+        assert seen["load had started"] and isinstance(seen["warmer"], _FakeWarmer)
+        assert len(e.generate("Hi", GREEDY).token_ids) > 0
+    finally:
+        e.close()
+
+
+def test_a_tokenizer_error_beside_the_load_is_raised_and_the_model_closed(smollm2_path, monkeypatch):
+    from aircupy.errors import TemplateError
+    from aircupy.gguf.chat_template import ChatTemplate
+    closed = []
+
+    class Model:
+        def close(self):
+            closed.append(True)
+
+    def bad_template(cls, g, tok):
+        raise TemplateError("the chat template does not parse")
+    monkeypatch.setattr(ChatTemplate, "from_gguf", classmethod(bad_template))
+    _cuda_with_a_warmer(monkeypatch, lambda *a, **k: Model())
+    with pytest.raises(TemplateError, match="does not parse"):
+        Engine(smollm2_path, backend="cuda")
+    assert closed == [True]
+
+
 def test_start_read_ahead_takes_a_started_warmer_and_checks_counts(tmp_path):
     from aircupy.loader.read_ahead import ReadAhead
     from aircupy.model.staged_fill import start_read_ahead
