@@ -146,29 +146,32 @@ def test_a_deferred_tier_waits_for_start_tier(blob):
         assert t.buffer is None and np.array_equal(st.wait(t), data[:100_000])
 
 
-def test_a_deferred_tier_starts_once_the_warmer_is_done(blob):
-    """With a warmer, deferred tier copies also start when it has swept the file (a warm start)."""
+def test_a_deferred_tier_does_not_start_at_the_warmers_end(blob):
+    """With a warmer, deferred tier copies still wait for start_tier(): the warmer ends in a cold
+    start's last moments, and pinning then would hold up the first pass's last launches."""
     import time
     from aircupy.loader.read_ahead import ReadAhead
     path, data = blob
+    pins = []
+
+    def alloc(n):
+        pins.append(n)
+        return np.empty(n, np.uint8)
     with ReadAhead(path, [(0, 300_000)], piece=100_000) as ra, \
-            Stager(path, n_buffers=2, buffer_bytes=100_000, ram_tier_bytes=1 << 20, read_ahead=ra,
-                   defer_tier=True) as st:
+            Stager(path, n_buffers=2, buffer_bytes=100_000, alloc=alloc, ram_tier_bytes=1 << 20,
+                   read_ahead=ra, defer_tier=True) as st:
         for k in range(3):
             t = st.submit(k * 100_000, 100_000, key=k)
             assert np.array_equal(st.wait(t), data[k * 100_000:(k + 1) * 100_000])
             st.release(t)
         ra.wait_done()
-        # No start_tier() (tier_settled would call it): the copies start because the warmer ended.
-        deadline = time.time() + 5
-        while time.time() < deadline:
-            t = st.submit(0, 100_000, key=0)
-            assert np.array_equal(st.wait(t), data[:100_000])
-            st.release(t)
-            if st.stats.ram_tier_hits:                  # that submit found its tier copy
-                break
-            time.sleep(0.01)
-        assert st.stats.ram_tier_hits >= 1
+        time.sleep(0.2)
+        assert pins == [100_000] * 2                     # the ring only
+        st.start_tier()
+        st.tier_settled()
+        assert len(pins) == 5
+        t = st.submit(0, 100_000, key=0)
+        assert t.buffer is None and np.array_equal(st.wait(t), data[:100_000])
 
 
 def _wait_done(ra, timeout: float = 5.0) -> None:
