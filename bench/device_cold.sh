@@ -5,8 +5,8 @@
 #          wheels + editable install; the synthetic 8B Q4_0; the GPU tier minus the real-SmolLM2
 #          tests (they skip without the file).
 #   stage2 (carry .device/stage/part.01): join SmolLM2; the GPU tests that use it; cold TTFT of the
-#          8B, resident and all-streamed, per count of warmer threads (1, 2, 0), 3 interleaved reps,
-#          each run in a fresh process; the prefill-graph replay timing.
+#          8B: resident, all-streamed, the Engine and the warmer alone, $REPS interleaved reps
+#          (default 6), each run in a fresh process.
 #   cold (carry .device/whl): on a fresh machine, steady-state streaming of the 8B (0 and 16
 #          resident layers), then the cold TTFT runs: resident, all-streamed, the Engine, and the
 #          warmer with no model beside it, 4 interleaved reps, each bracketed by disk-rate reads.
@@ -49,10 +49,8 @@ if [ "$stage" = stage2 ]; then
   timeout 150 python3 -m pytest -q -rfs --tb=short tests/gpu/test_cuda_model.py tests/gpu/test_cold_load.py \
     -k "smollm2 or decode_graph_equals or device_sampling or over_the_vram or bad_steps or probe_and_engine" \
     2>&1 | tee $L/gpu_smol.log | grep -E "passed|failed|FAILED|Error" | tail -10
-  timeout 330 python3 bench/bench_cold.py --model $M --resident all,0,engine --read-ahead 1,2,0 --reps 3 \
-    --json "$OUT/cold8.json" 2>&1 | tee $L/cold8.log | tail -8
-  timeout 90 python3 bench/bench_prefill_graphs.py --model /root/stage/model.gguf 2>&1 \
-    | tee $L/prefill_graphs.log | tail -8
+  timeout 420 python3 bench/bench_cold.py --model $M --resident all,0,engine,warmer --read-ahead 1 \
+    --reps ${REPS:-6} --json "$OUT/cold8.json" 2>&1 | tee $L/cold8.log | tail -5
   exit 0
 fi
 if [ "$stage" = cold ]; then   # one call on a fresh machine: the cold TTFT runs only

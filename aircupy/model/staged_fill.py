@@ -277,8 +277,10 @@ def start_read_ahead(path, ranges, threads=1) -> "ReadAhead | None":
     (by the Engine, over the whole file, before the header was even parsed): it is returned as it
     is; its consumers' waits steer it to the ranges they need.
 
-    One thread by default: on the GPU host (H200, 2026-11-27) one thread of 16 MiB preads read a
-    cold file faster than four (1.34-1.52 vs 1.18-1.44 GB/s). An earlier mode that only queued
+    One thread by default: on the GPU host (H200, 2026-11-27) whole-file reads by one and by four
+    threads of 16 MiB preads averaged the same over 157 pairs (1.82 and 1.81 GB/s), and cold
+    starts with four warmer threads were no faster than with one (bench_cold, 4 interleaved reps:
+    resident 1.07 vs 1.02 of the bound, streamed 1.07 vs 1.09). An earlier mode that only queued
     posix_fadvise(WILLNEED) hints was the slowest in every cold-TTFT run there (the file system
     did not act on the hints in time) and is gone."""
     from aircupy.loader.read_ahead import ReadAhead
