@@ -27,6 +27,18 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site
 pack() { tar czf "$OUT/logs-$stage.tgz" -C $L . 2>/dev/null; }
 trap pack EXIT
 M=$S/llama3-8b-Q4_0.gguf
+fresh() {   # a fresh machine: wheels, aircupy (editable), the card's name, the synthetic 8B
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .device/whl/*.whl
+  python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null || echo "pip -e failed"
+  nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+  python3 -m aircupy synth $M --arch llama3-8b --type Q4_0 > $L/synth.log 2>&1; tail -1 $L/synth.log
+}
+timelines() {   # cold-start timelines (probe_cold.py), resident then streamed, twice; $1: time limit
+  for r in all 0 all 0; do
+    timeout "$1" python3 bench/probe_cold.py timeline --model $M --resident $r > $L/timeline_$r.jsonl 2>&1
+  done
+  cp $L/timeline_*.jsonl "$OUT/" 2>/dev/null
+}
 
 if [ "$stage" = stage1 ]; then
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .device/whl/*.whl
@@ -54,10 +66,7 @@ if [ "$stage" = stage2 ]; then
   exit 0
 fi
 if [ "$stage" = cold ]; then   # one call on a fresh machine: the cold TTFT runs only
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site .device/whl/*.whl
-  python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null || echo "pip -e failed"
-  nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-  python3 -m aircupy synth $M --arch llama3-8b --type Q4_0 > $L/synth.log 2>&1; tail -1 $L/synth.log
+  fresh
   # steady-state streaming first (it also fills the kernel cache: no NVRTC inside a timed start)
   timeout 150 python3 bench/bench_streaming.py --model $M --resident 0,16 --n-gen 32 \
     --json "$OUT/stream8.json" 2>&1 | tee $L/stream8.log | cut -c1-300
@@ -66,31 +75,19 @@ if [ "$stage" = cold ]; then   # one call on a fresh machine: the cold TTFT runs
   exit 0
 fi
 if [ "$stage" = disk ]; then
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site .device/whl/*.whl
-  python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null || echo "pip -e failed"
-  nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-  python3 -m aircupy synth $M --arch llama3-8b --type Q4_0 > $L/synth.log 2>&1; tail -1 $L/synth.log
+  fresh
   timeout 200 python3 bench/probe_disk.py --model $M --reps 3 --json "$OUT/disk.json" 2>&1 \
     | tee $L/disk.log | grep median
-  for r in all 0 all 0; do            # the first of each fills the kernel cache (NVRTC)
-    timeout 150 python3 bench/probe_cold.py timeline --model $M --resident $r > $L/timeline_$r.jsonl 2>&1
-  done
-  cp $L/timeline_*.jsonl "$OUT/" 2>/dev/null
+  timelines 150                       # the first of each fills the kernel cache (NVRTC)
   timeout 400 python3 bench/bench_cold.py --model $M --resident all,0,engine,warmer --read-ahead 1 \
     --reps 5 --json "$OUT/cold8.json" 2>&1 | tee $L/cold8.log | tail -5
   exit 0
 fi
 if [ "$stage" = prep ]; then
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site .device/whl/*.whl
-  python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null || echo "pip -e failed"
-  nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-  python3 -m aircupy synth $M --arch llama3-8b --type Q4_0 > $L/synth.log 2>&1; tail -1 $L/synth.log
+  fresh
   timeout 330 python3 -m pytest -q -rfs --tb=short --durations=5 tests/gpu 2>&1 \
     | tee $L/gpu_tier.log | grep -E "passed|failed|FAILED|Error" | tail -25
-  for r in all 0 all 0; do            # the kernel cache is filled by now (the GPU tier)
-    timeout 60 python3 bench/probe_cold.py timeline --model $M --resident $r > $L/timeline_$r.jsonl 2>&1
-  done
-  cp $L/timeline_*.jsonl "$OUT/" 2>/dev/null
+  timelines 60                        # the kernel cache is filled by now (the GPU tier)
   exit 0
 fi
 if [ "$stage" = ttft ]; then

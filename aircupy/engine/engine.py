@@ -87,7 +87,7 @@ class Engine:
             if self.backend_name != "cuda" and warmer is not None:
                 warmer.close()
                 warmer = None
-            if text is not None and warmer is None:
+            if text is not None and warmer is None:   # numpy chosen: no cold-start load to overlap
                 self.tokenizer, self.chat_template = text.result()
             report("loading the weights")
             self.model = load_model(self.backend_name, self.gguf, self.config, vram_budget=budget,
