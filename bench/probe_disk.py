@@ -19,43 +19,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import mmap
 import os
 import random
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_cold import evict  # noqa: E402
+from bench_cold import evict, read_file  # noqa: E402
 
 DEFAULT = ("pread:1:16,pread:4:16,pread:1:64,pread:4:64,seq:1:16,"
            "direct:1:16,direct:4:16,direct:8:16,warmer:1,warmer:4,cat")
-
-
-def read_file(path: Path, threads: int, piece: int, flags: int = 0, advice: int | None = None) -> None:
-    size = path.stat().st_size
-    fd = os.open(path, os.O_RDONLY | flags)
-    if advice is not None:
-        os.posix_fadvise(fd, 0, 0, advice)
-
-    def work(k: int) -> None:
-        buf = mmap.mmap(-1, piece)          # page-aligned, as O_DIRECT needs
-        mv = memoryview(buf)
-        for off in range(k * piece, size, threads * piece):
-            os.preadv(fd, [mv], off)        # the last piece reads short at the end of the file
-        mv.release()
-        buf.close()
-
-    ts = [threading.Thread(target=work, args=(k,)) for k in range(threads)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
-    os.close(fd)
 
 
 def run(path: Path, method: str) -> float:
