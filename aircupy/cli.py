@@ -92,7 +92,7 @@ def _sampling(stop, logprobs=None, **kw):
 @_one_line_errors
 def generate(prompt, model, backend, vram_budget, n_ctx, as_chat, system, as_json, stats, **sampling):
     """Generate a completion of PROMPT (or of stdin), streaming it to stdout."""
-    from aircupy.engine import console
+    from aircupy import console
     params = _sampling(**sampling)  # checked before the (slow) load
     text = console.read_prompt(prompt)
     engine = console.load_engine(model, backend, vram_budget, n_ctx)
@@ -107,7 +107,7 @@ def generate(prompt, model, backend, vram_budget, n_ctx, as_chat, system, as_jso
 @_one_line_errors
 def chat(model, backend, vram_budget, n_ctx, system, **sampling):
     """Chat with a model over its chat template: one line per turn; /reset clears, /exit quits."""
-    from aircupy.engine import console
+    from aircupy import console
     params = _sampling(**sampling)
     engine = console.load_engine(model, backend, vram_budget, n_ctx)
     console.chat_loop(engine, params, system=system)

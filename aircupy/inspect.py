@@ -180,8 +180,8 @@ def render_text(desc: dict, sections=TEXT_SECTIONS) -> str:
 def describe_plan(path, vram_budget: int, n_ctx: int | None = None, slots: int = 3) -> dict[str, Any]:
     """describe_file(path) plus the streaming plan for `vram_budget` bytes (desc["plan"])."""
     from aircupy.config import ModelConfig
-    from aircupy.loader.manifest import build_manifest
-    from aircupy.loader.plan import PlanSettings, make_plan
+    from aircupy.stream.manifest import build_manifest
+    from aircupy.cuda.plan import PlanSettings, make_plan
 
     with GGUFFile(path) as g:
         desc = describe(g)

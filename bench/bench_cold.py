@@ -109,7 +109,7 @@ def cold_ttft(path: Path, resident: str, n_prompt: int = 16, read_ahead: int = 1
     from aircupy.config import ModelConfig
     from aircupy.engine.params import SamplingParams
     from aircupy.gguf.reader import GGUFFile
-    from aircupy.model.staged_fill import start_read_ahead
+    from aircupy.cuda.load import start_read_ahead
 
     n_ctx = 256
     evict(path)
@@ -185,7 +185,7 @@ def child(argv: list[str]) -> None:
     t_start = time.perf_counter()
     import cupy  # noqa: F401  (imported, no CUDA call yet: the context is made in the timed span)
     import aircupy.engine.engine  # noqa: F401  (a user's `import aircupy` and first Engine access)
-    import aircupy.model.cuda_streamed  # noqa: F401
+    import aircupy.cuda.streamed  # noqa: F401
     path, resident, threads = Path(argv[0]), argv[1], int(argv[2])
     imports = time.perf_counter() - t_start
     row = cold_ttft(path, resident, read_ahead=threads)

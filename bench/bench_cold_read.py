@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from aircupy.model.staged_fill import HostSink
+from aircupy.cuda.load import HostSink
 from bench_cold import disk_rate, evict   # this script runs as `python bench/bench_cold_read.py`
 
 
@@ -61,8 +61,8 @@ class DmaSink(CopySink):
 
 def _layouts(g):
     from aircupy.config import ModelConfig
-    from aircupy.loader.arch import tensor_map
-    from aircupy.model.cuda_layout import global_layout, layer_layout
+    from aircupy.gguf.arch import tensor_map
+    from aircupy.cuda.layout import global_layout, layer_layout
     c = ModelConfig.from_gguf(g)
     tm = tensor_map(c.arch, c.n_layers, g.tensors)
     return [global_layout(tm.globals, g.tensors)] + \
@@ -79,7 +79,7 @@ def _blocks(path: Path) -> list[np.ndarray]:
 
 def old_path(path: Path, setup_s: float) -> float:
     from aircupy.gguf.reader import GGUFFile
-    from aircupy.model.cuda_weights import _host_vector
+    from aircupy.cuda.weights import _host_vector
     blocks = _blocks(path)
     evict(path)
     t0 = time.perf_counter()
@@ -102,8 +102,8 @@ def old_path(path: Path, setup_s: float) -> float:
 
 def staged_path(path: Path, setup_s: float, read_ahead: int, sink_cls=CopySink) -> float:
     from aircupy.gguf.reader import GGUFFile
-    from aircupy.loader.staging import Stager
-    from aircupy.model.staged_fill import plan_load, run_load, start_read_ahead
+    from aircupy.stream.stager import Stager
+    from aircupy.cuda.load import plan_load, run_load, start_read_ahead
     blocks = _blocks(path)
     evict(path)
     t0 = time.perf_counter()

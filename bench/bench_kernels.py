@@ -80,7 +80,7 @@ def bench_hbm(cp) -> float:
 
 
 def bench_matvec(cp, lib, ops, types, rows=(1,)) -> list[dict]:
-    from aircupy.ops.packing import QWeight, repack_nbytes
+    from aircupy.cuda.ops.packing import QWeight, repack_nbytes
     res = []
     for t in types:
         ws = []
@@ -106,7 +106,7 @@ def bench_matvec(cp, lib, ops, types, rows=(1,)) -> list[dict]:
 
 
 def bench_gemm(cp, lib, ops, types, m=512) -> list[dict]:
-    from aircupy.ops.packing import QWeight, repack_nbytes
+    from aircupy.cuda.ops.packing import QWeight, repack_nbytes
     res = []
     for t in types:
         for name, n, k in LAYER:
@@ -139,7 +139,7 @@ _F16_AT = {GGMLType.Q4_0: (0,), GGMLType.Q4_1: (0, 2), GGMLType.Q5_0: (0,), GGML
 def _random_qweight(cp, lib, ops, t, n, k):
     """A packed weight of random quant bytes and fixed finite scales (GGUF bytes -> ops.repack)."""
     from aircupy.gguf.ggml import BLOCK_GEOMETRY
-    from aircupy.ops.packing import QWeight, repack_nbytes
+    from aircupy.cuda.ops.packing import QWeight, repack_nbytes
     be, bb = BLOCK_GEOMETRY[t]
     raw = cp.random.randint(0, 256, size=(n * k // be, bb), dtype=cp.uint8)
     for o in _F16_AT[t]:
@@ -161,7 +161,7 @@ def _time_any(cp, fn, reps):
 def bench_gemm_paths(cp, lib, ops, types, ms=(512, 2048)) -> list[dict]:
     """The prefill paths of linear() per (type, shape, M); also the relative L2 difference of each
     fused output from cuBLAS's (same rounded operands: expect ~1e-6)."""
-    from aircupy.ops.gemm_choice import gemm_q_supports
+    from aircupy.cuda.ops.gemm_choice import gemm_q_supports
     res = []
     for model, shapes in (("8B", LAYER), ("SmolLM2", SMOL)):
         for t in types:
@@ -254,8 +254,8 @@ def bench_decode_layer(cp, lib, ops, ctx=576) -> list[dict]:
     """One Llama-3-8B decode layer (Q4_0, T = 1, context `ctx`), launch by launch as ForwardPass.layer
     issues them, each timed alone (graph of 50) and the whole sequence as one graph: the gap between
     the sum of the matvecs and the layer is what the small kernels cost."""
-    from aircupy.ops import cuda_layers, cuda_matmul
-    from aircupy.ops.packing import QWeight, repack_nbytes
+    from aircupy.cuda.ops import layers as cuda_layers, matmul as cuda_matmul
+    from aircupy.cuda.ops.packing import QWeight, repack_nbytes
     t = GGMLType.Q4_0
     w = {name: QWeight(cp.random.randint(0, 256, size=repack_nbytes(t, (n, k)), dtype=cp.uint8), t, (n, k))
          for name, n, k in LAYER}
@@ -347,8 +347,8 @@ def main() -> None:
     ap.add_argument("--table-out", help="--gemm: write the measured map here (for AIRCUPY_GEMM_TABLE)")
     args = ap.parse_args()
     import cupy as cp
-    from aircupy.device.kernels import KernelLibrary
-    from aircupy.ops import cuda_ops as ops
+    from aircupy.cuda.kernels import KernelLibrary
+    from aircupy.cuda import ops
 
     lib = KernelLibrary()
     lib.warmup()
@@ -358,7 +358,7 @@ def main() -> None:
         print_decode(bench_decode_layer(cp, lib, ops), bench_decode_attention(cp, lib, ops))
         return
     if args.gemm:
-        from aircupy.ops.gemm_choice import format_table, measured_table, save_table
+        from aircupy.cuda.ops.gemm_choice import format_table, measured_table, save_table
         print(f"device: {name} ({lib.arch}); prefill linear: dequant+cuBLAS vs gemm_q (graph replays)")
         ms = tuple(int(v) for v in args.gemm_m.split(","))
         rows = bench_gemm_paths(cp, lib, ops, [GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0, GGMLType.Q4_K], ms)

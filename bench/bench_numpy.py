@@ -21,7 +21,7 @@ import numpy as np
 
 from aircupy.config import ModelConfig
 from aircupy.gguf.reader import GGUFFile
-from aircupy.model.numpy_model import NumpyModel
+from aircupy.reference.model import NumpyModel
 
 
 def default_models() -> list[Path]:

@@ -24,7 +24,7 @@ def run(path: Path, lengths: list[int], reps: int) -> dict:
     import cupy as cp
     from aircupy.config import ModelConfig
     from aircupy.gguf.reader import GGUFFile
-    from aircupy.model.cuda_model import CudaModel
+    from aircupy.cuda.model import CudaModel
 
     g = GGUFFile(path)
     c = ModelConfig.from_gguf(g)

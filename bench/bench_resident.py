@@ -56,7 +56,7 @@ def bench_ours(path: Path, n_prompt: int, n_gen: int, reps: int, profile: bool) 
     from aircupy.config import ModelConfig
     from aircupy.engine.params import SamplingParams
     from aircupy.gguf.reader import GGUFFile
-    from aircupy.model.cuda_model import CudaModel
+    from aircupy.cuda.model import CudaModel
 
     g = GGUFFile(path)
     c = ModelConfig.from_gguf(g)

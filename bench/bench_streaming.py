@@ -24,8 +24,8 @@ def open_model(g, c, n_ctx: int, resident: str, vram_budget: int | None = None, 
     """`resident` "all": CudaModel; a number k: StreamedCudaModel with k resident layers, the pool
     sized for them (vram_budget None: the free memory is the cap). model_kw go to the model's
     constructor (progress=, read_ahead=). Returns (model, load seconds)."""
-    from aircupy.model.cuda_model import CudaModel
-    from aircupy.model.cuda_streamed import StreamedCudaModel
+    from aircupy.cuda.model import CudaModel
+    from aircupy.cuda.streamed import StreamedCudaModel
 
     t0 = time.perf_counter()
     if resident == "all":

@@ -10,7 +10,7 @@ what=${1:-all}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
-python3 -c "import aircupy, aircupy.device.kernels as k; print(aircupy.__file__, k.source_dir())" | tee "$OUT/where.txt"
+python3 -c "import aircupy, aircupy.cuda.kernels as k; print(aircupy.__file__, k.source_dir())" | tee "$OUT/where.txt"
 if [ "$what" != bench ]; then
   timeout 420 python3 -m pytest -q --tb=short tests/gpu/test_gemm_q.py tests/gpu/test_kernels_matmul.py \
     tests/gpu/test_prefill_graphs.py 2>&1 | tee "$OUT/gpu_tests.log" | grep -E "passed|failed|FAILED|Error" | tail -40

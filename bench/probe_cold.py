@@ -81,9 +81,9 @@ def timeline(model: Path, resident: str) -> None:
     from bench_cold import evict
     from bench_streaming import open_model
 
-    import aircupy.loader.read_ahead as read_ahead
-    import aircupy.loader.staging as staging
-    import aircupy.model.staged_fill as staged_fill
+    import aircupy.stream.read_ahead as read_ahead
+    import aircupy.stream.stager as staging
+    import aircupy.cuda.load as staged_fill
     from aircupy.config import ModelConfig
     from aircupy.engine.params import SamplingParams
     from aircupy.gguf.reader import GGUFFile
@@ -136,8 +136,8 @@ def timeline(model: Path, resident: str) -> None:
                     log.append(("span", 0, 0, t, rel(), f"{owner.__name__}.{name}"))
         setattr(owner, name, wrapped)
 
-    from aircupy.device.kernels import KernelLibrary
-    from aircupy.model import cuda_model, cuda_sampling, cuda_streamed
+    from aircupy.cuda.kernels import KernelLibrary
+    from aircupy.cuda import model as cuda_model, sampling as cuda_sampling, streamed as cuda_streamed
     for owner, name in ((KernelLibrary, "warmup"), (cuda_sampling.DeviceSampling, "__init__"),
                         (cuda_model.CudaModel, "_enable_prefill_graphs"),
                         (cuda_model.CudaModel, "forward_sample"), (cuda_model, "load_blocks"),

@@ -45,7 +45,7 @@ def run(path: Path, method: str) -> float:
         read_file(path, threads, piece, flags=os.O_DIRECT if kind == "direct" else 0,
                   advice=os.POSIX_FADV_SEQUENTIAL if kind == "seq" else None)
     elif kind == "warmer":
-        from aircupy.loader.read_ahead import ReadAhead
+        from aircupy.stream.read_ahead import ReadAhead
         ra = ReadAhead(path, [(0, size)], ahead_bytes=size, threads=int(args[0]))
         ra.wait_done()
         ra.close()
@@ -92,7 +92,7 @@ def main() -> None:
     a = ap.parse_args()
     if a.import_gpu:
         import cupy  # noqa: F401
-        import aircupy.model.cuda_streamed  # noqa: F401
+        import aircupy.cuda.streamed  # noqa: F401
     methods = a.methods.split(",")
     print(json.dumps({"queue": queue_settings(a.model), "size_GB": a.model.stat().st_size / 1e9}),
           flush=True)

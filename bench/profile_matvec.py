@@ -19,9 +19,9 @@ def main() -> None:
     ap.add_argument("--launches", type=int, default=4)
     a = ap.parse_args()
     import cupy as cp
-    from aircupy.device.kernels import KernelLibrary
-    from aircupy.ops import cuda_ops as ops
-    from aircupy.ops.packing import QWeight, repack_nbytes
+    from aircupy.cuda.kernels import KernelLibrary
+    from aircupy.cuda import ops
+    from aircupy.cuda.ops.packing import QWeight, repack_nbytes
 
     lib = KernelLibrary()
     t = GGMLType[a.type]

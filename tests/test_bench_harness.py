@@ -52,8 +52,8 @@ def test_percent_budgets_expand_to_layer_splits_and_ngl(g8b):
 
 def test_minimum_budget_is_make_plans_floor(g8b):
     from aircupy.config import ModelConfig
-    from aircupy.loader.manifest import build_manifest
-    from aircupy.loader.plan import PlanError, PlanSettings, make_plan
+    from aircupy.stream.manifest import build_manifest
+    from aircupy.cuda.plan import PlanError, PlanSettings, make_plan
     c, man, st = ModelConfig.from_gguf(g8b), build_manifest(g8b), PlanSettings(n_ctx=2200)
     floor = minimum_budget(man, c, st)
     assert make_plan(man, c, floor, st).resident_layers == ()

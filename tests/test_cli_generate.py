@@ -14,7 +14,8 @@ import pytest
 from click.testing import CliRunner
 
 from aircupy.cli import main
-from aircupy.engine import backend, console
+from aircupy import console
+from aircupy.engine import backend
 from tests.helpers.engines import numpy_engine
 from tests.helpers.gguf_build import write_gguf
 
@@ -158,7 +159,7 @@ def test_load_indicator_only_on_a_terminal_and_only_when_slow():
 
 
 def test_streaming_stats_line():
-    from aircupy.engine.console import streaming_line
+    from aircupy.console import streaming_line
     assert streaming_line({"requests": 1}) is None                       # nothing streams
     assert streaming_line({"streaming": {"passes": 0}}) is None
     line = streaming_line({"streaming": {

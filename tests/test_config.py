@@ -10,7 +10,7 @@ import pytest
 from aircupy.config import ModelConfig
 from aircupy.errors import UnsupportedModelError
 from aircupy.gguf.reader import GGUFFile
-from aircupy.loader.arch import layer_tensor_name, supported_archs, tensor_map
+from aircupy.gguf.arch import layer_tensor_name, supported_archs, tensor_map
 
 
 class FakeGGUF:

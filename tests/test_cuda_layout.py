@@ -6,9 +6,9 @@ import pytest
 from aircupy.config import ModelConfig
 from aircupy.gguf.ggml import GGMLType
 from aircupy.gguf.reader import GGUFFile
-from aircupy.loader.arch import tensor_map
-from aircupy.model.cuda_layout import ALIGN, global_layout, layer_layout
-from aircupy.ops.packing import repack_nbytes
+from aircupy.gguf.arch import tensor_map
+from aircupy.cuda.layout import ALIGN, global_layout, layer_layout
+from aircupy.cuda.ops.packing import repack_nbytes
 from aircupy.synth import synth_model
 
 

@@ -235,7 +235,7 @@ def test_the_warmer_starts_only_where_cuda_may_run_and_is_closed_when_numpy_is_c
     importing it), never for "numpy"; when "auto" then resolves to numpy, the Engine closes it."""
     import importlib.util
     import aircupy.engine.engine as eng_mod
-    import aircupy.model.staged_fill as staged_fill
+    import aircupy.cuda.load as staged_fill
     started = []
     real = staged_fill.warm_file
 
@@ -319,8 +319,8 @@ def test_a_tokenizer_error_beside_the_load_is_raised_and_the_model_closed(smollm
 
 
 def test_start_read_ahead_takes_a_started_warmer_and_checks_counts(tmp_path):
-    from aircupy.loader.read_ahead import ReadAhead
-    from aircupy.model.staged_fill import start_read_ahead
+    from aircupy.stream.read_ahead import ReadAhead
+    from aircupy.cuda.load import start_read_ahead
     p = tmp_path / "f.bin"
     p.write_bytes(b"x" * 100_000)
     with ReadAhead(p, [(0, 100_000)]) as ra:

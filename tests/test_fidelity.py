@@ -15,7 +15,7 @@ import pytest
 
 from aircupy.config import ModelConfig
 from aircupy.gguf.reader import GGUFFile
-from aircupy.model.numpy_model import NumpyModel
+from aircupy.reference.model import NumpyModel
 
 DATA = Path(__file__).parent / "data"
 REL_TOL = 1e-3

@@ -9,11 +9,11 @@ import re
 import numpy as np
 import pytest
 
-from aircupy.device.kernels import SOURCES, source_dir
+from aircupy.cuda.kernels import SOURCES, source_dir
 from aircupy.gguf.ggml import GGMLType
-from aircupy.ops import cuda_matmul as mm
-from aircupy.ops import gemm_choice as gc
-from aircupy.ops.packing import QWeight
+from aircupy.cuda.ops import matmul as mm
+from aircupy.cuda.ops import gemm_choice as gc
+from aircupy.cuda.ops.packing import QWeight
 
 
 def test_m_buckets():
@@ -103,7 +103,7 @@ def test_gemm_q_geometry():
 
 
 def _w(t=GGMLType.Q4_0, n=40, k=256):
-    from aircupy.ops.packing import repack_nbytes
+    from aircupy.cuda.ops.packing import repack_nbytes
     return QWeight(np.zeros(repack_nbytes(t, (n, k)), np.uint8), t, (n, k))
 
 

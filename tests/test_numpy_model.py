@@ -11,7 +11,7 @@ import pytest
 from aircupy.config import ModelConfig
 from aircupy.errors import ContextLengthError, UnsupportedModelError
 from aircupy.gguf.reader import GGUFFile
-from aircupy.model.numpy_model import NumpyModel
+from aircupy.reference.model import NumpyModel
 from tests.helpers.gguf_build import T, write_gguf
 from tests.helpers.naive_forward import naive_logits
 from tests.helpers.tiny_models import TINY, write_tiny_model, without_window

@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from aircupy.device.kernels import SOURCES, source_dir
+from aircupy.cuda.kernels import SOURCES, source_dir
 from aircupy.gguf.ggml import BLOCK_GEOMETRY, GGMLType, tensor_nbytes
-from aircupy.ops.packing import HEADERS, QWeight, heads_offset, needs_repack, repack_nbytes, repack_numpy
+from aircupy.cuda.ops.packing import HEADERS, QWeight, heads_offset, needs_repack, repack_nbytes, repack_numpy
 from tests.helpers.quant_blocks import ALL_TYPES, random_blocks
 
 

@@ -8,8 +8,8 @@ import pytest
 from aircupy.config import ModelConfig
 from aircupy.gguf.ggml import GGMLType, tensor_nbytes
 from aircupy.gguf.reader import GGUFFile
-from aircupy.loader.manifest import PAGE, build_manifest
-from aircupy.loader.plan import PlanError, PlanSettings, make_plan
+from aircupy.stream.manifest import PAGE, build_manifest
+from aircupy.cuda.plan import PlanError, PlanSettings, make_plan
 
 GiB = 1 << 30
 

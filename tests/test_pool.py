@@ -5,7 +5,7 @@ import importlib.util
 
 import pytest
 
-from aircupy.device.pool import ALIGN, ModelTooLargeError, PoolPlan, fmt_bytes
+from aircupy.cuda.pool import ALIGN, ModelTooLargeError, PoolPlan, fmt_bytes
 from aircupy.errors import UnsupportedModelError
 
 
@@ -52,5 +52,5 @@ def test_fmt_bytes():
 
 @pytest.mark.skipif(importlib.util.find_spec("cupy") is not None, reason="cupy present: GPU tier covers it")
 def test_probe_names_missing_cupy():
-    from aircupy.device.probe import cuda_unavailable_reason
+    from aircupy.cuda.backend import cuda_unavailable_reason
     assert "cupy" in cuda_unavailable_reason()

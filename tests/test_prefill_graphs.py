@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from aircupy.model.cuda_prefill import LRU, PrefillGraphs
+from aircupy.cuda.prefill import LRU, PrefillGraphs
 
 FULL = 16
 
@@ -137,7 +137,7 @@ def test_graph_that_differs_from_eager_is_dropped_and_the_eager_pass_rerun():
 
 
 def test_loaded_cublas_is_found_in_the_process_maps(tmp_path):
-    from aircupy.device.cublas_capture import loaded_library
+    from aircupy.cuda.cublas_capture import loaded_library
     maps = tmp_path / "maps"
     lt = "/opt/nv lib/libcublasLt.so.13"          # a path with a space: the name is the 6th field
     blas = "/opt/nv lib/libcublas.so.13"

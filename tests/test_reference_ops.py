@@ -9,7 +9,7 @@ import pytest
 
 from aircupy.config import RopeScaling
 from aircupy.gguf.ggml import GGMLType
-from aircupy.ops import reference as ref
+from aircupy.reference import ops as ref
 
 RNG = np.random.default_rng(1234)
 

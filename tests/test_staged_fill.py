@@ -8,14 +8,14 @@ import pytest
 
 from aircupy.config import ModelConfig
 from aircupy.gguf.reader import GGUFFile
-from aircupy.loader.arch import tensor_map
-from aircupy.loader.manifest import PAGE
-from aircupy.loader.read_ahead import ReadAhead
-from aircupy.loader.staging import Stager
-from aircupy.model.cuda_layout import global_layout, layer_layout
-from aircupy.model.cuda_weights import _host_vector
-from aircupy.model.staged_fill import HostSink, plan_load, run_load
-from aircupy.ops.packing import repack_numpy
+from aircupy.gguf.arch import tensor_map
+from aircupy.stream.manifest import PAGE
+from aircupy.stream.read_ahead import ReadAhead
+from aircupy.stream.stager import Stager
+from aircupy.cuda.layout import global_layout, layer_layout
+from aircupy.cuda.weights import _host_vector
+from aircupy.cuda.load import HostSink, plan_load, run_load
+from aircupy.cuda.ops.packing import repack_numpy
 from aircupy.synth import synth_model
 
 TINY = dict(vocab=400, n_embd=256, n_head=4, n_head_kv=2, head_dim=64, n_ff=512)

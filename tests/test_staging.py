@@ -7,7 +7,7 @@ import threading
 import numpy as np
 import pytest
 
-from aircupy.loader.staging import Stager
+from aircupy.stream.stager import Stager
 
 
 @pytest.fixture()
@@ -95,7 +95,7 @@ def test_bad_windows_rejected(blob):
 def test_pinning_is_off_the_callers_thread_and_never_delays_a_read(blob):
     """Pinning is slow (cudaHostAlloc): the ring and the tier are allocated on the pin thread, and a
     window whose tier copy is not complete yet is read through the ring, not waited for."""
-    from aircupy.loader.staging import numpy_alloc
+    from aircupy.stream.stager import numpy_alloc
     path, data = blob
     where, gate = [], threading.Event()
 
@@ -123,7 +123,7 @@ def test_pinning_is_off_the_callers_thread_and_never_delays_a_read(blob):
 
 def test_a_deferred_tier_waits_for_start_tier(blob):
     """defer_tier: no tier copy (no pinning) until start_tier(); reads go through the ring."""
-    from aircupy.loader.staging import numpy_alloc
+    from aircupy.stream.stager import numpy_alloc
     path, data = blob
     allocs = []
 
@@ -150,7 +150,7 @@ def test_a_deferred_tier_does_not_start_at_the_warmers_end(blob):
     """With a warmer, deferred tier copies still wait for start_tier(): the warmer ends in a cold
     start's last moments, and pinning then would hold up the first pass's last launches."""
     import time
-    from aircupy.loader.read_ahead import ReadAhead
+    from aircupy.stream.read_ahead import ReadAhead
     path, data = blob
     pins = []
 
@@ -184,7 +184,7 @@ def _wait_done(ra, timeout: float = 5.0) -> None:
 
 def test_read_ahead_stays_within_its_lead_and_finishes(blob):
     import time
-    from aircupy.loader.read_ahead import ReadAhead
+    from aircupy.stream.read_ahead import ReadAhead
     path, data = blob
     ranges = [(0, 300_000), (500_000, 400_000)]
     with ReadAhead(path, ranges, ahead_bytes=200_000, piece=50_000) as ra:
@@ -205,7 +205,7 @@ def test_read_ahead_stays_within_its_lead_and_finishes(blob):
 def _cold(monkeypatch):
     """Make every window look uncached to the Stager (a cold page cache): it must wait for the
     warmer. Returns the list of (offset, nbytes, warmer passed it?) of the Stager's disk reads."""
-    import aircupy.loader.staging as staging
+    import aircupy.stream.stager as staging
     monkeypatch.setattr(staging, "read_cached", lambda fd, mv, offset: 0)
     seen = []
     real = Stager._read
@@ -220,7 +220,7 @@ def _cold(monkeypatch):
 def test_on_a_cold_cache_the_consumers_wait_for_the_warmer(blob, monkeypatch):
     """The warmer is the disk's only reader: a window is read by the Stager only after the warmer
     passed every piece of it, also beyond the warmer's lead (a waiting consumer lifts the pacing)."""
-    from aircupy.loader.read_ahead import ReadAhead
+    from aircupy.stream.read_ahead import ReadAhead
     path, data = blob
     seen = _cold(monkeypatch)
     ranges = [(0, 400_000), (600_000, 300_000)]
@@ -242,8 +242,8 @@ def test_a_warm_cache_is_read_without_waiting_and_not_warmed_again(blob, monkeyp
     its lead); the warmer then skips the pieces they covered."""
     import os
     import time
-    import aircupy.loader.staging as staging
-    from aircupy.loader.read_ahead import ReadAhead
+    import aircupy.stream.stager as staging
+    from aircupy.stream.read_ahead import ReadAhead
     path, data = blob
     monkeypatch.setattr(staging, "read_cached", lambda fd, mv, off: os.preadv(fd, [mv], off))
     with ReadAhead(path, [(0, 800_000)], ahead_bytes=100_000, piece=100_000) as ra:
@@ -263,8 +263,8 @@ def test_after_a_cache_miss_the_stager_stops_probing_the_cache(blob, monkeypatch
     """A page-cache probe that misses starts the kernel's readahead (disk I/O beside the warmer's):
     after the first miss a Stager only waits for the warmer."""
     import os
-    import aircupy.loader.staging as staging
-    from aircupy.loader.read_ahead import ReadAhead
+    import aircupy.stream.stager as staging
+    from aircupy.stream.read_ahead import ReadAhead
     path, data = blob
     probes = []
 
@@ -285,7 +285,7 @@ def test_a_dead_warmer_does_not_hang_the_consumers(blob, monkeypatch):
     """A warmer whose process dies (or never starts) leaves the reads to the consumers."""
     import subprocess
     import time
-    from aircupy.loader.read_ahead import ReadAhead
+    from aircupy.stream.read_ahead import ReadAhead
     path, data = blob
     _cold(monkeypatch)
     with ReadAhead(path, [(0, 1 << 20)], ahead_bytes=100_000, piece=50_000) as ra, \
@@ -308,7 +308,7 @@ def test_a_dead_warmer_does_not_hang_the_consumers(blob, monkeypatch):
 
 def test_a_warmer_read_error_is_reported_and_the_consumers_read_on(blob, monkeypatch):
     """A range past the end of the file: the child reports a short read and stops."""
-    from aircupy.loader.read_ahead import ReadAhead
+    from aircupy.stream.read_ahead import ReadAhead
     path, data = blob
     _cold(monkeypatch)
     with ReadAhead(path, [(1_000_000, 200_000), (0, 500_000)], piece=100_000) as ra, \
@@ -319,7 +319,7 @@ def test_a_warmer_read_error_is_reported_and_the_consumers_read_on(blob, monkeyp
 
 
 def test_read_ahead_threads_pass_every_piece(blob, monkeypatch):
-    from aircupy.loader.read_ahead import ReadAhead
+    from aircupy.stream.read_ahead import ReadAhead
     path, data = blob
     seen = _cold(monkeypatch)
     with ReadAhead(path, [(0, 1 << 20)], piece=10_000, threads=3) as ra, \
@@ -339,7 +339,7 @@ def test_read_cached_copies_only_true_bytes(blob):
     """preadv2(RWF_NOWAIT) on a just-written file: all of it where the flag works, none where it
     is refused; whatever it reports is the file's bytes."""
     import os
-    from aircupy.loader.read_ahead import read_cached
+    from aircupy.stream.read_ahead import read_cached
     path, data = blob
     buf = np.zeros(300_000, np.uint8)
     fd = os.open(path, os.O_RDONLY)
@@ -352,7 +352,7 @@ def test_read_cached_copies_only_true_bytes(blob):
 
 
 def test_available_ram_reads_memavailable_not_memfree(tmp_path):
-    from aircupy.loader.staging import available_ram
+    from aircupy.stream.stager import available_ram
     info = tmp_path / "meminfo"
     info.write_text("MemTotal:       131072000 kB\nMemFree:         2000000 kB\n"
                     "MemAvailable:   100000000 kB\nCached:         90000000 kB\n")
@@ -361,7 +361,7 @@ def test_available_ram_reads_memavailable_not_memfree(tmp_path):
 
 
 def test_the_ram_tier_takes_what_half_the_available_ram_holds():
-    from aircupy.model.cuda_streamed import _auto_ram_tier
+    from aircupy.cuda.streamed import _auto_ram_tier
     gb = 10**9
     assert _auto_ram_tier(38 * gb, avail=100 * gb) == 38 * gb    # all streamed windows
     assert _auto_ram_tier(38 * gb, avail=40 * gb) == 20 * gb     # a part: the rest streams each pass

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from aircupy.device.pool import fmt_bytes
-from aircupy.loader.plan import PlanError, PlanSettings, make_plan, resident_set
+from aircupy.cuda.pool import fmt_bytes
+from aircupy.cuda.plan import PlanError, PlanSettings, make_plan, resident_set
 
 TINY = dict(vocab=512, n_embd=256, n_head=4, n_head_kv=2, head_dim=64, n_ff=512)
 L = 12
@@ -14,8 +14,8 @@ L = 12
 def placement(tmp_path_factory):
     from aircupy.config import ModelConfig
     from aircupy.gguf.reader import GGUFFile
-    from aircupy.loader.manifest import build_manifest
-    from aircupy.model.stream_placement import StreamPlacement
+    from aircupy.stream.manifest import build_manifest
+    from aircupy.cuda.placement import StreamPlacement
     from aircupy.synth import synth_model
     rep = synth_model(tmp_path_factory.mktemp("m") / "m.gguf", "llama3-8b", "Q4_0", n_layers=L,
                       overrides=TINY, seed=3)
@@ -76,7 +76,7 @@ def long_ctx(placement, tmp_path_factory):
     """The same model with an 8k-token context: one layer's KV (4 MiB) outweighs its weights."""
     from aircupy.config import ModelConfig
     from aircupy.gguf.reader import GGUFFile
-    from aircupy.model.stream_placement import StreamPlacement
+    from aircupy.cuda.placement import StreamPlacement
     from aircupy.synth import synth_model
     rep = synth_model(tmp_path_factory.mktemp("m") / "m.gguf", "llama3-8b", "Q4_0", n_layers=L,
                       overrides=TINY, seed=3)

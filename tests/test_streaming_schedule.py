@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from aircupy.loader.schedule import Compute, SlotSchedule, Upload
-from aircupy.loader.staging import Stager
-from aircupy.loader.streamer import LayerStreamer
+from aircupy.stream.schedule import Compute, SlotSchedule, Upload
+from aircupy.stream.stager import Stager
+from aircupy.stream.streamer import LayerStreamer
 from tests.helpers.fake_streams import FakeCuda
 
 CASES = [(8, (1, 3, 5, 7), 3), (10, tuple(range(10)), 3), (6, (0, 1, 2, 3, 4), 4), (5, (2,), 3),
@@ -198,7 +198,7 @@ def _kv_drive(tmp_path, n_layers, streamed, n_slots, seed):
     shuttled; each simulated compute checks, when it runs, that its slot holds exactly the rows
     [0, pos0) the host issued before it, then writes T new rows. Returns (checks, caches, oracle,
     stats, shuttle)."""
-    from aircupy.model.kv_shuttle import KVShuttle, ShuttleKVCache
+    from aircupy.cuda.shuttle import KVShuttle, ShuttleKVCache
     rng = np.random.default_rng(seed)
     win = 4096
     data = rng.integers(0, 256, n_layers * win, dtype=np.uint8)
@@ -276,7 +276,7 @@ def test_kv_shuttle_every_compute_sees_its_rows(tmp_path, seed, n_layers, stream
 
 
 def test_streaming_line_shows_the_kv_shuttle():
-    from aircupy.engine.console import streaming_line
+    from aircupy.console import streaming_line
     base = {"passes": 2, "bytes_streamed": 2**30, "pcie_gbps": 50.0, "overlap": 1.0, "stall_s": 0.0}
     assert "KV" not in streaming_line({"streaming": base})
     line = streaming_line({"streaming": dict(base, kv_bytes_up=3 << 20, kv_bytes_down=1 << 19)})

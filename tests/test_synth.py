@@ -10,7 +10,7 @@ from aircupy.gguf.ggml import GGMLType, tensor_nbytes
 from aircupy.gguf.quants import dequantize
 from aircupy.gguf.reader import GGUFFile, parse_header
 from aircupy.gguf.tokenizer import Tokenizer
-from aircupy.model.numpy_model import NumpyModel
+from aircupy.reference.model import NumpyModel
 from aircupy.synth import PRESETS, synth_model
 from aircupy.synth.shapes import tensor_plan, with_overrides
 from aircupy.synth.vocab import build_vocab

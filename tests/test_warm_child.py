@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-import aircupy.loader._warm_child as warm_child
+import aircupy.stream._warm_child as warm_child
 
 PIECE = 1000
 

@@ -1,10 +1,10 @@
 """Which compute backend runs the model, and where the default model comes from.
 
 Backends: "numpy" (aircupy.model.NumpyModel, always there), "cuda" (the GPU model, reached only through
-aircupy.device.probe so that cupy is imported in that one place), and "auto" (CUDA when it is usable,
+aircupy.cuda.backend so that cupy is imported in that one place), and "auto" (CUDA when it is usable,
 else numpy with a one-line notice on stderr).
 
-The contract with aircupy.device.probe (owned by the GPU side; absent until it lands, and an ImportError
+The contract with aircupy.cuda.backend (owned by the GPU side; absent until it lands, and an ImportError
 then simply means "no CUDA backend"):
     cuda_unavailable_reason() -> str | None    None when cupy imports and a CUDA device exists
     load_model(g, config, *, vram_budget: int | None, progress, n_ctx) -> model with new_cache / forward
@@ -25,9 +25,9 @@ DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def _device_probe():
-    """The aircupy.device.probe module, or None when this build has none (imports nothing else)."""
+    """The aircupy.cuda.backend module, or None when this build has none (imports nothing else)."""
     try:
-        return importlib.import_module("aircupy.device.probe")
+        return importlib.import_module("aircupy.cuda.backend")
     except ImportError:
         return None
 
@@ -38,7 +38,7 @@ def cuda_unavailable_reason() -> str | None:
         return "cupy is not installed"
     probe = _device_probe()
     if probe is None:
-        return "this aircupy build has no CUDA backend (aircupy.device.probe is missing)"
+        return "this aircupy build has no CUDA backend (aircupy.cuda.backend is missing)"
     try:
         return probe.cuda_unavailable_reason()
     except ImportError as e:  # a broken cupy install (missing CUDA libraries) counts as unavailable
@@ -77,10 +77,10 @@ def load_model(backend: str, g, config, *, vram_budget: int | None = None, n_ctx
     if backend == "cuda":
         probe = _device_probe()
         if probe is None:
-            raise BackendUnavailableError("the cuda backend is unavailable: aircupy.device.probe is missing")
+            raise BackendUnavailableError("the cuda backend is unavailable: aircupy.cuda.backend is missing")
         return probe.load_model(g, config, vram_budget=vram_budget, progress=progress, n_ctx=n_ctx,
                                 read_ahead=read_ahead)
-    from aircupy.model.numpy_model import NumpyModel  # the numpy reference forward; ignores vram_budget
+    from aircupy.reference.model import NumpyModel  # the numpy reference forward; ignores vram_budget
     return NumpyModel(g, config)
 
 

@@ -297,7 +297,7 @@ def _start_warmer(path: Path, backend: str):
     chosen (asked for, or "auto" with cupy installed: found without importing it); else None."""
     if backend not in ("cuda", "auto") or importlib.util.find_spec("cupy") is None:
         return None
-    from aircupy.model.staged_fill import warm_file
+    from aircupy.cuda.load import warm_file
     return warm_file(path, path.stat().st_size)
 
 

@@ -70,7 +70,7 @@ class ServerThread:
 def serve(model, model_name: str | None, host: str, port: int, backend: str, vram_budget, n_ctx,
           api_key: str | None, max_body, log_level: str = "info") -> None:
     """`aircupy serve`: load the model once, then serve it until interrupted."""
-    from aircupy.engine.console import load_engine
+    from aircupy.console import load_engine
     from aircupy.engine.params import parse_size
     from aircupy.server.app import create_app
 

@@ -66,7 +66,7 @@ def run_hf(preset: str, budget_bytes: int | None, prompts: dict[str, int], n_gen
            ttft_prompt: int) -> dict:
     from bench.harness.peers import skipped
 
-    from aircupy.loader.staging import available_ram
+    from aircupy.stream.stager import available_ram
     from aircupy.synth import PRESETS
     shape = PRESETS[preset]
     need = bf16_bytes(shape)

@@ -78,7 +78,7 @@ def minimum_budget(manifest, config, settings, kv_in_vram: bool = False) -> int:
     (StreamedCudaModel's choice at such a budget: the shuttle would move more bytes per pass
     than the layers it frees room for), which is what "0%" means.
     Mirrors make_plan's arithmetic (tests hold the two together)."""
-    from aircupy.loader.plan import kv_layer_bytes, workspace_bytes
+    from aircupy.cuda.plan import kv_layer_bytes, workspace_bytes
 
     def up(n):
         return -(-n // 256) * 256
@@ -107,9 +107,9 @@ def expand(s: Scenario, g, n_ctx: int, prefill_chunk: int = 512) -> Placement:
     budget = as given. make_plan's view of the same budget (an estimate that errs high) is kept in
     `plan` for the record."""
     from aircupy.config import ModelConfig
-    from aircupy.loader.manifest import build_manifest
-    from aircupy.loader.plan import DEFAULT_PCIE_GBPS, PlanError, PlanSettings, make_plan
-    from aircupy.model.stream_placement import StreamPlacement
+    from aircupy.stream.manifest import build_manifest
+    from aircupy.cuda.plan import DEFAULT_PCIE_GBPS, PlanError, PlanSettings, make_plan
+    from aircupy.cuda.placement import StreamPlacement
 
     c = ModelConfig.from_gguf(g)
     L = c.n_layers

@@ -18,7 +18,7 @@ CASES = [("llama3-8b", "Q4_0", 2), ("qwen2-0.5b", "Q6_K", 2), ("qwen3-0.6b", "Q8
 
 @pytest.fixture(scope="module")
 def lib():
-    from aircupy.device.kernels import KernelLibrary
+    from aircupy.cuda.kernels import KernelLibrary
     lib = KernelLibrary()
     lib.warmup()
     return lib
@@ -33,8 +33,8 @@ def _synth(tmp_path, preset, qtype, n_layers):
 
 def _layouts(g):
     from aircupy.config import ModelConfig
-    from aircupy.loader.arch import tensor_map
-    from aircupy.model.cuda_layout import global_layout, layer_layout
+    from aircupy.gguf.arch import tensor_map
+    from aircupy.cuda.layout import global_layout, layer_layout
     c = ModelConfig.from_gguf(g)
     tm = tensor_map(c.arch, c.n_layers, g.tensors)
     return c, [global_layout(tm.globals, g.tensors)] + \
@@ -46,9 +46,9 @@ def _both_paths(path, lib, chunk):
     import cupy as cp
 
     from aircupy.gguf.reader import GGUFFile
-    from aircupy.loader.staging import Stager
-    from aircupy.model.cuda_weights import fill
-    from aircupy.model.staged_fill import (HostSink, load_blocks, plan_load, run_load,
+    from aircupy.stream.stager import Stager
+    from aircupy.cuda.weights import fill
+    from aircupy.cuda.load import (HostSink, load_blocks, plan_load, run_load,
                                            start_read_ahead)
     with GGUFFile(path) as g:
         _, layouts = _layouts(g)
@@ -98,9 +98,9 @@ def test_models_on_the_staged_load_give_fills_logits(tmp_path, lib, preset, qtyp
     import cupy as cp
 
     from aircupy.gguf.reader import GGUFFile
-    from aircupy.model.cuda_model import CudaModel
-    from aircupy.model.cuda_streamed import StreamedCudaModel
-    from aircupy.model.cuda_weights import fill
+    from aircupy.cuda.model import CudaModel
+    from aircupy.cuda.streamed import StreamedCudaModel
+    from aircupy.cuda.weights import fill
     path = _synth(tmp_path, preset, qtype, n_layers)
     ids = np.random.default_rng(3).integers(4, TINY["vocab"], 12).astype(np.int32)
     with GGUFFile(path) as g:

@@ -23,7 +23,7 @@ ARCHS = [("llama3-8b", 2), ("qwen2-0.5b", 2), ("qwen3-0.6b", 2), ("gemma3-270m",
 
 @pytest.fixture(scope="module")
 def lib():
-    from aircupy.device.kernels import KernelLibrary
+    from aircupy.cuda.kernels import KernelLibrary
     lib = KernelLibrary()
     lib.warmup()
     return lib
@@ -32,8 +32,8 @@ def lib():
 def _load(path, lib, n_ctx=64, **kw):
     from aircupy.config import ModelConfig
     from aircupy.gguf.reader import GGUFFile
-    from aircupy.model.cuda_model import CudaModel
-    from aircupy.model.numpy_model import NumpyModel
+    from aircupy.cuda.model import CudaModel
+    from aircupy.reference.model import NumpyModel
     g = GGUFFile(path)
     c = ModelConfig.from_gguf(g)
     return g, c, NumpyModel(g, c), CudaModel(g, c, n_ctx, lib=lib, **kw)
@@ -102,7 +102,7 @@ def test_smollm2_greedy_and_logits_match_numpy(smollm2):
 
 
 def test_smollm2_chunked_prefill_equals_one_pass(smollm2, lib):
-    from aircupy.model.cuda_model import CudaModel
+    from aircupy.cuda.model import CudaModel
     g, c, _, gpu = smollm2
     small = CudaModel(g, c, 256, lib=lib, prefill_rows=16)
     ids = np.random.default_rng(1).integers(0, c.vocab_size, 45).astype(np.int32)
@@ -158,8 +158,8 @@ def test_device_sampling_greedy_and_seeded(smollm2):
 
 
 def test_model_over_the_vram_budget_is_a_clear_error(smollm2, lib):
-    from aircupy.device.pool import ModelTooLargeError
-    from aircupy.model.cuda_model import CudaModel
+    from aircupy.cuda.pool import ModelTooLargeError
+    from aircupy.cuda.model import CudaModel
     g, c, _, _ = smollm2
     with pytest.raises(ModelTooLargeError, match="needs .* of GPU memory .* budget is 64.00 MiB"):
         CudaModel(g, c, 256, vram_budget=64 << 20, lib=lib)
@@ -178,9 +178,9 @@ def test_bad_steps_raise_input_errors(smollm2):
 
 
 def test_probe_and_engine_on_the_cuda_backend(smollm2):
-    """The engine's door (aircupy.device.probe) and a whole greedy generation equal to the numpy backend."""
+    """The engine's door (aircupy.cuda.backend) and a whole greedy generation equal to the numpy backend."""
     from aircupy import Engine
-    from aircupy.device.probe import cuda_unavailable_reason
+    from aircupy.cuda.backend import cuda_unavailable_reason
     g = smollm2[0]
     assert cuda_unavailable_reason() is None
     runs = {}

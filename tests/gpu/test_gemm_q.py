@@ -15,16 +15,16 @@ import pytest
 
 from aircupy.gguf.ggml import GGMLType
 from aircupy.gguf.quants import dequantize
-from aircupy.ops.gemm_choice import GEMM_Q_TYPES
-from aircupy.ops.packing import QWeight, repack_nbytes
+from aircupy.cuda.ops.gemm_choice import GEMM_Q_TYPES
+from aircupy.cuda.ops.packing import QWeight, repack_nbytes
 from tests.gpu.kernel_fixtures import poison, rel_err
 from tests.helpers.quant_blocks import random_blocks
 
 cp = pytest.importorskip("cupy")
 pytestmark = pytest.mark.gpu
 
-from aircupy.device.kernels import KernelLibrary  # noqa: E402
-from aircupy.ops import cuda_ops as ops  # noqa: E402
+from aircupy.cuda.kernels import KernelLibrary  # noqa: E402
+from aircupy.cuda import ops  # noqa: E402
 
 TYPES = sorted((GGMLType[t] for t in GEMM_Q_TYPES), key=int)
 KQ = (GGMLType.Q4_K, GGMLType.Q5_K)
@@ -187,8 +187,8 @@ def test_model_prefill_with_the_fused_path(lib, tmp_path, monkeypatch, preset, q
     decode continues with the same tokens."""
     from aircupy.config import ModelConfig
     from aircupy.gguf.reader import GGUFFile
-    from aircupy.model.cuda_model import CudaModel
-    from aircupy.ops import cuda_matmul, gemm_choice
+    from aircupy.cuda.model import CudaModel
+    from aircupy.cuda.ops import gemm_choice, matmul as cuda_matmul
     from aircupy.synth import synth_model
     tiny = dict(vocab=512, n_embd=256, n_head=4, n_head_kv=2, head_dim=64, n_ff=512)
     over = dict(tiny, sliding_window=8) if preset.startswith("gemma3") else tiny

@@ -13,15 +13,15 @@ import numpy as np
 import pytest
 
 from aircupy.config import RopeScaling
-from aircupy.ops import reference as R
+from aircupy.reference import ops as R
 from tests.gpu.kernel_fixtures import poison, rel_err
 
 cp = pytest.importorskip("cupy")
 pytestmark = pytest.mark.gpu
 
-from aircupy.device.kernels import KernelLibrary  # noqa: E402
-from aircupy.ops import cuda_layers as ops_layers  # noqa: E402
-from aircupy.ops import cuda_ops as ops  # noqa: E402
+from aircupy.cuda.kernels import KernelLibrary  # noqa: E402
+from aircupy.cuda.ops import layers as ops_layers  # noqa: E402
+from aircupy.cuda import ops  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -20,18 +20,18 @@ import pytest
 
 from aircupy.gguf.ggml import GGMLType, tensor_nbytes
 from aircupy.gguf.quants import dequantize
-from aircupy.ops.packing import QWeight, repack_nbytes, repack_numpy
+from aircupy.cuda.ops.packing import QWeight, repack_nbytes, repack_numpy
 from tests.gpu.kernel_fixtures import poison, rel_err
 from tests.helpers.quant_blocks import random_blocks
 
 cp = pytest.importorskip("cupy")
 pytestmark = pytest.mark.gpu
 
-from aircupy.device.kernels import KernelLibrary  # noqa: E402
-from aircupy.ops import cuda_layers as ops_layers  # noqa: E402
-from aircupy.ops import cuda_matmul as ops_mm  # noqa: E402
-from aircupy.ops import cuda_ops as ops  # noqa: E402
-from aircupy.ops import reference as R  # noqa: E402
+from aircupy.cuda.kernels import KernelLibrary  # noqa: E402
+from aircupy.cuda.ops import layers as ops_layers  # noqa: E402
+from aircupy.cuda.ops import matmul as ops_mm  # noqa: E402
+from aircupy.cuda import ops  # noqa: E402
+from aircupy.reference import ops as R  # noqa: E402
 
 LEGACY = [GGMLType.F32, GGMLType.F16, GGMLType.BF16, GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0,
           GGMLType.Q5_1, GGMLType.Q8_0]
@@ -91,7 +91,7 @@ def test_repack_matches_host_twin(lib, t):
     want = repack_numpy(raw, t, (n, k))
     got = cp.asnumpy(packed)
     # the pad between bodies and heads is not written by the kernel: compare the meaningful bytes
-    from aircupy.ops.packing import HEADERS, heads_offset
+    from aircupy.cuda.ops.packing import HEADERS, heads_offset
     if t in HEADERS:
         nb = n * k // {True: 256, False: 32}[t in KQUANTS]
         body = nb * (raw.size // nb - HEADERS[t][1])

@@ -13,13 +13,13 @@ import pytest
 
 from aircupy.engine.params import SamplingParams
 from aircupy.engine.sampler import Sampler
-from aircupy.ops.gumbel import gumbel_noise
+from aircupy.reference.gumbel import gumbel_noise
 
 cp = pytest.importorskip("cupy")
 pytestmark = pytest.mark.gpu
 
-from aircupy.device.kernels import KernelLibrary  # noqa: E402
-from aircupy.ops import cuda_ops as ops  # noqa: E402
+from aircupy.cuda.kernels import KernelLibrary  # noqa: E402
+from aircupy.cuda import ops  # noqa: E402
 
 
 @pytest.fixture(scope="module")

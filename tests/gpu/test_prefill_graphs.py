@@ -34,7 +34,7 @@ STEPS = 3
 
 @pytest.fixture(scope="module")
 def lib():
-    from aircupy.device.kernels import KernelLibrary
+    from aircupy.cuda.kernels import KernelLibrary
     lib = KernelLibrary()
     lib.warmup()
     return lib
@@ -44,7 +44,7 @@ def lib():
 def model(request, tmp_path_factory, lib):
     from aircupy.config import ModelConfig
     from aircupy.gguf.reader import GGUFFile
-    from aircupy.model.cuda_model import CudaModel
+    from aircupy.cuda.model import CudaModel
     from aircupy.synth import synth_model
     preset, qtype, n_layers = request.param
     over = dict(TINY, sliding_window=8) if preset.startswith("gemma3") else TINY

@@ -31,7 +31,7 @@ CASES = [("llama3-8b", "Q4_0", 10), ("llama3-8b", "Q4_K", 10), ("qwen2-0.5b", "Q
 
 @pytest.fixture(scope="module")
 def lib():
-    from aircupy.device.kernels import KernelLibrary
+    from aircupy.cuda.kernels import KernelLibrary
     lib = KernelLibrary()
     lib.warmup()
     return lib
@@ -55,9 +55,9 @@ def test_streamed_equals_resident_for_several_budgets(tmp_path, lib, preset, qty
     import cupy as cp
     from aircupy.config import ModelConfig
     from aircupy.gguf.reader import GGUFFile
-    from aircupy.model.cuda_model import CudaModel
-    from aircupy.model.cuda_streamed import StreamedCudaModel
-    from aircupy.model.stream_placement import StreamPlacement
+    from aircupy.cuda.model import CudaModel
+    from aircupy.cuda.streamed import StreamedCudaModel
+    from aircupy.cuda.placement import StreamPlacement
     from aircupy.synth import synth_model
     over = dict(TINY, sliding_window=8) if preset.startswith("gemma3") else TINY
     rep = synth_model(tmp_path / "m.gguf", preset, qtype, n_layers=n_layers, overrides=over, seed=7,
@@ -111,11 +111,11 @@ def test_probe_streams_when_the_budget_is_too_small(tmp_path, lib):
     """load_model: a budget below the resident pool gives a streamed model; below the streaming
     minimum, a one-line PlanError that states it."""
     from aircupy.config import ModelConfig
-    from aircupy.device.probe import load_model
+    from aircupy.cuda.backend import load_model
     from aircupy.gguf.reader import GGUFFile
-    from aircupy.loader.plan import PlanError
-    from aircupy.model.cuda_streamed import StreamedCudaModel
-    from aircupy.model.stream_placement import StreamPlacement
+    from aircupy.cuda.plan import PlanError
+    from aircupy.cuda.streamed import StreamedCudaModel
+    from aircupy.cuda.placement import StreamPlacement
     from aircupy.synth import synth_model
     rep = synth_model(tmp_path / "m.gguf", "llama3-8b", "Q4_0", n_layers=8, overrides=TINY, seed=1)
     g = GGUFFile(rep.path)
@@ -154,9 +154,9 @@ def test_kv_shuttle_equals_kv_in_vram(tmp_path, lib, preset, qtype, n_layers):
     from aircupy.config import ModelConfig
     from aircupy.errors import InvalidParameterError
     from aircupy.gguf.reader import GGUFFile
-    from aircupy.model.cuda_model import CudaModel
-    from aircupy.model.cuda_streamed import StreamedCudaModel
-    from aircupy.model.stream_placement import StreamPlacement
+    from aircupy.cuda.model import CudaModel
+    from aircupy.cuda.streamed import StreamedCudaModel
+    from aircupy.cuda.placement import StreamPlacement
     from aircupy.synth import synth_model
     over = dict(TINY, sliding_window=8) if preset.startswith("gemma3") else TINY
     rep = synth_model(tmp_path / "m.gguf", preset, qtype, n_layers=n_layers, overrides=over, seed=5,

@@ -87,7 +87,7 @@ class LRU:
 
 
 def _default_capture(step, stream):
-    from aircupy.device.graphs import capture_graph
+    from aircupy.cuda.graphs import capture_graph
     return capture_graph(step, stream, forbid_alloc=True)
 
 

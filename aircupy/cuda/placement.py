@@ -24,10 +24,10 @@ Pure arithmetic, no cupy: tested on the CPU tier.
 """
 from __future__ import annotations
 
-from aircupy.device.pool import PoolPlan, fmt_bytes
-from aircupy.loader.plan import PlanError, resident_set
-from aircupy.model.cuda_buffers import plan_buffers
-from aircupy.model.cuda_layout import raw_nbytes
+from aircupy.cuda.pool import PoolPlan, fmt_bytes
+from aircupy.cuda.plan import PlanError, resident_set
+from aircupy.cuda.buffers import plan_buffers
+from aircupy.cuda.layout import raw_nbytes
 
 STAGING_BUFFERS = 2   # raw-tensor staging buffers of a streamed model (DMA into one, repack the other)
 
@@ -44,11 +44,11 @@ class StreamPlacement:
         """(placement, global layout, layer layouts) of an open GGUFFile, as the model builds them."""
         import inspect
 
-        from aircupy.loader.arch import tensor_map
-        from aircupy.model.cuda_buffers import scratch_nbytes
-        from aircupy.model.cuda_forward import HEAD_ROWS
-        from aircupy.model.cuda_layout import global_layout, layer_layout
-        from aircupy.ops import cuda_ops as ops
+        from aircupy.gguf.arch import tensor_map
+        from aircupy.cuda.buffers import scratch_nbytes
+        from aircupy.cuda.forward import HEAD_ROWS
+        from aircupy.cuda.layout import global_layout, layer_layout
+        from aircupy.cuda import ops
         tm = tensor_map(config.arch, config.n_layers, g.tensors)
         stack = "row0" in inspect.signature(ops.repack).parameters
         glob_l = global_layout(tm.globals, g.tensors)
@@ -68,7 +68,7 @@ class StreamPlacement:
         return max((self.layer_ls[i].nbytes for i in streamed), default=0)
 
     def staging_bytes(self, streamed) -> int:
-        from aircupy.ops.packing import needs_repack
+        from aircupy.cuda.ops.packing import needs_repack
         need = [256]
         for i in streamed:
             for p in self.layer_ls[i].matrices():

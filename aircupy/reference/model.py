@@ -19,9 +19,9 @@ import numpy as np
 from aircupy.config import ModelConfig
 from aircupy.errors import InvalidParameterError, UnsupportedModelError
 from aircupy.gguf.quants import dequantize
-from aircupy.loader.arch import TensorMap, tensor_map
-from aircupy.model.kv_cache import KVCache
-from aircupy.ops import reference as ref
+from aircupy.gguf.arch import TensorMap, tensor_map
+from aircupy.reference.kv_cache import KVCache
+from aircupy.reference import ops as ref
 
 
 @dataclass

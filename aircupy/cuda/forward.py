@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from aircupy.model.cuda_buffers import Buffers
-from aircupy.model.cuda_weights import WeightTable
+from aircupy.cuda.buffers import Buffers
+from aircupy.cuda.weights import WeightTable
 
 HEAD_ROWS = 8  # rows of the head per launch: the matvec kernels take 1..8 activation rows
 
@@ -29,7 +29,8 @@ class ForwardPass:
     """Launch sequence of the model: run(ids, pos, T, kv) over every layer, then head(r0, r1)."""
 
     def __init__(self, lib, config, glob: WeightTable, layers: list[WeightTable], buf: Buffers):
-        from aircupy.ops import cuda_layers, cuda_matmul, cuda_ops as ops
+        from aircupy.cuda import ops
+        from aircupy.cuda.ops import layers as cuda_layers, matmul as cuda_matmul
         self.lay, self.mm = cuda_layers, cuda_matmul  # fused launchers not (yet) re-exported by cuda_ops
         self.ops, self.lib, self.c, self.g, self.layers, self.b = ops, lib, config, glob, layers, buf
         c = config

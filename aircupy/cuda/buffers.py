@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from aircupy.model.cuda_layout import raw_nbytes
+from aircupy.cuda.layout import raw_nbytes
 
 
 @dataclass
@@ -83,7 +83,7 @@ def make_buffers(pool, c, rows: int, hr: int) -> Buffers:
 
 def scratch_nbytes(ops, c, layouts, tensors, rows: int, hr: int) -> int:
     """The largest temporary any user of the shared scratch needs (see module doc)."""
-    from aircupy.ops.packing import needs_repack
+    from aircupy.cuda.ops.packing import needs_repack
 
     need = [256]
     for lay in layouts:

@@ -28,24 +28,24 @@ import weakref
 
 import numpy as np
 
-from aircupy.device.pool import DevicePool, fmt_bytes
+from aircupy.cuda.pool import DevicePool, fmt_bytes
 from aircupy.errors import InvalidParameterError
 from aircupy.gguf.ggml import row_nbytes
 from aircupy.gguf.quants import dequantize
-from aircupy.loader.manifest import build_manifest
-from aircupy.loader.plan import PlanError, PlanSettings, make_plan
-from aircupy.loader.schedule import SlotSchedule
-from aircupy.loader.staging import Stager
-from aircupy.loader.streamer import LayerStreamer
-from aircupy.model.cuda_buffers import make_buffers
-from aircupy.model.cuda_forward import HEAD_ROWS, ForwardPass
-from aircupy.model.cuda_model import PREFILL_ROWS, CudaModel, _check_supported, _warm_cublas
-from aircupy.model.cuda_sampling import DeviceSampling
-from aircupy.model.cuda_weights import bind
-from aircupy.model.kv_shuttle import KVShuttle, ShuttleKVCache, cuda_copy_rows, pinned_f16
-from aircupy.model import staged_fill
-from aircupy.model.staged_fill import load_blocks, plan_load, start_read_ahead
-from aircupy.model.stream_placement import STAGING_BUFFERS, StreamPlacement
+from aircupy.stream.manifest import build_manifest
+from aircupy.cuda.plan import PlanError, PlanSettings, make_plan
+from aircupy.stream.schedule import SlotSchedule
+from aircupy.stream.stager import Stager
+from aircupy.stream.streamer import LayerStreamer
+from aircupy.cuda.buffers import make_buffers
+from aircupy.cuda.forward import HEAD_ROWS, ForwardPass
+from aircupy.cuda.model import PREFILL_ROWS, CudaModel, _check_supported, _warm_cublas
+from aircupy.cuda.sampling import DeviceSampling
+from aircupy.cuda.weights import bind
+from aircupy.cuda.shuttle import KVShuttle, ShuttleKVCache, cuda_copy_rows, pinned_f16
+from aircupy.cuda import load as staged_fill
+from aircupy.cuda.load import load_blocks, plan_load, start_read_ahead
+from aircupy.cuda.placement import STAGING_BUFFERS, StreamPlacement
 
 POOL_MARGIN = 512 << 20   # left outside the pool for cuBLAS, NVRTC modules (DevicePool's default)
 
@@ -82,7 +82,7 @@ def _auto_ram_tier(streamed_bytes: int, avail: int | None = None) -> int:
     """RAM-tier capacity: every streamed window while that takes at most half the available RAM
     (loader.staging.available_ram: page cache counts as available), else as many windows as half
     of it holds (the rest are read from the page cache or the disk each pass)."""
-    from aircupy.loader.staging import available_ram
+    from aircupy.stream.stager import available_ram
     avail = available_ram() if avail is None else avail
     return max(0, min(streamed_bytes, avail // 2))
 
@@ -126,7 +126,7 @@ class StreamedCudaModel(CudaModel):
                sp, glob_l, layer_ls, manifest) -> None:
         """Placement, pool, kernels, resident weights, streamer (the body of __init__)."""
         import cupy as cp
-        from aircupy.device.kernels import KernelLibrary
+        from aircupy.cuda.kernels import KernelLibrary
 
         free = int(cp.cuda.runtime.memGetInfo()[0])
         room = max(0, free - POOL_MARGIN)
@@ -161,7 +161,7 @@ class StreamedCudaModel(CudaModel):
         self.buf = make_buffers(self.pool, c, self.rows, HEAD_ROWS)
         scratch = self.pool.array("scratch", pool_plan.regions["scratch"].nbytes, np.uint8)
         gblock = self.pool.array("weights.globals", glob_l.nbytes, np.uint8)
-        from aircupy.ops import cuda_ops as ops
+        from aircupy.cuda import ops
         _warm_cublas(ops, self.lib, c, layer_ls, scratch, self.stream)
         report("uploading resident weights to the GPU")
         # Globals and resident layers in one staged load (staged_fill: sequential pinned reads
@@ -336,7 +336,7 @@ class StreamedCudaModel(CudaModel):
         idle during every repack: 88% of the pinned rate on an 8B Q4_0, measured on an H200)."""
         import cupy as cp
 
-        from aircupy.ops import cuda_ops as ops
+        from aircupy.cuda import ops
         chunk, base, rs = self._manifest.layers[layer], host.ctypes.data, self.repack_stream
         last = None
         for p in self.layouts[layer].pieces.values():

@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from aircupy.ops._launch import NULL, cdiv, check, launch
+from aircupy.cuda.ops.launch import NULL, cdiv, check, launch
 
 DECODE_MAX_ROWS = 8      # attention rows handled by the split-KV decode kernel; more -> prefill kernel
 MAX_SPLITS = 64          # KV splits of the decode kernel (fixed per launch shape: graph-safe)
@@ -77,7 +77,7 @@ def _rope_scalars(hd: int, *, base: float, mode: str, rope_dim: int | None, freq
     if scaling is not None:
         fs = float(scaling.freq_scale)
         if scaling.kind == "yarn":
-            from aircupy.ops.reference import _yarn_corr_dim  # same ramp ends as the numpy twin
+            from aircupy.reference.ops import _yarn_corr_dim  # same ramp ends as the numpy twin
             low = max(0.0, math.floor(_yarn_corr_dim(rd, scaling.orig_ctx, scaling.yarn_beta_fast, base)))
             high = min(rd - 1.0, math.ceil(_yarn_corr_dim(rd, scaling.orig_ctx, scaling.yarn_beta_slow, base)))
             ext = float(scaling.yarn_ext_factor)
@@ -162,7 +162,7 @@ def glu(lib, gate_up, out, kind: str, *, stream=None) -> None:
 def glu_quant(lib, gate_up, xq, kind: str, *, stream=None) -> None:
     """glu(gate_up (M, 2F)) written pre-quantized into xq (uint8, M * xq_row_nbytes(F), 16-byte aligned)
     for cuda_matmul.matvec_xq (the down projection): same activation values as `glu`. F % 128 == 0."""
-    from aircupy.ops.cuda_matmul import xq_row_nbytes
+    from aircupy.cuda.ops.matmul import xq_row_nbytes
     m, f2 = (int(s) for s in gate_up.shape)
     f = f2 // 2
     check(gate_up, np.float32, (m, 2 * f), "gate_up")

@@ -39,7 +39,7 @@ import threading
 import time
 from collections import deque
 
-from aircupy.loader.schedule import Compute, SlotSchedule, Upload
+from aircupy.stream.schedule import Compute, SlotSchedule, Upload
 
 
 class LayerStreamer:

@@ -13,9 +13,9 @@ from __future__ import annotations
 import numpy as np
 
 from aircupy.gguf.ggml import BLOCK_GEOMETRY, GGMLType
-from aircupy.ops._launch import NULL, cdiv, check, half_flag, launch
-from aircupy.ops.gemm_choice import PATHS, gemm_q_supports, prefill_path
-from aircupy.ops.packing import HEADERS, QWeight, heads_offset, needs_repack, repack_nbytes
+from aircupy.cuda.ops.launch import NULL, cdiv, check, half_flag, launch
+from aircupy.cuda.ops.gemm_choice import PATHS, gemm_q_supports, prefill_path
+from aircupy.cuda.ops.packing import HEADERS, QWeight, heads_offset, needs_repack, repack_nbytes
 
 # type -> (kernel name suffix, values per block, items per block) -- cuda_src/blocks.cuh's Fmt* structs
 FORMATS: dict[GGMLType, tuple[str, int, int]] = {
@@ -179,7 +179,7 @@ def gemm(lib, a, b, out, *, accumulate: bool = False, stream=None) -> None:
     if s.ptr and cupy.cuda.runtime.streamIsCapturing(s.ptr):
         # cupy's cuBLAS wrappers refuse stream capture: the same two calls through ctypes (graph-
         # captured prefill, aircupy/device/cublas_capture.py); alpha/beta are read now, baked in.
-        from aircupy.device.cublas_capture import process_cublas
+        from aircupy.cuda.cublas_capture import process_cublas
         process_cublas().gemm(handle, s.ptr, args[1:])
         return
     if stream is None:

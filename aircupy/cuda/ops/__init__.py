@@ -1,7 +1,7 @@
 """The typed CUDA launchers, one per kernel: the contract the GPU model codes against.
 
-    from aircupy.device.kernels import KernelLibrary
-    from aircupy.ops import cuda_ops as ops
+    from aircupy.cuda.kernels import KernelLibrary
+    from aircupy.cuda import ops
     lib = KernelLibrary(); ops.matvec(lib, x, w, out)
 
 Every launcher asserts dtypes, contiguity and shapes, passes scalars as np.int32/np.float32, takes
@@ -12,15 +12,15 @@ layouts and launch geometry; aircupy/ops/reference.py and gguf/quants.py are the
 """
 from __future__ import annotations
 
-from aircupy.ops.cuda_layers import (DECODE_MAX_ROWS, HEAD_DIMS, MAX_SPLITS, MIN_CHUNK, add_rms_norm,
+from aircupy.cuda.ops.layers import (DECODE_MAX_ROWS, HEAD_DIMS, MAX_SPLITS, MIN_CHUNK, add_rms_norm,
                                      attention, attention_scratch_nbytes, decode_splits, geglu, glu,
                                      glu_quant, kv_store, rms_norm, rms_norm_add, rope, rope_kv_store,
                                      softcap, swiglu)
-from aircupy.ops.cuda_matmul import (FORMATS, MAX_MATVEC_ROWS, cast_half, dequant, gemm, gemm_q, get_rows,
+from aircupy.cuda.ops.matmul import (FORMATS, MAX_MATVEC_ROWS, cast_half, dequant, gemm, gemm_q, get_rows,
                                      linear, linear_scratch_nbytes, matvec, matvec_xq, repack, takes_xq,
                                      warm_gemm, xq_row_nbytes)
-from aircupy.ops.cuda_sampling import apply_penalties, argmax, sample
-from aircupy.ops.packing import QWeight, needs_repack, repack_nbytes
+from aircupy.cuda.ops.sampling import apply_penalties, argmax, sample
+from aircupy.cuda.ops.packing import QWeight, needs_repack, repack_nbytes
 
 __all__ = [
     "DECODE_MAX_ROWS", "HEAD_DIMS", "MAX_SPLITS", "add_rms_norm", "attention", "attention_scratch_nbytes",

@@ -38,9 +38,9 @@ def load_model(g, config, *, vram_budget: int | None = None, progress=None,
     the VRAM budget, the streamed one (layers through device slots each pass, issue 5); below the
     streaming minimum a one-line PlanError states it. read_ahead: a started ReadAhead for the model
     to take over (the resident attempt leaves it to the streamed one), None: the model's own."""
-    from aircupy.device.pool import ModelTooLargeError
-    from aircupy.model.cuda_model import CudaModel
-    from aircupy.model.cuda_streamed import StreamedCudaModel
+    from aircupy.cuda.pool import ModelTooLargeError
+    from aircupy.cuda.model import CudaModel
+    from aircupy.cuda.streamed import StreamedCudaModel
 
     if n_ctx is None:
         n_ctx = config.default_n_ctx

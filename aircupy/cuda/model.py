@@ -20,17 +20,17 @@ import weakref
 
 import numpy as np
 
-from aircupy.device.pool import DevicePool, PoolPlan, fmt_bytes
+from aircupy.cuda.pool import DevicePool, PoolPlan, fmt_bytes
 from aircupy.errors import ContextLengthError, InvalidParameterError, UnsupportedModelError
 from aircupy.gguf.ggml import SUPPORTED_COMPUTE
-from aircupy.loader.arch import tensor_map
-from aircupy.model.cuda_buffers import plan_buffers, make_buffers, scratch_nbytes
-from aircupy.model.cuda_forward import HEAD_ROWS, ForwardPass
-from aircupy.model.cuda_layout import global_layout, layer_layout
-from aircupy.model.cuda_prefill import PREFILL_GRAPH_SLOTS, PrefillGraphs
-from aircupy.model.cuda_sampling import DeviceSampler, DeviceSampling
-from aircupy.model.cuda_weights import bind
-from aircupy.model.staged_fill import load_blocks, plan_load, start_read_ahead
+from aircupy.gguf.arch import tensor_map
+from aircupy.cuda.buffers import plan_buffers, make_buffers, scratch_nbytes
+from aircupy.cuda.forward import HEAD_ROWS, ForwardPass
+from aircupy.cuda.layout import global_layout, layer_layout
+from aircupy.cuda.prefill import PREFILL_GRAPH_SLOTS, PrefillGraphs
+from aircupy.cuda.sampling import DeviceSampler, DeviceSampling
+from aircupy.cuda.weights import bind
+from aircupy.cuda.load import load_blocks, plan_load, start_read_ahead
 
 PREFILL_ROWS = 512  # tokens per prefill launch sequence (the engine feeds 512-token chunks too)
 
@@ -54,7 +54,7 @@ class CudaKVCache:
 
 
 def _check_supported(c, layouts) -> None:
-    from aircupy.ops.cuda_layers import HEAD_DIMS
+    from aircupy.cuda.ops.layers import HEAD_DIMS
     if c.head_dim not in HEAD_DIMS:
         raise UnsupportedModelError(f"{c.arch}: head size {c.head_dim} has no CUDA attention kernel "
                                     f"(sizes {', '.join(map(str, HEAD_DIMS))}); use --backend numpy")
@@ -72,7 +72,7 @@ def _warm_cublas(ops, lib, c, layer_ls, scratch, stream) -> None:
     """cuBLAS's first-use costs now, while the disk is the bound (cold start, issue 5), not at the
     first prompt: a GEMM per layer matrix shape that prefill gives to cuBLAS, on `scratch` (the
     load's device staging; `stream` orders them before the load's copies into it)."""
-    from aircupy.ops.gemm_choice import prefill_path
+    from aircupy.cuda.ops.gemm_choice import prefill_path
     rows = 16
     shapes = {p.shape for lay in layer_ls for p in lay.matrices()
               if prefill_path(p.ggml_type.name, p.shape[0], p.shape[1], rows) == "cublas"}
@@ -95,8 +95,8 @@ class CudaModel:
         ReadAhead the caller started (staged_fill.start_read_ahead); the model closes it once
         the weights are in, but not when it raises before reading (ModelTooLargeError)."""
         import cupy as cp
-        from aircupy.device.kernels import KernelLibrary
-        from aircupy.ops import cuda_ops as ops
+        from aircupy.cuda.kernels import KernelLibrary
+        from aircupy.cuda import ops
 
         report = progress or (lambda stage: None)
         c = self.config = config
@@ -164,7 +164,7 @@ class CudaModel:
     def _enable_prefill_graphs(self, slots: int) -> None:
         """Pinned inputs of graphed prefill chunks: ids and positions (rows,) int32, copied to
         buf.ids / buf.pos by the pass itself (PinnedIO: memcpy nodes in the graph)."""
-        from aircupy.device.graphs import PinnedIO
+        from aircupy.cuda.graphs import PinnedIO
         self._prefill_in = (PinnedIO(self.buf.ids), PinnedIO(self.buf.pos))
         self._prefill_kv = CudaKVCache(*self._kv_pool, self.n_ctx, pooled=True)  # the graphs' KV
         self.prefill_graphs = PrefillGraphs(self._prefill_pass, self.stream, full_rows=self.rows,

@@ -45,10 +45,10 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from aircupy.loader.read_ahead import read_cached
+from aircupy.stream.read_ahead import read_cached
 
 if TYPE_CHECKING:
-    from aircupy.loader.read_ahead import ReadAhead
+    from aircupy.stream.read_ahead import ReadAhead
 
 Alloc = Callable[[int], np.ndarray]
 

@@ -53,7 +53,7 @@ class ReadAhead:
                  piece: int = 16 << 20, threads: int = 1, near_bytes: int = 1 << 30):
         import subprocess
         import sys
-        from aircupy.loader._warm_child import pieces_of
+        from aircupy.stream._warm_child import pieces_of
         if threads < 1:
             raise ValueError(f"threads must be at least 1, got {threads}")
         self.ranges = [(int(o), int(n)) for o, n in ranges if n > 0]

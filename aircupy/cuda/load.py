@@ -29,7 +29,7 @@ import numpy as np
 
 from aircupy.gguf.ggml import BLOCK_GEOMETRY, GGMLType, row_nbytes
 from aircupy.gguf.quants import dequantize
-from aircupy.loader.manifest import PAGE
+from aircupy.stream.manifest import PAGE
 
 CHUNK = 32 << 20   # bytes per read: large sequential preads run at the disk's rate
 
@@ -184,7 +184,7 @@ def run_load(plan: LoadPlan, stager, sink, depth: int | None = None) -> int:
 
 
 def _repacked(t) -> bool:
-    from aircupy.ops.packing import needs_repack
+    from aircupy.cuda.ops.packing import needs_repack
     return needs_repack(t)
 
 
@@ -202,7 +202,7 @@ class HostSink:
         self.staging[off:off + part.nbytes] = part
 
     def repack(self, block, piece, s: Source, row0: int):
-        from aircupy.ops.packing import HEADERS, heads_offset
+        from aircupy.cuda.ops.packing import HEADERS, heads_offset
         be, bb = BLOCK_GEOMETRY[s.ggml_type]
         (total, k), rows = piece.shape, int(np.prod(s.shape[:-1]))
         nb, (off, hb) = k // be, HEADERS[s.ggml_type]
@@ -240,7 +240,7 @@ class CudaSink:
             part.ctypes.data, part.nbytes, self.stream)
 
     def repack(self, block, piece, s: Source, row0: int):
-        from aircupy.ops import cuda_ops as ops
+        from aircupy.cuda import ops
         dst = self.blocks[block][piece.offset:piece.offset + piece.nbytes]
         stage = self.staging[:s.nbytes]
         with self.stream:      # the same calls as cuda_weights.fill: same packed bytes
@@ -283,8 +283,8 @@ def start_read_ahead(path, ranges, threads=1) -> "ReadAhead | None":
     resident 1.07 vs 1.02 of the bound, streamed 1.07 vs 1.09). An earlier mode that only queued
     posix_fadvise(WILLNEED) hints was the slowest in every cold-TTFT run there (the file system
     did not act on the hints in time) and is gone."""
-    from aircupy.loader.read_ahead import ReadAhead
-    from aircupy.loader.staging import available_ram
+    from aircupy.stream.read_ahead import ReadAhead
+    from aircupy.stream.stager import available_ram
     if isinstance(threads, ReadAhead):
         return threads
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
@@ -308,7 +308,7 @@ def load_blocks(plan: LoadPlan, path, blocks, staging, lib, stream, read_ahead=N
     buffers (128 MiB by default); returns the bytes read. The stream is synchronized at the end;
     `read_ahead` (started by the caller, its ranges beginning with plan.ranges) is closed here,
     also on an error, unless close_read_ahead is False (the streamer reads on behind it)."""
-    from aircupy.loader.staging import Stager
+    from aircupy.stream.stager import Stager
     try:
         with Stager(path, n_buffers=n_buffers, buffer_bytes=plan.chunk, alloc=pinned_alloc,
                     read_ahead=read_ahead) as st:

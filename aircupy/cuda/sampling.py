@@ -20,7 +20,7 @@ import secrets
 
 import numpy as np
 
-from aircupy.device.graphs import PinnedIO, StepGraph
+from aircupy.cuda.graphs import PinnedIO, StepGraph
 from aircupy.errors import InvalidParameterError
 
 
@@ -47,7 +47,7 @@ class DeviceSampler:
 
 class DeviceSampling:
     def __init__(self, model, use_graphs: bool):
-        from aircupy.model.cuda_model import CudaKVCache
+        from aircupy.cuda.model import CudaKVCache
         self.m = model
         b = model.buf
         self.io = PinnedIO(b.io)
@@ -71,7 +71,7 @@ class DeviceSampling:
         self.logits_out.download(self.m.stream)
 
     def _sample_last(self) -> None:
-        from aircupy.ops import cuda_ops as ops
+        from aircupy.cuda import ops
         b = self.m.buf
         ops.sample(self.m.lib, b.logits[:1], b.sparams, b.rng, b.token[:1])
         self.token_out.download(self.m.stream)

@@ -19,7 +19,7 @@ import numpy as np
 
 from aircupy.gguf.ggml import row_nbytes
 from aircupy.gguf.quants import dequantize
-from aircupy.model.cuda_layout import BlockLayout
+from aircupy.cuda.layout import BlockLayout
 
 
 @dataclass
@@ -56,7 +56,7 @@ _ROLES = {f.name for f in fields(WeightTable)}
 
 def bind(layout: BlockLayout, block) -> WeightTable:
     """Views of every piece of `layout` inside `block` (uint8 cupy array, >= layout.nbytes)."""
-    from aircupy.ops.packing import QWeight
+    from aircupy.cuda.ops.packing import QWeight
 
     assert block.dtype == np.uint8 and block.size >= layout.nbytes
     table = WeightTable()
@@ -88,8 +88,8 @@ def fill(layout: BlockLayout, block, tensors, lib, staging, stream) -> int:
     Every copy and repack is ordered on `stream` (a copy from pageable memory returns once the bytes
     are staged, so the host buffer is free; the next copy into `staging` waits for the repack before
     it in stream order). The stream is synchronized once at the end."""
-    from aircupy.ops import cuda_ops as ops
-    from aircupy.ops.packing import needs_repack
+    from aircupy.cuda import ops
+    from aircupy.cuda.ops.packing import needs_repack
 
     read = 0
     for p in layout.pieces.values():

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from aircupy.ops._launch import check, launch
+from aircupy.cuda.ops.launch import check, launch
 
 
 def argmax(lib, logits, out, *, stream=None) -> None:

@@ -14,7 +14,7 @@ Pieces of a block (E = n_embd, D = head_dim, F = n_ff, shapes numpy order (out, 
     b_qkv (H*D + 2*Hkv*D,) f32 (qwen2 biases, stacked like qkv) or b_q, b_k, b_v
     wo    (E, H*D), bo (E,) optional
     gate_up (2F, E) gate rows then up rows (or gate, up pieces), down (E, F)
-Matrices are stored in the kernels' packed layout (aircupy.ops.packing), vectors as float32.
+Matrices are stored in the kernels' packed layout (aircupy.cuda.ops.packing), vectors as float32.
 """
 from __future__ import annotations
 
@@ -57,12 +57,12 @@ class BlockLayout:
 
 
 def _packed_nbytes(t: GGMLType, shape) -> int:
-    from aircupy.ops.packing import repack_nbytes  # numpy-only module of the kernels side
+    from aircupy.cuda.ops.packing import repack_nbytes  # numpy-only module of the kernels side
     return repack_nbytes(t, tuple(shape))
 
 
 def _needs_repack(t: GGMLType) -> bool:
-    from aircupy.ops.packing import needs_repack
+    from aircupy.cuda.ops.packing import needs_repack
     return needs_repack(t)
 
 

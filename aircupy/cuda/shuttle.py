@@ -29,7 +29,7 @@ import itertools
 
 import numpy as np
 
-from aircupy.model.cuda_model import CudaKVCache
+from aircupy.cuda.model import CudaKVCache
 
 _H2D, _D2H = 1, 2   # cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost
 
