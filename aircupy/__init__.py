@@ -5,7 +5,8 @@ Public API: Engine, SamplingParams, __version__. Everything else is reachable fr
 """
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from aircupy.version import __version__
+
 __all__ = ["Engine", "SamplingParams", "__version__"]
 
 

@@ -10,7 +10,7 @@ import sys
 
 import click
 
-from aircupy import __version__
+from aircupy.version import __version__
 from aircupy.errors import AircupyError
 
 

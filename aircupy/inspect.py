@@ -177,18 +177,22 @@ def render_text(desc: dict, sections=TEXT_SECTIONS) -> str:
     return "\n".join(lines)
 
 
-def describe_plan(path, vram_budget: int, n_ctx: int | None = None, slots: int = 3) -> dict[str, Any]:
-    """describe_file(path) plus the streaming plan for `vram_budget` bytes (desc["plan"])."""
+def describe_plan(path, vram_budget: int, n_ctx: int | None = None, slots: int = 3,
+                  host_ram_bytes: int | None = None) -> dict[str, Any]:
+    """describe_file(path) plus the placement the CUDA model builds for `vram_budget` bytes
+    (desc["plan"]): the one planner, cuda/placement.py. host_ram_bytes: the RAM the RAM tier may draw
+    on (default: this machine's available RAM, as the model reads it)."""
     from aircupy.config import ModelConfig
-    from aircupy.stream.manifest import build_manifest
-    from aircupy.cuda.plan import PlanSettings, make_plan
+    from aircupy.cuda.placement import CudaOptions, plan_model
+    from aircupy.stream.stager import available_ram
 
     with GGUFFile(path) as g:
         desc = describe(g)
         config = ModelConfig.from_gguf(g)
-        manifest = build_manifest(g)
-    settings = PlanSettings(n_ctx=n_ctx or config.default_n_ctx, slots=slots)
-    desc["plan"] = {"n_ctx": settings.n_ctx, **make_plan(manifest, config, vram_budget, settings).to_dict()}
+        ram = available_ram() if host_ram_bytes is None else host_ram_bytes
+        placement = plan_model(g, config, n_ctx or config.default_n_ctx, vram_budget,
+                               CudaOptions(slots=slots), host_ram_bytes=ram)
+    desc["plan"] = placement.to_dict()
     return desc
 
 
@@ -215,9 +219,14 @@ def _render_plan(d: dict) -> list[str]:
     lines.append(f"  VRAM planned: {size_str(p['vram_bytes'])} = " + " + ".join(
         f"{k} {size_str(v)}" for k, v in p["breakdown"].items() if v))
     if p["bytes_streamed_per_pass"]:
+        rate = "measured" if p["pcie_rate_measured"] else "assumed, not measured here"
         lines.append(f"  streamed per forward pass: {size_str(p['bytes_streamed_per_pass'])}; at "
-                     f"{p['pcie_gbps']:.0f} GB/s that is {p['pcie_bound_s'] * 1e3:.1f} ms "
+                     f"{p['pcie_gbps']:.0f} GB/s ({rate}) that is {p['pcie_bound_s'] * 1e3:.1f} ms "
                      f"(decode <= {p['decode_bound_tok_s']:.2f} tokens/s at batch 1)")
+        lines.append(f"  pinned host memory: {size_str(p['host_pinned_bytes'])} (staging ring "
+                     f"{p['host_buffers']} x {size_str(p['host_buffer_bytes'])}, RAM tier "
+                     f"{size_str(p['ram_tier_bytes'])}"
+                     + (f", shuttled KV {size_str(p['host_kv_bytes'])})" if p["host_kv_bytes"] else ")"))
     else:
         lines.append("  nothing streams: the whole model is resident")
     return lines

@@ -88,10 +88,10 @@ def bench_ours(path: Path, n_prompt: int, n_gen: int, reps: int, profile: bool) 
 
     pp_s, tg_s, tgl_s = timed(pp, reps), timed(tg, reps), timed(tg_logits, reps)
     head = m.glob.output if m.glob.output is not None else m.glob.token_embd
-    layer_bytes = sum(lay.nbytes for lay in m.layouts)
+    layer_bytes = sum(lay.nbytes for lay in m.fp.layer_ls)
     kv_token = 2 * c.n_layers * c.n_head_kv * c.head_dim * 2
     step_bytes = layer_bytes + head.nbytes + kv_token * (n_gen + 1) / 2
-    mat_params = sum(p.shape[0] * p.shape[1] for lay in m.layouts for p in lay.matrices())
+    mat_params = sum(p.shape[0] * p.shape[1] for lay in m.fp.layer_ls for p in lay.matrices())
     out = {
         "model": path.name, "file_GB": path.stat().st_size / 1e9, "load_s": load_s,
         "pp_tps": n_prompt / pp_s, "tg_tps": n_gen / tg_s, "tg_logits_tps": n_gen / tgl_s,

@@ -3,7 +3,7 @@
     python bench/bench_streaming.py --model llama3-8b-Q4_0.gguf --resident all,16,0 [--n-prompt 512]
         [--n-gen 16] [--json out.json]
 
-`all` = the resident CudaModel (decode graph-replayed); a number k = StreamedCudaModel with k layers
+`all` = the resident CudaModel (decode graph-replayed); a number k = CudaModel with k layers
 resident (n_resident=k, eager decode), the rest streamed through 3 slots with the RAM tier on.
 Method: one warm-up of each (then the RAM tier's copies are waited for: steady state), then pp =
 one forward over n_prompt random ids from an empty cache, tg = n_gen greedy device-sampled steps.
@@ -21,18 +21,18 @@ import numpy as np
 
 
 def open_model(g, c, n_ctx: int, resident: str, vram_budget: int | None = None, **model_kw):
-    """`resident` "all": CudaModel; a number k: StreamedCudaModel with k resident layers, the pool
+    """`resident` "all": CudaModel; a number k: CudaModel with k resident layers forced, the pool
     sized for them (vram_budget None: the free memory is the cap). model_kw go to the model's
     constructor (progress=, read_ahead=). Returns (model, load seconds)."""
     from aircupy.cuda.model import CudaModel
-    from aircupy.cuda.streamed import StreamedCudaModel
+    from aircupy.cuda.placement import CudaOptions
 
     t0 = time.perf_counter()
     if resident == "all":
         m = CudaModel(g, c, n_ctx, **model_kw)
     else:
-        m = StreamedCudaModel(g, c, n_ctx, vram_budget=vram_budget, n_resident=int(resident),
-                              **model_kw)
+        m = CudaModel(g, c, n_ctx, vram_budget=vram_budget,
+                      options=CudaOptions(n_resident=int(resident)), **model_kw)
     return m, time.perf_counter() - t0
 
 

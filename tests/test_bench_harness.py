@@ -16,7 +16,7 @@ from bench.harness import hf_peer, records
 from bench.harness.models import virtual_gguf
 from bench.harness.peers import llama_bench_missing, llama_metrics
 from bench.harness.run import PROMPTS, Options, n_ctx_for, run_one
-from bench.harness.scenarios import SCENARIOS, Scenario, expand, minimum_budget, select
+from bench.harness.scenarios import SCENARIOS, Scenario, expand, select
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "tests" / "data" / "llama_bench_sample.json"
@@ -48,19 +48,6 @@ def test_percent_budgets_expand_to_layer_splits_and_ngl(g8b):
         assert p.plan["pool_bytes"] <= p.budget_bytes
     assert got[0].plan["bytes_streamed_per_pass"] > got[50].plan["bytes_streamed_per_pass"] > 0
     assert got[100].plan["bytes_streamed_per_pass"] == 0 and got[100].resident
-
-
-def test_minimum_budget_is_make_plans_floor(g8b):
-    from aircupy.config import ModelConfig
-    from aircupy.stream.manifest import build_manifest
-    from aircupy.cuda.plan import PlanError, PlanSettings, make_plan
-    c, man, st = ModelConfig.from_gguf(g8b), build_manifest(g8b), PlanSettings(n_ctx=2200)
-    floor = minimum_budget(man, c, st)
-    assert make_plan(man, c, floor, st).resident_layers == ()
-    with pytest.raises(PlanError):
-        make_plan(man, c, floor - 1, st)
-    vram_floor = minimum_budget(man, c, st, kv_in_vram=True)
-    assert make_plan(man, c, vram_floor, st).kv_placement == "vram"
 
 
 def test_70b_scenarios_absolute_and_forced_layers():

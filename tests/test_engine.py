@@ -234,17 +234,18 @@ def test_the_warmer_starts_only_where_cuda_may_run_and_is_closed_when_numpy_is_c
     """Engine starts a whole-file warmer for "cuda"/"auto" when cupy is installed (found without
     importing it), never for "numpy"; when "auto" then resolves to numpy, the Engine closes it."""
     import importlib.util
+    import aircupy.cuda.backend as door
+    import aircupy.engine.backend as backend
     import aircupy.engine.engine as eng_mod
-    import aircupy.cuda.load as staged_fill
     started = []
-    real = staged_fill.warm_file
+    real = door.start_warmer
 
-    def warm_file(path, size):
+    def start_warmer(path, size):
         ra = real(path, size)
         started.append(ra)
         return ra
-    monkeypatch.setattr(staged_fill, "warm_file", warm_file)
-    assert eng_mod._start_warmer(smollm2_path, "numpy") is None
+    monkeypatch.setattr(door, "start_warmer", start_warmer)
+    assert backend.start_warmer(smollm2_path, "numpy") is None
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: object() if name == "cupy" else find_spec(name, *a))
@@ -269,7 +270,7 @@ def _cuda_with_a_warmer(monkeypatch, load):
     """The Engine's CUDA path on the CPU: a (fake) warmer started, "cuda" selected, and `load`
     standing in for backend.load_model."""
     import aircupy.engine.engine as eng_mod
-    monkeypatch.setattr(eng_mod, "_start_warmer", lambda path, backend: _FakeWarmer())
+    monkeypatch.setattr(eng_mod, "start_warmer", lambda path, backend: _FakeWarmer())
     monkeypatch.setattr(eng_mod, "select_backend", lambda name, notice=None: "cuda")
     monkeypatch.setattr(eng_mod, "load_model", load)
 

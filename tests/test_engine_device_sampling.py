@@ -40,7 +40,9 @@ class DeviceSamplingModel:
         return self.m.forward(ids, pos, cache, all_logits)
 
     def new_sampler(self, params):
-        return _DeviceSampler(params, self.m.config.vocab_size)
+        """The Model protocol: None where the parameters need the host sampler (as CudaModel)."""
+        s = _DeviceSampler(params, self.m.config.vocab_size)
+        return s if s.supported else None
 
     def forward_sample(self, ids, pos, cache, sampler):
         self.calls["forward_sample"] += 1

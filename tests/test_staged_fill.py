@@ -1,6 +1,6 @@
-"""Staged weight load (aircupy/model/staged_fill.py), CPU tier: the read plan covers every tensor
-once, and run_load through a real Stager + ReadAhead with the numpy sink writes, piece by piece,
-the bytes cuda_weights.fill's recipe gives (repack_numpy of the stacked sources; _host_vector)."""
+"""Staged weight load (aircupy/cuda/load.py), CPU tier: the read plan covers every tensor once, and
+run_load through a real Stager + ReadAhead with the numpy sink writes, piece by piece, the bytes of an
+independent recipe (repack_numpy of the stacked sources; vectors dequantized at their rows)."""
 from __future__ import annotations
 
 import numpy as np
@@ -13,10 +13,11 @@ from aircupy.stream.manifest import PAGE
 from aircupy.stream.read_ahead import ReadAhead
 from aircupy.stream.stager import Stager
 from aircupy.cuda.layout import global_layout, layer_layout
-from aircupy.cuda.weights import _host_vector
-from aircupy.cuda.load import HostSink, plan_load, run_load
+from aircupy.cuda.load import plan_load, run_load
+from aircupy.gguf.quants import dequantize
 from aircupy.cuda.ops.packing import repack_numpy
 from aircupy.synth import synth_model
+from tests.helpers.host_sink import HostSink
 
 TINY = dict(vocab=400, n_embd=256, n_head=4, n_head_kv=2, head_dim=64, n_ff=512)
 
@@ -29,9 +30,13 @@ def _layouts(g):
 
 
 def _expected_piece(p, tensors) -> np.ndarray:
-    """The bytes fill() puts in piece p: stacked sources repacked as one tensor, or f32 values."""
+    """The bytes piece p must hold: stacked sources repacked as one tensor, or f32 values."""
     if not p.is_matrix:
-        return _host_vector(p, tensors).view(np.uint8)
+        out = np.zeros(p.shape[0], np.float32)
+        for n, row0 in p.sources:
+            v = dequantize(tensors[n].data, tensors[n].ggml_type, tensors[n].shape).reshape(-1)
+            out[row0:row0 + v.size] = v
+        return out.view(np.uint8)
     raw = np.concatenate([np.asarray(tensors[n].data) for n, _ in p.sources])
     return repack_numpy(raw, p.ggml_type, p.shape)
 

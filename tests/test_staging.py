@@ -358,11 +358,3 @@ def test_available_ram_reads_memavailable_not_memfree(tmp_path):
                     "MemAvailable:   100000000 kB\nCached:         90000000 kB\n")
     assert available_ram(str(info)) == 100000000 * 1024
     assert available_ram(str(tmp_path / "absent")) >= 0     # falls back to the free pages
-
-
-def test_the_ram_tier_takes_what_half_the_available_ram_holds():
-    from aircupy.cuda.streamed import _auto_ram_tier
-    gb = 10**9
-    assert _auto_ram_tier(38 * gb, avail=100 * gb) == 38 * gb    # all streamed windows
-    assert _auto_ram_tier(38 * gb, avail=40 * gb) == 20 * gb     # a part: the rest streams each pass
-    assert _auto_ram_tier(38 * gb, avail=0) == 0

@@ -1,9 +1,10 @@
 """Is the CUDA backend usable here? The one door from the CUDA-free core into the GPU side.
 
-aircupy/engine/backend.py calls these two functions (and imports nothing else of the device layer):
+aircupy/engine/backend.py calls these three functions (and imports nothing else of the GPU side):
     cuda_unavailable_reason() -> str | None   None when cupy imports and a usable CUDA device exists;
                                               otherwise what is missing, in a few words
-    load_model(g, config, *, vram_budget=None, progress=None, n_ctx=None) -> CudaModel
+    start_warmer(path, size) -> warmer        the cold-start page-cache reader, handed to load_model
+    load_model(g, config, *, vram_budget=None, progress=None, n_ctx=None, read_ahead=None) -> CudaModel
 The check is cheap (an import and a device query, no kernel compilation) and runs only when asked.
 """
 from __future__ import annotations
@@ -32,22 +33,24 @@ def cuda_unavailable_reason() -> str | None:
     return None
 
 
+def start_warmer(path, size: int):
+    """The cold-start page-cache warmer over a whole file in file order, started before anything else
+    is known of it (the Engine's first step, before the header is parsed); the model given it as
+    `read_ahead` takes it over and closes it. A child process reads the file sequentially while this
+    one parses the header, imports cupy and sets up the GPU."""
+    from aircupy.cuda.load import start_read_ahead
+    return start_read_ahead(path, [(0, size)], 1)
+
+
 def load_model(g, config, *, vram_budget: int | None = None, progress=None,
                n_ctx: int | None = None, read_ahead=None):
-    """The resident CUDA model for an open GGUFFile, or, when weights + KV cache + buffers exceed
-    the VRAM budget, the streamed one (layers through device slots each pass, issue 5); below the
-    streaming minimum a one-line PlanError states it. read_ahead: a started ReadAhead for the model
-    to take over (the resident attempt leaves it to the streamed one), None: the model's own."""
-    from aircupy.cuda.pool import ModelTooLargeError
+    """The CUDA model for an open GGUFFile: resident when everything fits the VRAM budget, else with
+    layers streamed (cuda/placement.py decides); below the streaming minimum a one-line PlanError
+    states it. read_ahead: a started warmer (start_warmer) for the model to take over, None: the
+    model's own."""
     from aircupy.cuda.model import CudaModel
-    from aircupy.cuda.streamed import StreamedCudaModel
 
     if n_ctx is None:
         n_ctx = config.default_n_ctx
     kw = {} if read_ahead is None else dict(read_ahead=read_ahead)
-    try:
-        return CudaModel(g, config, n_ctx, vram_budget=vram_budget, progress=progress, **kw)
-    except ModelTooLargeError:  # raised before anything is allocated: stream instead
-        if progress is not None:
-            progress("the model exceeds the VRAM budget: streaming layers")
-        return StreamedCudaModel(g, config, n_ctx, vram_budget=vram_budget, progress=progress, **kw)
+    return CudaModel(g, config, n_ctx, vram_budget=vram_budget, progress=progress, **kw)

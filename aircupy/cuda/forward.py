@@ -2,9 +2,9 @@
 
 Nothing here allocates or synchronizes, so the T = 1 pass can be captured as a CUDA graph. Every
 dynamic value (token ids, positions) is read from device buffers. Activations are float32 between
-kernels (the kernels' contract, aircupy/ops/cuda_ops.py); the KV cache is float16.
+kernels (the kernels' contract, aircupy/cuda/ops); the KV cache is float16.
 
-Per layer, with x the residual (T, E) and h a normed copy (numpy twin: aircupy/model/numpy_model.py):
+Per layer, with x the residual (T, E) and h a normed copy (numpy twin: aircupy/reference/model.py):
     h = rms_norm(x)                   qkv = h @ Wqkv^T (+ b)       [q/k rms_norm per head]
     rope(q), rope(k) + kv_store(k, v at pos) (one launch)        a = attention(q, cache, pos)
     x += a @ Wo^T                     (gemma: x += rms_norm(a @ Wo^T) * post_attn_norm)
@@ -13,7 +13,7 @@ Head: logits = rms_norm(x[rows]) @ Wout^T, in groups of HEAD_ROWS rows (the matv
 (V, E) fp16 dequantization scratch for a 128k-token vocabulary).
 Decode rows (T <= 8) fuse launches (bench/NOTES_kernels.md has the per-kernel figures): rms_norm into
 the fused qkv / gate_up / head matvecs (matvec norm_w), glu into the down projection's pre-quantized x
-(glu_quant + matvec_xq), rope + kv_store always. A decode step of an 8B llama layer is then 8 kernels (was 11).
+(glu_quant + matvec_xq), rope + kv_store always. A decode step of a llama layer is 8 kernels.
 """
 from __future__ import annotations
 
@@ -22,17 +22,17 @@ import numpy as np
 from aircupy.cuda.buffers import Buffers
 from aircupy.cuda.weights import WeightTable
 
-HEAD_ROWS = 8  # rows of the head per launch: the matvec kernels take 1..8 activation rows
-
 
 class ForwardPass:
     """Launch sequence of the model: run(ids, pos, T, kv) over every layer, then head(r0, r1)."""
 
-    def __init__(self, lib, config, glob: WeightTable, layers: list[WeightTable], buf: Buffers):
+    def __init__(self, lib, config, glob: WeightTable, weights, buf: Buffers):
+        """weights: the layers' weight source (cuda/weights.py ResidentWeights or cuda/streamed.py
+        StreamedWeights): begin_pass(kv), acquire(i) -> WeightTable, release(i), end_pass(), abort()."""
         from aircupy.cuda import ops
         from aircupy.cuda.ops import layers as cuda_layers, matmul as cuda_matmul
-        self.lay, self.mm = cuda_layers, cuda_matmul  # fused launchers not (yet) re-exported by cuda_ops
-        self.ops, self.lib, self.c, self.g, self.layers, self.b = ops, lib, config, glob, layers, buf
+        self.lay, self.mm = cuda_layers, cuda_matmul  # the fused decode launchers
+        self.ops, self.lib, self.c, self.g, self.weights, self.b = ops, lib, config, glob, weights, buf
         c = config
         self.qd, self.kvd = c.n_head * c.head_dim, c.n_head_kv * c.head_dim
         self.glu_kind = "geglu" if c.activation == "gelu_tanh" else "swiglu"
@@ -141,7 +141,17 @@ class ForwardPass:
         return out
 
     def run(self, ids, pos, T: int, kv) -> None:
-        """Embed T tokens and run every layer (their keys/values land in kv at pos)."""
+        """Embed T tokens and run every layer (their keys/values land in kv at pos; kv is a cache, or
+        with the KV shuttle the pass's PassKV). A layer's weights come from the weight source, which
+        for a streamed layer makes the compute stream wait for its slot's upload."""
         self.embed(ids, T)
-        for i, L in enumerate(self.layers):
-            self.layer(i, L, pos, T, kv)
+        w = self.weights
+        w.begin_pass(kv)
+        try:
+            for i in range(self.c.n_layers):
+                self.layer(i, w.acquire(i), pos, T, kv)
+                w.release(i)
+            w.end_pass()
+        except BaseException:
+            w.abort()
+            raise

@@ -4,21 +4,18 @@
     with Stager(g.path, n_buffers=4, buffer_bytes=plan.chunk, alloc=pinned) as st:
         run_load(plan, st, CudaSink(blocks, staging, lib, stream))       # blocks[i] <- layouts[i]
 
-Why (issue 5, cold start): cuda_weights.fill copies each tensor from the mmap view, so a cold page
-cache is read by page faults inside pageable cudaMemcpys, one tensor at a time, with the disk idle
-during every upload and repack. Here the disk side is a Stager ring (reader threads preadv `chunk`
-bytes, 4 KiB-aligned, in file order, into pinned buffers) and the device side consumes each filled
-buffer while the next ones are read: per tensor segment, a DMA straight into its rows (types the
-kernels read as stored), or into the device staging buffer and, once the tensor is complete, a repack
-into its piece (ops.repack, exactly what fill does, so the pool bytes are identical); vectors are
-gathered on the host and converted with the same dequantize as fill's _host_vector. A host buffer is
-refilled only after an event recorded behind its DMAs (the Stager's `ready`).
+Why: a per-tensor upload from the mmap view reads a cold page cache by page faults inside pageable
+copies, one tensor at a time, with the disk idle during every upload and repack. Here the disk side
+is a Stager ring (reader threads preadv `chunk` bytes, 4 KiB-aligned, in file order, into pinned
+buffers) and the device side consumes each filled buffer while the next ones are read: per tensor
+segment, a DMA straight into its rows (types the kernels read as stored), or into the device staging
+buffer and, once the tensor is complete, a repack into its piece (weights.repack_source); vectors are
+gathered on the host and converted by weights.vector_values. A host buffer is refilled only after an
+event recorded behind its DMAs (the Stager's `ready`).
 
 Every tensor is read once even when two pieces use it. The device staging holds one tensor at a time:
 tensors complete in file order, and a tensor's DMAs and repack sit on one stream, so the next
 tensor's DMAs into the staging buffer are ordered behind the previous repack.
-
-HostSink is the numpy twin of CudaSink (tests, and the CPU benchmark bench/bench_cold_read.py).
 """
 from __future__ import annotations
 
@@ -27,8 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from aircupy.gguf.ggml import BLOCK_GEOMETRY, GGMLType, row_nbytes
-from aircupy.gguf.quants import dequantize
+from aircupy.gguf.ggml import GGMLType
+from aircupy.cuda.weights import direct_offset, repack_source, vector_values
 from aircupy.stream.manifest import PAGE
 
 CHUNK = 32 << 20   # bytes per read: large sequential preads run at the disk's rate
@@ -127,16 +124,6 @@ def plan_load(layouts, tensors, file_size: int, chunk: int = CHUNK) -> LoadPlan:
     return LoadPlan(tuple(srcs), reads, chunk)
 
 
-def _vector_values(p, raw: dict[str, np.ndarray]) -> np.ndarray:
-    """cuda_weights._host_vector from gathered bytes: float32 (n,), sources at their rows."""
-    out = np.zeros(p.shape[0], dtype=np.float32)
-    for name, row0 in p.sources:
-        data, t, shape = raw[name]
-        v = dequantize(data, t, shape).reshape(-1)
-        out[row0:row0 + v.size] = v
-    return out
-
-
 def run_load(plan: LoadPlan, stager, sink, depth: int | None = None) -> int:
     """Read every plan read through `stager` (at most `depth` in flight: n_buffers - 1 by default,
     so one buffer is being released while the others fill) and hand the bytes to `sink`.
@@ -159,8 +146,7 @@ def run_load(plan: LoadPlan, stager, sink, depth: int | None = None) -> int:
                 sink.stage(part, sg.src_off)
             else:
                 for u in s.uses:
-                    sink.copy(part, u.block, u.piece.offset + u.row0 * row_nbytes(s.ggml_type,
-                                                                                   s.shape[-1]) + sg.src_off)
+                    sink.copy(part, u.block, u.piece.offset + direct_offset(u.piece, u.row0) + sg.src_off)
             left[sg.source] -= sg.nbytes
             if left[sg.source]:
                 continue
@@ -170,7 +156,7 @@ def run_load(plan: LoadPlan, stager, sink, depth: int | None = None) -> int:
                     got = vec_raw.setdefault((u.block, u.piece.role), {})
                     got[s.name] = (data, s.ggml_type, s.shape)
                     if len(got) == len(u.piece.sources):
-                        sink.vector(u.block, u.piece, _vector_values(u.piece, got))
+                        sink.vector(u.block, u.piece, vector_values(u.piece, got))
             elif _repacked(s.ggml_type):
                 for u in s.uses:
                     sink.repack(u.block, u.piece, s, u.row0)
@@ -188,45 +174,10 @@ def _repacked(t) -> bool:
     return needs_repack(t)
 
 
-class HostSink:
-    """numpy twin of CudaSink: blocks are numpy uint8 arrays; repack follows ops.repack's layout
-    (bodies at row0's blocks, heads in the stacked tensor's heads region)."""
-
-    def __init__(self, blocks, staging_bytes: int):
-        self.blocks, self.staging = blocks, np.empty(staging_bytes, np.uint8)
-
-    def copy(self, part, block, off):
-        self.blocks[block][off:off + part.nbytes] = part
-
-    def stage(self, part, off):
-        self.staging[off:off + part.nbytes] = part
-
-    def repack(self, block, piece, s: Source, row0: int):
-        from aircupy.cuda.ops.packing import HEADERS, heads_offset
-        be, bb = BLOCK_GEOMETRY[s.ggml_type]
-        (total, k), rows = piece.shape, int(np.prod(s.shape[:-1]))
-        nb, (off, hb) = k // be, HEADERS[s.ggml_type]
-        blocks = self.staging[:s.nbytes].reshape(rows * nb, bb)
-        dst = self.blocks[block][piece.offset:piece.offset + piece.nbytes]
-        b0 = row0 * nb * (bb - hb)
-        body = dst[b0:b0 + rows * nb * (bb - hb)].reshape(rows * nb, bb - hb)
-        body[:, :off], body[:, off:] = blocks[:, :off], blocks[:, off + hb:]
-        h0 = heads_offset(s.ggml_type, (total, k)) + row0 * nb * hb
-        dst[h0:h0 + rows * nb * hb].reshape(rows * nb, hb)[...] = blocks[:, off:off + hb]
-
-    def vector(self, block, piece, values):
-        self.blocks[block][piece.offset:piece.offset + values.nbytes] = values.view(np.uint8)
-
-    def fence(self):
-        return None
-
-    def finish(self):
-        pass
-
-
 class CudaSink:
     """Uploads on `stream`: DMAs from the pinned read buffers, repacks from `staging` (device
-    uint8, >= the largest repacked tensor), vectors as small pageable copies (like fill)."""
+    uint8, >= the largest repacked tensor), vectors as small pageable copies. Its numpy twin is
+    tests/helpers/host_sink.py."""
 
     def __init__(self, blocks, staging, lib, stream):
         self.blocks, self.staging, self.lib, self.stream = blocks, staging, lib, stream
@@ -240,15 +191,9 @@ class CudaSink:
             part.ctypes.data, part.nbytes, self.stream)
 
     def repack(self, block, piece, s: Source, row0: int):
-        from aircupy.cuda import ops
         dst = self.blocks[block][piece.offset:piece.offset + piece.nbytes]
-        stage = self.staging[:s.nbytes]
-        with self.stream:      # the same calls as cuda_weights.fill: same packed bytes
-            if len(piece.sources) == 1:
-                ops.repack(self.lib, stage, dst, s.ggml_type, s.shape)
-            else:
-                ops.repack(self.lib, stage, dst, s.ggml_type, s.shape, row0=row0,
-                           dst_rows=piece.shape[0])
+        repack_source(self.lib, self.staging[:s.nbytes], dst, piece, s.ggml_type, s.shape, row0,
+                      self.stream)
 
     def vector(self, block, piece, values):
         dst = self.blocks[block][piece.offset:piece.offset + piece.nbytes]
@@ -277,12 +222,8 @@ def start_read_ahead(path, ranges, threads=1) -> "ReadAhead | None":
     (by the Engine, over the whole file, before the header was even parsed): it is returned as it
     is; its consumers' waits steer it to the ranges they need.
 
-    One thread by default: on the GPU host (H200, 2026-11-27) whole-file reads by one and by four
-    threads of 16 MiB preads averaged the same over 157 pairs (1.82 and 1.81 GB/s), and cold
-    starts with four warmer threads were no faster than with one (bench_cold, 4 interleaved reps:
-    resident 1.07 vs 1.02 of the bound, streamed 1.07 vs 1.09). An earlier mode that only queued
-    posix_fadvise(WILLNEED) hints was the slowest in every cold-TTFT run there (the file system
-    did not act on the hints in time) and is gone."""
+    One thread by default: more reader threads were measured no faster on a whole-file read or a
+    cold start (bench/RESULTS.md, cold start), and one keeps the disk's access sequential."""
     from aircupy.stream.read_ahead import ReadAhead
     from aircupy.stream.stager import available_ram
     if isinstance(threads, ReadAhead):
@@ -294,12 +235,6 @@ def start_read_ahead(path, ranges, threads=1) -> "ReadAhead | None":
     total = sum(n for _, n in ranges)
     avail = available_ram() or 2 * total
     return ReadAhead(path, ranges, ahead_bytes=max(CHUNK, min(total, avail // 2)), threads=threads)
-
-
-def warm_file(path, size: int) -> "ReadAhead":
-    """The cold-start warmer over a whole file in file order, started before anything else is
-    known of it (the Engine's first step; a model given it reads in about file order)."""
-    return start_read_ahead(path, [(0, size)], 1)
 
 
 def load_blocks(plan: LoadPlan, path, blocks, staging, lib, stream, read_ahead=None,

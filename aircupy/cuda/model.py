@@ -1,56 +1,44 @@
-"""CudaModel: the resident GPU model, same interface as NumpyModel plus device-side sampling.
+"""CudaModel: the GPU model, resident or streamed, behind the engine's Model protocol.
 
-    model = CudaModel(g, config, n_ctx, vram_budget=None)
+    model = CudaModel(g, config, n_ctx, vram_budget=None)       # places itself (cuda/placement.py)
     cache = model.new_cache(n_ctx)
-    logits = model.forward(ids (T,), positions (T,), cache, all_logits=False)  # like NumpyModel
-    token = model.forward_sample(ids, positions, cache, params)                # only the id crosses
+    logits = model.forward(ids (T,), positions (T,), cache, all_logits=False)
+    token = model.forward_sample(ids, positions, cache, model.new_sampler(params))   # only the id crosses
 
-Start-up plans one device pool (aircupy/device/pool.py): every layer's weights as one block
-(cuda_layout.py), the globals, one KV cache of n_ctx tokens, activations for PREFILL_ROWS rows and
-one shared scratch; a model that does not fit raises ModelTooLargeError before anything is allocated.
-Prefill runs in chunks of PREFILL_ROWS tokens; a single-token step on the start-up cache replays a
-CUDA graph (aircupy/device/graphs.py), and so does a prefill chunk of T >= 2 tokens on that cache once
-its T has a captured graph (aircupy/model/cuda_prefill.py: an LRU of PREFILL_GRAPH_SLOTS graphs keyed
-by T). positions must continue the cache: cache.length + arange(T).
+One constructor for every VRAM budget. The placement planner decides which layers stay resident and
+where the KV cache lives; the model allocates that placement's pool (one allocation), loads the
+globals and resident layers through the staged load (cuda/load.py), and gives the forward pass a
+weight source: ResidentWeights when everything is resident, StreamedWeights (cuda/streamed.py) when
+layers stream. The forward pass (cuda/forward.py) is the same launch sequence either way, so streamed
+logits equal resident logits bit for bit.
+
+Graphs: when nothing streams, a single-token step on the start-up KV cache replays a captured CUDA
+graph (cuda/sampling.py), and so does a prefill chunk of T >= 2 tokens on that cache once its T has a
+captured graph (cuda/prefill.py). A streamed pass runs eagerly: a graph would bake in the slot a
+layer occupied at capture time and the host-side waits of the streamer.
+
+KV: in the pool for every layer, or with the KV shuttle (the placement's choice) for the resident
+layers only, a streamed layer's K/V living in pinned RAM and riding up with its layer
+(cuda/shuttle.py); every cache of a shuttled model runs eagerly and holds at most n_ctx tokens.
 """
 from __future__ import annotations
 
-import inspect
 import weakref
 
 import numpy as np
 
-from aircupy.cuda.pool import DevicePool, PoolPlan, fmt_bytes
+from aircupy.cuda.buffers import make_buffers
+from aircupy.cuda.forward import ForwardPass
+from aircupy.cuda.kv import CudaKVCache
+from aircupy.cuda.load import load_blocks, plan_load, start_read_ahead
+from aircupy.cuda.placement import (HEAD_ROWS, POOL_MARGIN, CudaOptions, Footprint, effective_budget,
+                                    plan_model)
+from aircupy.cuda.pool import DevicePool, fmt_bytes
+from aircupy.cuda.prefill import PrefillGraphs
+from aircupy.cuda.sampling import DeviceSampler, DeviceSampling
+from aircupy.cuda.weights import ResidentWeights, bind
 from aircupy.errors import ContextLengthError, InvalidParameterError, UnsupportedModelError
 from aircupy.gguf.ggml import SUPPORTED_COMPUTE
-from aircupy.gguf.arch import tensor_map
-from aircupy.cuda.buffers import plan_buffers, make_buffers, scratch_nbytes
-from aircupy.cuda.forward import HEAD_ROWS, ForwardPass
-from aircupy.cuda.layout import global_layout, layer_layout
-from aircupy.cuda.prefill import PREFILL_GRAPH_SLOTS, PrefillGraphs
-from aircupy.cuda.sampling import DeviceSampler, DeviceSampling
-from aircupy.cuda.weights import bind
-from aircupy.cuda.load import load_blocks, plan_load, start_read_ahead
-
-PREFILL_ROWS = 512  # tokens per prefill launch sequence (the engine feeds 512-token chunks too)
-
-
-class CudaKVCache:
-    """One sequence's keys/values: per layer float16 (1, Hkv, n_alloc, D) for k and for v."""
-
-    def __init__(self, k, v, n_ctx: int, pooled: bool):
-        self.k, self.v = k, v
-        self.n_ctx = n_ctx
-        self.pooled = pooled  # lives in the start-up pool (the graph-captured cache)
-        self.length = 0
-
-    def layer(self, i: int):
-        return self.k[i], self.v[i]
-
-    def truncate(self, n: int) -> None:
-        if not 0 <= n <= self.length:
-            raise ValueError(f"cannot truncate a cache of {self.length} tokens to {n}")
-        self.length = n  # later writes overwrite; attention never reads past pos[t]
 
 
 def _check_supported(c, layouts) -> None:
@@ -68,10 +56,11 @@ def _check_supported(c, layouts) -> None:
                                             f"{p.ggml_type.name}, which the CUDA kernels lack")
 
 
-def _warm_cublas(ops, lib, c, layer_ls, scratch, stream) -> None:
-    """cuBLAS's first-use costs now, while the disk is the bound (cold start, issue 5), not at the
-    first prompt: a GEMM per layer matrix shape that prefill gives to cuBLAS, on `scratch` (the
-    load's device staging; `stream` orders them before the load's copies into it)."""
+def _warm_cublas(lib, c, layer_ls, scratch, stream) -> None:
+    """cuBLAS's first-use costs at load, while the disk is the bound, not at the first prompt: a GEMM
+    per layer matrix shape that prefill gives to cuBLAS, on `scratch` (the load's device staging;
+    `stream` orders them before the load's copies into it)."""
+    from aircupy.cuda import ops
     from aircupy.cuda.ops.gemm_choice import prefill_path
     rows = 16
     shapes = {p.shape for lay in layer_ls for p in lay.matrices()
@@ -81,86 +70,162 @@ def _warm_cublas(ops, lib, c, layer_ls, scratch, stream) -> None:
 
 
 class CudaModel:
-    # Graph-replayed prefill (PrefillGraphs) or None: eager. A class attribute so that subclasses
-    # with their own constructor (StreamedCudaModel: weights move between passes) stay eager.
-    prefill_graphs: PrefillGraphs | None = None
-
     def __init__(self, g, config, n_ctx: int, vram_budget: int | None = None, progress=None, *,
-                 use_graphs: bool = True, prefill_rows: int = PREFILL_ROWS, lib=None,
-                 prefill_graph_slots: int = PREFILL_GRAPH_SLOTS, read_ahead=1):
-        """lib: a KernelLibrary to share between models in one process (compiles once).
-        use_graphs: replay decode steps and prefill chunks as CUDA graphs (on the start-up KV cache);
-        prefill_graph_slots: how many prefill graphs (one per chunk length) to keep, 0 = none.
-        read_ahead: reader threads of the cold-start page-cache warmer, 0 for none, or a
-        ReadAhead the caller started (staged_fill.start_read_ahead); the model closes it once
-        the weights are in, but not when it raises before reading (ModelTooLargeError)."""
+                 options: CudaOptions | None = None, lib=None, read_ahead=1):
+        """vram_budget: bytes the pool may take (None: free device memory minus POOL_MARGIN; never
+        more than that). lib: a KernelLibrary to share between models (compiles once). read_ahead:
+        reader threads of the cold-start page-cache warmer, 0 for none, or a ReadAhead the caller
+        started; the model closes it (at close(), or when it raises)."""
         import cupy as cp
-        from aircupy.cuda.kernels import KernelLibrary
-        from aircupy.cuda import ops
 
-        report = progress or (lambda stage: None)
-        c = self.config = config
+        from aircupy.stream.stager import available_ram
+        self.options = o = options or CudaOptions()
+        self.config = c = config
         if n_ctx < 1:
             raise InvalidParameterError("n_ctx", f"must be positive, got {n_ctx}")
-        self.n_ctx, self.rows = int(n_ctx), int(prefill_rows)
-        tm = tensor_map(c.arch, c.n_layers, g.tensors)
-        stack = "row0" in inspect.signature(ops.repack).parameters
-        glob_l = global_layout(tm.globals, g.tensors)
-        layer_ls = [layer_layout(tm.layers[i], g.tensors, stack) for i in range(c.n_layers)]
-        _check_supported(c, [glob_l] + layer_ls)
-
-        plan = PoolPlan()
-        plan.add("weights.globals", glob_l.nbytes, "weights")
-        for i, lay in enumerate(layer_ls):
-            plan.add(f"weights.layer{i}", lay.nbytes, "weights")
-        kv_layer = c.n_head_kv * self.n_ctx * c.head_dim * 2  # float16 bytes, one of k or v
-        plan.add("kv", 2 * c.n_layers * kv_layer, "kv")
-        plan_buffers(plan, c, self.rows, HEAD_ROWS)
-        plan.add("scratch", scratch_nbytes(ops, c, [glob_l] + layer_ls, g.tensors, self.rows,
-                                           HEAD_ROWS), "scratch")
-        # Cold start (issue 5): the disk starts reading now, while the CUDA context, the pool and
-        # the kernels are set up; load_blocks closes the warmer.
-        load = plan_load([glob_l] + layer_ls, g.tensors, g.file_size)
-        warmer = self.warmer = start_read_ahead(g.path, load.ranges, read_ahead)
+        self.n_ctx, self.rows = int(n_ctx), int(o.prefill_rows)
+        self.fp = fp = Footprint.of(g, c, self.n_ctx, self.rows)
+        _check_supported(c, [fp.glob_l] + fp.layer_ls)
+        ram = available_ram()
+        # The disk starts reading before the first CUDA call, in the order the load consumes the file:
+        # a placement for the stated budget, before the device says how much memory is free.
+        first = plan_model(g, c, self.n_ctx, vram_budget if vram_budget is not None else 1 << 62, o,
+                           ram, footprint=fp)
+        self.warmer = start_read_ahead(g.path, self._read_order(g, first, o), read_ahead)
+        self.fwd = self.weights = None
         try:
-            self.pool = DevicePool(plan, vram_budget, what=f"{g.path.name} ({c.arch})")
+            budget = effective_budget(vram_budget, cp.cuda.runtime.memGetInfo()[0])
+            self.placement = plan_model(g, c, self.n_ctx, budget, o, ram, footprint=fp)
+            self._build(g, cp, lib, progress or (lambda stage: None))
         except BaseException:
-            if warmer is not None and warmer is not read_ahead:   # a caller's stays theirs
-                warmer.close()
+            self.close()
             raise
 
+    def _read_order(self, g, p, o: CudaOptions) -> list[tuple[int, int]]:
+        """File ranges in load order: everything resident, the staged load's ranges; streamed, the
+        globals' then the layer windows in file order (forced resident layers first)."""
+        fp = self.fp
+        if not p.streams:
+            return plan_load([fp.glob_l] + fp.layer_ls, g.tensors, g.file_size).ranges
+        first = list(p.resident_layers) if o.n_resident is not None else []
+        order = first + [i for i in range(len(fp.layer_ls)) if i not in set(first)]
+        return plan_load([fp.glob_l], g.tensors, g.file_size).ranges + [fp.windows[i] for i in order]
+
+    def _build(self, g, cp, lib, report) -> None:
+        from aircupy.cuda.kernels import KernelLibrary
+        c, fp, p = self.config, self.fp, self.placement
+        if p.streams:
+            report("the model exceeds the VRAM budget: streaming layers")
+        self.pool = DevicePool(p.pool, p.vram_budget, margin=POOL_MARGIN,
+                               what=f"{g.path.name} ({c.arch})")
         self.lib = lib if lib is not None else KernelLibrary()
         # NVRTC / cubin load on a thread while the disk reads; warmup() below waits for it (and
         # compiles on this thread if that failed, raising the real error).
         self.lib.warmup_async()
         self.stream = cp.cuda.Stream(non_blocking=True)
         self.buf = make_buffers(self.pool, c, self.rows, HEAD_ROWS)
-        staging = self.pool.array("scratch", plan.regions["scratch"].nbytes, np.uint8)
-        blocks = [self.pool.array("weights.globals", glob_l.nbytes, np.uint8)] + \
-                 [self.pool.array(f"weights.layer{i}", lay.nbytes, np.uint8)
-                  for i, lay in enumerate(layer_ls)]
-        _warm_cublas(ops, self.lib, c, layer_ls, staging, self.stream)
+        scratch = self.pool.array("scratch", p.pool.regions["scratch"].nbytes, np.uint8)
+        _warm_cublas(self.lib, c, fp.layer_ls, scratch, self.stream)
         report("uploading weights to the GPU")
-        self.bytes_read = load_blocks(load, g.path, blocks, staging, self.lib, self.stream, warmer)
-        self.glob = bind(glob_l, blocks[0])
-        self.layers = [bind(lay, blocks[i + 1]) for i, lay in enumerate(layer_ls)]
-        self.layouts = layer_ls
-        self.weight_bytes = sum(lay.nbytes for lay in layer_ls) + glob_l.nbytes
-
-        kv = self.pool.array("kv", (2, c.n_layers, 1, c.n_head_kv, self.n_ctx, c.head_dim),
-                             np.float16)
-        self._kv_pool = (list(kv[0]), list(kv[1]))
-        self._pool_cache = None  # weakref to the cache object that holds the pooled KV
+        blocks = [self.pool.array("weights.globals", fp.glob_l.nbytes, np.uint8)]
+        blocks += [self.pool.array(f"weights.layer{i}", fp.layer_ls[i].nbytes, np.uint8)
+                   for i in p.resident_layers]
+        load = plan_load([fp.glob_l] + [fp.layer_ls[i] for i in p.resident_layers], g.tensors,
+                         g.file_size)
+        self.bytes_read = load_blocks(load, g.path, blocks, scratch, self.lib, self.stream,
+                                      self.warmer, close_read_ahead=not p.streams)
+        if not p.streams:
+            self.warmer = None                 # load_blocks closed it
+        self.glob = bind(fp.glob_l, blocks[0])
+        tables = {i: bind(fp.layer_ls[i], b) for i, b in zip(p.resident_layers, blocks[1:])}
+        self.weight_bytes = sum(lay.nbytes for lay in fp.layer_ls) + fp.glob_l.nbytes
+        self._pool_cache = None   # weakref to the cache object that holds the pooled KV
         self.extra_kv_bytes = 0
-
+        self.shuttle = None
+        self._init_kv(p)
+        if p.streams:
+            from aircupy.cuda.streamed import StreamedWeights
+            self.weights = StreamedWeights(p, fp, g, self.pool, self.lib, self.stream, self.warmer,
+                                           tables, self.shuttle)
+        else:
+            self.weights = ResidentWeights([tables[i] for i in range(c.n_layers)])
         report("compiling GPU kernels")
         self.lib.warmup()
-        self.fwd = ForwardPass(self.lib, c, self.glob, self.layers, self.buf)
-        self.sampling = DeviceSampling(self, use_graphs)
-        if use_graphs and prefill_graph_slots > 0:
-            self._enable_prefill_graphs(prefill_graph_slots)
+        self.fwd = ForwardPass(self.lib, c, self.glob, self.weights, self.buf)
+        graphs = self.options.use_graphs and not p.streams
+        self.sampling = DeviceSampling(self, use_graphs=graphs)
+        self.prefill_graphs = None
+        if graphs and self.options.prefill_graph_slots > 0:
+            self._enable_prefill_graphs(self.options.prefill_graph_slots)
         self.stream.synchronize()
 
+    # -- KV ----------------------------------------------------------------------------------------
+    def _init_kv(self, p) -> None:
+        """The start-up cache's arrays: every layer's K and V in the pool, or with the shuttle the
+        resident layers' in the pool, the streamed layers' in pinned RAM, and the KV slots."""
+        c, n = self.config, self.n_ctx
+        if not p.shuttle:
+            kv = self.pool.array("kv", (2, c.n_layers, 1, c.n_head_kv, n, c.head_dim), np.float16)
+            self._kv_pool = (list(kv[0]), list(kv[1]))
+            return
+        from aircupy.cuda.shuttle import KVShuttle, cuda_copy_rows, pinned_f16
+        per = c.n_head_kv * n * c.head_dim             # float16 elements of one K (or V)
+        kvs = [self.pool.array(f"stream.kvslot{j}", 2 * per, np.float16) for j in range(p.slots)]
+        self.shuttle = KVShuttle([b[:per] for b in kvs], [b[per:] for b in kvs], c.n_head_kv,
+                                 c.head_dim, n, cuda_copy_rows)
+        shape = (1, c.n_head_kv, n, c.head_dim)
+        k, v = [None] * c.n_layers, [None] * c.n_layers
+        if p.resident_layers:
+            kv = self.pool.array("kv", (2, len(p.resident_layers)) + shape, np.float16)
+            for j, i in enumerate(p.resident_layers):
+                k[i], v[i] = kv[0, j], kv[1, j]
+        for i in p.streamed_layers:
+            k[i], v[i] = pinned_f16(shape), pinned_f16(shape)
+        self._kv_pool = (k, v)
+
+    def new_cache(self, n_ctx: int) -> CudaKVCache:
+        """The start-up KV cache when it is free and large enough; otherwise new arrays outside the
+        pool (set-up time only, never in the forward pass). A shuttled model's caches hold at most
+        the n_ctx its KV slots were sized for."""
+        import cupy as cp
+        c = self.config
+        if n_ctx < 1:
+            raise InvalidParameterError("n_ctx", f"must be positive, got {n_ctx}")
+        held = self._pool_cache() if self._pool_cache is not None else None
+        if self.shuttle is None:
+            if held is None and n_ctx <= self.n_ctx:
+                cache = CudaKVCache(*self._kv_pool, n_ctx, pooled=True)
+                self._pool_cache = weakref.ref(cache)
+                return cache
+            shape = (c.n_layers, 1, c.n_head_kv, n_ctx, c.head_dim)
+            k, v = cp.empty(shape, cp.float16), cp.empty(shape, cp.float16)
+            self.extra_kv_bytes += 2 * k.nbytes
+            return CudaKVCache(list(k), list(v), n_ctx, pooled=False)
+        from aircupy.cuda.shuttle import ShuttleKVCache, pinned_f16
+        if n_ctx > self.n_ctx:
+            raise InvalidParameterError("n_ctx", f"must be 1 .. {self.n_ctx} (the KV shuttle's slots "
+                                                 f"hold {self.n_ctx} tokens), got {n_ctx}")
+        p = self.placement
+        if held is None:
+            k, v = list(self._kv_pool[0]), list(self._kv_pool[1])
+        else:
+            # Pinned memory of a dropped cache may still be the target of a queued download: let the
+            # copy stream drain before pinned memory is handed out again (set-up time only).
+            self.weights.copy_stream.synchronize()
+            shape = (1, c.n_head_kv, n_ctx, c.head_dim)
+            k, v = [None] * c.n_layers, [None] * c.n_layers
+            for i in range(c.n_layers):
+                if i in p.resident_layers:
+                    k[i], v[i] = cp.empty(shape, cp.float16), cp.empty(shape, cp.float16)
+                    self.extra_kv_bytes += 2 * k[i].nbytes
+                else:
+                    k[i], v[i] = pinned_f16(shape), pinned_f16(shape)
+        cache = ShuttleKVCache(k, v, n_ctx, p.streamed_layers, self.shuttle.new_token())
+        if held is None:
+            self._pool_cache = weakref.ref(cache)
+        return cache
+
+    # -- prefill graphs ----------------------------------------------------------------------------
     def _enable_prefill_graphs(self, slots: int) -> None:
         """Pinned inputs of graphed prefill chunks: ids and positions (rows,) int32, copied to
         buf.ids / buf.pos by the pass itself (PinnedIO: memcpy nodes in the graph)."""
@@ -181,32 +246,14 @@ class CudaModel:
         self.stream.synchronize()
         return self.buf.x[:T].get(stream=self.stream)
 
-    # -- interface shared with NumpyModel ----------------------------------------------------------
-
+    # -- the Model protocol ------------------------------------------------------------------------
     @property
     def vocab_size(self) -> int:
         return self.config.vocab_size
 
-    def new_cache(self, n_ctx: int) -> CudaKVCache:
-        """The start-up KV cache when it is free and large enough; otherwise a new allocation
-        outside the pool (set-up time only, never in the forward pass)."""
-        import cupy as cp
-        c = self.config
-        if n_ctx < 1:
-            raise InvalidParameterError("n_ctx", f"must be positive, got {n_ctx}")
-        held = self._pool_cache() if self._pool_cache is not None else None
-        if held is None and n_ctx <= self.n_ctx:
-            cache = CudaKVCache(*self._kv_pool, n_ctx, pooled=True)
-            self._pool_cache = weakref.ref(cache)
-            return cache
-        shape = (c.n_layers, 1, c.n_head_kv, n_ctx, c.head_dim)
-        k, v = cp.empty(shape, cp.float16), cp.empty(shape, cp.float16)
-        self.extra_kv_bytes += 2 * k.nbytes
-        return CudaKVCache(list(k), list(v), n_ctx, pooled=False)
-
     def check_step(self, token_ids, positions, cache) -> tuple[np.ndarray, np.ndarray]:
-        """Validated int32 copies of ids and positions (the errors NumpyModel raises, plus: the
-        positions must be cache.length + arange(T), the slots the tokens are written to)."""
+        """Validated int32 copies of ids and positions: T >= 1 ids in the vocabulary, room in the
+        cache, and positions that continue it (cache.length + arange(T): the rows written)."""
         ids = np.asarray(token_ids).reshape(-1)
         pos = np.asarray(positions).reshape(-1)
         T = ids.shape[0]
@@ -224,7 +271,7 @@ class CudaModel:
                                                      f"{cache.length + T - 1}")
         return ids.astype(np.int32), pos.astype(np.int32)
 
-    def forward(self, token_ids, positions, cache: CudaKVCache, all_logits: bool = False):
+    def forward(self, token_ids, positions, cache, all_logits: bool = False) -> np.ndarray:
         """float32 logits (T, vocab) if all_logits else (1, vocab), on the host."""
         ids, pos = self.check_step(token_ids, positions, cache)
         if len(ids) == 1 and cache.pooled:
@@ -249,7 +296,7 @@ class CudaModel:
         return out
 
     def prefill_chunk(self, ids: np.ndarray, pos: np.ndarray, cache) -> int:
-        """Upload ≤ PREFILL_ROWS ids/positions (stream-ordered) and run every layer on them."""
+        """Upload <= prefill_rows ids/positions (stream-ordered) and run every layer on them."""
         n = len(ids)
         if self.prefill_graphs is not None and cache.pooled and n > 1:
             # The pinned inputs are read when the pass's first nodes run: wait until the previous
@@ -259,22 +306,51 @@ class CudaModel:
             self._prefill_in[1].host[:n] = pos
             self.prefill_graphs.launch(n)
             return n
+        kv = cache
+        if self.shuttle is not None:
+            from aircupy.cuda.shuttle import ShuttleKVCache
+            if not isinstance(cache, ShuttleKVCache):
+                raise InvalidParameterError("cache", "a model with the KV shuttle runs on caches of "
+                                                     "its own new_cache()")
+            kv = self.shuttle.bind(cache, int(pos[0]), n)
         self.buf.ids[:n].set(ids, stream=self.stream)
         self.buf.pos[:n].set(pos, stream=self.stream)
-        self.fwd.run(self.buf.ids[:n], self.buf.pos[:n], n, cache)
+        self.fwd.run(self.buf.ids[:n], self.buf.pos[:n], n, kv)
         return n
 
-    def new_sampler(self, params) -> DeviceSampler:
-        """Device-sampling state of one request (SamplingParams); check `.supported` first."""
-        return DeviceSampler(params)
+    def new_sampler(self, params) -> DeviceSampler | None:
+        """Device-sampling state of one request, or None when its parameters need the host sampler
+        (logit bias, penalties)."""
+        s = DeviceSampler(params)
+        return s if s.supported else None
 
-    def forward_sample(self, token_ids, positions, cache: CudaKVCache, sampler: DeviceSampler) -> int:
+    def forward_sample(self, token_ids, positions, cache, sampler: DeviceSampler) -> int:
         """Run the tokens and sample the next one on the device (temperature 0 = argmax); only
         the id crosses to the host."""
         return self.sampling.forward_sample(token_ids, positions, cache, sampler)
 
+    def stats(self) -> dict:
+        """The placement, and the streaming figures (cumulative, and `last_pass`) when layers stream."""
+        p = self.placement
+        out = dict(resident_layers=len(p.resident_layers), streamed_layers=len(p.streamed_layers),
+                   pool_bytes=p.vram_bytes, vram_budget=p.vram_budget, slots=p.slots,
+                   kv_shuttle=p.shuttle)
+        out.update(self.weights.stats())
+        return out
+
     def allocation_report(self) -> str:
         """What was allocated on the GPU and for what (one line)."""
+        p = self.placement
+        kv = (f"; KV of streamed layers shuttled ({fmt_bytes(p.host_kv_bytes)} pinned)"
+              if p.shuttle else "")
         extra = f"; extra KV caches {fmt_bytes(self.extra_kv_bytes)}" if self.extra_kv_bytes else ""
         pre = "; " + self.prefill_graphs.report() if self.prefill_graphs is not None else ""
-        return self.pool.report() + extra + "; " + self.sampling.graph_report() + pre
+        head = f"{p.report()}{kv}; " if p.streams else ""
+        return head + self.pool.report() + extra + "; " + self.sampling.graph_report() + pre
+
+    def close(self) -> None:
+        if self.warmer is not None:
+            self.warmer.close()
+            self.warmer = None
+        if self.weights is not None:
+            self.weights.close()

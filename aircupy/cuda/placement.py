@@ -1,68 +1,109 @@
-"""Placement of a streamed CUDA model: which layers stay resident, and the exact device pool that implies.
+"""The placement planner: which layers stay in VRAM, which stream, where the KV cache lives, and the
+exact device pool that implies. The one planner: the CUDA model builds what `place` returns, and
+`aircupy inspect --vram-budget` prints the same object.
 
-    sp = StreamPlacement(config, glob_l, layer_ls, tensors, n_ctx, rows, hr, n_slots, scratch_b)
-    resident, shuttle = sp.choose(budget)          # shuttle: None automatic, True/False forced
-    pool_plan = sp.pool_plan(resident, shuttle)    # what DevicePool allocates; .total <= budget
+    fp = Footprint.of(g, config, n_ctx)                  # layouts and buffer sizes: pure arithmetic
+    p = place(fp, vram_budget, PlacementSettings())      # Placement: printable, p.pool is a PoolPlan
+    p.to_dict()                                          # what inspect --json prints
 
-make_plan (loader/plan.py) decides from the file's windows and an estimate of the workspace; the pool
-holds packed blocks (a little larger than raw windows), the real activation buffers and scratch, and
-the device staging buffers that repacks run from. This module makes make_plan's decision again on the
-exact pool arithmetic, by the same rule: per KV placement the most resident layers that fit (always
-the plan's spread, loader.plan.resident_set), then the placement that streams the fewest bytes per
-pass at full context (KV in VRAM on a tie), so the shuttle is taken when KV in VRAM does not fit.
+The pool (cuda/pool.py) holds, by region:
+  weights.globals, weights.layer{i} for every resident layer (packed blocks, cuda/layout.py);
+  stream.slot{j}: min(slots, streamed layers) blocks of the largest streamed layer, through which the
+    streamed layers pass every forward pass (compute on one, upload of the next, prefetch);
+  stream.staging0/1: two buffers of the largest raw tensor that needs a repack, used in turn (the copy
+    stream DMAs the next tensor into one while the repack stream repacks the other into its slot);
+  kv: K and V (float16 (2, layers, 1, Hkv, n_ctx, D)) of every layer, or with the KV shuttle of the
+    resident layers only, plus stream.kvslot{j} (one K and V block per weight slot) through which the
+    streamed layers' KV, kept in pinned RAM, rides up with its layer (cuda/shuttle.py);
+  act.* and scratch: activations for `prefill_rows` rows and the one shared scratch (cuda/buffers.py).
 
-Pool regions besides the resident model's (cuda_model.py): `stream.slot{j}` (weights, min(n_slots,
-streamed layers) x the largest streamed block) and `stream.staging0`/`stream.staging1` (scratch: two
-buffers of the largest raw tensor that needs a repack, used in turn: the copy stream DMAs the next
-tensor into one while the repack stream repacks the other into its slot, so the copy engine never
-waits for a repack; they cannot share the compute stream's scratch).
-KV: region `kv` holds every layer's K and V (float16 (2, layers, 1, Hkv, n_ctx, hd)) when it stays
-in VRAM; with the shuttle (model/kv_shuttle.py) only the resident layers', plus `stream.kvslot{j}`,
-one K and V block per weight slot, the streamed layers' KV living in pinned RAM.
+The rule: if everything fits, everything is resident. Otherwise, per KV placement (in VRAM, or
+shuttled), the most resident layers whose pool fits, spread evenly among the streamed ones
+(`resident_set`: while the GPU computes a run of resident layers the copy engine fills the slots for
+the streamed layers after them); of those two, the one that streams the fewest bytes per forward pass
+at full context (weights, plus each shuttled layer's KV up and back) wins, KV in VRAM on a tie. A budget
+below the smallest pool raises PlanError naming it. `n_resident` and `kv_shuttle` force the choice
+(tests, benchmarks); the pool must still fit.
 
 Pure arithmetic, no cupy: tested on the CPU tier.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
+from aircupy.cuda.buffers import plan_buffers, scratch_nbytes
+from aircupy.cuda.layout import global_layout, layer_layout, raw_nbytes
 from aircupy.cuda.pool import PoolPlan, fmt_bytes
-from aircupy.cuda.plan import PlanError, resident_set
-from aircupy.cuda.buffers import plan_buffers
-from aircupy.cuda.layout import raw_nbytes
+from aircupy.errors import AircupyError
 
-STAGING_BUFFERS = 2   # raw-tensor staging buffers of a streamed model (DMA into one, repack the other)
+PREFILL_ROWS = 512          # tokens per prefill pass (the engine feeds 512-token chunks too)
+HEAD_ROWS = 8               # rows of the head per launch: the matvec kernels take 1..8 activation rows
+STAGING_BUFFERS = 2         # raw-tensor staging buffers of a streamed model (DMA into one, repack the other)
+POOL_MARGIN = 512 << 20     # device memory left outside the pool (cuBLAS workspaces, NVRTC modules, graphs)
+# Pinned host-to-device rate assumed to state the bound a placement implies when none was measured.
+ASSUMED_PCIE_GBPS = 53.0
 
 
-class StreamPlacement:
-    def __init__(self, config, glob_l, layer_ls, tensors, n_ctx: int, rows: int, hr: int,
-                 n_slots: int, scratch_b: int):
-        self.c, self.glob_l, self.layer_ls, self.tensors = config, glob_l, layer_ls, tensors
-        self.n_ctx, self.rows, self.hr, self.n_slots, self.scratch_b = n_ctx, rows, hr, n_slots, scratch_b
-        self.L = len(layer_ls)
+class PlanError(AircupyError):
+    """The VRAM budget cannot hold the smallest pool; the message states it."""
+
+
+@dataclass(frozen=True)
+class PlacementSettings:
+    slots: int = 3                       # streaming slots (>= 3: compute, upload, prefetch)
+    kv_shuttle: bool | None = None       # None: the rule above; True/False force it
+    n_resident: int | None = None        # None: the rule above; else exactly this many (spread)
+    host_ram_bytes: int | None = None    # available host RAM (the RAM tier takes at most half); None: none
+    ram_tier_bytes: int | None = None    # force the RAM tier's capacity (None: from host_ram_bytes)
+    pcie_gbps: float | None = None       # measured pinned host-to-device rate; None: ASSUMED_PCIE_GBPS
+
+
+def _spread(n_layers: int, n_pick: int) -> list[int]:
+    """n_pick layer indices spread evenly over range(n_layers)."""
+    return sorted({int((k + 0.5) * n_layers / n_pick) for k in range(n_pick)}) if n_pick else []
+
+
+def resident_set(n_layers: int, n_resident: int) -> tuple[int, ...]:
+    """The layers kept resident when n_resident of n_layers are (the streamed ones spread evenly)."""
+    picked = set(_spread(n_layers, n_layers - n_resident))
+    return tuple(i for i in range(n_layers) if i not in picked)
+
+
+@dataclass
+class Footprint:
+    """Everything the pool arithmetic needs of a model: its block layouts, KV and buffer sizes."""
+    config: object
+    glob_l: object                       # BlockLayout of the globals
+    layer_ls: list                       # BlockLayout per layer
+    tensors: dict                        # name -> TensorInfo (for raw tensor sizes)
+    windows: list                        # (file offset, nbytes) of each layer's 4 KiB-aligned window
+    n_ctx: int
+    rows: int = PREFILL_ROWS
+    hr: int = HEAD_ROWS
+    scratch_b: int = 0
 
     @classmethod
-    def for_model(cls, g, config, n_ctx: int, rows: int, n_slots: int):
-        """(placement, global layout, layer layouts) of an open GGUFFile, as the model builds them."""
-        import inspect
-
-        from aircupy.gguf.arch import tensor_map
-        from aircupy.cuda.buffers import scratch_nbytes
-        from aircupy.cuda.forward import HEAD_ROWS
-        from aircupy.cuda.layout import global_layout, layer_layout
+    def of(cls, g, config, n_ctx: int, rows: int = PREFILL_ROWS) -> "Footprint":
+        """The footprint of an open GGUFFile's model at a context of n_ctx tokens."""
         from aircupy.cuda import ops
-        tm = tensor_map(config.arch, config.n_layers, g.tensors)
-        stack = "row0" in inspect.signature(ops.repack).parameters
-        glob_l = global_layout(tm.globals, g.tensors)
-        layer_ls = [layer_layout(tm.layers[i], g.tensors, stack) for i in range(config.n_layers)]
-        scratch_b = scratch_nbytes(ops, config, [glob_l] + layer_ls, g.tensors, rows, HEAD_ROWS)
-        return (cls(config, glob_l, layer_ls, g.tensors, n_ctx, rows, HEAD_ROWS, n_slots, scratch_b),
-                glob_l, layer_ls)
+        from aircupy.gguf.arch import tensor_map
+        from aircupy.stream.manifest import build_manifest
+        tensors = g.tensors
+        tm = tensor_map(config.arch, config.n_layers, tensors)
+        windows = [(ch.offset, ch.nbytes) for ch in build_manifest(g).layers]
+        glob_l = global_layout(tm.globals, tensors)
+        layer_ls = [layer_layout(tm.layers[i], tensors, True) for i in range(config.n_layers)]
+        scratch_b = scratch_nbytes(ops, config, [glob_l] + layer_ls, tensors, rows, HEAD_ROWS)
+        return cls(config, glob_l, layer_ls, tensors, windows, int(n_ctx), rows, HEAD_ROWS, scratch_b)
 
-    def resident_for(self, n_resident: int) -> tuple[int, ...]:
-        return tuple(resident_set(self.L, n_resident))
+    @property
+    def n_layers(self) -> int:
+        return len(self.layer_ls)
 
-    def slot_count(self, streamed) -> int:
-        """Fewer streamed layers than slots: each keeps its own slot (SlotSchedule.cached)."""
-        return min(self.n_slots, len(streamed))
+    def kv_layer_bytes(self) -> int:
+        """K and V of one layer (float16 (1, Hkv, n_ctx, D) each)."""
+        c = self.config
+        return 2 * c.n_head_kv * self.n_ctx * c.head_dim * 2
 
     def slot_bytes(self, streamed) -> int:
         return max((self.layer_ls[i].nbytes for i in streamed), default=0)
@@ -76,19 +117,16 @@ class StreamPlacement:
                     need += [raw_nbytes(self.tensors, name) for name, _ in p.sources]
         return max(need)
 
-    def kv_layer_bytes(self) -> int:
-        """K and V of one layer (float16 (1, Hkv, n_ctx, hd) each)."""
-        return 2 * self.c.n_head_kv * self.n_ctx * self.c.head_dim * 2
-
-    def pool_plan(self, resident, shuttle: bool = False) -> PoolPlan:
+    def pool_plan(self, resident, shuttle: bool, n_slots: int) -> PoolPlan:
         resident = set(resident)
-        streamed = [i for i in range(self.L) if i not in resident]
+        streamed = [i for i in range(self.n_layers) if i not in resident]
+        slots = min(n_slots, len(streamed))   # fewer streamed layers than slots: one slot each
         plan = PoolPlan()
         plan.add("weights.globals", self.glob_l.nbytes, "weights")
         for i in sorted(resident):
             plan.add(f"weights.layer{i}", self.layer_ls[i].nbytes, "weights")
         if streamed:
-            for j in range(self.slot_count(streamed)):
+            for j in range(slots):
                 plan.add(f"stream.slot{j}", self.slot_bytes(streamed), "weights")
             for j in range(STAGING_BUFFERS):
                 plan.add(f"stream.staging{j}", self.staging_bytes(streamed), "scratch")
@@ -96,49 +134,182 @@ class StreamPlacement:
         if shuttle and streamed:
             if resident:
                 plan.add("kv", len(resident) * kv_b, "kv")
-            for j in range(self.slot_count(streamed)):
+            for j in range(slots):
                 plan.add(f"stream.kvslot{j}", kv_b, "kv")
         else:
-            plan.add("kv", self.L * kv_b, "kv")
-        plan_buffers(plan, self.c, self.rows, self.hr)
+            plan.add("kv", self.n_layers * kv_b, "kv")
+        plan_buffers(plan, self.config, self.rows, self.hr)
         plan.add("scratch", self.scratch_b, "scratch")
         return plan
 
-    def total(self, n_resident: int, shuttle: bool = False) -> int:
-        return self.pool_plan(self.resident_for(n_resident), shuttle).total
-
-    def bytes_per_pass(self, n_resident: int, shuttle: bool) -> int:
-        """Bytes a forward pass streams at full context: streamed blocks, plus each shuttled
-        layer's KV up and back (make_plan's measure)."""
-        res = set(self.resident_for(n_resident))
-        streamed = [i for i in range(self.L) if i not in res]
+    def bytes_per_pass(self, resident, shuttle: bool) -> int:
+        """Bytes a forward pass streams at full context: the streamed blocks, plus each shuttled
+        layer's KV up before its compute and back after it."""
+        streamed = [i for i in range(self.n_layers) if i not in set(resident)]
         kv = 2 * len(streamed) * self.kv_layer_bytes() if shuttle else 0
         return sum(self.layer_ls[i].nbytes for i in streamed) + kv
 
-    def _most_resident(self, budget: int, shuttle: bool) -> int | None:
-        """The most resident layers (< all) whose pool fits with this KV placement, or None."""
-        for n in range(self.L - 1, -1, -1):
-            if self.total(n, shuttle) <= budget:
-                return n
-        return None
 
-    def choose(self, budget: int, shuttle: bool | None = None) -> tuple[tuple[int, ...], bool]:
-        """(resident layers, KV shuttled?) whose exact pool fits `budget`. shuttle None: the
-        placement streaming the fewest bytes per pass (KV in VRAM on a tie), so the shuttle when KV
-        in VRAM does not fit; True/False force it. PlanError naming the minimum when nothing fits."""
-        if self.total(self.L) <= budget:    # all resident: nothing streams, nothing is shuttled
-            return self.resident_for(self.L), False
-        options = []
-        for sh in ((False, True) if shuttle is None else (bool(shuttle),)):
-            n = self._most_resident(budget, sh)
-            if n is not None:
-                options.append((self.bytes_per_pass(n, sh), sh, n))
-        if options:
-            _, sh, n = min(options)
-            return self.resident_for(n), sh
-        sh = shuttle is not False
-        low = self.pool_plan((), sh)
-        kv = ("KV of streamed layers shuttled through pinned RAM" if sh else
-              f"KV cache of {self.n_ctx} tokens in VRAM, the shuttle off")
-        raise PlanError(f"VRAM budget {fmt_bytes(budget)} is below the streaming minimum "
-                        f"{fmt_bytes(low.total)} ({low.report()}; {kv})")
+@dataclass(frozen=True)
+class Placement:
+    vram_budget: int
+    n_ctx: int
+    resident_layers: tuple[int, ...]
+    streamed_layers: tuple[int, ...]
+    slots: int                       # device slots the streamed layers pass through (0: none stream)
+    slot_bytes: int
+    staging_bytes: int               # each of the STAGING_BUFFERS repack staging buffers
+    kv_placement: str                # "vram" | "shuttle"
+    kv_layer_bytes: int
+    vram_bytes: int                  # the pool's size
+    breakdown: dict                  # pool bytes by kind (weights, kv, activations, scratch)
+    bytes_streamed_per_pass: int     # at full context, shuttled KV included
+    pcie_gbps: float
+    pcie_rate_measured: bool
+    pcie_bound_s: float
+    host_buffers: int                # pinned staging ring: buffers of the largest streamed file window
+    host_buffer_bytes: int
+    windows: dict                    # streamed layer -> (file offset, nbytes) of its window
+    ram_tier_bytes: int              # streamed windows kept pinned after their first read
+    host_kv_bytes: int               # pinned KV of the shuttled layers (the start-up cache)
+    pool: PoolPlan = field(repr=False, compare=False, default=None)
+    footprint: Footprint = field(repr=False, compare=False, default=None)
+
+    @property
+    def streams(self) -> bool:
+        return bool(self.streamed_layers)
+
+    @property
+    def shuttle(self) -> bool:
+        return self.kv_placement == "shuttle"
+
+    @property
+    def host_pinned_bytes(self) -> int:
+        return self.host_buffers * self.host_buffer_bytes + self.ram_tier_bytes + self.host_kv_bytes
+
+    @property
+    def decode_bound_tok_s(self) -> float | None:
+        """Batch-1 decode tokens/s the PCIe link allows (None when nothing streams)."""
+        return 1.0 / self.pcie_bound_s if self.pcie_bound_s > 0 else None
+
+    def to_dict(self) -> dict:
+        """Plain data (what `aircupy inspect --json` prints under "plan")."""
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k not in ("pool", "footprint")}
+        d["resident_layers"] = list(self.resident_layers)
+        d["streamed_layers"] = list(self.streamed_layers)
+        d["host_pinned_bytes"] = self.host_pinned_bytes
+        d["decode_bound_tok_s"] = self.decode_bound_tok_s
+        d["windows"] = {str(i): list(w) for i, w in self.windows.items()}
+        d["regions"] = {r.name: r.nbytes for r in self.pool.regions.values()}
+        return d
+
+    def report(self) -> str:
+        kv = "; KV of streamed layers shuttled" if self.shuttle else ""
+        return (f"{len(self.resident_layers)} resident / {len(self.streamed_layers)} streamed layers "
+                f"(budget {fmt_bytes(self.vram_budget)}{kv})")
+
+
+def _choose(fp: Footprint, budget: int, s: PlacementSettings) -> tuple[tuple[int, ...], bool]:
+    L = fp.n_layers
+    if s.n_resident is not None:
+        if not 0 <= s.n_resident <= L:
+            raise PlanError(f"n_resident must be 0 .. {L}, got {s.n_resident}")
+        resident = resident_set(L, s.n_resident)
+        if s.kv_shuttle is None:
+            shuttle = fp.pool_plan(resident, False, s.slots).total > budget
+        else:
+            shuttle = bool(s.kv_shuttle)
+        return resident, shuttle and s.n_resident < L
+    if fp.pool_plan(range(L), False, s.slots).total <= budget:
+        return resident_set(L, L), False        # all resident: nothing streams or is shuttled
+    options = []
+    for sh in ((False, True) if s.kv_shuttle is None else (bool(s.kv_shuttle),)):
+        for n in range(L - 1, -1, -1):
+            res = resident_set(L, n)
+            if fp.pool_plan(res, sh, s.slots).total <= budget:
+                options.append((fp.bytes_per_pass(res, sh), sh, n))
+                break
+    if options:
+        _, sh, n = min(options)
+        return resident_set(L, n), sh
+    sh = s.kv_shuttle is not False
+    low = fp.pool_plan((), sh, s.slots)
+    kv = ("KV of streamed layers shuttled through pinned RAM" if sh else
+          f"KV cache of {fp.n_ctx} tokens in VRAM, the shuttle off")
+    raise PlanError(f"VRAM budget {fmt_bytes(budget)} is below the streaming minimum "
+                    f"{fmt_bytes(low.total)} ({low.report()}; {kv})")
+
+
+def minimum_budget(fp: Footprint, settings: PlacementSettings | None = None) -> int:
+    """The smallest budget `place` accepts (everything streamed, KV shuttled unless forced off)."""
+    s = settings or PlacementSettings()
+    return fp.pool_plan((), s.kv_shuttle is not False, s.slots).total
+
+
+def place(fp: Footprint, vram_budget: int, settings: PlacementSettings | None = None) -> Placement:
+    s = settings or PlacementSettings()
+    if s.slots < 3:
+        raise PlanError(f"streaming needs at least 3 slots (compute, upload, prefetch), got {s.slots}")
+    budget = int(vram_budget)
+    resident, shuttle = _choose(fp, budget, s)
+    pool = fp.pool_plan(resident, shuttle, s.slots)
+    if pool.total > budget:
+        pool.check_budget(budget, "the forced placement")
+    streamed = tuple(i for i in range(fp.n_layers) if i not in set(resident))
+    window_b = max((fp.windows[i][1] for i in streamed), default=0)
+    streamed_b = sum(fp.windows[i][1] for i in streamed)
+    if s.ram_tier_bytes is not None:
+        tier = int(s.ram_tier_bytes) if streamed else 0
+    else:
+        tier = max(0, min(streamed_b, (s.host_ram_bytes or 0) // 2))
+    per_pass = fp.bytes_per_pass(resident, shuttle)
+    gbps = s.pcie_gbps or ASSUMED_PCIE_GBPS
+    return Placement(
+        vram_budget=budget, n_ctx=fp.n_ctx, resident_layers=tuple(resident), streamed_layers=streamed,
+        slots=min(s.slots, len(streamed)), slot_bytes=fp.slot_bytes(streamed),
+        staging_bytes=fp.staging_bytes(streamed) if streamed else 0,
+        kv_placement="shuttle" if shuttle else "vram", kv_layer_bytes=fp.kv_layer_bytes(),
+        vram_bytes=pool.total, breakdown=pool.by_kind(), bytes_streamed_per_pass=per_pass,
+        pcie_gbps=gbps, pcie_rate_measured=s.pcie_gbps is not None, pcie_bound_s=per_pass / (gbps * 1e9),
+        host_buffers=s.slots + 2 if streamed else 0, host_buffer_bytes=window_b,
+        windows={i: fp.windows[i] for i in streamed},
+        ram_tier_bytes=tier, host_kv_bytes=len(streamed) * fp.kv_layer_bytes() if shuttle else 0,
+        pool=pool, footprint=fp)
+
+
+@dataclass(frozen=True)
+class CudaOptions:
+    """Knobs for tests and benchmarks; the defaults are what the engine runs."""
+    use_graphs: bool = True            # replay decode steps and prefill chunks as CUDA graphs
+    prefill_rows: int = PREFILL_ROWS   # tokens per prefill pass
+    prefill_graph_slots: int = 4       # prefill graphs kept (one per chunk length), 0: none
+    slots: int = 3                     # streaming slots
+    n_resident: int | None = None      # force the resident layer count (spread); the pool must fit
+    kv_shuttle: bool | None = None     # force the KV shuttle on or off
+    ram_tier_bytes: int | None = None  # force the RAM tier's capacity (None: half the available RAM)
+
+
+def placement_settings(options: CudaOptions, host_ram_bytes: int | None,
+                       pcie_gbps: float | None = None) -> PlacementSettings:
+    """The planner's settings for these options: the model and `aircupy inspect` both go through it."""
+    return PlacementSettings(slots=options.slots, kv_shuttle=options.kv_shuttle,
+                             n_resident=options.n_resident, host_ram_bytes=host_ram_bytes,
+                             ram_tier_bytes=options.ram_tier_bytes, pcie_gbps=pcie_gbps)
+
+
+def plan_model(g, config, n_ctx: int, vram_budget: int, options: CudaOptions | None = None,
+               host_ram_bytes: int | None = None, pcie_gbps: float | None = None,
+               footprint: Footprint | None = None) -> Placement:
+    """The placement of an open GGUFFile's model at this budget (for the model: the budget after the
+    device's free memory is taken into account). CudaModel builds exactly this, and `aircupy inspect
+    --vram-budget` prints it. footprint: Footprint.of(g, config, n_ctx, options.prefill_rows) when
+    the caller has it already."""
+    o = options or CudaOptions()
+    fp = footprint or Footprint.of(g, config, n_ctx, o.prefill_rows)
+    return place(fp, vram_budget, placement_settings(o, host_ram_bytes, pcie_gbps))
+
+
+def effective_budget(vram_budget: int | None, free_bytes: int) -> int:
+    """The pool's budget: the stated one, never more than free device memory minus POOL_MARGIN."""
+    room = max(0, int(free_bytes) - POOL_MARGIN)
+    return room if vram_budget is None else min(int(vram_budget), room)

@@ -47,7 +47,7 @@ class DeviceSampler:
 
 class DeviceSampling:
     def __init__(self, model, use_graphs: bool):
-        from aircupy.cuda.model import CudaKVCache
+        from aircupy.cuda.kv import CudaKVCache
         self.m = model
         b = model.buf
         self.io = PinnedIO(b.io)

@@ -29,7 +29,7 @@ import itertools
 
 import numpy as np
 
-from aircupy.cuda.model import CudaKVCache
+from aircupy.cuda.kv import CudaKVCache
 
 _H2D, _D2H = 1, 2   # cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost
 

@@ -1,15 +1,15 @@
 """Weight tables: a layer's (or the globals') device views, bound to wherever its block lives.
 
     table = bind(layout, block)      # block: cupy uint8 array of layout.nbytes (pool region or slot)
-    fill(layout, block, tensors, lib, staging)   # raw GGUF bytes -> packed device layout
 
 A table names every weight the forward pass uses; matrices are QWeight (packed bytes + type + (N, K)),
-vectors float32 cupy arrays, absent roles None. Resident models bind each layer once to its pool
-region; the streaming model binds each slot once per layer layout and swaps tables, not code.
+vectors float32 cupy arrays, absent roles None. Resident layers are bound once to their pool regions;
+a streaming slot is bound once per layer layout and the pass swaps tables, not code. The forward pass
+gets its tables from a weight source (begin_pass / acquire / release / end_pass / abort):
+ResidentWeights here, StreamedWeights (cuda/streamed.py) when layers stream.
 
-The models load through model/staged_fill.py (sequential pinned reads overlapped with the uploads,
-issue 5); fill is the per-tensor path it replaced, kept as the reference the GPU test
-(tests/gpu/test_cold_load.py) compares the staged load's bytes with.
+Every upload path (the staged load, cuda/load.py, and a streamed slot's fill) converts vectors with
+vector_values and repacks with repack_source, so a block's bytes do not depend on the path.
 """
 from __future__ import annotations
 
@@ -70,51 +70,59 @@ def bind(layout: BlockLayout, block) -> WeightTable:
     return table
 
 
-def _host_vector(p, tensors) -> np.ndarray:
-    """The piece's float32 values: its sources dequantized and placed at their rows (zeros elsewhere)."""
+def vector_values(p, raw) -> np.ndarray:
+    """A vector piece's float32 values (p.shape[0],): each source tensor dequantized and placed at its
+    rows, zeros elsewhere (a bias only some of q/k/v carry). raw: tensor name -> (bytes, ggml type,
+    shape), the source's bytes as stored in the file. The one conversion of vectors: the staged load,
+    the streamed slots and the tests' reference upload all use it."""
     out = np.zeros(p.shape[0], dtype=np.float32)
     for name, row0 in p.sources:
-        info = tensors[name]
-        v = dequantize(info.data, info.ggml_type, info.shape).reshape(-1)
+        data, t, shape = raw[name]
+        v = dequantize(data, t, shape).reshape(-1)
         out[row0:row0 + v.size] = v
     return out
 
 
-def fill(layout: BlockLayout, block, tensors, lib, staging, stream) -> int:
-    """Upload every piece of `layout` from the file into `block`; returns bytes read from the file.
-
-    Types the kernels read as stored go straight from the mmap to their rows; types that need the
-    packed layout go through `staging` (device uint8, >= the largest such tensor) and ops.repack.
-    Every copy and repack is ordered on `stream` (a copy from pageable memory returns once the bytes
-    are staged, so the host buffer is free; the next copy into `staging` waits for the repack before
-    it in stream order). The stream is synchronized once at the end."""
+def repack_source(lib, stage, dst, piece, ggml_type, src_shape, row0: int, stream) -> None:
+    """ops.repack of one source tensor (its raw bytes in device `stage`) into its rows of `piece`
+    (device `dst`, the piece's bytes) on `stream`: the one repack call of every upload path."""
     from aircupy.cuda import ops
-    from aircupy.cuda.ops.packing import needs_repack
+    if len(piece.sources) == 1:
+        ops.repack(lib, stage, dst, ggml_type, src_shape, stream=stream)
+    else:
+        ops.repack(lib, stage, dst, ggml_type, src_shape, row0=row0, dst_rows=piece.shape[0],
+                   stream=stream)
 
-    read = 0
-    for p in layout.pieces.values():
-        dst = block[p.offset:p.offset + p.nbytes]
-        if not p.is_matrix:
-            host = _host_vector(p, tensors)
-            dst[:host.nbytes].view(np.float32).set(host, stream=stream)
-            read += sum(tensors[n].nbytes for n, _ in p.sources)
-            continue
-        t, (n_rows, k) = p.ggml_type, p.shape
-        for name, row0 in p.sources:
-            info = tensors[name]
-            src = np.ascontiguousarray(info.data)
-            read += src.nbytes
-            if not needs_repack(t):
-                off = row0 * row_nbytes(t, k)
-                dst[off:off + src.nbytes].data.copy_from_host_async(src.ctypes.data, src.nbytes,
-                                                                    stream)
-                continue
-            stage = staging[:src.nbytes]
-            stage.data.copy_from_host_async(src.ctypes.data, src.nbytes, stream)
-            with stream:
-                if len(p.sources) == 1:
-                    ops.repack(lib, stage, dst, t, info.shape)
-                else:
-                    ops.repack(lib, stage, dst, t, info.shape, row0=row0, dst_rows=n_rows)
-    stream.synchronize()
-    return read
+
+def direct_offset(piece, row0: int) -> int:
+    """Byte offset in `piece` of row `row0`, for types the kernels read as stored (no repack)."""
+    return row0 * row_nbytes(piece.ggml_type, piece.shape[1])
+
+
+class ResidentWeights:
+    """The weight source of layers that live in the pool: the forward pass's acquire(i) is a lookup.
+    The streamed source (cuda/streamed.py StreamedWeights) answers the same five calls."""
+
+    def __init__(self, tables: list[WeightTable]):
+        self.tables = tables
+
+    def begin_pass(self, kv) -> None:
+        pass
+
+    def acquire(self, i: int) -> WeightTable:
+        return self.tables[i]
+
+    def release(self, i: int) -> None:
+        pass
+
+    def end_pass(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+    def stats(self) -> dict:
+        return {}
+
+    def close(self) -> None:
+        pass

@@ -71,9 +71,8 @@ def select_backend(name: str, notice=None) -> str:
 def load_model(backend: str, g, config, *, vram_budget: int | None = None, n_ctx: int | None = None,
                progress=None, read_ahead=None):
     """The backend's model object (new_cache / forward) for an open GGUFFile and its ModelConfig;
-    n_ctx lets the CUDA backend size its KV cache within the VRAM budget; read_ahead: a cold-start
-    page-cache warmer the caller started (loader.read_ahead.ReadAhead; the CUDA model takes it over),
-    None for the model's own."""
+    n_ctx lets the CUDA backend size its KV cache within the VRAM budget; read_ahead: the warmer
+    start_warmer returned (the CUDA model takes it over), None for the model's own."""
     if backend == "cuda":
         probe = _device_probe()
         if probe is None:
@@ -82,6 +81,18 @@ def load_model(backend: str, g, config, *, vram_budget: int | None = None, n_ctx
                                 read_ahead=read_ahead)
     from aircupy.reference.model import NumpyModel  # the numpy reference forward; ignores vram_budget
     return NumpyModel(g, config)
+
+
+def start_warmer(path: Path, backend: str):
+    """The whole-file page-cache warmer of the CUDA backend, started before the header is parsed,
+    when that backend may be chosen (asked for, or "auto" with cupy installed: found without
+    importing it); else None. The caller hands it to load_model or closes it."""
+    if backend not in ("cuda", "auto") or importlib.util.find_spec("cupy") is None:
+        return None
+    probe = _device_probe()
+    if probe is None:
+        return None
+    return probe.start_warmer(path, path.stat().st_size)
 
 
 def default_model_path() -> Path:

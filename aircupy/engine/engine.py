@@ -12,13 +12,12 @@ exhausted or closed; closing it (generator.close(), or dropping it) stops decodi
 from __future__ import annotations
 
 import errno
-import importlib.util
 import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from aircupy.engine.backend import load_model, select_backend
+from aircupy.engine.backend import load_model, select_backend, start_warmer
 from aircupy.engine.params import SamplingParams, parse_size
 from aircupy.engine.request import KVState, Request
 from aircupy.engine.results import GenerationResult
@@ -48,10 +47,10 @@ class Engine:
             raise IsADirectoryError(errno.EISDIR, "is a directory, not a GGUF file", str(path))
         budget = parse_size(vram_budget) if vram_budget is not None else None
         report = progress or (lambda stage: None)
-        # Cold start (issue 5): where the CUDA backend may run, the disk starts reading the whole
-        # file into the page cache now, in a child process, while this one parses the header,
-        # builds the tokenizer, imports cupy and sets up the GPU; the CUDA model takes it over.
-        warmer = _start_warmer(path, backend)
+        # Cold start: where the CUDA backend may run, the disk starts reading the whole file into
+        # the page cache now, while this process parses the header, builds the tokenizer, imports
+        # cupy and sets up the GPU; the CUDA model takes the warmer over.
+        warmer = start_warmer(path, backend)
         # Imported here: `import aircupy.engine` stays light, and these are other packages' modules.
         from aircupy.config import ModelConfig
         from aircupy.gguf.chat_template import ChatTemplate
@@ -76,9 +75,9 @@ class Engine:
             if warmer is None:
                 self.tokenizer, self.chat_template = text_side()
             else:
-                # Beside the weights' load: built first, it held back the load by 0.3-0.8 s of a
-                # cold start, and TTFT is the disk's time only if the load keeps up with the disk
-                # (issue 5). Its errors are raised once the load is done.
+                # Beside the weights' load: built first, it would hold the load back, and a cold
+                # start's TTFT is the disk's time only if the load keeps up with the disk. Its
+                # errors are raised once the load is done.
                 text = _Background(text_side, "aircupy-tokenizer")
             self.n_ctx = self._resolve_n_ctx(n_ctx)
             # After the cheap checks of the file (a bad file is reported without a backend notice first),
@@ -100,9 +99,8 @@ class Engine:
                 warmer.close()
             if text is not None:
                 text.join()
-            close_model = getattr(self.model, "close", None)
-            if close_model is not None:
-                close_model()
+            if self.model is not None:
+                self.model.close()
             self.gguf.close()
             raise
         self.model_path = path
@@ -228,8 +226,9 @@ class Engine:
         c["decode_tokens_per_s"] = c["decode_steps"] / c["decode_seconds"] if c["decode_seconds"] > 0 else 0.0
         c.update(load_seconds=self.load_s, n_ctx=self.n_ctx, kv_cache_tokens=len(self._kv.ids),
                  busy=int(self._lock.locked()))
-        if callable(getattr(self.model, "stats", None)):   # a streamed CUDA model's figures
-            c["streaming"] = self.model.stats()
+        model = self.model.stats()
+        if model.get("streamed_layers"):        # a streamed model's placement and streaming figures
+            c["streaming"] = model
         return c
 
     @contextmanager
@@ -252,9 +251,7 @@ class Engine:
 
     # -- lifetime --------------------------------------------------------------------------------------
     def close(self) -> None:
-        close_model = getattr(self.model, "close", None)   # the streamed model's readers
-        if close_model is not None:
-            close_model()
+        self.model.close()
         self.gguf.close()
 
     def __enter__(self) -> "Engine":
@@ -290,15 +287,6 @@ class _Background:
         if self._error is not None:
             raise self._error
         return self._value
-
-
-def _start_warmer(path: Path, backend: str):
-    """The whole-file page-cache warmer (model.staged_fill.warm_file) when the CUDA backend may be
-    chosen (asked for, or "auto" with cupy installed: found without importing it); else None."""
-    if backend not in ("cuda", "auto") or importlib.util.find_spec("cupy") is None:
-        return None
-    from aircupy.cuda.load import warm_file
-    return warm_file(path, path.stat().st_size)
 
 
 def _is_int(x) -> bool:

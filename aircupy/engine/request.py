@@ -37,9 +37,9 @@ class KVState:
         self.cache.truncate(0)
         self.ids = []
 
-    def prefill(self, prompt_ids: list[int], device_sampler=None) -> tuple[np.ndarray | int, int]:
-        """Logits (1, vocab) after the whole prompt — or, with a device_sampler, the id sampled from them
-        on the device — and how many prompt tokens were reused from the cache.
+    def prefill(self, prompt_ids: list[int], sampler=None) -> tuple[np.ndarray | int, int]:
+        """After the whole prompt: its last logits (1, vocab), or with a model-side `sampler` the id
+        the model sampled from them (feed_sample); and how many prompt tokens were reused.
 
         The longest common prefix with what the cache holds is kept (cache.truncate), but never the whole
         prompt: its last token must run again to produce the logits.
@@ -52,30 +52,34 @@ class KVState:
         reused = n
         self.cache.truncate(n)
         self.ids = self.ids[:n]
-        logits = None
+        out = None
         while n < len(prompt_ids):
             chunk = prompt_ids[n:n + PREFILL_CHUNK]
             last = n + len(chunk) == len(prompt_ids)
-            logits = self.feed(chunk, device_sampler if last else None)
+            out = self.feed_sample(chunk, sampler) if last and sampler is not None else self.feed(chunk)
             n += len(chunk)
-        return logits, reused
+        return out, reused
 
-    def feed(self, ids: list[int], device_sampler=None) -> np.ndarray | int:
-        """Run `ids` after the cached tokens: the last position's logits, or with a device_sampler the
-        next id sampled on the device (only the id crosses to the host). On any failure forget the
-        cache rather than trust it."""
+    def feed(self, ids: list[int]) -> np.ndarray:
+        """Run `ids` after the cached tokens; the last position's logits (1, vocab)."""
+        return self._run(ids, lambda *args: self.model.forward(*args))
+
+    def feed_sample(self, ids: list[int], sampler) -> int:
+        """Run `ids` after the cached tokens; the next id, sampled by the model from the last position
+        (on the GPU only the id crosses to the host)."""
+        return self._run(ids, lambda *args: self.model.forward_sample(*args, sampler))
+
+    def _run(self, ids: list[int], step):
+        """On any failure forget the cache rather than trust it."""
         start = len(self.ids)
-        args = (np.asarray(ids, dtype=np.int32), np.arange(start, start + len(ids), dtype=np.int32), self.cache)
         try:
-            if device_sampler is not None:
-                logits = self.model.forward_sample(*args, device_sampler)
-            else:
-                logits = self.model.forward(*args)
+            out = step(np.asarray(ids, dtype=np.int32), np.arange(start, start + len(ids), dtype=np.int32),
+                       self.cache)
         except BaseException:
             self.reset()
             raise
         self.ids.extend(int(t) for t in ids)
-        return logits
+        return out
 
 
 class Request:
@@ -149,17 +153,16 @@ class Request:
             if finish is not None:
                 return
             t_step = time.perf_counter()
-            logits = kv.feed([t_id], device)
+            logits = kv.feed([t_id]) if device is None else kv.feed_sample([t_id], device)
             timer.decode_steps += 1
 
     def _device_sampler(self, model):
-        """The model's device sampler when it has one and it covers these parameters (GPU backend:
-        temperature, top-k/p, min-p, seed), so that only token ids cross to the host; None otherwise
-        (numpy backend; logprobs, logit bias or penalties, which the host sampler applies to logits)."""
-        if self.logprobs is not None or not hasattr(model, "forward_sample"):
+        """The model's own sampler when it covers these parameters (GPU backend: temperature,
+        top-k/p, min-p, seed), so that only token ids cross to the host; None otherwise (numpy
+        backend; logprobs, logit bias or penalties, which the host sampler applies to logits)."""
+        if self.logprobs is not None:
             return None
-        s = model.new_sampler(self.params)
-        return s if s.supported else None
+        return model.new_sampler(self.params)
 
     def _logprob(self, row: np.ndarray, t_id: int) -> TokenLogprob:
         text = self.engine.tokenizer.token_text

@@ -42,7 +42,8 @@ class _Layer:
 
 class NumpyModel:
     """model = NumpyModel(g, config); cache = model.new_cache(n_ctx);
-    logits = model.forward(token_ids (T,), positions (T,), cache, all_logits=False)."""
+    logits = model.forward(token_ids (T,), positions (T,), cache, all_logits=False).
+    Implements the engine's Model protocol (engine/model.py); sampling happens on the host."""
 
     def __init__(self, g, config: ModelConfig):
         self.config = config
@@ -148,6 +149,20 @@ class NumpyModel:
         if c.final_softcap:
             logits = ref.softcap(logits, c.final_softcap)
         return logits
+
+    def new_sampler(self, params) -> None:
+        """The numpy backend samples on the host from forward()'s logits (engine/sampler.py)."""
+        return None
+
+    def forward_sample(self, token_ids, positions, cache: KVCache, sampler) -> int:
+        raise InvalidParameterError("sampler", "the numpy backend has no model-side sampler: "
+                                               "sample forward()'s logits on the host")
+
+    def stats(self) -> dict:
+        return {}
+
+    def close(self) -> None:
+        pass
 
     def _layer(self, i, L: _Layer, x, positions, k_pos, rope, cache: KVCache) -> np.ndarray:
         c = self.config

@@ -1,7 +1,7 @@
 """The layer streamer: file windows -> pinned host buffers -> device slots, overlapped with compute.
 
-    streamer = LayerStreamer(schedule, windows, slots, fill, stager, compute_stream)
-    streamer.begin_pass(kv=None)        # kv: the pass's KV shuttle (model/kv_shuttle.PassKV) or None
+    streamer = LayerStreamer(schedule, windows, slots, fill, stager, compute_stream, cuda=cupy.cuda)
+    streamer.begin_pass(kv=None)        # kv: the pass's KV shuttle (cuda/shuttle.PassKV) or None
     for i in range(n_layers):
         slot = streamer.acquire(i)      # None: resident; else the compute stream now waits for the
         ...run layer i on slots[slot]   #   upload that filled the slot
@@ -12,7 +12,7 @@ Three engines run at once: reader threads (Stager) preadv windows into pinned ho
 ahead of the uploads; a dedicated copy stream uploads a window into its slot (`fill`: raw bytes ->
 device staging -> repack into the slot's packed layout) once the compute that last used the slot is
 done; the compute stream waits only for the upload of the layer it is about to run. The order comes
-from SlotSchedule (loader/schedule.py); this class only turns it into events, copies and reads.
+from SlotSchedule (stream/schedule.py); this class only turns it into events, copies and reads.
 
 KV shuttle (a `kv` object given to begin_pass): the KV of a streamed layer rides up with its
 weights into the KV slot paired with its weight slot, and its new rows go back after its compute,
@@ -30,8 +30,8 @@ after its DMA finished. Reads run `lookahead` steps ahead of uploads; with n_buf
 Stager recycles the buffer of an upload two steps behind the newest one, so the host rarely blocks
 while the GPU has nothing queued.
 
-cupy is used through the streams and events passed in (and imported lazily here): this module is
-part of the CUDA-free core's import graph.
+CUDA is injected (the streams, events and the `cuda` module passed in): this module imports no cupy,
+and tests/helpers/fake_streams.py runs it on the CPU.
 """
 from __future__ import annotations
 
@@ -44,16 +44,13 @@ from aircupy.stream.schedule import Compute, SlotSchedule, Upload
 
 class LayerStreamer:
     def __init__(self, schedule: SlotSchedule, windows: dict[int, tuple[int, int]], slots: list,
-                 fill, stager, compute_stream, copy_stream=None, lookahead: int | None = None,
-                 cuda=None):
+                 fill, stager, compute_stream, copy_stream=None, lookahead: int | None = None, *,
+                 cuda):
         """windows: layer -> (file offset, nbytes); slots: device uint8 blocks; fill(layer,
         host_view uint8 (nbytes,), slot_block, stream) enqueues the upload of one window and returns
         None, or an event that completes the slot when work outside `stream` finishes it (repacks).
-        cuda: the module providing Stream, Event, get_elapsed_time (cupy.cuda; tests pass a
-        simulator of streams and events)."""
-        if cuda is None:
-            import cupy
-            cuda = cupy.cuda
+        cuda: the module providing Stream, Event, get_elapsed_time (cupy.cuda from the CUDA model;
+        tests pass a simulator of streams and events)."""
         self._cuda = cuda
         self.sched, self.windows, self.slots, self.fill = schedule, windows, slots, fill
         self.stager = stager

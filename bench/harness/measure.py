@@ -131,7 +131,7 @@ def run_aircupy(path, placement, prompts: dict[str, int], n_gen: int, ttft_promp
     note = ""
     try:
         m, load_s = open_model(g, c, n_ctx, resident, placement.budget_bytes)
-    except Exception as e:        # the exact pool can exceed the plan's estimate by a few MiB
+    except Exception as e:        # e.g. less free device memory than the budget
         if placement.budget_bytes is None:
             raise
         m, load_s = open_model(g, c, n_ctx, resident, None)
@@ -140,10 +140,9 @@ def run_aircupy(path, placement, prompts: dict[str, int], n_gen: int, ttft_promp
     out = measure(m, c, prompts, n_gen, ttft_prompt=ttft_prompt, reps=reps)
     out.update(placement_stats(m), load_s=round(load_s, 2), bench_s=round(time.perf_counter() - t0, 1))
     out["peak_vram_bytes"] = vram_used_bytes() - base
-    out["n_resident"] = len(getattr(m, "resident_layers", range(c.n_layers)))
+    out["n_resident"] = len(m.placement.resident_layers)
     out["allocation"] = m.allocation_report()
-    if hasattr(m, "close"):
-        m.close()
+    m.close()
     del m
     g.close()
     out["note"] = note

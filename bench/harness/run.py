@@ -63,7 +63,7 @@ def describe(p: Placement, real: bool, opt: Options) -> str:
         lines.append(f"  pool: {p.plan['pool_bytes'] / 2**30:.2f} GiB, {p.plan['slots']} slots, "
                      f"{p.plan['bytes_streamed_per_pass'] / 1e9:.2f} GB streamed per pass, PCIe bound "
                      f"{p.plan['pcie_bound_s']:.3f} s/pass")
-    kind = "CudaModel (resident)" if p.resident else f"StreamedCudaModel(n_resident={p.n_resident})"
+    kind = "CudaModel (resident)" if p.resident else f"CudaModel(n_resident={p.n_resident}, streamed)"
     lines.append(f"  aircupy: {kind}; prefill {list(PROMPTS.values())}, decode {n_gen}, TTFT "
                  f"{TTFT_PROMPT}, reps {opt.reps}")
     cmd = llama_bench_cmd(opt.llama_bench or "llama-bench", path, sorted(PROMPTS.values()), n_gen,

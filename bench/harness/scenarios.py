@@ -64,29 +64,12 @@ class Placement:
     budget_bytes: int | None     # None: whole model resident, no budget
     ngl: int                     # llama.cpp -ngl
     model_bytes: int             # file size
-    plan: dict | None            # make_plan(...).to_dict() summary (None when resident)
+    plan: dict | None            # the planner's placement, summarised (None when resident)
     note: str = ""
 
     @property
     def resident(self) -> bool:
         return self.n_resident == self.n_layers
-
-
-def minimum_budget(manifest, config, settings, kv_in_vram: bool = False) -> int:
-    """The smallest budget make_plan accepts: globals + workspace + slots x (slot + one layer's KV),
-    the KV of streamed layers shuttling; kv_in_vram=True: with every layer's KV in VRAM instead
-    (StreamedCudaModel's choice at such a budget: the shuttle would move more bytes per pass
-    than the layers it frees room for), which is what "0%" means.
-    Mirrors make_plan's arithmetic (tests hold the two together)."""
-    from aircupy.cuda.plan import kv_layer_bytes, workspace_bytes
-
-    def up(n):
-        return -(-n // 256) * 256
-    globals_b = sum(up(c.tensor_bytes) for c in manifest.globals)
-    kv = kv_layer_bytes(config, settings)
-    kv_total = manifest.n_layers * kv if kv_in_vram else settings.slots * kv
-    return (globals_b + workspace_bytes(config, manifest, settings)
-            + settings.slots * up(manifest.max_layer_bytes) + kv_total)
 
 
 def parse_bytes(text: str) -> int:
@@ -100,47 +83,35 @@ def parse_bytes(text: str) -> int:
 def expand(s: Scenario, g, n_ctx: int, prefill_chunk: int = 512) -> Placement:
     """The placement of scenario `s` on model `g` (GGUFFile or models.virtual_gguf).
 
-    Budgets and resident counts come from the exact device pool the streamed model allocates
-    (model.stream_placement.StreamPlacement, KV in VRAM), so aircupy runs within the stated budget
-    and llama.cpp gets the same layer count: "P%" = the pool with 0 resident layers + round(P/100 x
-    n_layers) x the largest layer block; "0layers" = the pool with 0 resident layers; an absolute
-    budget = as given. make_plan's view of the same budget (an estimate that errs high) is kept in
-    `plan` for the record."""
+    Budgets and resident counts come from the planner the CUDA model uses (cuda/placement.py, KV in
+    VRAM), so aircupy runs within the stated budget and llama.cpp gets the same layer count: "P%" =
+    the pool with 0 resident layers + round(P/100 x n_layers) x the largest layer block; "Nlayers" =
+    the pool with N resident layers; an absolute budget = as given."""
     from aircupy.config import ModelConfig
-    from aircupy.stream.manifest import build_manifest
-    from aircupy.cuda.plan import DEFAULT_PCIE_GBPS, PlanError, PlanSettings, make_plan
-    from aircupy.cuda.placement import StreamPlacement
+    from aircupy.cuda.placement import Footprint, PlacementSettings, place, resident_set
 
     c = ModelConfig.from_gguf(g)
     L = c.n_layers
     if s.budget == "resident":
         return Placement(s, L, L, None, 99, g.file_size, None, "all layers and the head on the GPU")
-    sp, _, layer_ls = StreamPlacement.for_model(g, c, n_ctx, prefill_chunk, 3)
-    floor = sp.pool_plan((), False).total     # every streamed layer, KV in VRAM
+    fp = Footprint.of(g, c, n_ctx, prefill_chunk)
+    floor = fp.pool_plan((), False, 3).total     # every layer streamed, KV in VRAM
     note = ""
     if s.budget.endswith("%"):
         pct = float(s.budget[:-1])
-        budget = floor + round(pct / 100 * L) * max(lay.nbytes for lay in layer_ls)
+        budget = floor + round(pct / 100 * L) * max(lay.nbytes for lay in fp.layer_ls)
     elif s.budget.endswith("layers"):
         want = int(s.budget[:-len("layers")])
-        budget = sp.pool_plan(sp.resident_for(want), False).total
+        budget = fp.pool_plan(resident_set(L, want), False, 3).total
         note = f"{want} resident layers forced; budget = the exact pool they need"
     else:
         budget = parse_bytes(s.budget)
-    resident, _ = sp.choose(budget, shuttle=False)
-    n_res = len(resident)
+    p = place(fp, budget, PlacementSettings(kv_shuttle=False))
+    n_res = len(p.resident_layers)
     if s.budget.endswith("layers") and n_res < int(s.budget[:-len("layers")]):
         raise AssertionError(f"{s.name}: the pool keeps {n_res} layers at {budget} B")
-    man = build_manifest(g)
-    streamed_b = sum(man.layers[i].nbytes for i in range(L) if i not in set(resident))
-    summary = {"pool_bytes": sp.pool_plan(resident, False).total if n_res < L else sp.total(L),
-               "resident_layers": list(resident), "slots": 3 if n_res < L else 0,
-               "kv_placement": "vram", "bytes_streamed_per_pass": streamed_b,
-               "pcie_bound_s": streamed_b / (DEFAULT_PCIE_GBPS * 1e9)}
-    try:   # make_plan's estimate of the same budget, for the record
-        plan = make_plan(man, c, budget, PlanSettings(n_ctx=n_ctx, prefill_chunk=prefill_chunk))
-        summary.update(plan_vram_bytes=plan.vram_bytes, plan_resident=len(plan.resident_layers))
-    except PlanError as e:     # the estimate's floor can sit a little above the exact pool's
-        summary["plan_error"] = str(e)
+    summary = {"pool_bytes": p.vram_bytes, "resident_layers": list(p.resident_layers),
+               "slots": p.slots, "kv_placement": p.kv_placement,
+               "bytes_streamed_per_pass": p.bytes_streamed_per_pass, "pcie_bound_s": p.pcie_bound_s}
     ngl = 99 if n_res == L else n_res
     return Placement(s, L, n_res, budget, ngl, g.file_size, summary, note)

@@ -1,5 +1,5 @@
-"""GPU tier: the staged weight load (model/staged_fill.py, issue 5) writes the pool bytes the old
-per-tensor path (cuda_weights.fill) wrote, and the models built on it give the logits of a model
+"""GPU tier: the staged weight load (cuda/load.py) writes the pool bytes the per-tensor path
+(tests/helpers/reference_fill.py) writes, and the models built on it give the logits of a model
 whose weights were written by fill. Each case starts from a cold page cache (fsync +
 POSIX_FADV_DONTNEED, as bench_cold.evict), so the ReadAhead thread and the Stager read the disk."""
 from __future__ import annotations
@@ -47,9 +47,9 @@ def _both_paths(path, lib, chunk):
 
     from aircupy.gguf.reader import GGUFFile
     from aircupy.stream.stager import Stager
-    from aircupy.cuda.weights import fill
-    from aircupy.cuda.load import (HostSink, load_blocks, plan_load, run_load,
-                                           start_read_ahead)
+    from aircupy.cuda.load import load_blocks, plan_load, run_load, start_read_ahead
+    from tests.helpers.host_sink import HostSink
+    from tests.helpers.reference_fill import fill
     with GGUFFile(path) as g:
         _, layouts = _layouts(g)
         big = max(g.tensors[n].nbytes for lay in layouts for p in lay.matrices() for n, _ in p.sources)
@@ -93,20 +93,20 @@ def _logits(model, ids, n_ctx):
 @pytest.mark.parametrize("preset,qtype,n_layers", CASES[:2])
 def test_models_on_the_staged_load_give_fills_logits(tmp_path, lib, preset, qtype, n_layers):
     """CudaModel (staged load, cold file) vs the same model with every weight block rewritten by
-    fill: identical logits. StreamedCudaModel (staged globals + 1 resident layer, ReadAhead and the
+    fill: identical logits. The same model streamed (staged globals + 1 resident layer, ReadAhead and the
     reader-thread RAM tier on the cold file) gives the resident logits bit for bit."""
     import cupy as cp
 
     from aircupy.gguf.reader import GGUFFile
     from aircupy.cuda.model import CudaModel
-    from aircupy.cuda.streamed import StreamedCudaModel
-    from aircupy.cuda.weights import fill
+    from aircupy.cuda.placement import CudaOptions
+    from tests.helpers.reference_fill import fill
     path = _synth(tmp_path, preset, qtype, n_layers)
     ids = np.random.default_rng(3).integers(4, TINY["vocab"], 12).astype(np.int32)
     with GGUFFile(path) as g:
         c, layouts = _layouts(g)
         evict(path)
-        m = CudaModel(g, c, 64, lib=lib, use_graphs=False)
+        m = CudaModel(g, c, 64, lib=lib, options=CudaOptions(use_graphs=False))
         assert m.bytes_read <= g.file_size
         staged = _logits(m, ids, 64)
         scratch = m.pool.array("scratch", m.pool.plan.regions["scratch"].nbytes, np.uint8)
@@ -116,7 +116,7 @@ def test_models_on_the_staged_load_give_fills_logits(tmp_path, lib, preset, qtyp
         cp.cuda.Device().synchronize()
         assert np.array_equal(staged, _logits(m, ids, 64))
         evict(path)
-        s = StreamedCudaModel(g, c, 64, lib=lib, n_resident=1, ram_tier_bytes=1 << 30)
+        s = CudaModel(g, c, 64, lib=lib, options=CudaOptions(n_resident=1, ram_tier_bytes=1 << 30))
         try:
             for _ in range(2):                           # the first pass reads, the second hits the tier
                 assert np.array_equal(staged, _logits(s, ids, 64))

@@ -33,10 +33,11 @@ def _load(path, lib, n_ctx=64, **kw):
     from aircupy.config import ModelConfig
     from aircupy.gguf.reader import GGUFFile
     from aircupy.cuda.model import CudaModel
+    from aircupy.cuda.placement import CudaOptions
     from aircupy.reference.model import NumpyModel
     g = GGUFFile(path)
     c = ModelConfig.from_gguf(g)
-    return g, c, NumpyModel(g, c), CudaModel(g, c, n_ctx, lib=lib, **kw)
+    return g, c, NumpyModel(g, c), CudaModel(g, c, n_ctx, lib=lib, options=CudaOptions(**kw))
 
 
 def _greedy(model, prompt, steps):
@@ -103,8 +104,9 @@ def test_smollm2_greedy_and_logits_match_numpy(smollm2):
 
 def test_smollm2_chunked_prefill_equals_one_pass(smollm2, lib):
     from aircupy.cuda.model import CudaModel
+    from aircupy.cuda.placement import CudaOptions
     g, c, _, gpu = smollm2
-    small = CudaModel(g, c, 256, lib=lib, prefill_rows=16)
+    small = CudaModel(g, c, 256, lib=lib, options=CudaOptions(prefill_rows=16))
     ids = np.random.default_rng(1).integers(0, c.vocab_size, 45).astype(np.int32)
     pos = np.arange(45, dtype=np.int32)
     a = gpu.forward(ids, pos, gpu.new_cache(64), all_logits=True)
@@ -154,15 +156,16 @@ def test_device_sampling_greedy_and_seeded(smollm2):
     a, b = run(hot), run(hot)
     assert a == b and a != greedy  # a seed reproduces; temperature 1.5 leaves the greedy path
     assert run(SamplingParams(temperature=1.5, top_k=0, top_p=1.0, min_p=0.0, seed=99)) != a
-    assert not gpu.new_sampler(SamplingParams(repeat_penalty=1.3)).supported
+    assert gpu.new_sampler(SamplingParams(repeat_penalty=1.3)) is None   # host sampling
 
 
-def test_model_over_the_vram_budget_is_a_clear_error(smollm2, lib):
-    from aircupy.cuda.pool import ModelTooLargeError
+def test_model_below_the_streaming_minimum_is_a_clear_error(smollm2, lib):
     from aircupy.cuda.model import CudaModel
+    from aircupy.cuda.placement import PlanError
     g, c, _, _ = smollm2
-    with pytest.raises(ModelTooLargeError, match="needs .* of GPU memory .* budget is 64.00 MiB"):
+    with pytest.raises(PlanError, match="VRAM budget 64.00 MiB is below the streaming minimum") as e:
         CudaModel(g, c, 256, vram_budget=64 << 20, lib=lib)
+    assert "\n" not in str(e.value)
 
 
 def test_bad_steps_raise_input_errors(smollm2):

@@ -188,6 +188,7 @@ def test_model_prefill_with_the_fused_path(lib, tmp_path, monkeypatch, preset, q
     from aircupy.config import ModelConfig
     from aircupy.gguf.reader import GGUFFile
     from aircupy.cuda.model import CudaModel
+    from aircupy.cuda.placement import CudaOptions
     from aircupy.cuda.ops import gemm_choice, matmul as cuda_matmul
     from aircupy.synth import synth_model
     tiny = dict(vocab=512, n_embd=256, n_head=4, n_head_kv=2, head_dim=64, n_ff=512)
@@ -201,7 +202,8 @@ def test_model_prefill_with_the_fused_path(lib, tmp_path, monkeypatch, preset, q
         return p
 
     with GGUFFile(rep.path) as g:
-        m = CudaModel(g, ModelConfig.from_gguf(g), 64, lib=lib, prefill_rows=16, prefill_graph_slots=0)
+        m = CudaModel(g, ModelConfig.from_gguf(g), 64, lib=lib,
+                      options=CudaOptions(prefill_rows=16, prefill_graph_slots=0))
         ids = np.random.default_rng(5).integers(0, m.config.vocab_size, 40).astype(np.int32)
         outs = {}
         for label in ("cublas", path):

@@ -45,14 +45,15 @@ def model(request, tmp_path_factory, lib):
     from aircupy.config import ModelConfig
     from aircupy.gguf.reader import GGUFFile
     from aircupy.cuda.model import CudaModel
+    from aircupy.cuda.placement import CudaOptions
     from aircupy.synth import synth_model
     preset, qtype, n_layers = request.param
     over = dict(TINY, sliding_window=8) if preset.startswith("gemma3") else TINY
     rep = synth_model(tmp_path_factory.mktemp("pg") / "m.gguf", preset, qtype, n_layers=n_layers,
                       overrides=over, seed=3, logit_std=8.0)
     g = GGUFFile(rep.path)
-    m = CudaModel(g, ModelConfig.from_gguf(g), N_CTX, lib=lib, prefill_rows=ROWS,
-                  prefill_graph_slots=SLOTS)
+    m = CudaModel(g, ModelConfig.from_gguf(g), N_CTX, lib=lib,
+                  options=CudaOptions(prefill_rows=ROWS, prefill_graph_slots=SLOTS))
     yield m
     g.close()
 

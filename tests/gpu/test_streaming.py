@@ -1,4 +1,4 @@
-"""GPU tier of layer streaming: StreamedCudaModel against the resident CudaModel (same kernels).
+"""GPU tier of layer streaming: the streamed CudaModel against the resident one (same kernels).
 
 Logits must be bit-identical (the launch sequence per layer is the same; only where the weights sit
 differs) for several budgets (0, about half and all but two layers resident), with many layers and
@@ -56,8 +56,7 @@ def test_streamed_equals_resident_for_several_budgets(tmp_path, lib, preset, qty
     from aircupy.config import ModelConfig
     from aircupy.gguf.reader import GGUFFile
     from aircupy.cuda.model import CudaModel
-    from aircupy.cuda.streamed import StreamedCudaModel
-    from aircupy.cuda.placement import StreamPlacement
+    from aircupy.cuda.placement import CudaOptions, Footprint
     from aircupy.synth import synth_model
     over = dict(TINY, sliding_window=8) if preset.startswith("gemma3") else TINY
     rep = synth_model(tmp_path / "m.gguf", preset, qtype, n_layers=n_layers, overrides=over, seed=7,
@@ -65,22 +64,22 @@ def test_streamed_equals_resident_for_several_budgets(tmp_path, lib, preset, qty
     g = GGUFFile(rep.path)
     c = ModelConfig.from_gguf(g)
     prompt = list(np.random.default_rng(2).integers(4, c.vocab_size, 40))
-    ref = CudaModel(g, c, N_CTX, lib=lib, prefill_rows=ROWS)
+    ref = CudaModel(g, c, N_CTX, lib=lib, options=CudaOptions(prefill_rows=ROWS))
     ref_toks, ref_logits = _run(ref, prompt, 12)
     del ref
-    sp, _, _ = StreamPlacement.for_model(g, c, N_CTX, ROWS, 3)
+    fp = Footprint.of(g, c, N_CTX, ROWS)
     # The budget that fits n_res resident layers; n_res is forced where that budget would hold every
     # layer (few streamed layers cost as much as they save: 2 or 3 streamed layers take 3 slots and
     # 2 staging buffers, gemma3's 3 of 6 included), so 2 streamed layers keep their own slots.
     for n_res, tier, force in ((0, 0, False), (n_layers // 2, None, False), (n_layers - 2, 0, True)):
-        budget = sp.total(n_res)
-        force = force or sp.total(n_layers) <= budget   # budget holds every layer: no streaming
+        budget = _total(fp, n_res)
+        force = force or _total(fp, n_layers) <= budget   # budget holds every layer: no streaming
         gc.collect()
         cp.get_default_memory_pool().free_all_blocks()
         free0 = cp.cuda.runtime.memGetInfo()[0]
-        m = StreamedCudaModel(g, c, N_CTX, vram_budget=budget, lib=lib, prefill_rows=ROWS,
-                              ram_tier_bytes=tier, n_resident=n_res if force else None)
-        assert len(m.resident_layers) == n_res and m.pool.plan.total <= budget
+        m = CudaModel(g, c, N_CTX, vram_budget=budget, lib=lib, options=CudaOptions(
+            prefill_rows=ROWS, ram_tier_bytes=tier, n_resident=n_res if force else None))
+        assert len(m.placement.resident_layers) == n_res and m.pool.plan.total <= budget
         toks, logits = _run(m, prompt, 12)
         used = free0 - cp.cuda.runtime.memGetInfo()[0]
         st = m.stats()
@@ -96,7 +95,8 @@ def test_streamed_equals_resident_for_several_budgets(tmp_path, lib, preset, qty
         assert st["uploads"] >= expected and st["bytes_streamed"] > 0 and st["pcie_gbps"] > 0
         if tier is None:   # RAM tier on: every window copied into it once, behind its first
             # read (on the pin thread); from the third pass on, at the latest, uploads hit it
-            assert st["ram_tier_bytes"] == sum(m.streamer.windows[i][1] for i in m.streamed_layers)
+            assert st["ram_tier_bytes"] == sum(m.weights.streamer.windows[i][1]
+                                               for i in m.placement.streamed_layers)
             assert st["ram_tier_hits"] >= expected - 3 * S
         assert used <= budget + OUTSIDE_POOL, f"driver shows {used} B used for a {budget} B budget"
         print(f"STREAM {preset} {qtype} resident {n_res}/{n_layers}: pool {m.pool.plan.total} "
@@ -107,26 +107,31 @@ def test_streamed_equals_resident_for_several_budgets(tmp_path, lib, preset, qty
     g.close()
 
 
+
+def _total(fp, n_resident: int, shuttle: bool = False) -> int:
+    """The pool of n_resident resident layers (spread as the planner spreads them)."""
+    from aircupy.cuda.placement import resident_set
+    return fp.pool_plan(resident_set(fp.n_layers, n_resident), shuttle, 3).total
+
+
 def test_probe_streams_when_the_budget_is_too_small(tmp_path, lib):
     """load_model: a budget below the resident pool gives a streamed model; below the streaming
     minimum, a one-line PlanError that states it."""
     from aircupy.config import ModelConfig
     from aircupy.cuda.backend import load_model
     from aircupy.gguf.reader import GGUFFile
-    from aircupy.cuda.plan import PlanError
-    from aircupy.cuda.streamed import StreamedCudaModel
-    from aircupy.cuda.placement import StreamPlacement
+    from aircupy.cuda.placement import Footprint, PlanError
     from aircupy.synth import synth_model
     rep = synth_model(tmp_path / "m.gguf", "llama3-8b", "Q4_0", n_layers=8, overrides=TINY, seed=1)
     g = GGUFFile(rep.path)
     c = ModelConfig.from_gguf(g)
-    sp, _, _ = StreamPlacement.for_model(g, c, N_CTX, 512, 3)
-    m = load_model(g, c, vram_budget=sp.total(3), n_ctx=N_CTX)
-    assert isinstance(m, StreamedCudaModel) and len(m.resident_layers) == 3
+    fp = Footprint.of(g, c, N_CTX, 512)
+    m = load_model(g, c, vram_budget=_total(fp, 3), n_ctx=N_CTX)
+    assert m.placement.streams and len(m.placement.resident_layers) == 3
     assert "streamed" in m.allocation_report()
     m.close()
     with pytest.raises(PlanError, match="minimum") as e:
-        load_model(g, c, vram_budget=sp.total(0) // 4, n_ctx=N_CTX)
+        load_model(g, c, vram_budget=_total(fp, 0) // 4, n_ctx=N_CTX)
     assert "\n" not in str(e.value)
     g.close()
 
@@ -155,8 +160,7 @@ def test_kv_shuttle_equals_kv_in_vram(tmp_path, lib, preset, qtype, n_layers):
     from aircupy.errors import InvalidParameterError
     from aircupy.gguf.reader import GGUFFile
     from aircupy.cuda.model import CudaModel
-    from aircupy.cuda.streamed import StreamedCudaModel
-    from aircupy.cuda.placement import StreamPlacement
+    from aircupy.cuda.placement import CudaOptions, Footprint
     from aircupy.synth import synth_model
     over = dict(TINY, sliding_window=8) if preset.startswith("gemma3") else TINY
     rep = synth_model(tmp_path / "m.gguf", preset, qtype, n_layers=n_layers, overrides=over, seed=5,
@@ -164,30 +168,30 @@ def test_kv_shuttle_equals_kv_in_vram(tmp_path, lib, preset, qtype, n_layers):
     g = GGUFFile(rep.path)
     c = ModelConfig.from_gguf(g)
     prompt = list(np.random.default_rng(3).integers(4, c.vocab_size, 40))
-    ref = CudaModel(g, c, N_CTX, lib=lib, prefill_rows=ROWS)
+    ref = CudaModel(g, c, N_CTX, lib=lib, options=CudaOptions(prefill_rows=ROWS))
     ref_toks, ref_logits = _run(ref, prompt, 12)
     ref_two = _two_caches(ref, prompt)
     del ref
     row = 2 * c.n_head_kv * c.head_dim * 2          # bytes of one token's K and V in one layer
-    sp, _, _ = StreamPlacement.for_model(g, c, N_CTX, ROWS, 3)
-    budget = sp.total(0, shuttle=True)
-    assert budget < sp.total(0)
+    fp = Footprint.of(g, c, N_CTX, ROWS)
+    budget = _total(fp, 0, shuttle=True)
+    assert budget < _total(fp, 0)
     # (n_resident forced or None, budget): 0 and half resident, 2 streamed layers in cached slots,
     # and a budget only the shuttle fits (the automatic choice must take it)
     for n_res, vb in ((0, None), (n_layers // 2, None), (n_layers - 2, None), (None, budget)):
         kw = dict(n_resident=n_res, kv_shuttle=True) if n_res is not None else {}
-        m = StreamedCudaModel(g, c, N_CTX, vram_budget=vb, lib=lib, prefill_rows=ROWS,
-                              ram_tier_bytes=0, **kw)
+        m = CudaModel(g, c, N_CTX, vram_budget=vb, lib=lib,
+                      options=CudaOptions(prefill_rows=ROWS, ram_tier_bytes=0, **kw))
         assert m.shuttle is not None and m.stats()["kv_shuttle"]
         if n_res is None:
-            assert m.resident_layers == () and m.pool.plan.total <= budget
+            assert m.placement.resident_layers == () and m.pool.plan.total <= budget
         toks, logits = _run(m, prompt, 12)
         st = m.stats()
         for i, (a, b) in enumerate(zip(ref_logits, logits)):
-            assert np.array_equal(a, b), (f"shuttle, {len(m.resident_layers)} resident: step {i} "
+            assert np.array_equal(a, b), (f"shuttle, {len(m.placement.resident_layers)} resident: step {i} "
                                           f"max |diff| {float(np.abs(a - b).max()):.3g}")
         assert toks == ref_toks
-        S = len(m.streamed_layers)
+        S = len(m.placement.streamed_layers)
         assert st["kv_bytes_down"] == S * row * (40 + 12)      # every new row goes home once
         up_rows = (0 + 16 + 32 + sum(range(40, 52))) if S > 3 else 0   # cached slots keep the KV
         assert st["kv_bytes_up"] == S * row * up_rows
@@ -196,7 +200,7 @@ def test_kv_shuttle_equals_kv_in_vram(tmp_path, lib, preset, qtype, n_layers):
             assert np.array_equal(a, b), f"two caches, part {i}: max |diff| {np.abs(a - b).max():.3g}"
         with pytest.raises(InvalidParameterError):
             m.new_cache(N_CTX + 1)
-        print(f"SHUTTLE {preset} {qtype} resident {len(m.resident_layers)}/{n_layers}: pool "
+        print(f"SHUTTLE {preset} {qtype} resident {len(m.placement.resident_layers)}/{n_layers}: pool "
               f"{m.pool.plan.total}, KV up {st['kv_bytes_up']} B, down {st['kv_bytes_down']} B, "
               f"{st['pcie_gbps']:.2f} GB/s, overlap {st['overlap']:.2f}")
         m.close()
