@@ -264,7 +264,6 @@ def bench_decode_layer(cp, lib, ops, ctx=576) -> list[dict]:
     x, hb, qkv, attn, gu, act = r(1, e), r(1, e), r(1, 6144), r(1, e), r(1, 2 * f), r(1, f)
     nw = cp.ones(e, dtype=cp.float32)
     q, k, v = qkv[:, :4096].reshape(1, h, hd), qkv[:, 4096:5120].reshape(1, hkv, hd), qkv[:, 5120:].reshape(1, hkv, hd)
-    qk = qkv[:, :5120].reshape(1, h + hkv, hd)
     ck = cp.random.standard_normal((hkv, n_ctx, hd), dtype=cp.float32).astype(cp.float16)
     cv = ck.copy()
     pos = cp.asarray(np.array([ctx - 1], np.int32))
@@ -273,17 +272,13 @@ def bench_decode_layer(cp, lib, ops, ctx=576) -> list[dict]:
     steps = {
         "rms_norm": lambda: ops.rms_norm(lib, x, nw, hb, 1e-5),
         "matvec qkv": lambda: ops.matvec(lib, hb, w["qkv"], qkv),
-        "rope q|k": lambda: ops.rope(lib, qk, pos, **rope_kw),
-        "kv_store": lambda: ops.kv_store(lib, k, v, ck, cv, pos),
+        "rope_kv_store": lambda: cuda_layers.rope_kv_store(lib, q, k, v, ck, cv, pos, **rope_kw),
         "attention": lambda: ops.attention(lib, q, ck, cv, pos, attn, scale=0.088, scratch=scratch),
         "matvec o (+=)": lambda: ops.matvec(lib, attn, w["o"], x, accumulate=True),
         "matvec gate_up": lambda: ops.matvec(lib, hb, w["gate_up"], gu),
         "glu": lambda: ops.glu(lib, gu, act, "swiglu"),
         "matvec down (+=)": lambda: ops.matvec(lib, act, w["down"], x, accumulate=True),
     }
-    fused = getattr(cuda_layers, "rope_kv_store", None)
-    if fused is not None:
-        steps["rope_kv_store (fused)"] = lambda: fused(lib, q, k, v, ck, cv, pos, **rope_kw)
     xq = act.view(cp.uint8)
     if hasattr(cuda_matmul, "matvec_xq"):
         mm = cuda_matmul
@@ -298,14 +293,11 @@ def bench_decode_layer(cp, lib, ops, ctx=576) -> list[dict]:
             steps["matvec gate_up, no prefetch2"] = lambda: mm.matvec(lib, hb, w["gate_up"], gu, prefetch2=False)
             steps["matvec_xq down (+=), no prefetch2"] = lambda: mm.matvec_xq(lib, xq, 1, w["down"], x,
                                                                               accumulate=True, prefetch2=False)
-    old = ["rms_norm", "matvec qkv", "rope q|k", "kv_store", "attention", "matvec o (+=)", "rms_norm",
+    old = ["rms_norm", "matvec qkv", "rope_kv_store", "attention", "matvec o (+=)", "rms_norm",
            "matvec gate_up", "glu", "matvec down (+=)"]
-    seqs = {"layer, separate launches": old}
-    if fused is not None:
-        seqs["layer, rope_kv_store fused"] = [s if s != "rope q|k" else "rope_kv_store (fused)" for s in old
-                                              if s != "kv_store"]
+    seqs = {"layer, norms and glu separate": old}
     if hasattr(cuda_matmul, "matvec_xq"):
-        seqs["layer, all fusions"] = ["matvec qkv, rms_norm fused", "rope_kv_store (fused)", "attention",
+        seqs["layer, all fusions"] = ["matvec qkv, rms_norm fused", "rope_kv_store", "attention",
                                       "matvec o (+=)", "matvec gate_up, rms_norm fused", "glu_quant",
                                       "matvec_xq down (+=)"]
     res = [dict(step=name, us=_time(cp, fn, 50) * 1e6) for name, fn in steps.items()]

@@ -1,10 +1,8 @@
-// attention_decode.cu: KV-cache writes and grouped-query attention for a few query rows (decode).
+// attention_decode.cu: grouped-query attention for a few query rows (decode).
 //
 // KV cache, per layer: ck, cv fp16 (n_seq, Hkv, n_ctx, hd) -- head-major, so one head's keys are one
-// contiguous run (coalesced, and the layout of ops/reference.attention's (Hkv, S, D) k/v).
-// kv_store(k, v f32 (T, Hkv, hd), ck, cv, pos int32 (T,), seq int32 (T,) or null, T, Hkv, hd, n_ctx):
-//   row t goes to [seq[t], :, pos[t], :]. Grid (T*Hkv), block 128. (rope.cu's rope_kv_store fuses
-//   this with the rotation of q and k.)
+// contiguous run (coalesced, and the layout of reference/ops.attention's (Hkv, S, D) k/v). Rows are
+// written by rope.cu's rope_kv_store: row t at [seq[t], :, pos[t], :].
 // attn_decode_hd<HD>(q f32 (T, H, hd), ck, cv, pos, seq, part_o f32 (T, H, n_split, hd),
 //   part_ml f32 (T, H, n_split, 2), out f32 (T, H*hd), T, H, Hkv, n_ctx, n_split, min_chunk, scale,
 //   window, softcap): flash-decoding. Row t attends keys [lo, pos[t]] with lo = max(0, pos[t] + 1 -
@@ -43,20 +41,6 @@ __device__ __forceinline__ DecRange dec_range(const int* __restrict__ pos, int t
     r.chunk = ((n + n_split - 1) / n_split + min_chunk - 1) / min_chunk * min_chunk;
     r.used = (n + r.chunk - 1) / r.chunk;
     return r;
-}
-
-extern "C" __global__ void kv_store(const float* __restrict__ k, const float* __restrict__ v, u16* ck, u16* cv,
-                                    const int* __restrict__ pos, const int* __restrict__ seq, int T, int Hkv,
-                                    int hd, int n_ctx) {
-    const int t = blockIdx.x / Hkv, h = blockIdx.x - t * Hkv;
-    if (t >= T) return;
-    const long s = seq ? seq[t] : 0;
-    const long dst = ((s * Hkv + h) * n_ctx + pos[t]) * hd;
-    const long src = ((long)t * Hkv + h) * hd;
-    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
-        ck[dst + d] = f2h(k[src + d]);
-        cv[dst + d] = f2h(v[src + d]);
-    }
 }
 
 template <int HD>

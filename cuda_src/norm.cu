@@ -1,13 +1,12 @@
-// norm.cu: RMSNorm over rows, with the residual-add fusions the transformer block needs.
+// norm.cu: RMSNorm over rows, and its residual-add fusion for gemma's post-norms.
 //
 // rms_norm(x, w, out, residual, n, eps, mode): x, out, residual fp32 (R, n) row-major, w fp32 (n,).
 //   mode 0 (rms_norm):      out = x / sqrt(mean(x^2) + eps) * w            (out may alias x)
-//   mode 1 (add_rms_norm):  residual += x;  out = norm(residual) * w       (pre-norm after a sublayer)
 //   mode 2 (rms_norm_add):  residual += norm(x) * w                        (gemma's post-norms)
 // Launch geometry: one block per row (grid R), blockDim a multiple of 32 (the launcher picks 32..1024
 // from n); each thread strides over the row twice (sum of squares, then scale and write).
 // QK-norm is mode 0 over x viewed as (T*H, head_dim).
-// Numpy reference: ops/reference.rms_norm (x * (1/sqrt(ms + eps))) * w.
+// Numpy reference: reference/ops.rms_norm (x * (1/sqrt(ms + eps))) * w.
 #include "common.cuh"
 
 extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __restrict__ w, float* out,
@@ -18,11 +17,7 @@ extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __
     float* res = residual ? residual + r * n : nullptr;
     float ss = 0.f;
     for (int i = threadIdx.x; i < n; i += blockDim.x) {
-        float v = xr[i];
-        if (mode == 1) {
-            v += res[i];
-            res[i] = v;  // re-read below by this same thread only
-        }
+        const float v = xr[i];
         ss += v * v;
     }
     ss = block_sum(ss, red);
@@ -30,8 +25,6 @@ extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __
     for (int i = threadIdx.x; i < n; i += blockDim.x) {
         if (mode == 0) {
             out[r * n + i] = (xr[i] * inv) * w[i];
-        } else if (mode == 1) {
-            out[r * n + i] = (res[i] * inv) * w[i];
         } else {
             res[i] += (xr[i] * inv) * w[i];
         }

@@ -1,7 +1,7 @@
-// rope.cu: rotary position embedding, in place on q or k; and the decode-step fusion rope(q, k) + KV store.
+// rope.cu: rotary position embedding of q and k fused with the KV-cache store, one launch per layer.
 //
-// rope(x f32 (T, H, hd), pos int32 (T,), T, H, hd, rope_dim, base, freq_scale, freq_factors f32
-//      (rope_dim/2,) or null, ext_factor, corr_low, corr_high, mscale, neox)
+// The rotation (rope args: rope_dim, base, freq_scale, freq_factors f32 (rope_dim/2,) or null,
+//      ext_factor, corr_low, corr_high, mscale, neox):
 // Pair i (i < rope_dim/2) of every head rotates by theta_i(pos):
 //   extrap = pos * base^(-2i/rope_dim) / freq_factors[i];  interp = freq_scale * extrap
 //   mix = ext_factor * (1 - clip((i - corr_low) / max(0.001, corr_high - corr_low), 0, 1))
@@ -19,8 +19,8 @@
 //
 // rope_kv_store(q f32 (T, H, hd), k f32 (T, Hkv, hd), v f32 (T, Hkv, hd), ck, cv fp16 (n_seq, Hkv,
 //   n_ctx, hd), pos, seq int32 (T,) or null, T, H, Hkv, hd, n_ctx, <rope args as above>): rotates q and
-//   k in place (the same pairs and numerics as rope), then stores the rotated k and v of row t at
-//   [seq[t], :, pos[t], :] (attention_decode.cu's kv_store). One launch instead of three per layer.
+//   k in place (the rotation above), then stores the rotated k and v of row t at [seq[t], :, pos[t], :]
+//   of the fp16 caches. One launch instead of three per layer.
 // Numpy reference: ops/reference.rope_angles + apply_rope; reference.rope_kv_store for the fusion.
 #include "common.cuh"
 
@@ -92,17 +92,6 @@ __device__ __forceinline__ void rope_rotate(float* x1, int H1, float* x2, int H2
             }
         }
     }
-}
-
-extern "C" __global__ void rope(float* x, const int* __restrict__ pos, int T, int H, int hd, int rope_dim,
-                                float base, float freq_scale, const float* __restrict__ freq_factors,
-                                float ext_factor, float corr_low, float corr_high, float mscale, int neox) {
-    __shared__ float cs[2][ROPE_MAX_HALF];
-    const int t = blockIdx.x;
-    if (t >= T) return;
-    const RopeArgs a{rope_dim, base, freq_scale, freq_factors, ext_factor, corr_low, corr_high, mscale};
-    rope_table(a, pos[t], cs);
-    rope_rotate(x + (long)t * H * hd, H, nullptr, 0, hd, rope_dim >> 1, neox, cs);
 }
 
 extern "C" __global__ void rope_kv_store(float* q, float* k, const float* __restrict__ v, u16* ck, u16* cv,

@@ -39,10 +39,6 @@ def test_rms_norm_modes(lib, rows, n):
     out = poison(cp, (rows, n))
     ops.rms_norm(lib, cp.asarray(x), cp.asarray(w), out, eps)
     assert rel_err(cp.asnumpy(out), R.rms_norm(x, w, eps)) < 1e-6
-    d_res, out = cp.asarray(res), poison(cp, (rows, n))
-    ops.add_rms_norm(lib, cp.asarray(x), d_res, cp.asarray(w), out, eps)
-    assert rel_err(cp.asnumpy(d_res), x + res) < 1e-7
-    assert rel_err(cp.asnumpy(out), R.rms_norm(x + res, w, eps)) < 1e-6
     d_res = cp.asarray(res)
     ops.rms_norm_add(lib, cp.asarray(x), cp.asarray(w), d_res, eps)
     assert rel_err(cp.asnumpy(d_res), res + R.rms_norm(x, w, eps)) < 1e-6
@@ -74,8 +70,11 @@ def test_rope(lib, mode, hd, rd, base, ff, scaling):
     cos, sin = R.rope_angles(pos, rd, base, scaling, factors)
     want = R.apply_rope(x, cos, sin, mode)
     d = cp.asarray(x)
-    ops.rope(lib, d, cp.asarray(pos), base=base, mode=mode, rope_dim=rd,
-             freq_factors=None if factors is None else cp.asarray(factors), scaling=scaling)
+    # the rotation of rope_kv_store, read off q (k and the caches are exercised in the next test)
+    kv = cp.zeros((t, 1, hd), cp.float32)
+    ck, cv = cp.zeros((1, 1, 131072, hd), cp.float16), cp.zeros((1, 1, 131072, hd), cp.float16)
+    ops.rope_kv_store(lib, d, kv, kv, ck, cv, cp.asarray(pos), base=base, mode=mode, rope_dim=rd,
+                      freq_factors=None if factors is None else cp.asarray(factors), scaling=scaling)
     assert rel_err(cp.asnumpy(d), want) < 1e-6
 
 
@@ -144,22 +143,6 @@ def _ref(q, k, v, pos, scale, window, softcap):
     s = int(pos.max()) + 1
     return R.attention(q, k[:, :s].astype(np.float32), v[:, :s].astype(np.float32), pos,
                        np.arange(s), scale, window or None, softcap or None)
-
-
-def test_kv_store(lib):
-    rng = np.random.default_rng(4)
-    hkv, hd, n_ctx = 2, 64, 16
-    k = rng.standard_normal((3, hkv, hd)).astype(np.float32)
-    v = rng.standard_normal((3, hkv, hd)).astype(np.float32)
-    ck = cp.zeros((2, hkv, n_ctx, hd), dtype=cp.float16)
-    cv = cp.zeros((2, hkv, n_ctx, hd), dtype=cp.float16)
-    pos, seq = np.array([0, 9, 15], np.int32), np.array([1, 0, 1], np.int32)
-    ops.kv_store(lib, cp.asarray(k), cp.asarray(v), ck, cv, cp.asarray(pos), cp.asarray(seq))
-    gk, gv = cp.asnumpy(ck), cp.asnumpy(cv)
-    for t in range(3):
-        assert np.array_equal(gk[seq[t], :, pos[t]], k[t].astype(np.float16))
-        assert np.array_equal(gv[seq[t], :, pos[t]], v[t].astype(np.float16))
-    assert np.count_nonzero(gk) == 3 * hkv * hd
 
 
 @pytest.mark.parametrize("hd", [64, 128, 256])

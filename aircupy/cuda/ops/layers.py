@@ -43,17 +43,6 @@ def rms_norm(lib, x, w, out, eps: float, *, stream=None) -> None:
            (x, w, out, NULL, np.int32(n), np.float32(eps), np.int32(0)), stream)
 
 
-def add_rms_norm(lib, delta, residual, w, out, eps: float, *, stream=None) -> None:
-    """residual += delta; out = rms_norm(residual) * w."""
-    n = int(w.shape[0])
-    check(w, np.float32, (n,), "w")
-    r = _rows(delta, n, "delta")
-    check(residual, np.float32, delta.shape, "residual")
-    check(out, np.float32, delta.shape, "out")
-    launch(lib.fn("rms_norm"), (r,), (_norm_threads(n),),
-           (delta, w, out, residual, np.int32(n), np.float32(eps), np.int32(1)), stream)
-
-
 def rms_norm_add(lib, x, w, residual, eps: float, *, stream=None) -> None:
     """residual += rms_norm(x) * w (gemma's post-attention / post-FFN norms)."""
     n = int(w.shape[0])
@@ -91,24 +80,11 @@ def _rope_scalars(hd: int, *, base: float, mode: str, rope_dim: int | None, freq
             np.int32(1 if mode == "neox" else 0))
 
 
-def rope(lib, x, pos, *, base: float, mode: str, rope_dim: int | None = None, freq_scale: float = 1.0,
-         freq_factors=None, scaling=None, stream=None) -> None:
-    """Rotate x (T, H, hd) fp32 in place at positions pos (int32 (T,), device). mode "norm" (adjacent
-    pairs, llama) or "neox" (half split). `scaling` (aircupy.config.RopeScaling) overrides freq_scale
-    and enables yarn; freq_factors (rope_dim/2,) fp32 divides the frequencies (llama3 rope_freqs)."""
-    check(x, np.float32, None, "x")
-    t, h, hd = (int(s) for s in x.shape)
-    check(pos, np.int32, (t,), "pos")
-    sc = _rope_scalars(hd, base=base, mode=mode, rope_dim=rope_dim, freq_scale=freq_scale,
-                       freq_factors=freq_factors, scaling=scaling)
-    launch(lib.fn("rope"), (t,), (256,), (x, pos, np.int32(t), np.int32(h), np.int32(hd)) + sc, stream)
-
-
 def rope_kv_store(lib, q, k, v, ck, cv, pos, seq=None, *, base: float, mode: str, rope_dim: int | None = None,
                   freq_scale: float = 1.0, freq_factors=None, scaling=None, stream=None) -> None:
-    """rope(q), rope(k) (in place, same arguments as `rope`) and kv_store(k, v, ck, cv, pos, seq) in one
+    """Rotate q and k in place and store k, v into the caches at [seq[t], :, pos[t]], in one
     launch: q (T, H, hd), k and v (T, Hkv, hd) fp32, caches fp16 (n_seq, Hkv, n_ctx, hd) or
-    (Hkv, n_ctx, hd). Same results as the three separate launches."""
+    (Hkv, n_ctx, hd). Numpy twin: reference/ops.rope_kv_store."""
     ns, hkv, n_ctx, hd = _cache_dims(ck, "cache_k")
     if _cache_dims(cv, "cache_v") != (ns, hkv, n_ctx, hd):
         raise ValueError("cache_k and cache_v differ in shape")
@@ -188,22 +164,6 @@ def _cache_dims(c, name: str) -> tuple[int, int, int, int]:
     if c.ndim != 4:
         raise ValueError(f"{name}: expected (n_seq, Hkv, n_ctx, hd) or (Hkv, n_ctx, hd), got {c.shape}")
     return tuple(int(s) for s in c.shape)
-
-
-def kv_store(lib, k, v, ck, cv, pos, seq=None, *, stream=None) -> None:
-    """Write k, v (T, Hkv, hd) fp32 into the fp16 caches at [seq[t], :, pos[t]] (seq None: sequence 0)."""
-    ns, hkv, n_ctx, hd = _cache_dims(ck, "cache_k")
-    if _cache_dims(cv, "cache_v") != (ns, hkv, n_ctx, hd):
-        raise ValueError("cache_k and cache_v differ in shape")
-    t = int(k.shape[0])
-    check(k, np.float32, (t, hkv, hd), "k")
-    check(v, np.float32, (t, hkv, hd), "v")
-    check(pos, np.int32, (t,), "pos")
-    if seq is not None:
-        check(seq, np.int32, (t,), "seq")
-    launch(lib.fn("kv_store"), (t * hkv,), (128,),
-           (k, v, ck, cv, pos, NULL if seq is None else seq, np.int32(t), np.int32(hkv), np.int32(hd),
-            np.int32(n_ctx)), stream)
 
 
 def _decode_smem(hd: int) -> int:
