@@ -7,7 +7,7 @@ Llama-3-8B prefill shapes, attention and sampler times. Prints a table; --json w
 --gemm: the prefill matmul paths per shape (Llama-3-8B and SmolLM2 layers, Q4_0 / Q8_0 / Q4_K, M = 512
 and 2048), all graph-replayed: dequant + cast into scratch + cuBLAS (linear(path="cublas")) against
 gemm_q, the tensor-core kernel with the dequantization fused, on fp32 x ("fused") or after a cast of x
-to half ("fused_xh"); prints the FAST_PATHS map for aircupy/ops/gemm_choice.py (shapes where a fused
+to half ("fused_xh"); prints the FAST_PATHS map for aircupy/cuda/ops/gemm_choice.py (shapes where a fused
 path won by >= 3%).
 
 Method: the launches are captured in a CUDA graph and its replays timed with device events (median of
@@ -354,7 +354,7 @@ def main() -> None:
         print(f"device: {name} ({lib.arch}); prefill linear: dequant+cuBLAS vs gemm_q (graph replays)")
         ms = tuple(int(v) for v in args.gemm_m.split(","))
         rows = bench_gemm_paths(cp, lib, ops, [GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0, GGMLType.Q4_K], ms)
-        print("gemm_choice table from this run (paste into aircupy/ops/gemm_choice.py):")
+        print("gemm_choice table from this run (paste into aircupy/cuda/ops/gemm_choice.py):")
         print(format_table(measured_table(rows)))
         if args.table_out:
             save_table(measured_table(rows), args.table_out, device=name)

@@ -10,7 +10,7 @@ compare). Methods (T threads, each taking every T-th piece of P MiB):
   pread:T:P     buffered preads into one reusable buffer per thread (bench_cold.disk_rate's way)
   seq:T:P       the same after posix_fadvise(SEQUENTIAL) (the kernel's readahead window doubled)
   direct:T:P    O_DIRECT preads (page cache bypassed: the device's own rate, no copy)
-  warmer:T      the engine's page-cache warmer (loader/_warm_child.py in its child process)
+  warmer:T      the engine's page-cache warmer (stream/_warm_child.py in its child process)
   cat           `cat FILE > /dev/null`
 One JSON line per read, then one per method (median, mean, min, max GB/s), then the block device's
 queue settings (read_ahead_kb, scheduler, max_sectors_kb, nr_requests) and the file system.

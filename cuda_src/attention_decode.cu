@@ -20,7 +20,7 @@
 // attn_combine(part_o, part_ml, out f32 (T, H*hd), pos, T*H, H, hd, n_split, min_chunk, window):
 //   merges the used chunks' (m, l, o) of rows with used > 1: the split weights exp(m_s - M) / den go
 //   through shared memory once, then each thread sums its dims over the used splits.
-// Numpy reference: ops/reference.attention (softcap, then mask, then softmax; scores * scale).
+// Numpy reference: reference/ops.attention (softcap, then mask, then softmax; scores * scale).
 #include "common.cuh"
 
 #define DEC_TK 128
@@ -37,7 +37,7 @@ __device__ __forceinline__ DecRange dec_range(const int* __restrict__ pos, int t
     r.lo = window > 0 ? max(0, r.len - window) : 0;
     const int n = r.len - r.lo;
     // ceil(n / n_split) rounded up to a multiple of min_chunk: a split's keys fill its 128-key tiles
-    // (H200, 4096 keys over 49 splits: chunks of 84 -> 49 splits 20.0 us, of 128 -> 32 splits 18.0 us)
+    // (fewer, fuller splits measured faster than many partial ones: bench/NOTES_kernels.md)
     r.chunk = ((n + n_split - 1) / n_split + min_chunk - 1) / min_chunk * min_chunk;
     r.used = (n + r.chunk - 1) / r.chunk;
     return r;

@@ -12,7 +12,7 @@
 // online softmax in fp32 on the accumulator fragments (exp2 domain), then O += P V with P converted in
 // registers to the A operand and V read through ldmatrix.trans. mma.sync/ldmatrix exist on sm_80 and
 // sm_90 alike (no Hopper-only instruction). Dynamic shared memory: (64 + 2*BK) * (HD + 8) * 2 bytes.
-// Numpy reference: ops/reference.attention (scores * scale, softcap, mask, softmax; fp32 throughout:
+// Numpy reference: reference/ops.attention (scores * scale, softcap, mask, softmax; fp32 throughout:
 // q, k, v and p are rounded to fp16 here, hence the tolerance in the tests).
 #include "common.cuh"
 

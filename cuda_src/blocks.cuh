@@ -1,6 +1,6 @@
 // blocks.cuh: the ggml quant formats in the repacked layout (see common.cuh for the layout and the
 // static interface every Fmt* struct implements). Numpy twin: aircupy/gguf/quants.py + kquants.py
-// (values) and aircupy/ops/packing.py (byte layout). Field offsets below are BODY offsets, i.e. ggml's
+// (values) and aircupy/cuda/ops/packing.py (byte layout). Field offsets below are BODY offsets, i.e. ggml's
 // block offsets with the fp16 header removed.
 #pragma once
 #include "common.cuh"

@@ -3,7 +3,7 @@
 // Compiled by NVRTC (through cupy.RawModule) and by nvcc for local checks: no system headers, so the
 // half/bfloat16 conversions are written in PTX / bit arithmetic here rather than taken from cuda_fp16.h.
 //
-// Repacked weight layout (aircupy/ops/packing.py is the host-side twin and the authority):
+// Repacked weight layout (aircupy/cuda/ops/packing.py is the host-side twin and the authority):
 //   a tensor of n_rows x n_cols values of a quant type with nb = n_cols / BE blocks per row is stored
 //   as [bodies: n_rows*nb*BODY bytes][pad to 16][heads: n_rows*nb*HEAD bytes]. The head is the block's
 //   fp16 header (d; or d,m / d,dmin) moved out of the block; the body is the rest, in ggml byte order.

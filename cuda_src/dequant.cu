@@ -8,11 +8,11 @@
 // get_rows_<type>(body, head, ids int32 (T,), out f32 (T, K), T, K, V, scale): one block of 128
 //   threads per token; out[t] = dequantize(row ids[t]) * scale (gemma's sqrt(n_embd)); an id outside
 //   [0, V) yields a NaN row (the host validates ids; NaN makes a slip visible instead of reading
-//   another tensor). Reference: ops/reference.embedding(...) * scale.
+//   another tensor). Reference: reference/ops.embedding(...) * scale.
 // cast_half(x f32 (n,), out u16 (n,), n, bf): elementwise round-to-nearest-even.
 // repack_blocks(src u16 raw blocks, body, head, n_blocks, BB, head_off, HB): one thread per 16-bit
 //   word of the raw tensor; moves the block's header words [head_off, head_off + HB) to the head region
-//   and the rest to the body region. Reference: aircupy/ops/packing.repack_numpy.
+//   and the rest to the body region. Reference: aircupy/cuda/ops/packing.repack_numpy.
 #include "blocks.cuh"
 
 template <class F>

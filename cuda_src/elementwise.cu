@@ -4,7 +4,7 @@
 //   (T, F) contiguous; gate/up rows start every *_stride floats (F for separate buffers, 2F for the
 //   two halves of one fused gate_up buffer). kind 0: SwiGLU, act = silu(x) = x * (1 + tanh(x/2)) / 2
 //   (never overflows, as the reference writes it); kind 1: GeGLU, act = gelu_tanh (PyTorch
-//   approximate='tanh', gemma). Reference: ops/reference.swiglu / geglu.
+//   approximate='tanh', gemma). Reference: reference/ops.swiglu / geglu.
 // glu_quant(gate_up f32 (M, 2F), xq u8, M, F, kind): the same activation, written straight into the
 //   decode matvec's pre-quantized x planes (xquant.cuh; M rows of xq_row_nbytes(F) bytes) for the
 //   down projection (matvec xmode 2): the quantization then runs once per step, not in every matvec

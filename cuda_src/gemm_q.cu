@@ -25,7 +25,7 @@
 //   through ldmatrix from rows padded to 72 halves (144 B: the 8 row addresses of a phase hit distinct
 //   bank groups). Rows past M / N and values past K load as zeros and are never stored.
 // mma.sync / ldmatrix / cvt.rn.bf16x2 exist on sm_80 and sm_90 alike (no Hopper-only instruction).
-// Numpy reference: out = x @ quants.dequantize(raw, type, (N, K)).T (ops/reference.linear), with the
+// Numpy reference: out = x @ quants.dequantize(raw, type, (N, K)).T (reference/ops.linear), with the
 // operands rounded to fp16/bf16, as in the dequant + cuBLAS path.
 #include "blocks.cuh"
 
@@ -215,7 +215,7 @@ __device__ __forceinline__ void gemm_q_impl(const u8* __restrict__ body, const u
 #define GEMM_Q_KERNELS(name, Fmt)                                                                      \
     GEMM_Q_KERNEL(name, Fmt, f16, false, 64) GEMM_Q_KERNEL(name, Fmt, f16, false, 128)                \
     GEMM_Q_KERNEL(name, Fmt, bf16, true, 64) GEMM_Q_KERNEL(name, Fmt, bf16, true, 128)
-// Keep in sync with GEMM_Q_FORMATS in aircupy/ops/cuda_matmul.py.
+// Keep in sync with GEMM_Q_FORMATS in aircupy/cuda/ops/cuda_matmul.py.
 #define FOR_EACH_GEMM_Q_FORMAT(X) \
     X(q4_0, FmtQ4_0) X(q4_1, FmtQ4_1) X(q5_0, FmtQ5_0) X(q5_1, FmtQ5_1) X(q8_0, FmtQ8_0) X(q4_k, FmtQ4_K) \
     X(q5_k, FmtQ5_K)

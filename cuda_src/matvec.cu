@@ -18,7 +18,7 @@
 //    zero offset and min use the segment sum of the same quantized x, so the error is sum(w_j * e_j)
 //    with |e_j| <= amax/32512: ~3e-5 relative, far below the weights' own quantization error.
 //  * float formats: fp32 x in shared memory and fp32 FMAs.
-// Numpy reference: out = x @ aircupy.gguf.quants.dequantize(raw, type, (N, K)).T  (ops/reference.linear).
+// Numpy reference: out = x @ aircupy.gguf.quants.dequantize(raw, type, (N, K)).T  (reference/ops.linear).
 #include "blocks.cuh"
 #include "xquant.cuh"
 
@@ -92,8 +92,8 @@ __device__ __forceinline__ void item_int(const typename F::Raw& r, int b, int it
     }
 }
 
-// Items per lane per pipeline stage. Measured (H200): achieved bandwidth follows the bytes each lane has
-// in flight (F16 with 128 B reached 3.5 TB/s, Q4_0 with 72 B 1.7 TB/s), so small items get more of them,
+// Items per lane per pipeline stage. Achieved bandwidth follows the bytes each lane has in flight
+// (bench/NOTES_kernels.md: wide F16 items ran twice the rate of Q4_0's), so small items get more of them,
 // as far as two stages of Raw registers allow 2 blocks of 256 threads per SM.
 template <class F>
 __host__ __device__ constexpr int mv_unroll() {

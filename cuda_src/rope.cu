@@ -21,7 +21,7 @@
 //   n_ctx, hd), pos, seq int32 (T,) or null, T, H, Hkv, hd, n_ctx, <rope args as above>): rotates q and
 //   k in place (the rotation above), then stores the rotated k and v of row t at [seq[t], :, pos[t], :]
 //   of the fp16 caches. One launch instead of three per layer.
-// Numpy reference: ops/reference.rope_angles + apply_rope; reference.rope_kv_store for the fusion.
+// Numpy reference: reference/ops.rope_angles + apply_rope; reference.rope_kv_store for the fusion.
 #include "common.cuh"
 
 #define ROPE_MAX_HALF 128  // rope_dim <= 256

@@ -12,7 +12,7 @@
 //   (probability descending, ties by lower id), are cut by top-k (k > 0), then top-p over the top-k set
 //   renormalised (smallest prefix whose mass reaches top_p), then min-p (z - max z >= log min_p); one
 //   Gumbel-max draw picks argmax(z - zmax + g_i), g_i = -log(-log u_i) with u_i = hash(seed, counter, i)
-//   (aircupy/ops/gumbel.py is its numpy twin): the same distribution as the numpy sampler's
+//   (aircupy/cuda/ops/gumbel.py is its numpy twin): the same distribution as the numpy sampler's
 //   inverse-CDF draw. The counter is incremented on the device, so a replayed CUDA graph draws fresh
 //   noise each step. The cuts are found by radix selection on a 64-bit key (value bits, then ~id, so
 //   every key is distinct and the key order is the sampler's order): 8 bits per pass over the row (it

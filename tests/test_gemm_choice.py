@@ -1,4 +1,4 @@
-"""CPU tier: the prefill path choice of linear() (aircupy/ops/gemm_choice.py), the kernel list of
+"""CPU tier: the prefill path choice of linear() (aircupy/cuda/ops/gemm_choice.py), the kernel list of
 cuda_src/gemm_q.cu against it, and gemm_q's argument checks (they run before any launch, so host numpy
 arrays exercise them without a GPU)."""
 from __future__ import annotations

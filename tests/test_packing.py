@@ -1,4 +1,4 @@
-"""CPU tier: the kernels' packed weight layout (aircupy/ops/packing.py) and the kernel source list."""
+"""CPU tier: the kernels' packed weight layout (aircupy/cuda/ops/packing.py) and the kernel source list."""
 from __future__ import annotations
 
 import numpy as np

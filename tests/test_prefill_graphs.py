@@ -1,4 +1,4 @@
-"""CPU tier of graph-replayed prefill (aircupy/model/cuda_prefill.py): the LRU and the capture policy,
+"""CPU tier of graph-replayed prefill (aircupy/cuda/prefill.py): the LRU and the capture policy,
 with a stand-in stream and capture function that record what would run on the GPU."""
 from __future__ import annotations
 

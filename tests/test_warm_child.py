@@ -1,4 +1,4 @@
-"""The page-cache warmer's child process (aircupy/loader/_warm_child.py), driven through its
+"""The page-cache warmer's child process (aircupy/stream/_warm_child.py), driven through its
 stdin/stdout protocol: the order it reads pieces in, under its pace and the consumers' waits."""
 import os
 import subprocess

@@ -2,14 +2,14 @@
 
 cupy's cuBLAS wrappers refuse to run during stream capture: cupy_backends' cublas.setStream raises
 NotImplementedError("calling cuBLAS API during stream capture is currently unsupported"), a blanket
-guard (measured: cupy 14.2 on an H200, the first prefill capture). cuBLAS itself supports capturing
+guard (cupy 14's, hit by the first prefill capture). cuBLAS itself supports capturing
 cublasGemmEx; with host-pointer alpha/beta (the default pointer mode of cupy's handle) their values are
 baked into the graph. So while a stream captures, ops.gemm calls the two entry points cupy's gemmEx
 wrapper would have called -- cublasSetStream_v2, then cublasGemmEx -- with the same handle (cupy's, of
 the current device), stream and arguments, straight from the libcublas this process already loaded,
 through ctypes. Same handle, stream, shapes and workspace as the eager call, so cuBLAS has no reason to
 pick another kernel; PrefillGraphs still compares every captured pass with its eager twin, bit for bit,
-before keeping it (aircupy/model/cuda_prefill.py).
+before keeping it (aircupy/cuda/prefill.py).
 
 Only the library cupy loaded is used (found in /proc/self/maps): a second copy would not know cupy's
 handle. Symbols and signatures: cublas_api.h of CUDA 12/13 (cublasGemmEx, cublasSetStream_v2).

@@ -6,9 +6,9 @@ call, one module load; the shared headers are included once through their #pragm
 on-disk kernel cache makes later processes load the cubin instead of recompiling). Kernels are
 `extern "C"`, so they are found by plain name.
 
-cupy is imported here lazily (house rule: aircupy/device/ is the only place that touches it, and only
+cupy is imported here lazily (house rule: aircupy/cuda/ is the only place that touches it, and only
 when a GPU backend is asked for). Build a library once and hand it to the launchers in
-aircupy/ops/cuda_ops.py; call warmup() before capturing a CUDA graph, so no module load or dynamic
+aircupy/cuda/ops/__init__.py; call warmup() before capturing a CUDA graph, so no module load or dynamic
 shared-memory attribute change happens during capture.
 """
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 A layer's weights occupy ONE contiguous block of device memory with fixed internal offsets (a
 BlockLayout). The block can sit in the resident part of the pool or in a streaming slot: binding the
-layout to a base address gives the layer's weight table (cuda_weights.bind_layer), so the forward pass
-never cares where the bytes came from. Streaming (issue 5) reuses exactly this: slot size = the largest
+layout to a base address gives the layer's weight table (weights.bind), so the forward pass never
+cares where the bytes came from. Streaming reuses exactly this: slot size = the largest
 layer block, and a slot refill is "copy raw file bytes, repack into the block".
 
 Pieces of a block (E = n_embd, D = head_dim, F = n_ff, shapes numpy order (out, in)):

@@ -86,8 +86,8 @@ class PoolPlan:
             return
         raise ModelTooLargeError(
             f"{what} needs {fmt_bytes(self.total)} of GPU memory ({self.report()}) but the VRAM "
-            f"budget is {fmt_bytes(budget)}; use a smaller model, quantization or context "
-            f"(n_ctx); aircupy.Engine streams layers instead (StreamedCudaModel) when this happens")
+            f"budget is {fmt_bytes(budget)}; use a smaller model, quantization or context (n_ctx), or "
+            f"fewer forced resident layers")
 
 
 class DevicePool:

@@ -26,7 +26,7 @@ Capture safety: a pass must be launches only (ForwardPass never allocates or syn
 runs with cupy's allocator replaced by one that raises (graphs.capture_graph(forbid_alloc=True)), so
 a launcher that would allocate makes the capture fail instead of baking pool memory into the graph.
 cuBLAS needs its handle and this stream's workspace to exist before capture, and cupy's wrappers
-refuse to call it during a capture (ops.gemm goes through aircupy/device/cublas_capture.py then):
+refuse to call it during a capture (ops.gemm goes through aircupy/cuda/cublas_capture.py then):
 the eager run before every capture creates them. If a capture fails, graphs stay off (eager passes)
 and `fallback_reason` says why; graphs captured and checked before remain in use.
 

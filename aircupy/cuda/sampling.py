@@ -6,7 +6,7 @@
 Two captured graphs serve every single-token step on the start-up (pooled) KV cache:
     logits graph:  io upload -> layers -> head -> logits (1, V) download        (forward)
     sample graph:  io upload -> layers -> head -> sample kernel -> id download   (forward_sample)
-`io` (int32 (8,), see cuda_buffers.py) carries the step's token, position, rng (seed, counter) and
+`io` (int32 (8,), see cuda/buffers.py) carries the step's token, position, rng (seed, counter) and
 sampling parameters in one pinned copy, so one graph serves every request and setting. The counter
 lives on the host sampler and advances once per sampled token, so a seed reproduces its tokens.
 

@@ -17,10 +17,9 @@ consumer read piece k itself (skip it). End of input: stop. stdout: "k nbytes" p
 
 A waited-for piece less than NEAR bytes ahead of the reading cursor is not read out of turn: the
 cursor reaches it soon, and the pace is lifted until it does. Only one farther off is read next.
-Why: the disk keeps its rate only on one sequential stream. On the GPU host (H200, 2026-11-27) a
-streamed model's two reader threads waited on two windows 123 MB apart. Reading their pieces as
-they were asked alternated between the two places, and the disk ran at 1.53 GB/s against 1.79
-while a resident load waited on adjacent chunks.
+Why: the disk keeps its rate only on one sequential stream. A streamed model's two reader threads
+can wait on two windows far apart; reading their pieces as they are asked alternates between the
+two places and costs the disk a measurable part of its rate (bench/RESULTS.md, cold start).
 """
 import os
 import sys

@@ -1,10 +1,10 @@
 """The cold-start page-cache warmer: a child process that is the disk's only reader while a model
 starts (ReadAhead), and the page-cache-only read the consumers try first (read_cached).
 
-A Stager (loader/staging.py) given a ReadAhead copies what the page cache holds, waits for the
+A Stager (stream/stager.py) given a ReadAhead copies what the page cache holds, waits for the
 warmer to read the rest, and reports what it read (consumed, covered), which paces and steers the
-warmer. model/staged_fill.start_read_ahead sizes one for a model's reads; the Engine starts one over
-the whole file before it parses the header (staged_fill.warm_file).
+warmer. cuda/load.start_read_ahead sizes one for a model's reads; the Engine starts one over
+the whole file before it parses the header (cuda/backend.start_warmer).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import time
 
 class ReadAhead:
     """Reads `ranges` (file (offset, nbytes), in the order the consumers will read them) into the
-    page cache from a child process (loader/_warm_child.py; `threads` reader threads there, default
+    page cache from a child process (stream/_warm_child.py; `threads` reader threads there, default
     one), starting at once, and is the only reader of the disk until it is done: a Stager given it
     reads a window that the warmer has not passed yet only from the page cache (preadv2
     RWF_NOWAIT), and otherwise waits for the warmer to pass it, then copies it from the cache.
@@ -26,22 +26,20 @@ class ReadAhead:
         stager = Stager(path, ..., read_ahead=ra)     # its preadvs hit the page cache
         ra.close()
 
-    Why (issue 5: TTFT from a cold page cache within 10% of size / disk rate): the disk must read
-    from the first millisecond to the last, in one sequential stream. The consumers (the staged
-    resident load, the streamer's first pass) start late (after the CUDA context, the pool and
-    NVRTC) and pause (uploads, repacks, the prefill); once they caught up with an earlier warmer
-    that only read ahead, their reader threads hit the disk beside it. On the GPU host (H200,
-    2026-11-27) one thread of 16 MiB preads read the file at 1.34-1.52 GB/s and four at 1.18-1.44,
-    and cold loads with warmer and consumers both reading ran the disk at about 1.2 GB/s. A warmer
-    thread in the model's process (this class's first form) ran at half the disk's rate while the
-    main thread started the GPU: it needs the GIL between reads. The child has its own.
+    Why (a cold start's TTFT should be the disk's time for the file): the disk must read from the
+    first millisecond to the last, in one sequential stream. The consumers (the staged resident
+    load, the streamer's first pass) start late (after the CUDA context, the pool and NVRTC) and
+    pause (uploads, repacks, the prefill); once they caught up with a warmer that only read ahead,
+    their reader threads hit the disk beside it, and the disk lost its rate (bench/RESULTS.md, cold
+    start). A warmer thread in the model's process ran at half the disk's rate while the main thread
+    started the GPU: it needs the GIL between reads. The child has its own.
 
     Order and pace: pieces are read in `ranges` order, at most `ahead_bytes` ahead of what the
     consumers reported through consumed() (a file larger than RAM does not evict its own first
     windows before they are used). A piece a consumer waits for (ask, wait_for) is read next if it
     lies `near_bytes` or more ahead of the reading cursor, whatever the order and the pace, so any
     consumer order is served; a nearer one is read in turn, the pace lifted until it is (the
-    disk's rate holds only on one sequential stream: loader/_warm_child.py). 1 GiB by default:
+    disk's rate holds only on one sequential stream: stream/_warm_child.py). 1 GiB by default:
     two windows of a 70B Q4_0 layer (0.46 GB each; a streamer's two reader threads hold two), and
     half a second of this host's disk. Pieces a consumer already read from a warm cache
     (covered()) are skipped. Each piece read costs one copy (page cache -> the child's

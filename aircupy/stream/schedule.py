@@ -17,7 +17,7 @@ keeps all N slots busy (one computing, N - 1 filled or filling).
 When S <= N every streamed layer owns a slot: it is uploaded in pass 0 only and stays there (the
 schedule is then "cached" and later passes issue no uploads).
 
-Pure Python: the streamer (loader/streamer.py) turns these actions into cupy events and copies; the
+Pure Python: the streamer (stream/streamer.py) turns these actions into cupy events and copies; the
 tests check the invariants on the action lists without a GPU.
 """
 from __future__ import annotations

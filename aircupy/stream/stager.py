@@ -11,8 +11,8 @@ Why read() into the buffer instead of copying from the mmap: the GPU may only DM
 anyway; os.preadv writes them there straight from the page cache (or the disk), one copy instead of
 page-fault-driven mmap reads plus a memcpy.
 
-Pinning is slow and serial: cudaHostAlloc ran at about 1.8 GB/s on the H200 host (2026-11-27), and
-two threads pinning at once each took twice as long. So one "pin" thread does all of it, off the
+Pinning is slow and serial: cudaHostAlloc runs at a few GB/s, and two threads pinning at once each
+take twice as long. So one "pin" thread does all of it, off the
 caller's thread: the ring first (at construction; a read waits only for its own buffer), then the
 RAM tier.
 
@@ -25,7 +25,7 @@ model's 3.9 GB tier is, at that rate, 2.2 s of pinning: longer than the disk tak
 With `defer_tier` the copies also wait for start_tier(). The allocator decides whether that memory
 is pinned.
 
-Cold start: a ReadAhead (loader/read_ahead.py) reads the file into the page cache ahead of the
+Cold start: a ReadAhead (stream/read_ahead.py) reads the file into the page cache ahead of the
 consumers from t = 0, before the CUDA context exists, so the disk never idles while the process sets
 up the GPU; a Stager given `read_ahead` leaves the disk to it (reads what is cached, waits for the
 rest) and reports every window it read, which paces the warmer.
@@ -106,10 +106,8 @@ class Stager:
         """defer_tier: RAM-tier copies wait for start_tier() (the streamer calls it when its second
         pass begins, the first token out): a cold start's first pass runs without pinning beside
         it (pinning holds a driver lock its uploads and launches would queue on). Not also at the
-        warmer's end (tried on the H200 host, 2026-11-27): on a cold start that is the first
-        pass's last 0.1 s, and the first pinning (65 ms per 123 MB window) held up its last
-        layers, head and sampling (0.08-0.12 s from the disk's last byte to the token, against
-        0.03 s without)."""
+        warmer's end: on a cold start that is the first pass's last tenth of a second, and the
+        first pinning held up its last layers, head and sampling (bench/RESULTS.md, cold start)."""
         if n_buffers < 1 or buffer_bytes < 1:
             raise ValueError("need at least one buffer of at least one byte")
         self._fd = os.open(os.fspath(path), os.O_RDONLY)

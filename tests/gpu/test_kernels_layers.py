@@ -1,4 +1,4 @@
-"""GPU tier: RMSNorm (+ residual fusions), RoPE, GLU, softcap, KV store and attention vs ops/reference.py.
+"""GPU tier: RMSNorm (+ residual fusions), RoPE, GLU, softcap, KV store and attention vs reference/ops.py.
 
 Tolerances (relative L2 error unless stated):
   rms_norm, glu, softcap: fp32 element-wise math -> 1e-6 (tanh/exp ulps)

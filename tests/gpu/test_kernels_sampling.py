@@ -1,6 +1,6 @@
 """GPU tier: device argmax, penalties and sampler against engine/sampler.py and the Gumbel twin.
 
-The device draw is Gumbel-max with noise from aircupy/ops/gumbel.py, so the expected token is exact:
+The device draw is Gumbel-max with noise from aircupy/cuda/ops/gumbel.py, so the expected token is exact:
 argmax over the numpy sampler's candidate set of log(prob) + g_i. A wrong cut (top-k, top-p, min-p)
 changes the candidate set and, over many seeds, the tokens. Top-p without top-k is checked against the
 exact nucleus (the numpy sampler renormalises over a partial prefix there; see the note in

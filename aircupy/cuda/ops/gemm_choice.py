@@ -30,9 +30,8 @@ M_BUCKETS: tuple[int, ...] = (32, 128, 512, 2048)
 
 Key = tuple[str, int, int, int]  # (type name, N, K, M bucket)
 # Shapes where a fused path beat dequant + cuBLAS by >= 3% at every M timed in the bucket, and which
-# one: `python bench/bench_kernels.py --gemm` on an NVIDIA H200 (sm_90, cupy 14.2, 2026-11-27). gemm_q
-# (mma.sync, ~180 TF/s at best) wins only where cuBLAS's tiles leave the SMs idle (the 8B gate_up at
-# M = 128: 186 vs 229 us); cuBLAS (up to 590 TF/s) wins the other 83 points timed by 2.1-7x.
+# one, as `python bench/bench_kernels.py --gemm` measured them on the Hopper host (bench/RESULTS.md has
+# the run): gemm_q (mma.sync) wins only where cuBLAS's tiles leave the SMs idle; cuBLAS wins elsewhere.
 FAST_PATHS: Mapping[Key, str] = MappingProxyType({
     ('Q4_0', 28672, 4096, 128): 'fused_xh',
     ('Q4_1', 28672, 4096, 128): 'fused_xh',

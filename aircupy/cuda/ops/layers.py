@@ -1,6 +1,6 @@
 """Typed launchers of the per-layer kernels: RMSNorm (+ residual fusions), RoPE, GLU, KV cache, attention.
 
-All activations are fp32 (see /work/notes/gpu_api.md for why); the KV cache is fp16, per layer
+All activations are fp32 (Gemma3's residual stream overflows fp16); the KV cache is fp16, per layer
 (n_seq, Hkv, n_ctx, hd) -- a 3-D (Hkv, n_ctx, hd) cache is one sequence. Dynamic values (positions,
 hence the attention length) are read from device memory, so a captured decode graph stays valid.
 """
@@ -172,9 +172,8 @@ def _decode_smem(hd: int) -> int:
 
 def decode_splits(lib, t: int, h: int, hkv: int, hd: int = 128) -> int:
     """KV splits of the decode kernel: as many blocks as fit on the GPU at once (one wave: shared memory
-    allows 3 blocks per SM at hd 128), over the (kv head, group, row) grid, <= MAX_SPLITS. Measured
-    (H200, ctx 4096): 64 splits of 64 keys = 2 waves, 27 us; 32 splits of 128 keys, 19 us. Fixed for a
-    launch shape; each split takes >= min_chunk keys, and blocks of splits a short context does not
+    allows 3 blocks per SM at hd 128), over the (kv head, group, row) grid, <= MAX_SPLITS: one wave
+    of longer splits beat two waves of shorter ones (bench/NOTES_kernels.md). Fixed for a launch shape; each split takes >= min_chunk keys, and blocks of splits a short context does not
     reach exit at once."""
     ngrp = cdiv(h // hkv, 8)
     per_sm = (getattr(lib, "max_smem_optin", 232448) + 1024) // (_decode_smem(hd) + 9 * 1024)  # + static

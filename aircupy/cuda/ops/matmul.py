@@ -1,6 +1,6 @@
 """Typed launchers of the weight kernels: repack, decode matvec, dequantization, GEMM, embedding rows.
 
-Weights are QWeight (aircupy/ops/packing.py: the packed layout, shape (N, K)); activations are fp32.
+Weights are QWeight (aircupy/cuda/ops/packing.py: the packed layout, shape (N, K)); activations are fp32.
   matvec    M = 1..8 rows, dequantization fused (cuda_src/matvec.cu)
   gemm      fp16/bf16 operands, fp32 output, cuBLAS GemmEx on the tensor cores
   gemm_q    any M, quant weights dequantized inside the tensor-core GEMM's tile loader (gemm_q.cu)
@@ -178,7 +178,7 @@ def gemm(lib, a, b, out, *, accumulate: bool = False, stream=None) -> None:
     s = stream if stream is not None else cupy.cuda.get_current_stream()
     if s.ptr and cupy.cuda.runtime.streamIsCapturing(s.ptr):
         # cupy's cuBLAS wrappers refuse stream capture: the same two calls through ctypes (graph-
-        # captured prefill, aircupy/device/cublas_capture.py); alpha/beta are read now, baked in.
+        # captured prefill, aircupy/cuda/cublas_capture.py); alpha/beta are read now, baked in.
         from aircupy.cuda.cublas_capture import process_cublas
         process_cublas().gemm(handle, s.ptr, args[1:])
         return
@@ -191,9 +191,8 @@ def gemm(lib, a, b, out, *, accumulate: bool = False, stream=None) -> None:
 
 def warm_gemm(lib, shapes, scratch, *, half: str = "f16", rows: int = 16, stream=None) -> int:
     """One cuBLAS GEMM of `rows` rows per (n, k) of `shapes`, on whatever `scratch` (device uint8)
-    holds, the output in it too: cuBLAS's first-use costs (library set-up, kernel loading; 0.15-0.2
-    s for the first GEMM of a fresh process on the H200 host, 2026-11-27) are paid where this is
-    called (a model's load, while the disk is the bound), not at the first prompt. Shapes whose
+    holds, the output in it too: cuBLAS's first-use costs (library set-up, kernel loading: a
+    noticeable part of a second for the first GEMM of a process) are paid where this is called (a model's load, while the disk is the bound), not at the first prompt. Shapes whose
     operands do not fit `scratch` are skipped. Returns how many GEMMs ran."""
     hdt = np.uint16 if half == "bf16" else np.float16
     ran = 0

@@ -7,7 +7,7 @@ Penalties are applied beforehand, in place, from a sparse per-row table the host
 row, -1 for unused slots), in engine/sampler.py's order: logit bias, repeat penalty (ids with rep = 1),
 presence/frequency (generated counts). Candidate order and cuts follow engine/sampler.Sampler, except
 that top-p without top-k is the exact nucleus over the whole vocabulary; the draw is Gumbel-max with
-aircupy/ops/gumbel.py's noise (same distribution as the numpy inverse-CDF draw, different stream).
+aircupy/cuda/ops/gumbel.py's noise (same distribution as the numpy inverse-CDF draw, different stream).
 """
 from __future__ import annotations
 
