@@ -5,10 +5,11 @@
 #   stage1 (carry .device/whl .device/peers .device/stage/part.00 .device/stage/SHA256SUM .device/COMMIT):
 #          wheels + editable install; llama-bench and the synthetic 8B and 70B Q4_0 built in the
 #          background; the GPU tier minus the tests on the real SmolLM2 (summary -> $OUT/gpu_tier.txt).
-#   stage2 (carry .device/stage/part.01): join SmolLM2 and run its GPU tests; `python -m bench` on the
+#   stage2 (carry .device/stage/part.01 .device/stage/part.02): join SmolLM2 and run its GPU tests; `python -m bench` on the
 #          resident 8B for aircupy and llama.cpp.
 #   stage3: `python -m bench` on the 70B at 24 GiB for aircupy and llama.cpp (merged records, table).
-# The 98 MB SmolLM2 travels in two 48 MiB parts (../shared/device/split.sh), one per call.
+# The 98 MB SmolLM2 travels in 40 MiB parts (../shared/device/split.sh FILE .device/stage 40), part.00
+# with stage1, the rest with stage2 (each call carries at most 64 MiB with the tree).
 # usage (repo root, on the GPU host): bash bench/device_session.sh stage1|stage2|stage3
 set -uo pipefail
 stage=${1:?usage: device_session.sh stage1|stage2|stage3}
@@ -51,7 +52,7 @@ if [ "$stage" = stage1 ]; then
 fi
 
 if [ "$stage" = stage2 ]; then
-  cp .device/stage/part.01 /root/stage/ && (cd /root/stage && cat part.* > model.gguf \
+  cp .device/stage/part.0[1-9] /root/stage/ && (cd /root/stage && cat part.* > model.gguf \
     && sha256sum -c SHA256SUM && rm -f part.*) || echo "SmolLM2 join failed"
   export AIRCUPY_SMOLLM2_GGUF=/root/stage/model.gguf
   timeout 200 python3 -m pytest -q -rfE --tb=short -m gpu tests/gpu -k "smollm2" -p no:cacheprovider 2>&1 \
