@@ -66,7 +66,7 @@ def measure(m, c, prompts: dict[str, int], n_gen: int, ttft_prompt: int | None =
     phases = [(k, (lambda n=n: pp(n)), n) for k, n in prompts.items()] + [("tg", tg, n_gen)]
     if ttft_prompt:
         phases.append(("ttft", ttft, None))
-    streamed = getattr(m, "streamer", None) is not None
+    streamed = m.placement.streams
     out = {}
     for name, fn, n in phases:
         fn()                                       # warm-up (and the RAM tier's first reads)
@@ -99,9 +99,8 @@ def measure(m, c, prompts: dict[str, int], n_gen: int, ttft_prompt: int | None =
 def settle(m) -> None:
     """Steady state before timing: the streamed model's RAM-tier copies (made behind the first
     reads of the windows, on the Stager's pin thread; deferred on a cold start) are complete."""
-    st = getattr(m, "stager", None)
-    if st is not None:
-        st.tier_settled()
+    if m.placement.streams:
+        m.weights.stager.tier_settled()
 
 
 def placement_stats(m) -> dict:
