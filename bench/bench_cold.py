@@ -9,7 +9,7 @@ Issue 5's target: a cold start's TTFT is within 10% of file size / disk read rat
      read would run at tens of GB/s;
   2. disk rate: evict, then read the whole file with 16 MiB preads into one reusable buffer per
      thread, 1 and `--read-threads` threads in turn (what a loader at its best could do; on the GPU
-     host they differ by less than the drift, probe_disk.py); GB/s = size / wall time. One such
+     host they differ by less than the drift, probes/probe_disk.py); GB/s = size / wall time. One such
      read comes before the first run and after every run, so each run lies between two;
   3. cold TTFT, in a fresh process (cupy and aircupy imported, no CUDA call yet: the context is
      created inside the timed span, as on a real start): evict, then time, as the Engine starts:
@@ -245,7 +245,7 @@ def main() -> None:
             before = after
 
     # The batch's disk rate: the mean of all its reads (both thread counts; they differ by less than
-    # the drift, see probe_disk.py). batch_ratio = median TTFT / (size / that rate).
+    # the drift, see probes/probe_disk.py). batch_ratio = median TTFT / (size / that rate).
     rate = float(np.mean([v for _, v in reads]))
     by = {c: [x for x in rows if (x["resident"], x["read_ahead"]) == c] for c in configs}
     alone = [x["ttft_s"] for x in by.get(("warmer", min(counts)), [])]

@@ -1,6 +1,6 @@
 """How fast can this host's disk deliver one cold file, and by which way of reading? (issue 5)
 
-    python bench/probe_disk.py --model m.gguf [--reps 3] [--methods pread:1:16,direct:4:16,...]
+    python -m bench.probes.probe_disk --model m.gguf [--reps 3] [--methods pread:1:16,direct:4:16,...]
 
 The cold-start target is TTFT <= 1.10 x file size / the measured disk rate, so the rate must be the
 disk's, not one reader's: every method below reads the whole file once from a cold page cache
@@ -23,12 +23,10 @@ import os
 import random
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from bench_cold import evict, read_file  # noqa: E402
+from bench.bench_cold import evict, read_file
 
 DEFAULT = ("pread:1:16,pread:4:16,pread:1:64,pread:4:64,seq:1:16,"
            "direct:1:16,direct:4:16,direct:8:16,warmer:1,warmer:4,cat")

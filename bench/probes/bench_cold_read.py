@@ -1,6 +1,6 @@
 """The read side of a cold weight load, on the CPU: the old per-tensor mmap path vs the staged one.
 
-    python bench/bench_cold_read.py --model m.gguf [--setup-s 0.5] [--reps 2] [--json out.json]
+    python -m bench.probes.bench_cold_read --model m.gguf [--setup-s 0.5] [--reps 2] [--json out.json]
 
 Issue 5: TTFT from a cold page cache within 10% of file size / disk rate. No GPU here: the upload
 is faked by a numpy copy of the same bytes to the same destination (the device blocks are host
@@ -32,8 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from aircupy.cuda.load import HostSink
-from bench_cold import disk_rate, evict   # this script runs as `python bench/bench_cold_read.py`
+from tests.helpers.host_sink import HostSink
+from bench.bench_cold import disk_rate, evict
 
 
 class CopySink(HostSink):

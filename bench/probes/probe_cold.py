@@ -1,9 +1,9 @@
 """Where a cold start's time goes beyond the disk (issue 5): fixed costs of a fresh process and the
 streamed first pass's per-window timeline. A diagnostic; figures go to stdout as JSON lines.
 
-    python bench/probe_cold.py costs --model m.gguf       # fresh-process fixed costs
-    python bench/probe_cold.py timeline --model m.gguf [--resident all|K]   # a cold start, per read
-    python bench/probe_cold.py pin                         # page-locking 1 GiB: alloc vs register
+    python -m bench.probes.probe_cold costs --model m.gguf       # fresh-process fixed costs
+    python -m bench.probes.probe_cold timeline --model m.gguf [--resident all|K]   # a cold start, per read
+    python -m bench.probes.probe_cold pin                         # page-locking 1 GiB: alloc vs register
 
 The timeline starts the whole-file warmer first, as the Engine does, samples how far it has read
 every 50 ms, and wraps Stager._read (every read: start, end, thread), Stager._alloc_and_read
@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).parent))
 
 
 def costs(model: Path) -> None:
@@ -78,8 +77,8 @@ def costs(model: Path) -> None:
 
 def timeline(model: Path, resident: str) -> None:
     import cupy  # noqa: F401
-    from bench_cold import evict
-    from bench_streaming import open_model
+    from bench.bench_cold import evict
+    from bench.bench_streaming import open_model
 
     import aircupy.stream.read_ahead as read_ahead
     import aircupy.stream.stager as staging

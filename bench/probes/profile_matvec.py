@@ -1,7 +1,7 @@
 """Run one decode matvec a few times, for a profiler (ncu) to look at: which limit binds, issue or memory.
 
     ncu -k regex:matvec --launch-skip 2 --launch-count 1 --section SpeedOfLight --section WarpStateStats \
-        python bench/profile_matvec.py --type Q4_0 --n 28672 --k 4096 --rows 1
+        python -m bench.probes.profile_matvec --type Q4_0 --n 28672 --k 4096 --rows 1
 """
 from __future__ import annotations
 

@@ -18,7 +18,7 @@
 #   ttft (right after prep, same machine): bench_cold, modes $MODES (default all,0,engine,warmer), warmer threads
 #          $READ_AHEAD (default 1,4), $REPS interleaved reps (default 4).
 # Logs come back as $OUT/logs-STAGE.tgz, JSON beside them.
-# usage (repo root, on the GPU host): bash bench/device_cold.sh stage1|stage2|cold|disk|prep|ttft
+# usage (repo root, on the GPU host): bash bench/probes/device_cold.sh stage1|stage2|cold|disk|prep|ttft
 set -uo pipefail
 stage=${1:?usage: device_cold.sh stage1|stage2|cold|disk|prep|ttft}
 OUT=${OUT:-/tmp/out}; L=/root/logs; S=/root/synth; mkdir -p "$OUT" $L /root/stage $S
@@ -35,7 +35,7 @@ fresh() {   # a fresh machine: wheels, aircupy (editable), the card's name, the 
 }
 timelines() {   # cold-start timelines (probe_cold.py), resident then streamed, twice; $1: time limit
   for r in all 0 all 0; do
-    timeout "$1" python3 bench/probe_cold.py timeline --model $M --resident $r > $L/timeline_$r.jsonl 2>&1
+    timeout "$1" python -m bench.probes.probe_cold timeline --model $M --resident $r > $L/timeline_$r.jsonl 2>&1
   done
   cp $L/timeline_*.jsonl "$OUT/" 2>/dev/null
 }
@@ -76,7 +76,7 @@ if [ "$stage" = cold ]; then   # one call on a fresh machine: the cold TTFT runs
 fi
 if [ "$stage" = disk ]; then
   fresh
-  timeout 200 python3 bench/probe_disk.py --model $M --reps 3 --json "$OUT/disk.json" 2>&1 \
+  timeout 200 python -m bench.probes.probe_disk --model $M --reps 3 --json "$OUT/disk.json" 2>&1 \
     | tee $L/disk.log | grep median
   timelines 150                       # the first of each fills the kernel cache (NVRTC)
   timeout 400 python3 bench/bench_cold.py --model $M --resident all,0,engine,warmer --read-ahead 1 \

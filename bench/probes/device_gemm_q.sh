@@ -4,7 +4,7 @@
 # checkout (PYTHONPATH + kernels.source_dir, which prefers the checkout's cuda_src), the GPU tests of
 # gemm_q and of the existing matmul launchers (linear's cuBLAS path must be unchanged), the prefill
 # graph tests (linear inside a captured prefill), then bench_kernels --gemm. Logs and JSON go to $OUT.
-# usage (repo root, on the GPU host): bash bench/device_gemm_q.sh [tests|bench|all]
+# usage (repo root, on the GPU host): bash bench/probes/device_gemm_q.sh [tests|bench|all]
 set -uo pipefail
 what=${1:-all}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
