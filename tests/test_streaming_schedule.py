@@ -84,7 +84,7 @@ def _drive(tmp_path, n_layers, streamed, n_slots, passes, seed, ram_tier, repack
         if not repack_stream:
             stream.enqueue(lambda: block.__setitem__(slice(None), host))
             return None
-        # StreamedCudaModel's protocol: DMA into staging j on the copy stream, "repack" it into the
+        # StreamedWeights' protocol: DMA into staging j on the copy stream, "repack" it into the
         # slot on a second stream, return the second stream's event that completes the slot.
         j = turn[0]
         turn[0] ^= 1
@@ -117,7 +117,8 @@ def _drive(tmp_path, n_layers, streamed, n_slots, passes, seed, ram_tier, repack
                     (i, bool(np.array_equal(slots[slot], data[i * win:(i + 1) * win])))))
             s.release(i)
         s.end_pass()
-    st = s.stats()
+    stager.tier_settled()   # the RAM tier's copies run on the pin thread: wait for them (a busy
+    st = s.stats()          # machine may not have made them yet)
     stager.close()
     return seen, st
 
