@@ -10,6 +10,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies
 
 from aircupy.engine.blocks import BlockManager
 from aircupy.engine.scheduler import Scheduler, Status
@@ -36,6 +37,7 @@ class FakeRunner:
     def run(self, step) -> list[int]:
         out = []
         for ch in step.chunks:                      # in step order: a later chunk may read these writes
+            assert ch.num_tokens >= 1, "a model needs a token to run to give logits"
             assert len(ch.slots) == ch.num_tokens and len(ch.block_table) * self.B >= ch.end
             for t, p, s in zip(ch.token_ids, ch.positions, ch.slots):
                 assert s == ch.block_table[p // self.B] * self.B + p % self.B
@@ -368,32 +370,53 @@ def test_random_storm_returns_every_block(seed):
     assert st["prefix_hit_tokens"] > 0 and st["steps"] > 100
 
 
-@pytest.mark.parametrize("block_size,num_blocks,budget,seed", [(1, 40, 8, 0), (4, 12, 16, 1), (4, 16, 7, 2),
-                                                              (16, 5, 24, 3), (2, 30, 5, 4)])
-def test_every_sequence_generates_what_it_generates_alone(block_size, num_blocks, budget, seed):
-    """Many sequences, tight blocks (preemption), a small token budget (chunked prefill), shared
-    prefixes (prefix caching) and aborts: each surviving sequence's output equals its solo run."""
+def simulate(block_size, num_blocks, budget, max_num_seqs, seed, n_seqs=40):
+    """Many sequences over shared prefixes, aborts and rollbacks between steps, run to the end; every
+    sequence not aborted must generate what it generates alone (a rollback regenerates the same
+    tokens: the fake model is a function of the history). Returns the scheduler."""
     rng = random.Random(seed)
     bm = BlockManager(num_blocks, block_size)
     cap = num_blocks * block_size
-    sched = Scheduler(bm, max_num_seqs=min(6, budget), max_batched_tokens=budget, max_model_len=cap)
+    sched = Scheduler(bm, max_num_seqs=max_num_seqs, max_batched_tokens=budget, max_model_len=cap)
     runner = FakeRunner(bm)
     stems = [[rng.randrange(1, 50) for _ in range(cap)] for _ in range(3)]
     seqs, aborted = [], set()
-    for _ in range(40):
-        prompt = rng.choice(stems)[:rng.randrange(1, cap * 2 // 3)] + [rng.randrange(1, 50)] * rng.randrange(2)
-        seqs.append(sched.add(prompt, params=rng.randrange(1, 30)))
+    for _ in range(n_seqs):
+        prompt = rng.choice(stems)[:rng.randrange(1, max(2, cap * 2 // 3))] + [rng.randrange(1, 50)] * rng.randrange(2)
+        seqs.append(sched.add(prompt[:cap - 1], params=rng.randrange(1, 30)))
     while sched.has_unfinished():
         step = sched.schedule()
-        assert step and step.num_tokens <= budget
+        assert step and step.num_tokens <= budget and len(sched.running) <= max_num_seqs
         ids = runner.run(step)
         sched.commit(step, ids, reasons(sched, step, ids))
-        if rng.random() < 0.02:
+        r = rng.random()
+        if r < 0.02:
             victim = rng.choice(seqs)
             if sched.finish(victim.seq_id) is not None:
                 aborted.add(victim.seq_id)
+        elif r < 0.1 and sched.running:
+            s = rng.choice(sched.running)
+            sched.rollback(s.seq_id, rng.randrange(s.num_prompt_tokens, s.num_tokens + 1))
         check_invariants(sched)
     for s in seqs:
         if s.seq_id not in aborted:
             assert (s.output_ids, s.finish_reason) == alone(s.prompt_ids, s.params, cap), s
-    assert sched.num_preemptions > 0 and bm.hit_tokens > 0 and bm.num_used == 0
+    assert bm.num_used == 0
+    return sched
+
+
+@pytest.mark.parametrize("block_size,num_blocks,budget,seed", [(1, 40, 8, 0), (4, 12, 16, 1), (4, 16, 7, 2),
+                                                              (16, 5, 24, 3), (2, 30, 5, 4)])
+def test_every_sequence_generates_what_it_generates_alone(block_size, num_blocks, budget, seed):
+    """Tight blocks (preemption), a small token budget (chunked prefill), shared prefixes (prefix
+    caching), aborts and rollbacks: the property the real engine needs."""
+    sched = simulate(block_size, num_blocks, budget, min(6, budget), seed)
+    assert sched.num_preemptions > 0 and sched.blocks.hit_tokens > 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(block_size=strategies.sampled_from([1, 2, 4, 8, 16]), num_blocks=strategies.integers(2, 40),
+       budget=strategies.integers(1, 40), max_num_seqs=strategies.integers(1, 8),
+       seed=strategies.integers(0, 2**16))
+def test_any_configuration_matches_solo_runs(block_size, num_blocks, budget, max_num_seqs, seed):
+    simulate(block_size, num_blocks, max(budget, max_num_seqs), max_num_seqs, seed, n_seqs=12)

@@ -164,6 +164,7 @@ class BlockManager:
         B = self.block_size
         while len(table.hashes) <= i:
             j = len(table.hashes)
+            assert len(token_ids) >= (j + 1) * B, "only full blocks have a hash"
             parent = table.hashes[-1] if j else b""
             table.hashes.append(block_hash(parent, token_ids[j * B:(j + 1) * B]))
         return table.hashes[i]

@@ -296,6 +296,7 @@ class Scheduler:
     def _chunk(self, seq: Sequence, k: int) -> ScheduledChunk:
         """Schedule seq's next k tokens: their write slots, and their full blocks offered to the cache
         (their KV exists once this step has run)."""
+        assert 1 <= k <= seq.num_unfed, (seq, k)
         c, end = seq.num_computed_tokens, seq.num_computed_tokens + k
         slots = self.blocks.slots(seq.table, c, end, write=True)   # asserts the blocks exist, unshared
         self.blocks.register_full(seq.table, seq.token_ids, end)

@@ -17,7 +17,8 @@ step (Step.arrays()), N rows in chunk order:
 
 A chunk may read blocks that an earlier chunk of the same step writes (two sequences sharing a prompt
 prefix): a runner writes every row's KV of a layer before that layer's attention, or runs the chunks
-one after another in step order.
+one after another in step order. For the same reason it runs every chunk, even one whose sequence was
+finished while the step was being prepared.
 """
 from __future__ import annotations
 
