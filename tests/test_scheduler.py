@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings, strategies
 
 from aircupy.engine.blocks import BlockManager
-from aircupy.engine.scheduler import Scheduler, Status
+from aircupy.engine.scheduler import RecomputePreemption, Scheduler, Status
 from aircupy.errors import ContextLengthError
 
 EOS = 0
@@ -227,6 +227,24 @@ def test_preempts_the_newest_and_resumes_it_to_the_same_output():
             assert c.token_ids == tuple(s.token_ids[c.start:c.end])
 
 
+def test_the_preemption_policy_is_replaceable():
+    class Recording(RecomputePreemption):
+        def __init__(self):
+            self.seen = []
+
+        def preempt(self, seq, blocks):
+            self.seen.append((seq.seq_id, len(seq.table)))
+            super().preempt(seq, blocks)
+
+    policy = Recording()
+    bm = BlockManager(6, 4)
+    sched = Scheduler(bm, max_num_seqs=4, max_batched_tokens=16, preemption=policy)
+    old, new = sched.add([1, 2, 3, 4, 5, 6, 7], params=12), sched.add([8, 9, 10, 11, 12, 13, 14], params=12)
+    drive(sched, FakeRunner(bm))
+    assert policy.seen and policy.seen[0][0] == new.seq_id and policy.seen[0][1] > 0
+    assert len(policy.seen) == sched.num_preemptions and old.is_finished
+
+
 def test_fifo_admission_does_not_let_a_later_sequence_overtake():
     sched, runner = make(num_blocks=8, block_size=4, max_batched_tokens=64)
     hog = sched.add(list(range(1, 22)), params=2)               # 6 blocks
@@ -268,7 +286,8 @@ def test_step_protocol_is_enforced():
     with pytest.raises(RuntimeError):
         sched.commit(st, runner.run(st))                         # committed twice
     empty = make()[0].schedule()
-    assert not empty and empty.arrays()["query_start"].tolist() == [0] and empty.arrays()["block_tables"].shape == (0, 0)
+    arr = empty.arrays()
+    assert not empty and arr["query_start"].tolist() == [0] and arr["block_tables"].shape == (0, 0)
 
 
 def test_abort_all_returns_every_block_and_forgets_the_cache():

@@ -13,8 +13,8 @@ its prompt). Prefill and decode are the same thing: run the unfed tokens; a sequ
 is decoding. A running sequence holds blocks for all its tokens except perhaps the last sampled one
 (admission allocates the whole prompt; a decode row adds the block its slot needs). Each schedule():
   1. decode: every running sequence with one unfed token gets one row, oldest first. Its next slot
-     may need a new block; when none is free the preemption policy takes the newest running sequence
-     (possibly the one asking) until one is. The token budget always covers these rows
+     may need a new block; while none is free the newest running sequence (possibly the one asking)
+     is preempted, by the preemption policy (recompute: its blocks are freed). The token budget always covers these rows
      (max_batched_tokens >= max_num_seqs).
   2. prefill: the rest of the budget goes to running sequences with several unfed tokens (a prompt
      split over steps, or one recomputed after a rollback), oldest first, then to waiting sequences
@@ -97,12 +97,11 @@ class Sequence:
 
 
 class RecomputePreemption:
-    """Preemption by recomputation: the victim is the newest running sequence; its blocks are freed
-    (their full blocks stay in the prefix cache) and its KV is rebuilt when it is admitted again.
-    A swap-to-RAM policy would keep the same two methods and save the blocks instead."""
-
-    def victim(self, running: list[Sequence]) -> Sequence:
-        return running[-1]
+    """How a victim gives up its blocks: freed (their full blocks stay in the prefix cache), its KV
+    rebuilt through the ordinary admission when its turn comes again. Which sequence is the victim is
+    the scheduler's rule (the newest), not the policy's. A swap-to-RAM policy would copy the blocks
+    to host memory here, and needs two more things: a swap-in at re-admission and the copies listed
+    in the Step for the runner."""
 
     def preempt(self, seq: Sequence, blocks: BlockManager) -> None:
         blocks.free(seq.table)
@@ -278,10 +277,10 @@ class Scheduler:
     # -- pieces of schedule() ------------------------------------------------------------------------
     def _reserve(self, seq: Sequence, need: int, preempted: list[int]) -> bool:
         """Blocks for positions [0, need) of running seq, preempting the newest running sequences while
-        too few are free; False when seq itself was preempted."""
+        too few are free; False when seq itself was preempted. The newest, always: it keeps the order
+        invariant, and in pass 1 it is never a sequence already given a row (those are older)."""
         while self.blocks.blocks_to_grow(seq.table, need) > self.blocks.num_free:
-            victim = self.preemption.victim(self.running)
-            self.running.remove(victim)
+            victim = self.running.pop()
             self.preemption.preempt(victim, self.blocks)
             victim.status = Status.WAITING
             victim.num_preemptions += 1
