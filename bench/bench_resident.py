@@ -174,8 +174,14 @@ def parse_llama_bench(text: str) -> list[dict]:
                      "avg_s": float(r.get("avg_ns") or 0) / 1e9,
                      "n_gpu_layers": r.get("n_gpu_layers"), "build_commit": r.get("build_commit"),
                      "build_number": r.get("build_number"), "gpu_info": r.get("gpu_info"),
-                     "model_size": r.get("model_size")})
+                     "model_size": r.get("model_size"),
+                     "flags": {k: r[k] for k in LLAMA_FLAGS if k in r}})
     return rows
+
+
+# llama-bench's settings that change its figures, recorded with every peer row
+LLAMA_FLAGS = ("n_batch", "n_ubatch", "n_threads", "flash_attn", "use_mmap", "type_k", "type_v",
+               "n_gpu_layers", "split_mode", "no_kv_offload", "backends")
 
 
 def bench_llama(lb: str, path: Path, n_prompt: int, n_gen: int, reps: int) -> dict:

@@ -21,6 +21,9 @@ S=/root/synth
 # The host's copy of .git can be stale: records take the commit from .device/COMMIT
 # (`git describe --always --dirty > .device/COMMIT` before the calls).
 [ -f .device/COMMIT ] && export AIRCUPY_COMMIT=$(cat .device/COMMIT)
+# The pruned llama.cpp source has no git history (llama-bench says "unknown"): the release it was
+# vendored in is written beside it (`echo "llama.cpp of llama-cpp-python 0.3.36" > .device/peers/VERSION`).
+[ -f .device/peers/VERSION ] && export AIRCUPY_PEER_VERSION=$(cat .device/peers/VERSION)
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || echo "pip -e failed"
 pack() { tar czf "$OUT/logs-$stage.tgz" -C $L . 2>/dev/null; }
 trap pack EXIT

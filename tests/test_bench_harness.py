@@ -67,6 +67,23 @@ def test_select_patterns():
         select("13b-*")
 
 
+def test_peer_records_carry_llama_cpp_version_and_flags(monkeypatch):
+    from bench.harness.peers import peer_version
+    from bench.harness.records import to_records
+    rows = parse_llama_bench(SAMPLE.read_text())
+    flags = rows[0]["flags"]
+    assert {"n_batch", "n_ubatch", "n_threads", "flash_attn", "use_mmap", "n_gpu_layers"} <= set(flags)
+    monkeypatch.setenv("AIRCUPY_PEER_VERSION", "llama-cpp-python 0.3.36 vendored source")
+    unknown = dict(rows[0], build_commit="unknown")
+    assert peer_version(unknown) == "llama-cpp-python 0.3.36 vendored source"
+    assert peer_version(dict(rows[0], build_commit="abc1234", build_number=42)) == "abc1234 (build 42)"
+    result = {"engine": "llama.cpp", "metrics": {"prefill_512_tps": 1.0},
+              "extra": {"version": peer_version(unknown), "flags": flags}}
+    rec = to_records({"scenario": "s", "model": "m"}, result, {"gpu": "card"})[0]
+    assert rec["engine_version"] == "llama-cpp-python 0.3.36 vendored source"
+    assert json.loads(rec["engine_flags"])["n_batch"] == flags["n_batch"]
+
+
 def test_parse_llama_bench_json_and_metrics():
     rows = parse_llama_bench(SAMPLE.read_text())
     assert [r["test"] for r in rows] == ["pp512", "pp2048", "tg32"]

@@ -42,6 +42,17 @@ def llama_metrics(rows: list[dict], prompts: dict[str, int]) -> dict:
     return out
 
 
+def peer_version(row: dict) -> str:
+    """llama.cpp's version: its build commit and number when llama-bench knows them; a source tree
+    without git history reports "unknown", and then AIRCUPY_PEER_VERSION (where the source came from,
+    e.g. the llama-cpp-python release it was vendored in) says it."""
+    import os
+    commit, number = row.get("build_commit"), row.get("build_number")
+    if commit and commit != "unknown":
+        return f"{commit} (build {number})"
+    return os.environ.get("AIRCUPY_PEER_VERSION") or f"unknown (build {number})"
+
+
 def run_llama(lb: str, path: Path, placement, prompts: dict[str, int], n_gen: int, reps: int,
               timeout: int = 580) -> dict:
     from bench.bench_resident import llama_bench_cmd, parse_llama_bench
@@ -64,7 +75,9 @@ def run_llama(lb: str, path: Path, placement, prompts: dict[str, int], n_gen: in
         res["metrics"]["peak_vram_GB"] = round(vp.peak_bytes / 1e9, 3)
     res["extra"] = {"build_commit": rows[0]["build_commit"] if rows else None,
                     "build_number": rows[0]["build_number"] if rows else None,
-                    "gpu_info": rows[0]["gpu_info"] if rows else None}
+                    "gpu_info": rows[0]["gpu_info"] if rows else None,
+                    "version": peer_version(rows[0] if rows else {}),
+                    "flags": rows[0]["flags"] if rows else {}}
     res["note"] = ("-ngl = aircupy's resident layers; llama.cpp computes the other layers on the "
                    "CPU (no PCIe figure); peak VRAM from nvidia-smi polling")
     return res

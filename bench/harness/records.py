@@ -15,7 +15,7 @@ from bench.harness.peers import METRICS
 
 FIELDS = ("scenario", "model", "engine", "metric", "value", "unit", "budget_bytes", "n_resident",
           "n_layers", "ngl", "card", "driver", "cuda_runtime", "cupy", "python", "aircupy", "commit",
-          "engine_version", "date", "command", "note")
+          "engine_version", "engine_flags", "date", "command", "note")
 ENV_KEYS = ("card", "driver", "cuda_runtime", "cupy", "python", "aircupy", "commit", "date")
 
 
@@ -33,7 +33,9 @@ def to_records(placement_row: dict, result: dict, env: dict) -> list[dict]:
     base.update({k: env.get("gpu" if k == "card" else k) for k in ENV_KEYS})
     extra = result.get("extra", {})
     base.update(engine=result["engine"], command=result.get("command", ""), note=result.get("note", ""),
-                engine_version=extra.get("build_commit") or extra.get("transformers") or env.get("commit"))
+                engine_version=(extra.get("version") or extra.get("build_commit") or extra.get("transformers")
+                                or env.get("commit")),
+                engine_flags=json.dumps(extra["flags"], sort_keys=True) if extra.get("flags") else "")
     if result["engine"] == "aircupy" and "n_resident" in extra:
         base["n_resident"] = extra["n_resident"]      # what the model really kept (plan adjusted)
     metrics = result.get("metrics", {})
