@@ -183,7 +183,8 @@ def describe_plan(path, vram_budget: int, n_ctx: int | None = None, slots: int =
     (desc["plan"]): the one planner, cuda/placement.py. host_ram_bytes: the RAM the RAM tier may draw
     on (default: this machine's available RAM, as the model reads it)."""
     from aircupy.config import ModelConfig
-    from aircupy.cuda.placement import CudaOptions, plan_model
+    from aircupy.cuda.memory import OUTSIDE_RESERVE
+    from aircupy.cuda.placement import ASSUMED_CONTEXT, CudaOptions, plan_model
     from aircupy.stream.stager import available_ram
 
     with GGUFFile(path) as g:
@@ -191,7 +192,8 @@ def describe_plan(path, vram_budget: int, n_ctx: int | None = None, slots: int =
         config = ModelConfig.from_gguf(g)
         ram = available_ram() if host_ram_bytes is None else host_ram_bytes
         placement = plan_model(g, config, n_ctx or config.default_n_ctx, vram_budget,
-                               CudaOptions(slots=slots), host_ram_bytes=ram)
+                               CudaOptions(slots=slots), host_ram_bytes=ram,
+                               outside_bytes=ASSUMED_CONTEXT + OUTSIDE_RESERVE)
     desc["plan"] = placement.to_dict()
     return desc
 
@@ -210,7 +212,9 @@ def _ranges(idx: list[int]) -> str:
 
 def _render_plan(d: dict) -> list[str]:
     p = d["plan"]
-    lines = ["", f"plan for a VRAM budget of {size_str(p['vram_budget'])} (n_ctx {p['n_ctx']}):",
+    lines = ["", f"plan for a VRAM budget of {size_str(p['vram_budget'])} (n_ctx {p['n_ctx']}), of which "
+                 f"{size_str(p['outside_bytes'])} for the CUDA context and libraries (assumed; the model "
+                 f"measures its own):",
              f"  resident layers ({len(p['resident_layers'])}): {_ranges(p['resident_layers'])}",
              f"  streamed layers ({len(p['streamed_layers'])}): {_ranges(p['streamed_layers'])}"]
     if p["slots"]:

@@ -198,7 +198,21 @@ def test_effective_budget_never_exceeds_free_memory():
     assert effective_budget(None, 10 * GiB) == 10 * GiB - POOL_MARGIN
     assert effective_budget(4 * GiB, 10 * GiB) == 4 * GiB
     assert effective_budget(40 * GiB, 10 * GiB) == 10 * GiB - POOL_MARGIN
+    assert effective_budget(40 * GiB, 10 * GiB, outside_bytes=GiB) == 11 * GiB - POOL_MARGIN
     assert effective_budget(None, 1) == 0
+
+
+def test_the_budget_bounds_what_lies_outside_the_pool(fp):
+    """outside_bytes (the CUDA context, kernels, cuBLAS) come off the budget before the pool."""
+    budget = fp.pool_plan(resident_set(L, 5), False, 3).total
+    inside = place(fp, budget)
+    outside = place(fp, budget + (256 << 10), PlacementSettings(outside_bytes=256 << 10))
+    assert outside.resident_layers == inside.resident_layers and outside.pool_budget == budget
+    assert outside.vram_bytes + outside.outside_bytes <= outside.vram_budget
+    fewer = place(fp, budget, PlacementSettings(outside_bytes=256 << 10))
+    assert len(fewer.resident_layers) < len(inside.resident_layers)
+    with pytest.raises(PlanError, match="less 1.95 KiB for the CUDA context and libraries leaves"):
+        place(fp, minimum_budget(fp) + 1000, PlacementSettings(outside_bytes=2000))
 
 
 @pytest.mark.parametrize("spec", PRESETS)
@@ -241,8 +255,12 @@ def test_inspect_prints_the_placement_the_model_builds(spec, tmp_path):
         c = ModelConfig.from_gguf(g)
         fp = Footprint.of(g, c, 256)
         low, high = minimum_budget(fp), fp.pool_plan(range(3), False, 3).total
-        for budget in np.linspace(low, high + 4096, 9).astype(int):
-            model = plan_model(g, c, 256, int(budget), CudaOptions(), host_ram_bytes=8 * GiB)
+        from aircupy.cuda.memory import OUTSIDE_RESERVE
+        from aircupy.cuda.placement import ASSUMED_CONTEXT
+        outside = ASSUMED_CONTEXT + OUTSIDE_RESERVE
+        for budget in (np.linspace(low, high + 4096, 9) + outside).astype(int):
+            model = plan_model(g, c, 256, int(budget), CudaOptions(), host_ram_bytes=8 * GiB,
+                               outside_bytes=outside)
             shown = describe_plan(path, int(budget), n_ctx=256, host_ram_bytes=8 * GiB)["plan"]
             assert json.loads(json.dumps(shown)) == json.loads(json.dumps(model.to_dict()))
 
@@ -251,23 +269,26 @@ def test_inspect_prints_the_plan(smollm2_path):
     from click.testing import CliRunner
 
     from aircupy.cli import main
-    r = CliRunner().invoke(main, ["inspect", str(smollm2_path), "--vram-budget", "110MB", "--json"])
+    r = CliRunner().invoke(main, ["inspect", str(smollm2_path), "--vram-budget", "920MB", "--json"])
     assert r.exit_code == 0, r.output
     plan = json.loads(r.output)["plan"]
-    assert plan["vram_bytes"] <= 110_000_000 and plan["slots"] == 3 and plan["streamed_layers"]
+    assert plan["vram_bytes"] + plan["outside_bytes"] <= 920_000_000 and plan["outside_bytes"] > 0
+    assert plan["pool_budget"] == 920_000_000 - plan["outside_bytes"]
+    assert plan["slots"] == 3 and plan["streamed_layers"]
     assert sorted(plan["resident_layers"] + plan["streamed_layers"]) == list(range(30))
     assert all(int(layer) in plan["streamed_layers"] and w[0] % 4096 == 0
                for layer, w in plan["windows"].items())
-    human = CliRunner().invoke(main, ["inspect", str(smollm2_path), "--vram-budget", "110MB"])
+    human = CliRunner().invoke(main, ["inspect", str(smollm2_path), "--vram-budget", "920MB"])
     assert human.exit_code == 0 and "streamed layers (" in human.output and "slots: 3 x" in human.output
-    assert "assumed, not measured" in human.output
+    assert "assumed, not measured" in human.output and "for the CUDA context and libraries" in human.output
 
 
 def test_inspect_budget_below_minimum_is_one_line(smollm2_path):
     import subprocess
     import sys
     r = subprocess.run([sys.executable, "-m", "aircupy", "inspect", str(smollm2_path), "--vram-budget",
-                        "10MB"], capture_output=True, text=True)
+                        "700MB"], capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and "below the streaming minimum" in r.stderr
+    assert "for the CUDA context and libraries" in r.stderr
     assert "Traceback" not in r.stderr

@@ -31,9 +31,9 @@ from aircupy.cuda.buffers import make_buffers
 from aircupy.cuda.forward import ForwardPass
 from aircupy.cuda.kv import CudaKVCache
 from aircupy.cuda.load import load_blocks, plan_load, start_read_ahead
-from aircupy.cuda.placement import (HEAD_ROWS, POOL_MARGIN, CudaOptions, Footprint, effective_budget,
-                                    plan_model)
-from aircupy.cuda.pool import DevicePool, fmt_bytes
+from aircupy.cuda.placement import (ASSUMED_CONTEXT, HEAD_ROWS, POOL_MARGIN, CudaOptions, Footprint,
+                                    effective_budget, plan_model)
+from aircupy.cuda.pool import DevicePool, ModelTooLargeError, fmt_bytes
 from aircupy.cuda.prefill import PrefillGraphs
 from aircupy.cuda.sampling import DeviceSampler, DeviceSampling
 from aircupy.cuda.weights import ResidentWeights, bind
@@ -72,12 +72,14 @@ def _warm_cublas(lib, c, layer_ls, scratch, stream) -> None:
 class CudaModel:
     def __init__(self, g, config, n_ctx: int, vram_budget: int | None = None, progress=None, *,
                  options: CudaOptions | None = None, lib=None, read_ahead=1):
-        """vram_budget: bytes the pool may take (None: free device memory minus POOL_MARGIN; never
-        more than that). lib: a KernelLibrary to share between models (compiles once). read_ahead:
-        reader threads of the cold-start page-cache warmer, 0 for none, or a ReadAhead the caller
-        started; the model closes it (at close(), or when it raises)."""
+        """vram_budget: bytes this process may hold on the device, the CUDA context and libraries
+        included (cuda/memory.py); None: the pool takes the free device memory minus POOL_MARGIN.
+        lib: a KernelLibrary to share between models (compiles once). read_ahead: reader threads
+        of the cold-start page-cache warmer, 0 for none, or a ReadAhead the caller started; the
+        model closes it (at close(), or when it raises)."""
         import cupy as cp
 
+        from aircupy.cuda.memory import OUTSIDE_RESERVE, DeviceMeter
         from aircupy.stream.stager import available_ram
         self.options = o = options or CudaOptions()
         self.config = c = config
@@ -89,14 +91,24 @@ class CudaModel:
         ram = available_ram()
         # The disk starts reading before the first CUDA call, in the order the load consumes the file:
         # a placement for the stated budget, before the device says how much memory is free.
+        outside = 0 if vram_budget is None else ASSUMED_CONTEXT + OUTSIDE_RESERVE
+        if o.outside_bytes is not None:
+            outside = int(o.outside_bytes)
         first = plan_model(g, c, self.n_ctx, vram_budget if vram_budget is not None else 1 << 62, o,
-                           ram, footprint=fp)
+                           ram, footprint=fp, outside_bytes=outside)
         self.warmer = start_read_ahead(g.path, self._read_order(g, first, o), read_ahead)
         self.fwd = self.weights = None
+        self.vram_budget = vram_budget
+        self.meter = DeviceMeter()             # before this model's first CUDA call
         try:
-            budget = effective_budget(vram_budget, cp.cuda.runtime.memGetInfo()[0])
-            self.placement = plan_model(g, c, self.n_ctx, budget, o, ram, footprint=fp)
+            free = cp.cuda.runtime.memGetInfo()[0]
+            if vram_budget is not None and o.outside_bytes is None:   # measured, not assumed
+                outside = self.meter.held() + OUTSIDE_RESERVE
+            budget = effective_budget(vram_budget, free, outside)
+            self.placement = plan_model(g, c, self.n_ctx, budget, o, ram, footprint=fp,
+                                        outside_bytes=outside)
             self._build(g, cp, lib, progress or (lambda stage: None))
+            self._check_device_memory()
         except BaseException:
             self.close()
             raise
@@ -116,7 +128,7 @@ class CudaModel:
         c, fp, p = self.config, self.fp, self.placement
         if p.streams:
             report("the model exceeds the VRAM budget: streaming layers")
-        self.pool = DevicePool(p.pool, p.vram_budget, margin=POOL_MARGIN,
+        self.pool = DevicePool(p.pool, p.pool_budget, margin=POOL_MARGIN,
                                what=f"{g.path.name} ({c.arch})")
         self.lib = lib if lib is not None else KernelLibrary()
         # NVRTC / cubin load on a thread while the disk reads; warmup() below waits for it (and
@@ -158,6 +170,18 @@ class CudaModel:
         if graphs and self.options.prefill_graph_slots > 0:
             self._enable_prefill_graphs(self.options.prefill_graph_slots)
         self.stream.synchronize()
+
+    def _check_device_memory(self) -> None:
+        """After the load (context, pool, kernels, cuBLAS warmed, graphs set up): what the process
+        holds on the device must be within the budget; over it is an error, not a quiet overrun."""
+        self.device_bytes = self.meter.held()
+        checked = self.vram_budget is not None and self.options.outside_bytes is None
+        if checked and self.device_bytes > self.vram_budget:
+            raise ModelTooLargeError(
+                f"after loading, this process holds {fmt_bytes(self.device_bytes)} on the GPU "
+                f"({self.meter.source}): the pool {fmt_bytes(self.pool.plan.total)} and "
+                f"{fmt_bytes(self.device_bytes - self.pool.plan.total)} for the CUDA context and "
+                f"libraries, over the VRAM budget {fmt_bytes(self.vram_budget)}")
 
     # -- KV ----------------------------------------------------------------------------------------
     def _init_kv(self, p) -> None:
@@ -334,7 +358,7 @@ class CudaModel:
         p = self.placement
         out = dict(resident_layers=len(p.resident_layers), streamed_layers=len(p.streamed_layers),
                    pool_bytes=p.vram_bytes, vram_budget=p.vram_budget, slots=p.slots,
-                   kv_shuttle=p.shuttle)
+                   kv_shuttle=p.shuttle, device_bytes=self.meter.held())
         out.update(self.weights.stats())
         return out
 
@@ -346,7 +370,8 @@ class CudaModel:
         extra = f"; extra KV caches {fmt_bytes(self.extra_kv_bytes)}" if self.extra_kv_bytes else ""
         pre = "; " + self.prefill_graphs.report() if self.prefill_graphs is not None else ""
         head = f"{p.report()}{kv}; " if p.streams else ""
-        return head + self.pool.report() + extra + "; " + self.sampling.graph_report() + pre
+        held = f"; process holds {fmt_bytes(self.meter.held())} on the GPU ({self.meter.source})"
+        return head + self.pool.report() + held + extra + "; " + self.sampling.graph_report() + pre
 
     def close(self) -> None:
         if self.warmer is not None:

@@ -40,6 +40,9 @@ PREFILL_ROWS = 512          # tokens per prefill pass (the engine feeds 512-toke
 HEAD_ROWS = 8               # rows of the head per launch: the matvec kernels take 1..8 activation rows
 STAGING_BUFFERS = 2         # raw-tensor staging buffers of a streamed model (DMA into one, repack the other)
 POOL_MARGIN = 512 << 20     # device memory left outside the pool (cuBLAS workspaces, NVRTC modules, graphs)
+# The CUDA context's device memory, assumed where no GPU measured it (`inspect` on a CPU machine); the
+# model measures it (cuda/memory.py) and adds memory.OUTSIDE_RESERVE for what it creates later.
+ASSUMED_CONTEXT = 512 << 20
 # Pinned host-to-device rate assumed to state the bound a placement implies when none was measured.
 ASSUMED_PCIE_GBPS = 53.0
 
@@ -56,6 +59,7 @@ class PlacementSettings:
     host_ram_bytes: int | None = None    # available host RAM (the RAM tier takes at most half); None: none
     ram_tier_bytes: int | None = None    # force the RAM tier's capacity (None: from host_ram_bytes)
     pcie_gbps: float | None = None       # measured pinned host-to-device rate; None: ASSUMED_PCIE_GBPS
+    outside_bytes: int = 0               # what the budget holds besides the pool (CUDA context, libraries)
 
 
 def _spread(n_layers: int, n_pick: int) -> list[int]:
@@ -152,7 +156,8 @@ class Footprint:
 
 @dataclass(frozen=True)
 class Placement:
-    vram_budget: int
+    vram_budget: int                 # everything the process may hold on the device
+    outside_bytes: int               # of it, held outside the pool (context, kernels, cuBLAS, graphs)
     n_ctx: int
     resident_layers: tuple[int, ...]
     streamed_layers: tuple[int, ...]
@@ -198,18 +203,26 @@ class Placement:
         d["resident_layers"] = list(self.resident_layers)
         d["streamed_layers"] = list(self.streamed_layers)
         d["host_pinned_bytes"] = self.host_pinned_bytes
+        d["pool_budget"] = self.pool_budget
         d["decode_bound_tok_s"] = self.decode_bound_tok_s
         d["windows"] = {str(i): list(w) for i, w in self.windows.items()}
         d["regions"] = {r.name: r.nbytes for r in self.pool.regions.values()}
         return d
 
+    @property
+    def pool_budget(self) -> int:
+        return self.vram_budget - self.outside_bytes
+
     def report(self) -> str:
         kv = "; KV of streamed layers shuttled" if self.shuttle else ""
         return (f"{len(self.resident_layers)} resident / {len(self.streamed_layers)} streamed layers "
-                f"(budget {fmt_bytes(self.vram_budget)}{kv})")
+                f"(budget {fmt_bytes(self.vram_budget)}, {fmt_bytes(self.outside_bytes)} of it outside "
+                f"the pool{kv})")
 
 
-def _choose(fp: Footprint, budget: int, s: PlacementSettings) -> tuple[tuple[int, ...], bool]:
+def _choose(fp: Footprint, budget: int, s: PlacementSettings,
+            outside: int = 0) -> tuple[tuple[int, ...], bool]:
+    """(resident layers, KV shuttled?) for a pool of at most `budget` bytes."""
     L = fp.n_layers
     if s.n_resident is not None:
         if not 0 <= s.n_resident <= L:
@@ -236,8 +249,10 @@ def _choose(fp: Footprint, budget: int, s: PlacementSettings) -> tuple[tuple[int
     low = fp.pool_plan((), sh, s.slots)
     kv = ("KV of streamed layers shuttled through pinned RAM" if sh else
           f"KV cache of {fp.n_ctx} tokens in VRAM, the shuttle off")
-    raise PlanError(f"VRAM budget {fmt_bytes(budget)} is below the streaming minimum "
-                    f"{fmt_bytes(low.total)} ({low.report()}; {kv})")
+    what = (f"VRAM budget {fmt_bytes(budget + outside)} less {fmt_bytes(outside)} for the CUDA context "
+            f"and libraries leaves {fmt_bytes(max(0, budget))} for the pool, which" if outside else
+            f"VRAM budget {fmt_bytes(budget)}")
+    raise PlanError(f"{what} is below the streaming minimum {fmt_bytes(low.total)} ({low.report()}; {kv})")
 
 
 def minimum_budget(fp: Footprint, settings: PlacementSettings | None = None) -> int:
@@ -250,8 +265,8 @@ def place(fp: Footprint, vram_budget: int, settings: PlacementSettings | None = 
     s = settings or PlacementSettings()
     if s.slots < 3:
         raise PlanError(f"streaming needs at least 3 slots (compute, upload, prefetch), got {s.slots}")
-    budget = int(vram_budget)
-    resident, shuttle = _choose(fp, budget, s)
+    budget = int(vram_budget) - int(s.outside_bytes)     # what the pool may take
+    resident, shuttle = _choose(fp, budget, s, int(s.outside_bytes))
     pool = fp.pool_plan(resident, shuttle, s.slots)
     if pool.total > budget:
         pool.check_budget(budget, "the forced placement")
@@ -265,7 +280,8 @@ def place(fp: Footprint, vram_budget: int, settings: PlacementSettings | None = 
     per_pass = fp.bytes_per_pass(resident, shuttle)
     gbps = s.pcie_gbps or ASSUMED_PCIE_GBPS
     return Placement(
-        vram_budget=budget, n_ctx=fp.n_ctx, resident_layers=tuple(resident), streamed_layers=streamed,
+        vram_budget=int(vram_budget), outside_bytes=int(s.outside_bytes), n_ctx=fp.n_ctx,
+        resident_layers=tuple(resident), streamed_layers=streamed,
         slots=min(s.slots, len(streamed)), slot_bytes=fp.slot_bytes(streamed),
         staging_bytes=fp.staging_bytes(streamed) if streamed else 0,
         kv_placement="shuttle" if shuttle else "vram", kv_layer_bytes=fp.kv_layer_bytes(),
@@ -287,29 +303,35 @@ class CudaOptions:
     n_resident: int | None = None      # force the resident layer count (spread); the pool must fit
     kv_shuttle: bool | None = None     # force the KV shuttle on or off
     ram_tier_bytes: int | None = None  # force the RAM tier's capacity (None: half the available RAM)
+    # pin the part of a budget held outside the pool (None: measured); pinned, the process check
+    # after the load is off: tests of the placement rule at exact pool sizes
+    outside_bytes: int | None = None
 
 
-def placement_settings(options: CudaOptions, host_ram_bytes: int | None,
-                       pcie_gbps: float | None = None) -> PlacementSettings:
+def placement_settings(options: CudaOptions, host_ram_bytes: int | None, pcie_gbps: float | None = None,
+                       outside_bytes: int = 0) -> PlacementSettings:
     """The planner's settings for these options: the model and `aircupy inspect` both go through it."""
     return PlacementSettings(slots=options.slots, kv_shuttle=options.kv_shuttle,
                              n_resident=options.n_resident, host_ram_bytes=host_ram_bytes,
-                             ram_tier_bytes=options.ram_tier_bytes, pcie_gbps=pcie_gbps)
+                             ram_tier_bytes=options.ram_tier_bytes, pcie_gbps=pcie_gbps,
+                             outside_bytes=outside_bytes)
 
 
 def plan_model(g, config, n_ctx: int, vram_budget: int, options: CudaOptions | None = None,
                host_ram_bytes: int | None = None, pcie_gbps: float | None = None,
-               footprint: Footprint | None = None) -> Placement:
+               footprint: Footprint | None = None, outside_bytes: int = 0) -> Placement:
     """The placement of an open GGUFFile's model at this budget (for the model: the budget after the
     device's free memory is taken into account). CudaModel builds exactly this, and `aircupy inspect
     --vram-budget` prints it. footprint: Footprint.of(g, config, n_ctx, options.prefill_rows) when
-    the caller has it already."""
+    the caller has it already. outside_bytes: the part of the budget held outside the pool."""
     o = options or CudaOptions()
     fp = footprint or Footprint.of(g, config, n_ctx, o.prefill_rows)
-    return place(fp, vram_budget, placement_settings(o, host_ram_bytes, pcie_gbps))
+    return place(fp, vram_budget, placement_settings(o, host_ram_bytes, pcie_gbps, outside_bytes))
 
 
-def effective_budget(vram_budget: int | None, free_bytes: int) -> int:
-    """The pool's budget: the stated one, never more than free device memory minus POOL_MARGIN."""
+def effective_budget(vram_budget: int | None, free_bytes: int, outside_bytes: int = 0) -> int:
+    """The budget a model plans with: the stated one (which bounds `outside_bytes` too), never more
+    than the pool can get of the free device memory (free minus POOL_MARGIN) plus outside_bytes;
+    None: free memory minus POOL_MARGIN (outside_bytes is then 0: free memory excludes the context)."""
     room = max(0, int(free_bytes) - POOL_MARGIN)
-    return room if vram_budget is None else min(int(vram_budget), room)
+    return room if vram_budget is None else min(int(vram_budget), room + int(outside_bytes))

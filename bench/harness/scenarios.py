@@ -86,27 +86,31 @@ def expand(s: Scenario, g, n_ctx: int, prefill_chunk: int = 512) -> Placement:
     Budgets and resident counts come from the planner the CUDA model uses (cuda/placement.py, KV in
     VRAM), so aircupy runs within the stated budget and llama.cpp gets the same layer count: "P%" =
     the pool with 0 resident layers + round(P/100 x n_layers) x the largest layer block; "Nlayers" =
-    the pool with N resident layers; an absolute budget = as given."""
+    the pool with N resident layers; an absolute budget = as given. A budget bounds the CUDA context
+    and libraries too: the computed ones add the assumed context and the reserve (the model measures
+    its context and may keep a layer fewer where the real one is larger; records carry its count)."""
     from aircupy.config import ModelConfig
-    from aircupy.cuda.placement import Footprint, PlacementSettings, place, resident_set
+    from aircupy.cuda.memory import OUTSIDE_RESERVE
+    from aircupy.cuda.placement import ASSUMED_CONTEXT, Footprint, PlacementSettings, place, resident_set
 
     c = ModelConfig.from_gguf(g)
     L = c.n_layers
     if s.budget == "resident":
         return Placement(s, L, L, None, 99, g.file_size, None, "all layers and the head on the GPU")
     fp = Footprint.of(g, c, n_ctx, prefill_chunk)
-    floor = fp.pool_plan((), False, 3).total     # every layer streamed, KV in VRAM
+    outside = ASSUMED_CONTEXT + OUTSIDE_RESERVE
+    floor = fp.pool_plan((), False, 3).total + outside     # every layer streamed, KV in VRAM
     note = ""
     if s.budget.endswith("%"):
         pct = float(s.budget[:-1])
         budget = floor + round(pct / 100 * L) * max(lay.nbytes for lay in fp.layer_ls)
     elif s.budget.endswith("layers"):
         want = int(s.budget[:-len("layers")])
-        budget = fp.pool_plan(resident_set(L, want), False, 3).total
+        budget = fp.pool_plan(resident_set(L, want), False, 3).total + outside
         note = f"{want} resident layers forced; budget = the exact pool they need"
     else:
         budget = parse_bytes(s.budget)
-    p = place(fp, budget, PlacementSettings(kv_shuttle=False))
+    p = place(fp, budget, PlacementSettings(kv_shuttle=False, outside_bytes=outside))
     n_res = len(p.resident_layers)
     if s.budget.endswith("layers") and n_res < int(s.budget[:-len("layers")]):
         raise AssertionError(f"{s.name}: the pool keeps {n_res} layers at {budget} B")

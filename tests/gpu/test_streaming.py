@@ -78,7 +78,7 @@ def test_streamed_equals_resident_for_several_budgets(tmp_path, lib, preset, qty
         cp.get_default_memory_pool().free_all_blocks()
         free0 = cp.cuda.runtime.memGetInfo()[0]
         m = CudaModel(g, c, N_CTX, vram_budget=budget, lib=lib, options=CudaOptions(
-            prefill_rows=ROWS, ram_tier_bytes=tier, n_resident=n_res if force else None))
+            prefill_rows=ROWS, ram_tier_bytes=tier, n_resident=n_res if force else None, outside_bytes=0))
         assert len(m.placement.resident_layers) == n_res and m.pool.plan.total <= budget
         toks, logits = _run(m, prompt, 12)
         used = free0 - cp.cuda.runtime.memGetInfo()[0]
@@ -115,8 +115,9 @@ def _total(fp, n_resident: int, shuttle: bool = False) -> int:
 
 
 def test_probe_streams_when_the_budget_is_too_small(tmp_path, lib):
-    """load_model: a budget below the resident pool gives a streamed model; below the streaming
-    minimum, a one-line PlanError that states it."""
+    """load_model: a budget below the resident pool (plus what lies outside the pool: the reserve; the
+    context exists already in this process) gives a streamed model that keeps the process within
+    the budget; below the streaming minimum, a one-line PlanError that states it."""
     from aircupy.config import ModelConfig
     from aircupy.cuda.backend import load_model
     from aircupy.gguf.reader import GGUFFile
@@ -126,12 +127,16 @@ def test_probe_streams_when_the_budget_is_too_small(tmp_path, lib):
     g = GGUFFile(rep.path)
     c = ModelConfig.from_gguf(g)
     fp = Footprint.of(g, c, N_CTX, 512)
-    m = load_model(g, c, vram_budget=_total(fp, 3), n_ctx=N_CTX)
-    assert m.placement.streams and len(m.placement.resident_layers) == 3
+    from aircupy.cuda.memory import OUTSIDE_RESERVE
+    budget = _total(fp, 3) + OUTSIDE_RESERVE
+    m = load_model(g, c, vram_budget=budget, n_ctx=N_CTX)
+    p = m.placement
+    assert p.streams and len(p.resident_layers) <= 3 and p.vram_bytes + p.outside_bytes <= budget
+    assert m.device_bytes <= budget
     assert "streamed" in m.allocation_report()
     m.close()
     with pytest.raises(PlanError, match="minimum") as e:
-        load_model(g, c, vram_budget=_total(fp, 0) // 4, n_ctx=N_CTX)
+        load_model(g, c, vram_budget=OUTSIDE_RESERVE + _total(fp, 0) // 4, n_ctx=N_CTX)
     assert "\n" not in str(e.value)
     g.close()
 
@@ -181,7 +186,7 @@ def test_kv_shuttle_equals_kv_in_vram(tmp_path, lib, preset, qtype, n_layers):
     for n_res, vb in ((0, None), (n_layers // 2, None), (n_layers - 2, None), (None, budget)):
         kw = dict(n_resident=n_res, kv_shuttle=True) if n_res is not None else {}
         m = CudaModel(g, c, N_CTX, vram_budget=vb, lib=lib,
-                      options=CudaOptions(prefill_rows=ROWS, ram_tier_bytes=0, **kw))
+                      options=CudaOptions(prefill_rows=ROWS, ram_tier_bytes=0, outside_bytes=0, **kw))
         assert m.shuttle is not None and m.stats()["kv_shuttle"]
         if n_res is None:
             assert m.placement.resident_layers == () and m.pool.plan.total <= budget
