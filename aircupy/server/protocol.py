@@ -8,6 +8,7 @@ InvalidParameterError the app turns into the same 400. The response shapes live 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,10 +73,15 @@ class GenerationRequest:
         return None if self.seed is None else self.seed + choice
 
 
+def _not_json(name: str):
+    # Python's json module accepts NaN, Infinity and -Infinity; JSON (RFC 8259) has no such literals.
+    raise ValueError(f"{name} is not a JSON value")
+
+
 def parse_json(raw: bytes) -> dict:
     """Decode a request body; anything but a JSON object is a 400 (never a 500)."""
     try:
-        body = json.loads(raw)
+        body = json.loads(raw, parse_constant=_not_json)
     except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
         raise APIError(400, f"malformed JSON body: {e}", code="invalid_json") from None
     except RecursionError:
@@ -130,8 +136,11 @@ def opt_float(body: dict, key: str) -> float | None:
         return None
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise bad(key, f"expected a number, got {type(v).__name__}", "invalid_type")
-    v = float(v)
-    if v != v or v in (float("inf"), float("-inf")):
+    try:
+        v = float(v)   # an integer literal of 400 digits is valid JSON but too big for a float
+    except OverflowError:
+        raise bad(key, "must be a finite number") from None
+    if not math.isfinite(v):   # 1e400 parses as inf
         raise bad(key, "must be a finite number")
     lo, hi = _RANGES.get(key, (None, None))
     if lo is not None and not lo <= v <= hi:
