@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from aircupy.config import ModelConfig
-from aircupy.errors import UnsupportedModelError
+from aircupy.errors import InvalidParameterError, UnsupportedModelError
 from aircupy.gguf.reader import GGUFFile
 from aircupy.synth.vocab import build_vocab, tokenizer_metadata
 from tests.helpers.gguf_build import T, write_gguf
@@ -70,6 +70,14 @@ def test_the_good_file_still_loads(tiny):
     assert (c.n_layers, c.n_embd, c.n_ctx_train) == (2, 32, 256)
 
 
+def test_a_context_whose_kv_cache_cannot_fit_memory_is_refused_before_allocating(tiny):
+    from aircupy import Engine
+    path = rewrite(tiny, "long_ctx", **{"llama.context_length": 2**30})
+    with pytest.raises(InvalidParameterError, match="n_ctx.*GiB of KV cache") as ei:
+        Engine(path, backend="numpy", n_ctx=2**30)
+    assert ei.value.param == "n_ctx"
+
+
 def _cli(*args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "aircupy", *args], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "AIRCUPY_API_KEY": ""})
@@ -86,6 +94,12 @@ def test_generate_and_serve_say_one_line_and_exit_2(tiny, name, changes):
         assert r.returncode == 2, r.stderr
         assert "Traceback" not in r.stderr and r.stderr.startswith("error: ")
         assert len([x for x in r.stderr.splitlines() if x.startswith("error:")]) == 1
+
+
+def test_n_ctx_beyond_memory_is_one_line(tiny):
+    path = rewrite(tiny, "cli_long", **{"llama.context_length": 2**30})
+    r = _cli("generate", "--model", path, "--backend", "numpy", "--n-ctx", str(2**30), "hi")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "KV cache" in r.stderr
 
 
 def test_uniform_arrays_and_shapes_of_every_layer_are_checked(tiny):

@@ -1,7 +1,11 @@
 """Chat templates that try to exhaust memory or time: each is refused by the render's budget with a
-bounded allocation (measured with tracemalloc), and real templates still render long conversations."""
+bounded allocation (measured with tracemalloc), a hostile template in a GGUF refuses the file at load
+(Engine and `aircupy serve`), and real templates still render long conversations."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import tracemalloc
 
@@ -10,6 +14,7 @@ import pytest
 from aircupy.errors import TemplateError, UnsafeTemplateError
 from aircupy.gguf.chat_template import CHATML_TEMPLATE, GEMMA_TEMPLATE, ChatTemplate
 from aircupy.gguf.reader import GGUFFile
+from tests.helpers.gguf_build import T, write_gguf
 
 MB = 1 << 20
 HI = [{"role": "user", "content": "hi"}]
@@ -104,3 +109,35 @@ def test_the_probe_refuses_only_unsafe_templates():
     with pytest.raises(TemplateError, match="no system") as ei:
         picky.render([{"role": "system", "content": "x"}])
     assert not isinstance(ei.value, UnsafeTemplateError)
+
+
+@pytest.fixture(scope="module")
+def hostile_gguf(tmp_path_factory):
+    from aircupy.synth import synth_model
+    d = tmp_path_factory.mktemp("hostile")
+    rep = synth_model(d / "ok.gguf", "smollm2-135m", "Q8_0", n_layers=1,
+                      overrides=dict(vocab=300, n_embd=64, n_head=2, n_head_kv=1, head_dim=32, n_ff=128))
+    g = GGUFFile(rep.path)
+    md = {**g.metadata, "tokenizer.chat_template": "{{ 'a'.ljust(3000000000)|length }}"}
+    tensors = [T(n, t.ggml_type, t.shape, bytes(t.data)) for n, t in g.tensors.items()]
+    return write_gguf(d / "hostile.gguf", metadata=md, tensors=tensors)
+
+
+def test_a_hostile_template_refuses_the_file_at_load(hostile_gguf):
+    from aircupy import Engine
+    tracemalloc.start()
+    try:
+        with pytest.raises(UnsafeTemplateError, match="chat template is refused"):
+            Engine(hostile_gguf, backend="numpy")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 50 * MB, f"{peak / MB:.1f} MB"
+
+
+def test_serve_refuses_a_hostile_file_at_start_up(hostile_gguf):
+    r = subprocess.run([sys.executable, "-m", "aircupy", "serve", "--model", str(hostile_gguf), "--backend",
+                        "numpy", "--port", "0"], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "AIRCUPY_API_KEY": ""})
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.startswith("error: ") and "chat template is refused" in r.stderr
