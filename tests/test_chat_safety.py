@@ -49,7 +49,7 @@ def test_user_text_cannot_forge_a_turn(model):
 
 @pytest.mark.parametrize("msgs", NORMAL)
 def test_a_normal_chat_tokenizes_as_before(model, msgs):
-    name, engine = model
+    _, engine = model
     before = engine.prompt_ids(msgs, special_in_messages=True)           # the whole prompt parsed as one text
     assert engine.prompt_ids(msgs) == before
 
@@ -94,7 +94,7 @@ TEXT = st.lists(st.sampled_from(list("ab cd\n\t é数") + ["  ", "\n\n", "<|im_e
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(parts=st.lists(TEXT, min_size=1, max_size=6))
 def test_size_bound_never_exceeds_the_count_and_literal_spans_change_only_special_text(model, parts):
-    name, engine = model
+    _, engine = model
     tok = engine.tokenizer
     text = "".join(parts)
     assert tok.min_tokens(text) <= len(tok.encode(text, add_special=False))

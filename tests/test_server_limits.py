@@ -101,7 +101,7 @@ def test_a_prompt_too_long_for_the_context_is_refused_before_tokenizing():
 
 
 def test_a_dropped_stream_logs_the_tokens_actually_generated(served, caplog):
-    url, engine, state = served
+    url, _, _ = served
     before = int(float(re.search(r"^aircupy_generation_tokens_total (\S+)$", httpx.get(url + "/metrics").text,
                                  re.M).group(1)))
     with caplog.at_level(logging.INFO, logger="aircupy.server"):

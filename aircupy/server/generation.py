@@ -13,7 +13,7 @@ from typing import Any
 
 from aircupy.errors import ContextLengthError, TemplateError
 from aircupy.server.limits import Limits
-from aircupy.server.protocol import APIError, GenerationRequest, bad, check_token_ids
+from aircupy.server.protocol import DEFAULT_LIMITS, APIError, GenerationRequest, bad, check_token_ids
 from aircupy.server.responses import finish_reason
 
 # OpenAI's defaults (temperature 1, no top-k/top-p/min-p cut, no penalties): the server states every
@@ -58,7 +58,7 @@ def _context_error(n_prompt: int, n_ctx: int, param: str) -> APIError:
                     param=param, code="context_length_exceeded")
 
 
-def prepare(engine, req: GenerationRequest, limits: Limits = Limits(), special_in_messages: bool = False,
+def prepare(engine, req: GenerationRequest, limits: Limits = DEFAULT_LIMITS, special_in_messages: bool = False,
             cancel=None) -> Plan | None:
     """Tokenize every prompt and build each choice's SamplingParams; raises APIError / AircupyError.
     Runs on a thread; `cancel` (a threading.Event) set means the client left: stop, return None."""
