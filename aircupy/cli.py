@@ -125,16 +125,35 @@ def chat(model, backend, vram_budget, n_ctx, system, **sampling):
 @click.option("--vram-budget", default=None, metavar="SIZE", help="GPU memory to use, e.g. 4GiB")
 @click.option("--n-ctx", type=int, default=None, help="context size [default: min(model's, 4096)]")
 @click.option("--api-key", default=None, envvar="AIRCUPY_API_KEY", metavar="KEY",
-              help="require `Authorization: Bearer KEY` (or set AIRCUPY_API_KEY)")
+              help="require `Authorization: Bearer KEY` (or set AIRCUPY_API_KEY); an empty key is an error")
+@click.option("--no-auth", is_flag=True, help="serve without an API key, explicitly")
 @click.option("--max-body", default="8MiB", show_default=True, metavar="BYTES",
               help="largest request body accepted (bytes or a size such as 1MiB); larger gets 413")
+@click.option("--limit-max-tokens", type=int, default=None, metavar="N",
+              help="most tokens one choice may ask for [default: the context]")
+@click.option("--limit-prompts", type=int, default=32, show_default=True, metavar="N",
+              help="most prompts in one /v1/completions request")
+@click.option("--limit-n", type=int, default=16, show_default=True, metavar="N", help="most choices (n) per prompt")
+@click.option("--limit-stop", type=int, default=16, show_default=True, metavar="N", help="most stop strings")
+@click.option("--limit-logit-bias", type=int, default=1024, show_default=True, metavar="N",
+              help="most logit_bias entries")
+@click.option("--body-timeout", type=float, default=60.0, show_default=True, metavar="S",
+              help="seconds a request body may take to arrive; slower gets 408")
+@click.option("--idle-timeout", type=float, default=15.0, show_default=True, metavar="S",
+              help="seconds a connection may take to send its request head, or pause while sending its body")
+@click.option("--special-tokens-in-messages", "special_in_messages", is_flag=True,
+              help="parse special-token text (<|im_start|>...) in chat messages; off, users cannot forge turns")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True)
 @_one_line_errors
-def serve(**options):
+def serve(limit_max_tokens, limit_prompts, limit_n, limit_stop, limit_logit_bias, body_timeout, idle_timeout,
+          **options):
     """Serve a model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, ...)."""
+    from aircupy.server.limits import Limits
     from aircupy.server.runner import serve as run
-    run(**options)
+    limits = Limits(max_tokens=limit_max_tokens, max_prompts=limit_prompts, max_n=limit_n, max_stop=limit_stop,
+                    max_logit_bias=limit_logit_bias, body_timeout=body_timeout, idle_timeout=idle_timeout)
+    run(limits=limits, **options)
 
 
 @main.command("inspect")

@@ -4,6 +4,13 @@ Keys follow llama.cpp's naming (`{arch}.embedding_length`, `{arch}.attention.hea
 llama.cpp hard-codes a per-architecture fact that the file does not carry (Gemma3's every-6th-layer
 global attention and 10000 local rope base, Gemma3-27B's query scale), it is hard-coded here too, with
 the reason beside it, so that our logits match llama.cpp's on the same file.
+
+A GGUF file is untrusted: every value is checked before anything is sized from it. Sizes are checked
+against the tensors the file holds (block_count against the blk.N tensors, embedding and head sizes
+against token_embd and each layer's matrices, the vocabulary against token_embd's rows), numbers for
+being finite and in range (a NaN rope base or a negative epsilon would be served as garbage), so that a
+hostile header is one UnsupportedModelError naming the key rather than a MemoryError or a model
+that answers noise.
 """
 from __future__ import annotations
 
@@ -20,6 +27,8 @@ SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "gemma3")
 # Context reserved when the user names none: the model's own, capped so that a 128k-context model does
 # not reserve a 128k-token KV cache (and, on the numpy backend, 128k x n_ctx attention scores) by default.
 DEFAULT_N_CTX_CAP = 4096
+
+MAX_CONTEXT = 2**31 - 1   # positions are int32 on every backend
 
 # Rotation convention per architecture (llama.cpp's LLAMA_ROPE_TYPE_NORM vs _NEOX). llama GGUFs store
 # Q/K rows permuted so that adjacent pairs (2i, 2i+1) rotate together; the others keep HF's half split.
@@ -85,6 +94,10 @@ class ModelConfig:
         """min(the training context, DEFAULT_N_CTX_CAP): the context used when none is asked for."""
         return min(self.n_ctx_train, DEFAULT_N_CTX_CAP)
 
+    def kv_cache_bytes(self, n_ctx: int, bytes_per_value: int) -> int:
+        """Bytes of a K and V cache of n_ctx positions over every layer."""
+        return self.n_layers * n_ctx * self.n_head_kv * (self.head_dim + self.head_dim_v) * bytes_per_value
+
     @property
     def n_rep(self) -> int:
         """Query heads per kv head (grouped-query attention)."""
@@ -103,6 +116,7 @@ class ModelConfig:
         md = _Meta(g, arch)
 
         n_layers = md.int("block_count")
+        _check_blocks(g, arch, n_layers)
         n_embd = md.int("embedding_length")
         n_head = md.uniform_int("attention.head_count", n_layers)
         n_head_kv = md.uniform_int("attention.head_count_kv", n_layers, default=n_head)
@@ -111,13 +125,20 @@ class ModelConfig:
         head_dim = md.int("attention.key_length", default=n_embd // n_head)
         head_dim_v = md.int("attention.value_length", default=head_dim)
         rope_dim = md.int("rope.dimension_count", default=head_dim)
-        if rope_dim > head_dim or rope_dim % 2:
+        if rope_dim < 2 or rope_dim > head_dim or rope_dim % 2:
             raise UnsupportedModelError(f"{arch}: rope dimension {rope_dim} does not fit head size {head_dim}")
 
         if "token_embd.weight" not in g.tensors:
             raise UnsupportedModelError(f"{arch}: missing tensor 'token_embd.weight'")
         embd_shape = tuple(g.tensors["token_embd.weight"].shape)  # numpy order: (vocab, n_embd)
+        if len(embd_shape) != 2 or embd_shape[1] != n_embd:
+            raise UnsupportedModelError(f"{arch}: token_embd.weight has shape {embd_shape}, but "
+                                        f"{arch}.embedding_length is {n_embd}")
         vocab_size = int(embd_shape[0])
+        tokens = g.get("tokenizer.ggml.tokens")
+        if tokens is not None and len(tokens) != vocab_size:
+            raise UnsupportedModelError(f"{arch}: the vocabulary has {len(tokens)} tokens but token_embd.weight "
+                                        f"has {vocab_size} rows")
         tied = "output.weight" not in g.tensors
 
         rope_base = md.float("rope.freq_base", default=10000.0)
@@ -142,10 +163,12 @@ class ModelConfig:
             attn_scale = 1.0 / math.sqrt(head_dim)
 
         eos_ids = tuple(dict.fromkeys(
-            int(v) for k in ("eos_token_id", "eot_token_id", "eom_token_id")
-            if (v := g.get(f"tokenizer.ggml.{k}")) is not None))
+            _token_id(g, k, vocab_size) for k in ("eos_token_id", "eot_token_id", "eom_token_id")
+            if g.get(f"tokenizer.ggml.{k}") is not None))
         bos = g.get("tokenizer.ggml.bos_token_id")
-        return cls(
+        if bos is not None:
+            bos = _token_id(g, "bos_token_id", vocab_size)
+        config = cls(
             arch=arch, n_layers=n_layers, n_embd=n_embd, n_ff=md.uniform_int("feed_forward_length", n_layers),
             n_head=n_head, n_head_kv=n_head_kv, head_dim=head_dim, head_dim_v=head_dim_v,
             vocab_size=vocab_size, n_ctx_train=md.int("context_length", default=2048),
@@ -158,8 +181,10 @@ class ModelConfig:
             activation="gelu_tanh" if is_gemma else "silu",
             attn_softcap=md.float("attn_logit_softcapping", default=0.0) or None,
             final_softcap=md.float("final_logit_softcapping", default=0.0) or None,
-            bos_id=None if bos is None else int(bos), eos_ids=eos_ids,
+            bos_id=bos, eos_ids=eos_ids,
         )
+        _check_values(config, g)
+        return config
 
 
 class _Meta:
@@ -193,7 +218,81 @@ class _Meta:
         v = self.raw(key, default)
         if v is None:
             raise UnsupportedModelError(f"{self.arch}: metadata key '{self.arch}.{key}' is missing")
+        if isinstance(v, (bool, str)) or np.ndim(v) != 0:
+            raise UnsupportedModelError(f"{self.arch}: metadata '{self.arch}.{key}' is not a number: {v!r}")
         return float(v)
+
+
+def _token_id(g, key: str, vocab_size: int) -> int:
+    v = g.get(f"tokenizer.ggml.{key}")
+    if isinstance(v, (bool, str)) or np.ndim(v) != 0 or not 0 <= int(v) < vocab_size:
+        raise UnsupportedModelError(f"tokenizer.ggml.{key} {v!r} is not a token id of the {vocab_size}-token vocabulary")
+    return int(v)
+
+
+def _check_blocks(g, arch: str, n_layers: int) -> None:
+    """block_count must name blocks the file holds: every blk.{i} for i < block_count has tensors
+    (so nothing is sized per layer from a number the file does not back)."""
+    present = set()
+    for name in g.tensors:
+        head, _, rest = name.partition(".")
+        index = rest.partition(".")[0]
+        if head == "blk" and index.isdigit():
+            present.add(int(index))
+    if n_layers < 1 or n_layers > len(present) or any(i not in present for i in range(n_layers)):
+        raise UnsupportedModelError(f"{arch}: {arch}.block_count is {n_layers} but the file holds tensors for "
+                                    f"{len(present)} blocks")
+
+
+def _expect(g, name: str, shape: tuple, what: str) -> None:
+    t = g.tensors.get(name)
+    if t is None:
+        raise UnsupportedModelError(f"missing tensor {name!r}")
+    if tuple(t.shape) != shape:
+        raise UnsupportedModelError(f"{name} has shape {tuple(t.shape)}, but the metadata ({what}) says {shape}")
+
+
+def _finite(arch: str, key: str, v: float, lo: float, hi: float = math.inf, lo_open: bool = True) -> None:
+    if not (math.isfinite(v) and (v > lo if lo_open else v >= lo) and v < hi):
+        rng = f"{'(' if lo_open else '['}{lo}, {hi})"
+        raise UnsupportedModelError(f"{arch}: metadata {key} = {v!r} is not a finite number in {rng}")
+
+
+def _check_values(c: "ModelConfig", g) -> None:
+    """Ranges of the scalar settings, and each layer's matrices against the sizes the metadata gives."""
+    a = c.arch
+    if not 1 <= c.n_ctx_train <= MAX_CONTEXT:
+        raise UnsupportedModelError(f"{a}: {a}.context_length {c.n_ctx_train} is not in [1, {MAX_CONTEXT}]")
+    if c.head_dim < 1 or c.head_dim_v < 1:
+        raise UnsupportedModelError(f"{a}: head sizes {c.head_dim}/{c.head_dim_v} must be positive")
+    if c.sliding_window is not None and c.sliding_window < 0:
+        raise UnsupportedModelError(f"{a}: {a}.attention.sliding_window {c.sliding_window} is negative")
+    _finite(a, "rope.freq_base", c.rope_base, 0.0)
+    _finite(a, "rope.freq_base_swa", c.rope_base_local, 0.0)
+    _finite(a, "attention.layer_norm_rms_epsilon", c.rms_eps, 0.0, 1.0)
+    for s in (c.rope_scaling, c.rope_scaling_local):
+        _finite(a, "rope.scaling.factor", s.factor, 0.0)
+        _finite(a, "rope.scaling.attn_factor", s.attn_factor, 0.0)
+        for key, v in (("yarn_ext_factor", s.yarn_ext_factor), ("yarn_beta_fast", s.yarn_beta_fast),
+                       ("yarn_beta_slow", s.yarn_beta_slow)):
+            _finite(a, f"rope.scaling.{key}", v, -math.inf)
+        if s.orig_ctx < 0:
+            raise UnsupportedModelError(f"{a}: rope.scaling.original_context_length {s.orig_ctx} is negative")
+    for key, v in (("attn_logit_softcapping", c.attn_softcap), ("final_logit_softcapping", c.final_softcap)):
+        if v is not None:
+            _finite(a, key, v, 0.0)
+    q, kv, ff, e = c.n_head * c.head_dim, c.n_head_kv * c.head_dim, c.n_ff, c.n_embd
+    v_rows, o_cols = c.n_head_kv * c.head_dim_v, c.n_head * c.head_dim_v
+    heads = f"{c.n_head} heads x {c.head_dim}, {c.n_head_kv} kv heads, embedding {e}"
+    for i in range(c.n_layers):
+        b = f"blk.{i}."
+        _expect(g, b + "attn_q.weight", (q, e), heads)
+        _expect(g, b + "attn_k.weight", (kv, e), heads)
+        _expect(g, b + "attn_v.weight", (v_rows, e), heads)
+        _expect(g, b + "attn_output.weight", (e, o_cols), heads)
+        for role in ("ffn_gate", "ffn_up"):
+            _expect(g, b + role + ".weight", (ff, e), f"feed_forward_length {ff}")
+        _expect(g, b + "ffn_down.weight", (e, ff), f"feed_forward_length {ff}")
 
 
 def _rope_scaling(md: _Meta) -> RopeScaling:
@@ -239,4 +338,6 @@ def _swa_layers(md: _Meta, arch: str, n_layers: int, window: int | None) -> tupl
             raise UnsupportedModelError(f"{arch}: sliding_window_pattern has {len(flags)} entries for {n_layers} layers")
         return flags
     n = int(pattern)
+    if n < 0:
+        raise UnsupportedModelError(f"{arch}: sliding_window_pattern {n} is negative")
     return tuple(n == 0 or i % n < n - 1 for i in range(n_layers))

@@ -39,3 +39,8 @@ class BackendUnavailableError(AircupyError):
 
 class TemplateError(AircupyError):
     """A chat template failed to render or tried something the sandbox forbids."""
+
+
+class UnsafeTemplateError(TemplateError):
+    """A chat template reached for something the sandbox forbids (Python internals) or for more memory or
+    work than a render is allowed: the file is hostile or broken, whatever the conversation."""

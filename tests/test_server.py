@@ -73,6 +73,24 @@ def test_chat_matches_the_engine_and_streams_the_same_text(client, engine):
     assert all(ch.usage is None for ch in chunks[:-1]) and len({ch.id for ch in chunks}) == 1
 
 
+def test_usage_counts_the_end_token_that_sends_no_text(client, engine):
+    """completion_tokens counts every generated token, the end-of-generation one included, which sends
+    no text (so a stream that ends that way has one content chunk fewer); streamed and whole answers
+    and the engine agree on it."""
+    from aircupy.engine.params import SamplingParams
+    want = engine.generate(HELLO, SamplingParams(max_tokens=40, temperature=0))
+    assert want.finish_reason == "stop" and want.token_ids[-1] in engine.tokenizer.eog_ids
+    whole = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=40, temperature=0)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=40, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    content = [c for c in chunks if c.choices and c.choices[0].delta.content]
+    n = len(want.token_ids)
+    assert whole.usage.completion_tokens == chunks[-1].usage.completion_tokens == n
+    assert len(content) == n - 1 and "".join(c.choices[0].delta.content for c in content) == want.text
+    last = chunks[-2].choices[0]
+    assert last.finish_reason == "stop" and not last.delta.content
+
+
 def test_completions_prompt_lists_n_and_token_ids(client, server):
     url, _ = server
     r = client.completions.create(model=MODEL, prompt=["The sky is", "Two plus two is"], n=2, max_tokens=3,

@@ -18,7 +18,7 @@ from tests.helpers.fake_engine import FakeEngine
 @pytest.fixture(scope="module")
 def served():
     """One server over a fake engine that takes 10 ms per token."""
-    engine = FakeEngine(n_ctx=64, delay=0.01)
+    engine = FakeEngine(n_ctx=4096, delay=0.01)   # max_tokens up to the context: 2000-token streams
     app = create_app(engine, "fake")
     with ServerThread(app) as url:
         yield url, engine, app.state.server

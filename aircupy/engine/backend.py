@@ -1,13 +1,14 @@
 """Which compute backend runs the model, and where the default model comes from.
 
-Backends: "numpy" (aircupy.model.NumpyModel, always there), "cuda" (the GPU model, reached only through
-aircupy.cuda.backend so that cupy is imported in that one place), and "auto" (CUDA when it is usable,
-else numpy with a one-line notice on stderr).
+Backends: "numpy" (aircupy.reference.model.NumpyModel, always there), "cuda" (the GPU model, reached
+only through the door aircupy.cuda.backend, so that cupy is imported on the GPU side alone), and "auto"
+(CUDA when it is usable, else numpy with a one-line notice on stderr). Both models implement the
+Model protocol (engine/model.py).
 
-The contract with aircupy.cuda.backend (owned by the GPU side; absent until it lands, and an ImportError
-then simply means "no CUDA backend"):
+The door's contract (aircupy/cuda/backend.py; an ImportError means "no CUDA backend"):
     cuda_unavailable_reason() -> str | None    None when cupy imports and a CUDA device exists
-    load_model(g, config, *, vram_budget: int | None, progress, n_ctx) -> model with new_cache / forward
+    start_warmer(path, size) -> warmer         the cold-start page-cache reader
+    load_model(g, config, *, vram_budget, progress, n_ctx, read_ahead) -> Model
 """
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ from aircupy.engine.backend import load_model, select_backend, start_warmer
 from aircupy.engine.params import SamplingParams, parse_size
 from aircupy.engine.request import KVState, Request
 from aircupy.engine.results import GenerationResult
-from aircupy.errors import ContextLengthError, InvalidParameterError
+from aircupy.errors import ContextLengthError, InvalidParameterError, TemplateError
 
 
 class Engine:
@@ -66,7 +66,9 @@ class Engine:
             raise
         def text_side():
             tok = Tokenizer.from_gguf(self.gguf)
-            return tok, ChatTemplate.from_gguf(self.gguf, tok)
+            template = ChatTemplate.from_gguf(self.gguf, tok)
+            template.check()   # a template the sandbox refuses makes the file refused, at load
+            return tok, template
 
         text = self.model = None
         try:
@@ -83,6 +85,8 @@ class Engine:
             # After the cheap checks of the file (a bad file is reported without a backend notice first),
             # before the slow part (an unavailable "cuda" fails before any weight is read).
             self.backend_name = select_backend(backend)
+            if self.backend_name == "numpy":
+                _check_host_kv(self.config, self.n_ctx)
             if self.backend_name != "cuda" and warmer is not None:
                 warmer.close()
                 warmer = None
@@ -117,6 +121,9 @@ class Engine:
     def _resolve_n_ctx(self, n_ctx) -> int:
         train = self.config.n_ctx_train
         if n_ctx is None:
+            if self.config.default_n_ctx < 2:
+                raise InvalidParameterError("n_ctx", f"the model's context_length of {train} leaves no room "
+                                                     "for a prompt and a token")
             return self.config.default_n_ctx
         if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or not 2 <= n_ctx <= train:
             raise InvalidParameterError("n_ctx", f"must be an integer in [2, {train}] (the model's training "
@@ -141,16 +148,24 @@ class Engine:
         from aircupy.gguf.detokenizer import IncrementalDecoder
         return IncrementalDecoder(self.tokenizer, continuation=True)
 
-    def prompt_ids(self, prompt) -> list[int]:
+    def prompt_ids(self, prompt, *, max_len: int | None = None, special_in_messages: bool = False) -> list[int]:
         """Token ids for a prompt: a string, a list of token ids, or a list of chat messages (dicts).
 
         Text (a string, or what the template renders) is tokenized with special tokens parsed and the BOS
-        added once: a template that already writes the BOS text does not get a second one.
+        added once: a template that already writes the BOS text does not get a second one. The contents
+        of chat messages are text, as at OpenAI: special-token text typed in them ("<|im_end|>") stays
+        text, so a message cannot forge a turn of another role (special_in_messages=True parses it).
+        max_len: raise ContextLengthError, before tokenizing, when the size of the text alone proves
+        that the prompt has more tokens than that (the caller checks the exact count).
         """
         if isinstance(prompt, str):
+            self._check_size(prompt, max_len)
             ids = self._encode_with_bos(prompt)
         elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
-            ids = self._encode_with_bos(self.apply_chat_template(list(prompt)))
+            msgs = list(prompt)
+            text = self.apply_chat_template(msgs)
+            self._check_size(text, max_len)
+            ids = self._encode_with_bos(text, () if special_in_messages else self._content_spans(msgs, text))
         elif isinstance(prompt, (list, tuple)) and all(_is_int(t) for t in prompt):
             ids = [int(t) for t in prompt]
             bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
@@ -163,9 +178,27 @@ class Engine:
             raise InvalidParameterError("prompt", "is empty")
         return ids
 
-    def _encode_with_bos(self, text: str) -> list[int]:
+    def _check_size(self, text: str, max_len: int | None) -> None:
+        if max_len is not None and (least := self.tokenizer.min_tokens(text)) > max_len:
+            raise ContextLengthError(f"the prompt has at least {least} tokens ({len(text)} characters of text) but "
+                                     f"at most {max_len} fit the context (n_ctx {self.n_ctx})")
+
+    def _content_spans(self, messages: list[dict], text: str):
+        """Where the messages' contents lie in `text`, to tokenize them as plain text (see prompt_ids)."""
+        from aircupy.gguf.chat_template import normalize_messages
+        spans = self.chat_template.content_spans(messages, text)
+        if spans is not None:
+            return spans
+        # The template transforms contents beyond recognition: fine while none holds control-token text.
+        for m in normalize_messages(messages):
+            if isinstance(m.get("content"), str) and self.tokenizer.has_control_text(m["content"]):
+                raise TemplateError("a message holds special-token text, and this chat template changes "
+                                    "message contents so that it cannot be kept as plain text")
+        return ()
+
+    def _encode_with_bos(self, text: str, literal=()) -> list[int]:
         tok = self.tokenizer
-        ids = list(tok.encode(text, add_special=False, parse_special=True))
+        ids = list(tok.encode(text, add_special=False, parse_special=True, literal=literal))
         if tok.add_bos and tok.bos_id is not None and (not ids or ids[0] != tok.bos_id):
             ids.insert(0, tok.bos_id)
         return ids
@@ -177,7 +210,7 @@ class Engine:
         elif not isinstance(params, SamplingParams):
             raise InvalidParameterError("params", f"must be a SamplingParams, got {type(params).__name__}")
         params = params.with_overrides(**overrides).validate(self.config.vocab_size)
-        ids = self.prompt_ids(prompt)
+        ids = self.prompt_ids(prompt, max_len=self.n_ctx - 1)
         if len(ids) >= self.n_ctx:
             raise ContextLengthError(f"the prompt is {len(ids)} tokens but the context holds {self.n_ctx} "
                                      f"(n_ctx), leaving no room to generate")
@@ -287,6 +320,20 @@ class _Background:
         if self._error is not None:
             raise self._error
         return self._value
+
+
+def _check_host_kv(config, n_ctx: int) -> None:
+    """The numpy backend's KV cache (float32 K and V per layer) must fit this machine's memory: refuse
+    a context that cannot, before anything is allocated (numpy would fail deep in the load)."""
+    import os
+    need = config.kv_cache_bytes(n_ctx, 4)
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    if need > ram:
+        raise InvalidParameterError("n_ctx", f"a context of {n_ctx} tokens needs {need / 2**30:.1f} GiB of KV cache, "
+                                             f"more than this machine's {ram / 2**30:.1f} GiB of memory")
 
 
 def _is_int(x) -> bool:

@@ -9,10 +9,14 @@ A GGUF file is untrusted, and so is its template (CVE-2024-34359 was a template 
 `os.popen` through `__subclasses__`). On top of jinja2's sandbox, which refuses `_`-prefixed attributes
 and mutation of lists and dicts, this environment
   * raises at the first unsafe attribute instead of rendering it as an empty string (so an attack fails
-    loudly with TemplateError rather than half-working),
-  * caps string/list repetition (`'a' * 10**10`), exponents, and the total items `range` may yield in one
-    render, so a template cannot exhaust memory or spin forever,
-  * turns every failure into aircupy's TemplateError.
+    loudly rather than half-working),
+  * bounds the memory, the work and the output of every render (template_sandbox.BudgetSandbox), so a
+    template cannot exhaust memory or spin forever,
+  * turns every failure into aircupy's TemplateError, and a sandbox or budget violation into its
+    UnsafeTemplateError, which `check()` (run when a model is loaded) turns into a refusal of the file.
+
+content_spans() also says where each message's content lies in the prompt, so the tokenizer can keep
+special-token text typed by a user as plain text (a user cannot forge "<|im_start|>system").
 
 Without a template in the file: Gemma's turn format for gemma models (gemma-3-270m base has none), else
 ChatML. render() leaves out a leading BOS when the tokenizer adds one itself, so that
@@ -21,17 +25,22 @@ ChatML. render() leaves out a leading BOS when the tokenizer adds one itself, so
 from __future__ import annotations
 
 import json
+import re
+import secrets
 from datetime import datetime
 
 import jinja2
 from jinja2 import nodes
 from jinja2.ext import Extension, loopcontrols
-from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+from jinja2.sandbox import SecurityError
 
-from aircupy.errors import AircupyError, InvalidParameterError, TemplateError
+from aircupy.errors import AircupyError, InvalidParameterError, TemplateError, UnsafeTemplateError
+from aircupy.gguf.template_sandbox import Budget, BudgetSandbox
 
-_MAX_REPEAT = 1 << 20        # longest string/list `*` may build (items)
-_MAX_RANGE_ITEMS = 1 << 20   # total items all `range` calls may yield in one render
+# Conversations a template is tried on when a model loads: a hostile template is refused at start-up.
+PROBES = ([{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": "Hi!"},
+           {"role": "assistant", "content": "Hello. How can I help?"}, {"role": "user", "content": "Thanks."}],
+          [{"role": "user", "content": "Hi!"}])
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -70,21 +79,10 @@ class _GenerationBlock(Extension):
         return nodes.Scope(body, lineno=lineno)
 
 
-class _Sandbox(ImmutableSandboxedEnvironment):
-    intercepted_binops = frozenset({"*", "**"})
-
+class _Sandbox(BudgetSandbox):
     def unsafe_undefined(self, obj, attribute):
         # jinja2 would return an Undefined that prints as "" -- fail at the attempt instead.
         raise SecurityError(f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe")
-
-    def call_binop(self, context, operator, left, right):
-        if operator == "*":
-            for seq, n in ((left, right), (right, left)):
-                if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > _MAX_REPEAT:
-                    raise SecurityError(f"repetition to {len(seq) * n} items exceeds {_MAX_REPEAT}")
-        if operator == "**" and isinstance(right, (int, float)) and abs(right) > 1024:
-            raise SecurityError(f"exponent {right} is too large")
-        return super().call_binop(context, operator, left, right)
 
 
 def _raise_exception(message):
@@ -104,21 +102,8 @@ def _environment() -> _Sandbox:
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
+    env.wrap_filters()
     return env
-
-
-def _budgeted_range():
-    """A `range` for one render: jinja2's sandbox caps each range at 100k items, but nested loops
-    multiply; this caps their total."""
-    left = [_MAX_RANGE_ITEMS]
-
-    def rng(*args):
-        r = range(*args)
-        left[0] -= len(r)
-        if left[0] < 0:
-            raise SecurityError(f"template iterated more than {_MAX_RANGE_ITEMS} range items")
-        return r
-    return rng
 
 
 def normalize_messages(messages) -> list[dict]:
@@ -192,11 +177,22 @@ class ChatTemplate:
         """The prompt text for `messages`; encode it with parse_special=True (and add_special=True)."""
         msgs = normalize_messages(messages)
         context = {**self._special, **extra, "messages": msgs, "add_generation_prompt": bool(add_generation_prompt),
-                   "tools": tools, "documents": documents, "range": _budgeted_range()}
+                   "tools": tools, "documents": documents}
+        env = self._template.environment
         try:
-            out = self._template.render(**context)
+            # The budget grows with the input: the messages, tools, documents and extra values.
+            budget = Budget.for_input(_text_size([msgs, tools, documents, extra]), len(msgs))
+            parts = []
+            with env.budgeted(budget):
+                for part in self._template.generate(**context):
+                    budget.emit(len(part))
+                    parts.append(part)
+            out = "".join(parts)
         except AircupyError:
             raise
+        except (SecurityError, RecursionError, MemoryError) as e:
+            raise UnsafeTemplateError(f"chat template ({self.source}) refused by the sandbox: "
+                                      f"{type(e).__name__}: {e}") from None
         except jinja2.TemplateError as e:
             raise TemplateError(f"chat template ({self.source}) failed: {e}") from e
         except Exception as e:  # anything an untrusted template provokes is the template's fault
@@ -205,3 +201,76 @@ class ChatTemplate:
         if self._strip_bos and bos and out.startswith(bos):
             out = out[len(bos):]
         return out
+
+    def content_spans(self, messages: list[dict], text: str, add_generation_prompt: bool = True):
+        """The (start, end) character spans of `text` (this template's rendering of `messages`) that are
+        message contents, for Tokenizer.encode(literal=spans); None when the template changes the
+        contents in a way that hides where they are (then only contents free of special-token text may
+        be tokenized as they stand).
+
+        The template is rendered again with each content's non-blank core wrapped in markers no
+        client can guess (a fresh random nonce); with the markers removed it must give `text` again
+        (a template that trims contents still does: their blanks sit outside the markers)."""
+        nonce = secrets.token_hex(8)
+        opening, closing = f"\ue000{nonce}\ue001", f"\ue002{nonce}\ue003"
+        marked = [{**m, "content": _wrap(m["content"], opening, closing)} if isinstance(m.get("content"), str)
+                  else m for m in normalize_messages(messages)]
+        unmarked = _unwrap(self.render(marked, add_generation_prompt), opening, closing)
+        if unmarked is None or unmarked[0] != text:
+            return None
+        return unmarked[1]
+
+    def check(self) -> None:
+        """Render the probe conversations: UnsafeTemplateError when the sandbox or the budget refuses
+        the template (hostile or broken for every conversation); the template's own refusals of a
+        conversation (raise_exception) are left to the requests that meet them."""
+        for probe in PROBES:
+            try:
+                self.render(probe)
+            except UnsafeTemplateError as e:
+                raise UnsafeTemplateError(f"the model's chat template is refused: {e}") from None
+            except TemplateError:
+                continue
+
+
+def _text_size(v) -> int:
+    """Characters of text in a JSON-like value (what a render's budget is proportional to)."""
+    if isinstance(v, str):
+        return len(v)
+    if isinstance(v, dict):
+        return sum(_text_size(k) + _text_size(x) for k, x in v.items())
+    if isinstance(v, (list, tuple)):
+        return sum(_text_size(x) for x in v)
+    return 8
+
+
+def _wrap(content: str, opening: str, closing: str) -> str:
+    core = content.strip()
+    if not core:
+        return opening + closing + content
+    head = content[:len(content) - len(content.lstrip())]
+    tail = content[len(content.rstrip()):]
+    return head + opening + core + closing + tail
+
+
+def _unwrap(marked: str, opening: str, closing: str):
+    """(text without the markers, [(start, end) of each marked span]) or None if they do not pair up."""
+    out, spans, pos, start, at = [], [], 0, None, 0
+    for m in re.finditer(re.escape(opening) + "|" + re.escape(closing), marked):
+        out.append(marked[pos:m.start()])
+        at += m.start() - pos
+        pos = m.end()
+        if m.group() == opening:
+            if start is not None:
+                return None
+            start = at
+        else:
+            if start is None:
+                return None
+            if at > start:
+                spans.append((start, at))
+            start = None
+    if start is not None:
+        return None
+    out.append(marked[pos:])
+    return "".join(out), spans

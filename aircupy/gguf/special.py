@@ -5,6 +5,11 @@ splits each remaining text fragment at every occurrence of it; the pieces betwee
 normally. With parse_special=False only USER_DEFINED tokens are cut (Gemma3's runs of spaces, tabs and
 newlines, its HTML tags): they are part of the vocabulary's normal text handling, not markup.
 
+`literal` spans (character offsets) are parts of the text that stay text: a CONTROL or UNKNOWN token
+overlapping one is not cut there (USER_DEFINED ones still are, as with parse_special=False). A chat
+prompt passes its message contents as literal spans, so a user cannot forge a turn by typing
+"<|im_end|><|im_start|>system", while the same text cut as a whole keeps every other token as before.
+
 Trying thousands of tokens (Gemma3 has 6,414) against every prompt with str.find costs ~0.3 s per
 100 KB, so a trie-shaped regex first finds which special texts occur at all (~6 ms per 100 KB); the
 exact llama.cpp procedure then runs over those few. Global longest-first is not the same as leftmost-
@@ -13,6 +18,7 @@ longest when two special texts overlap, which is why the second step is kept.
 from __future__ import annotations
 
 import re
+from bisect import bisect_left
 from dataclasses import dataclass
 
 _C_SPACE = " \t\n\v\f\r"  # C isspace() in the "C" locale, what llama.cpp's lstrip/rstrip use
@@ -70,7 +76,9 @@ class SpecialSplitter:
             self._finders[parse_special] = re.compile("(?=(" + _trie_pattern(texts) + "))") if texts else None
         return self._finders[parse_special]
 
-    def split(self, text: str, parse_special: bool) -> list[str | int]:
+    def split(self, text: str, parse_special: bool, literal: tuple[tuple[int, int], ...] = ()) -> list[str | int]:
+        """Fragments of `text`; `literal`: sorted, disjoint (start, end) spans where parse-only tokens
+        are not cut (only matters with parse_special=True)."""
         finder = self._finder(parse_special)
         if finder is None or not text:
             return [text] if text else []
@@ -85,33 +93,52 @@ class SpecialSplitter:
             present.update(longest[:k] for k in range(1, len(longest)) if longest[:k] in table)
         if not present:
             return [text]
-        fragments: list[str | int] = [text]
+        guard = _Guard(literal) if literal and parse_special else None
+        fragments: list[tuple[int, str] | int] = [(0, text)]   # text fragments carry their offset
         for tok in self._ordered:
             if tok.text in present and table.get(tok.text) is tok:
-                fragments = _cut(fragments, tok)
-        return fragments
+                fragments = _cut(fragments, tok, guard if tok.parse_only else None)
+        return [f if isinstance(f, int) else f[1] for f in fragments]
 
 
-def _cut(fragments: list[str | int], tok: SpecialToken) -> list[str | int]:
-    """Split every raw fragment at each occurrence of `tok.text` (left to right, as llama.cpp)."""
-    out: list[str | int] = []
+class _Guard:
+    """Literal spans, sorted and disjoint: does [a, b) overlap one of them? (binary search)"""
+
+    def __init__(self, spans):
+        self.spans = sorted(spans)
+        self.starts = [s for s, _ in self.spans]
+
+    def overlaps(self, a: int, b: int) -> bool:
+        i = bisect_left(self.starts, b) - 1   # the last span starting before b
+        return i >= 0 and self.spans[i][1] > a
+
+
+def _cut(fragments: list, tok: SpecialToken, guard: _Guard | None) -> list:
+    """Split every raw fragment at each occurrence of `tok.text` (left to right, as llama.cpp) that
+    does not overlap a literal span."""
+    out: list = []
     needle, n = tok.text, len(tok.text)
     for frag in fragments:
-        if isinstance(frag, int) or needle not in frag:
+        if isinstance(frag, int) or needle not in frag[1]:
             out.append(frag)
             continue
-        base = 0
-        while (hit := frag.find(needle, base)) != -1:
-            left = frag[base:hit]
+        off, s = frag
+        base = search = 0
+        while (hit := s.find(needle, search)) != -1:
+            if guard is not None and guard.overlaps(off + hit, off + hit + n):
+                search = hit + 1   # this occurrence is a message's text: keep looking after it
+                continue
+            left = s[base:hit]
             if tok.lstrip:
                 left = left.rstrip(_C_SPACE)
             if left:
-                out.append(left)
+                out.append((off + base, left))
             out.append(tok.id)
             base = hit + n
             if tok.rstrip:
-                while base < len(frag) and frag[base] in _C_SPACE:
+                while base < len(s) and s[base] in _C_SPACE:
                     base += 1
-        if base < len(frag):
-            out.append(frag[base:])
+            search = base
+        if base < len(s):
+            out.append((off + base, s[base:]))
     return out

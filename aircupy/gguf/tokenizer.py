@@ -13,6 +13,8 @@ applied: it would make decode differ from the streamed pieces; SmolLM2 and Gemma
 """
 from __future__ import annotations
 
+from functools import cached_property
+
 from aircupy.errors import InvalidParameterError
 from aircupy.gguf.pretokenize import build_pre_tokenizer, bytes_to_unicode, pre_spec
 from aircupy.gguf.special import SpecialSplitter, SpecialToken
@@ -103,9 +105,12 @@ class Tokenizer:
         return self._v.token_to_id.get(text)
 
     # ---- encode ------------------------------------------------------------------------------------
-    def encode(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+    def encode(self, text: str, add_special: bool = True, parse_special: bool = True,
+               literal: tuple[tuple[int, int], ...] = ()) -> list[int]:
         """Ids for `text`. add_special: BOS/EOS as the model asks; parse_special: special-token text
-        such as "<|im_start|>" becomes that token (otherwise it is tokenized as plain text)."""
+        such as "<|im_start|>" becomes that token (otherwise it is tokenized as plain text); literal:
+        (start, end) character spans, disjoint, where special-token text stays plain text even with
+        parse_special (a chat prompt's message contents), the rest being cut exactly as without them."""
         if not isinstance(text, str):
             raise InvalidParameterError("text", f"expected a string, got {type(text).__name__}")
         try:
@@ -116,7 +121,7 @@ class Tokenizer:
         out: list[int] = []
         if add_special and v.add_bos:
             out.append(v.ids["bos"])
-        fragments = self._splitter.split(text, parse_special)
+        fragments = self._splitter.split(text, parse_special, tuple(literal))
         if self._spm is not None:
             prev_special = True  # llama.cpp: a space prefix goes on text at the start or after a token
             for frag in fragments:
@@ -142,6 +147,45 @@ class Tokenizer:
         if add_special and v.add_eos:
             out.append(v.ids["eos"])
         return out
+
+    def has_control_text(self, text: str) -> bool:
+        """Does `text` hold the text of a control token ("<|im_end|>") that parse_special would cut?"""
+        return self._splitter.split(text, True) != self._splitter.split(text, False)
+
+    @cached_property
+    def max_piece_bytes(self) -> int:
+        """The most bytes of input text one token can stand for (an upper bound, computed once).
+
+        Byte-level BPE: a normal token's characters are one input byte each; special tokens match
+        their UTF-8 text. SentencePiece: "▁" stands for one space; an unknown token for one
+        character (at most 4 bytes)."""
+        if self._spm is not None:
+            sizes = [len(t.replace(SPACE, " ").encode("utf-8")) for t in self._tokens]
+            return max(sizes + [4])
+        special = CONTROL | USER_DEFINED | UNKNOWN
+        return max([len(t.encode("utf-8")) if a & special else len(t)
+                    for t, a in zip(self._tokens, self._attrs)] + [1])
+
+    @cached_property
+    def _uncovered(self) -> bytes:
+        """Input bytes that may produce no token: bytes a byte-level vocabulary lacks (dropped, as
+        llama.cpp does), and whitespace when a special token strips it (llama.cpp's lstrip/rstrip)."""
+        out = b""
+        if self._byte_decoder is not None:
+            out += bytes(b for b, c in bytes_to_unicode().items() if c not in self._v.token_to_id)
+        if any(a & (LSTRIP | RSTRIP) for a in self._attrs):
+            out += b" \t\n\v\f\r"
+        return out
+
+    def min_tokens(self, text: str) -> int:
+        """A lower bound on len(encode(text, add_special=False)) from the text's size alone, in one
+        pass in C: every input byte is covered by a token of at most max_piece_bytes bytes (less the
+        bytes that may vanish, see _uncovered). It rejects a prompt that cannot fit a context before
+        tokenizing it (an 8 MiB prompt costs seconds and a gigabyte to tokenize, and ms to bound)."""
+        data = text.encode("utf-8", "surrogatepass")
+        if self._uncovered:
+            data = data.translate(None, self._uncovered)
+        return -(-len(data) // self.max_piece_bytes)
 
     # ---- decode ------------------------------------------------------------------------------------
     def token_bytes(self, token_id: int, special: bool = True) -> bytes:

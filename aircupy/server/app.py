@@ -1,9 +1,10 @@
-"""The OpenAI-compatible Starlette app: create_app(engine, model_name, api_key=None, max_body=...).
+"""The OpenAI-compatible Starlette app: create_app(engine, model_name, api_key=None, max_body=..., limits=...).
 
 Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models[/{id}], GET /health,
 GET /metrics, POST /tokenize, POST /detokenize. Generation requests take a place in the Worker's line
-when they arrive, are validated and tokenized off the event loop (generation.prepare), then run on the
-worker thread and are answered by streaming.JobResponse. Every error is OpenAI's error object.
+when they arrive, are validated and tokenized off the event loop (generation.prepare, abandoned if the
+client leaves meanwhile), then run on the worker thread and are answered by streaming.JobResponse.
+Every error is OpenAI's error object; a client that left before its answer is a 499 in the log.
 """
 from __future__ import annotations
 
@@ -20,11 +21,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from aircupy.errors import AircupyError, TemplateError
+from aircupy.errors import AircupyError, InvalidParameterError, TemplateError, UnsafeTemplateError
 from aircupy.server import generation, protocol
 from aircupy.server.gate import Gate
+from aircupy.server.limits import Limits
 from aircupy.server.metrics import CONTENT_TYPE, Metrics
 from aircupy.server.protocol import APIError
+from aircupy.server.receive import ClientDisconnect, ClientGone, client_gone, read_json, while_connected
 from aircupy.server.responses import models_list
 from aircupy.server.streaming import JobResponse
 from aircupy.server.worker import Worker
@@ -37,8 +40,10 @@ DEFAULT_MAX_BODY = 8 * 1024 * 1024   # a 128k-token prompt is ~0.5 MB of text or
 class ServerState:
     """Everything the handlers share, hung on app.state.server (one per app, no globals)."""
 
-    def __init__(self, engine, model_name: str, api_key: str | None, max_body: int):
+    def __init__(self, engine, model_name: str, api_key: str | None, max_body: int, limits: Limits,
+                 special_in_messages: bool):
         self.engine, self.model_name, self.api_key, self.max_body = engine, model_name, api_key, max_body
+        self.limits, self.special_in_messages = limits, special_in_messages
         self.metrics = Metrics()
         self.worker: Worker | None = None   # started by create_app, stopped with the app's lifespan
         self.created = int(time.time())
@@ -52,20 +57,8 @@ class ServerState:
     def engine_stats(self):
         return getattr(self.engine, "stats", None)
 
-
-async def read_json(request: Request, max_body: int) -> dict:
-    """The body as a JSON object; 413 when the declared or the actually streamed size exceeds max_body
-    (chunked uploads have no Content-Length, so the bytes are counted as they arrive)."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_body:
-        raise APIError(413, f"request body of {declared} bytes exceeds the limit of {max_body} bytes",
-                       code="request_too_large")
-    buf = bytearray()
-    async for piece in request.stream():
-        buf += piece
-        if len(buf) > max_body:
-            raise APIError(413, f"request body exceeds the limit of {max_body} bytes", code="request_too_large")
-    return protocol.parse_json(bytes(buf))
+    async def body(self, request: Request) -> dict:
+        return await read_json(request, self.max_body, self.limits)
 
 
 def _state(request: Request) -> ServerState:
@@ -74,12 +67,13 @@ def _state(request: Request) -> ServerState:
 
 async def _generate(request: Request, parse) -> JobResponse:
     s = _state(request)
-    req = parse(await read_json(request, s.max_body))
+    req = parse(await s.body(request), s.limits)
     s.check_model(req.model)
     job = s.worker.reserve()  # the place in line is taken on arrival, before tokenizing
     try:
-        plan = await anyio.to_thread.run_sync(generation.prepare, s.engine, req)
-    except BaseException:
+        plan = await while_connected(request, partial(generation.prepare, s.engine, req, s.limits,
+                                                      s.special_in_messages))
+    except BaseException:   # an error, or ClientGone: the place in line is given up at once
         s.worker.cancel(job)
         raise
     s.worker.start(job, partial(generation.run, s.engine, plan, req.n, metrics=s.metrics))
@@ -117,14 +111,14 @@ async def tokenize(request: Request):
     "add_special_tokens"} -> {"tokens", "count", "max_model_len"}; messages go through the chat template
     with the generation prompt, so the count is what a chat completion's prompt would be."""
     s = _state(request)
-    body = await read_json(request, s.max_body)
+    body = await s.body(request)
     add_special = protocol.opt_bool(body, "add_special")
     if add_special is None:
         add_special = protocol.opt_bool(body, "add_special_tokens")
     add_special = True if add_special is None else add_special
     if body.get("messages") is not None:
         msgs = protocol.parse_chat({"messages": body["messages"]}).prompts[0]
-        ids = await anyio.to_thread.run_sync(s.engine.prompt_ids, msgs)
+        fn, arg = partial(s.engine.prompt_ids, special_in_messages=s.special_in_messages), msgs
     else:
         text = protocol.opt_str(body, "content")
         text = protocol.opt_str(body, "prompt") if text is None else text
@@ -132,7 +126,8 @@ async def tokenize(request: Request):
             raise protocol.bad("content", "is required (or prompt, or messages)", "missing_required_parameter")
         # add_special=True counts exactly what a completion of this text would (the BOS added once).
         fn = s.engine.prompt_ids if add_special and text else partial(s.engine.tokenize, add_special=False)
-        ids = await anyio.to_thread.run_sync(fn, text)
+        arg = text
+    ids = await while_connected(request, lambda cancel: fn(arg))   # a client that leaves is not waited for
     out: dict = {"tokens": ids, "count": len(ids), "max_model_len": s.engine.n_ctx}
     if protocol.opt_bool(body, "with_pieces"):
         tok = s.engine.tokenizer
@@ -143,7 +138,7 @@ async def tokenize(request: Request):
 async def detokenize(request: Request):
     """{"tokens": [ids]} -> {"content": text, "prompt": text} (llama.cpp's and vLLM's names)."""
     s = _state(request)
-    ids = (await read_json(request, s.max_body)).get("tokens")
+    ids = (await s.body(request)).get("tokens")
     if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
         raise protocol.bad("tokens", "expected a list of token ids", "invalid_type")
     protocol.check_token_ids(ids, s.engine.tokenizer.vocab_size, "tokens")
@@ -183,12 +178,22 @@ ROUTES = [
 ]
 
 
-def create_app(engine, model_name: str, api_key: str | None = None,
-               max_body: int = DEFAULT_MAX_BODY) -> Starlette:
-    """The ASGI app serving `engine` as `model_name`; the worker thread lives with the app's lifespan."""
-    state = ServerState(engine, model_name, api_key, max_body)
-    state.worker = Worker()
+def create_app(engine, model_name: str, api_key: str | None = None, max_body: int = DEFAULT_MAX_BODY,
+               limits: Limits | None = None, special_in_messages: bool = False) -> Starlette:
+    """The ASGI app serving `engine` as `model_name`; the worker thread lives with the app's lifespan.
+
+    api_key: None serves without authentication; a key must not be empty or blank (an empty key
+    once turned authentication off silently). limits: per-request caps and slow-client timeouts
+    (server/limits.py). special_in_messages: parse special-token text in chat messages (off: a user
+    cannot forge "<|im_start|>system", as at OpenAI)."""
+    if api_key is not None:
+        if not isinstance(api_key, str) or not api_key.strip():
+            raise InvalidParameterError("api_key", "is empty: give a key, or serve without one explicitly "
+                                                   "(--no-auth)")
+        api_key = api_key.strip()   # HTTP strips the header value's blanks too
     _check_template(engine)
+    state = ServerState(engine, model_name, api_key, max_body, limits or Limits(), special_in_messages)
+    state.worker = Worker()
 
     @asynccontextmanager
     async def lifespan(app):
@@ -200,14 +205,18 @@ def create_app(engine, model_name: str, api_key: str | None = None,
     gate = Middleware(Gate, state=state, paths=frozenset(r.path for r in ROUTES))
     app = Starlette(routes=ROUTES, lifespan=lifespan, middleware=[gate],
                     exception_handlers={APIError: _api_error, AircupyError: _aircupy_error,
-                                        HTTPException: _http_error, Exception: _internal_error})
+                                        HTTPException: _http_error, ClientDisconnect: client_gone,
+                                        ClientGone: client_gone, Exception: _internal_error})
     app.state.server = state
     return app
 
 
 def _check_template(engine) -> None:
-    """Render a one-message chat at start-up so a broken or unsafe template is reported once, loudly."""
+    """Render a one-message chat at start-up: a template the sandbox refuses (hostile, or beyond its
+    budget) refuses the server; one that merely rejects this chat is reported once, loudly."""
     try:
         engine.apply_chat_template([{"role": "user", "content": "hi"}])
+    except UnsafeTemplateError:
+        raise
     except TemplateError as e:
         log.warning("the model's chat template cannot be used (%s): /v1/chat/completions will answer 400", e)

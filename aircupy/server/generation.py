@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from aircupy.errors import ContextLengthError, TemplateError
-from aircupy.server.protocol import APIError, GenerationRequest, bad, check_token_ids
+from aircupy.server.limits import Limits
+from aircupy.server.protocol import DEFAULT_LIMITS, APIError, GenerationRequest, bad, check_token_ids
 from aircupy.server.responses import finish_reason
 
 # OpenAI's defaults (temperature 1, no top-k/top-p/min-p cut, no penalties): the server states every
@@ -57,21 +58,32 @@ def _context_error(n_prompt: int, n_ctx: int, param: str) -> APIError:
                     param=param, code="context_length_exceeded")
 
 
-def prepare(engine, req: GenerationRequest) -> Plan:
-    """Tokenize every prompt and build each choice's SamplingParams; raises APIError / AircupyError."""
+def prepare(engine, req: GenerationRequest, limits: Limits = DEFAULT_LIMITS, special_in_messages: bool = False,
+            cancel=None) -> Plan | None:
+    """Tokenize every prompt and build each choice's SamplingParams; raises APIError / AircupyError.
+    Runs on a thread; `cancel` (a threading.Event) set means the client left: stop, return None."""
     from aircupy.engine.params import SamplingParams  # the engine package, imported when first needed
 
     vocab = engine.tokenizer.vocab_size
     n_ctx = engine.n_ctx
     param = "messages" if req.kind == "chat" else "prompt"
+    cap = limits.max_tokens_for(n_ctx)
+    if req.sampling.get("max_tokens", 0) > cap:
+        raise bad("max_tokens", f"{req.sampling['max_tokens']} is more than this server allows ({cap})")
     prompt_ids: list[list[int]] = []
     for p in req.prompts:
+        if cancel is not None and cancel.is_set():
+            return None
         if not isinstance(p, str) and req.kind == "completion":
             check_token_ids(p, vocab, "prompt")
         try:
             # The engine's own prompt rule: text and rendered chats get the BOS once, even when the
-            # template already writes it; token id lists are taken as they are.
-            ids = engine.prompt_ids(p)
+            # template already writes it; token id lists are taken as they are. A text the context
+            # cannot hold is refused from its size, before it is tokenized (max_len).
+            ids = engine.prompt_ids(p, max_len=n_ctx - 1, special_in_messages=special_in_messages)
+        except ContextLengthError as e:
+            raise APIError(400, f"This model's maximum context length is {n_ctx} tokens: {e}", param=param,
+                           code="context_length_exceeded") from None
         except TemplateError as e:
             # 400, not 500: the template ran over the client's messages, and most failures are the
             # template rejecting the conversation (roles must alternate, no system role); a template
@@ -90,8 +102,9 @@ def prepare(engine, req: GenerationRequest) -> Plan:
         row = []
         for c in range(req.n):
             kw = {**OPENAI_DEFAULTS, **req.sampling, "seed": req.seed_for(c), "logprobs": req.logprobs}
-            # No max_tokens (chat): generate until end of generation or the context is full, as OpenAI.
-            kw.setdefault("max_tokens", n_ctx - len(ids))
+            # No max_tokens (chat): generate until end of generation or the context is full, as OpenAI
+            # (within the server's cap).
+            kw.setdefault("max_tokens", min(cap, n_ctx - len(ids)))
             row.append(SamplingParams(**kw).validate(vocab))
         params.append(row)
     return Plan(prompt_ids, params, param)

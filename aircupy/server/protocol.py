@@ -8,14 +8,16 @@ InvalidParameterError the app turns into the same 400. The response shapes live 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from aircupy.server.limits import Limits
+
 # Chat roles the templates understand; "developer" is OpenAI's newer name for "system".
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-MAX_N = 16          # choices are generated one after another: cap the work one request can queue
-MAX_STOP = 16       # stop strings are matched on every emitted token
 MAX_TOP_LOGPROBS = 20
+DEFAULT_LIMITS = Limits()   # the caps on n, stop strings, logit_bias and prompts (server/limits.py)
 # request key -> SamplingParams field (repetition_penalty is vLLM's name, repeat_penalty llama.cpp's)
 _SAMPLING_FLOATS = {"temperature": "temperature", "top_p": "top_p", "min_p": "min_p",
                     "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
@@ -72,10 +74,15 @@ class GenerationRequest:
         return None if self.seed is None else self.seed + choice
 
 
+def _not_json(name: str):
+    # Python's json module accepts NaN, Infinity and -Infinity; JSON (RFC 8259) has no such literals.
+    raise ValueError(f"{name} is not a JSON value")
+
+
 def parse_json(raw: bytes) -> dict:
     """Decode a request body; anything but a JSON object is a 400 (never a 500)."""
     try:
-        body = json.loads(raw)
+        body = json.loads(raw, parse_constant=_not_json)
     except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
         raise APIError(400, f"malformed JSON body: {e}", code="invalid_json") from None
     except RecursionError:
@@ -130,8 +137,11 @@ def opt_float(body: dict, key: str) -> float | None:
         return None
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise bad(key, f"expected a number, got {type(v).__name__}", "invalid_type")
-    v = float(v)
-    if v != v or v in (float("inf"), float("-inf")):
+    try:
+        v = float(v)   # an integer literal of 400 digits is valid JSON but too big for a float
+    except OverflowError:
+        raise bad(key, "must be a finite number") from None
+    if not math.isfinite(v):   # 1e400 parses as inf
         raise bad(key, "must be a finite number")
     lo, hi = _RANGES.get(key, (None, None))
     if lo is not None and not lo <= v <= hi:
@@ -153,7 +163,7 @@ def opt_str(body: dict, key: str) -> str | None:
     raise bad(key, f"expected a string, got {type(v).__name__}", "invalid_type")
 
 
-def _stop(body: dict) -> list[str]:
+def _stop(body: dict, limits: Limits) -> list[str]:
     v = body.get("stop")
     if v is None:
         return []
@@ -161,19 +171,23 @@ def _stop(body: dict) -> list[str]:
         v = [v]
     if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
         raise bad("stop", "expected a string or a list of strings", "invalid_type")
-    if len(v) > MAX_STOP:
-        raise bad("stop", f"at most {MAX_STOP} stop sequences")
+    if len(v) > limits.max_stop:
+        raise bad("stop", f"at most {limits.max_stop} stop sequences on this server, got {len(v)}")
     if any(s == "" for s in v):
         raise bad("stop", "stop sequences must not be empty")
+    if any(len(s) > limits.max_stop_chars for s in v):
+        raise bad("stop", f"a stop sequence may have at most {limits.max_stop_chars} characters")
     return v
 
 
-def _logit_bias(body: dict) -> dict[int, float] | None:
+def _logit_bias(body: dict, limits: Limits) -> dict[int, float] | None:
     v = body.get("logit_bias")
     if v is None:
         return None
     if not isinstance(v, dict):
         raise bad("logit_bias", "expected an object mapping token ids to biases", "invalid_type")
+    if len(v) > limits.max_logit_bias:
+        raise bad("logit_bias", f"at most {limits.max_logit_bias} entries on this server, got {len(v)}")
     out: dict[int, float] = {}
     for k, b in v.items():
         try:
@@ -188,11 +202,11 @@ def _logit_bias(body: dict) -> dict[int, float] | None:
     return out
 
 
-def _common(body: dict, kind: str, prompts: list) -> GenerationRequest:
+def _common(body: dict, kind: str, prompts: list, limits: Limits) -> GenerationRequest:
     """The parameters chat and completions share."""
     model = opt_str(body, "model")
     user = opt_str(body, "user")
-    n = opt_int(body, "n", 1, MAX_N) or 1
+    n = opt_int(body, "n", 1, limits.max_n) or 1
     stream = bool(opt_bool(body, "stream"))
     opts = body.get("stream_options")
     include_usage = False
@@ -213,8 +227,8 @@ def _common(body: dict, kind: str, prompts: list) -> GenerationRequest:
     top_k = opt_int(body, "top_k", -1)
     if top_k is not None:
         sampling["top_k"] = max(top_k, 0)  # vLLM's -1 and llama.cpp's 0 both mean "no top-k"
-    sampling["stop"] = _stop(body)
-    bias = _logit_bias(body)
+    sampling["stop"] = _stop(body, limits)
+    bias = _logit_bias(body, limits)
     if bias:
         sampling["logit_bias"] = bias
     ignore_eos = opt_bool(body, "ignore_eos")  # llama.cpp / vLLM extension, handy for benchmarks
@@ -259,7 +273,7 @@ def _content(msg: dict, i: int) -> str:
     raise bad(where, "expected a string or a list of text parts", "invalid_type")
 
 
-def parse_chat(body: dict) -> GenerationRequest:
+def parse_chat(body: dict, limits: Limits = DEFAULT_LIMITS) -> GenerationRequest:
     """Validate a /v1/chat/completions body."""
     msgs = body.get("messages")
     if msgs is None:
@@ -278,7 +292,7 @@ def parse_chat(body: dict) -> GenerationRequest:
                       f"{', '.join(sorted(ROLES))})")
         norm.append({"role": ROLES[role], "content": _content(m, i)})
     _reject_unsupported(body)
-    req = _common(body, "chat", [norm])
+    req = _common(body, "chat", [norm], limits)
     # max_completion_tokens is OpenAI's newer name; it wins when both are sent.
     mt = opt_int(body, "max_completion_tokens", 1)
     mt = mt if mt is not None else opt_int(body, "max_tokens", 1)
@@ -310,16 +324,19 @@ def _prompt_list(p: Any) -> list:
               "invalid_type")
 
 
-def parse_completion(body: dict) -> GenerationRequest:
+def parse_completion(body: dict, limits: Limits = DEFAULT_LIMITS) -> GenerationRequest:
     """Validate a /v1/completions body."""
     if "prompt" not in body or body["prompt"] is None:
         raise bad("prompt", "is required", "missing_required_parameter")
     prompts = _prompt_list(body["prompt"])
+    if len(prompts) > limits.max_prompts:
+        raise bad("prompt", f"at most {limits.max_prompts} prompts in one request on this server, "
+                            f"got {len(prompts)}")
     if opt_bool(body, "echo"):
         raise bad("echo", "echo is not supported")
     if body.get("suffix"):
         raise bad("suffix", "suffix is not supported")
-    req = _common(body, "completion", prompts)
+    req = _common(body, "completion", prompts, limits)
     best_of = opt_int(body, "best_of", 1)
     if best_of is not None and best_of != req.n:
         raise bad("best_of", "best_of other than n is not supported")

@@ -8,6 +8,9 @@ http.disconnect, for both modes and during the wait, and frees the job's place a
 A stream commits to status 200 only when the job's first event arrives, so an error raised before the
 first token (the engine's own checks) is still a proper HTTP error; later failures become an SSE event
 {"error": {...}} after which the stream closes without [DONE] (OpenAI's client raises on it).
+
+A client that leaves mid-generation is logged with the tokens actually generated: the response waits
+(briefly, shielded from the cancellation) for its job to stop after the token in flight and report.
 """
 from __future__ import annotations
 
@@ -22,6 +25,8 @@ from aircupy.server.protocol import GenerationRequest, from_exception
 from aircupy.server.worker import Job, JobFailed
 
 log = logging.getLogger("aircupy.server")
+
+SETTLE_S = 10.0   # longest wait for a cancelled job's own count of its tokens (one step of the engine)
 
 SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
                (b"x-accel-buffering", b"no")]
@@ -51,6 +56,7 @@ class JobResponse:
         self.rid, self.created = R.new_id(req.kind), R.now()
         self.usage = (0, 0)
         self._finished = False
+        self._ended = False     # Job.END was read
 
     async def __call__(self, scope, receive, send) -> None:
         state = scope.setdefault("state", {})
@@ -71,9 +77,18 @@ class JobResponse:
                 self._finished = True
             finally:
                 if not self._finished:  # send failed or we were cancelled: the client is gone
-                    self.worker.cancel(self.job)
+                    if not self.worker.cancel(self.job) and not self._ended:
+                        await self._settle()
                 state["usage"] = self.usage
                 tg.cancel_scope.cancel()
+
+    async def _settle(self) -> None:
+        """After a cancel of a started job: read its remaining events up to Job.END, for the usage its
+        Done reports (the tokens it generated, including any the client never received)."""
+        with anyio.move_on_after(SETTLE_S, shield=True):
+            while (ev := await self.job.next_event()) is not Job.END:
+                if isinstance(ev, Done):
+                    self.usage = (ev.prompt_tokens, ev.completion_tokens)
 
     async def _whole(self, send) -> None:
         choices: dict[int, R.ChoiceResult] = {}
@@ -89,6 +104,7 @@ class JobResponse:
                 c.finish_reason = ev.finish or c.finish_reason
             elif isinstance(ev, Done):
                 self.usage = (ev.prompt_tokens, ev.completion_tokens)
+        self._ended = True
         body = R.completion_response(self.kind, self.rid, self.created, self.model, list(choices.values()),
                                      *self.usage, with_logprobs=self.req.logprobs is not None)
         await send_json(send, 200, body)
@@ -127,6 +143,7 @@ class JobResponse:
             if out:
                 await send({"type": "http.response.body", "body": out, "more_body": True})
             ev = await self.job.next_event()
+        self._ended = True
         tail = b""
         if self.req.include_usage:
             tail += R.sse(R.usage_chunk(self.kind, self.rid, self.created, self.model, *self.usage))

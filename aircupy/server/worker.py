@@ -83,15 +83,19 @@ class Worker:
             job.work = work
             self._cond.notify_all()
 
-    def cancel(self, job: Job) -> None:
-        """The client is gone (or the request failed before it started): free its place now."""
+    def cancel(self, job: Job) -> bool:
+        """The client is gone (or the request failed before it started): free its place now. True when
+        the job was still waiting (it never runs, and emits nothing); False when it is running (its work
+        stops after the current token, then emits Job.END) or has finished."""
         job.cancelled.set()
         with self._cond:
             try:
                 self._line.remove(job)
+                waiting = True
             except ValueError:
-                pass  # already running (its work stops after the current token) or finished
+                waiting = False
             self._cond.notify_all()
+        return waiting
 
     def close(self, timeout: float = 5.0) -> None:
         """Cancel everything and stop the thread (server shutdown)."""

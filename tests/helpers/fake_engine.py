@@ -35,6 +35,7 @@ class FakeEngine:
         self.fail_after = fail_after      # raise RuntimeError after this many tokens (mid-stream failure)
         self.template_error: str | None = None
         self.log: list[tuple[str, str]] = []   # (event, tag): "start"/"end"/"closed", tag = prompt text
+        self.tokenized: list[int] = []         # characters of each text prompt_ids tokenized
         self._lock = threading.Lock()
 
     def tokenize(self, text: str, add_special: bool = True) -> list[int]:
@@ -48,12 +49,17 @@ class FakeEngine:
             raise TemplateError(self.template_error)
         return "".join(f"{m['role']}:{m['content']}\n" for m in messages) + "assistant:"
 
-    def prompt_ids(self, prompt) -> list[int]:
+    def prompt_ids(self, prompt, *, max_len: int | None = None, special_in_messages: bool = False) -> list[int]:
         if isinstance(prompt, str):
-            return self.tokenize(prompt)
-        if prompt and isinstance(prompt[0], dict):
-            return self.tokenize(self.apply_chat_template(prompt))
-        return list(prompt)
+            text = prompt
+        elif prompt and isinstance(prompt[0], dict):
+            text = self.apply_chat_template(prompt)
+        else:
+            return list(prompt)
+        if max_len is not None and len(text.encode()) > max_len:   # one token per byte: the bound is exact
+            raise ContextLengthError(f"the prompt has at least {len(text.encode())} tokens")
+        self.tokenized.append(len(text))
+        return self.tokenize(text)
 
     def stream(self, prompt, params):
         ids = self.prompt_ids(prompt)
