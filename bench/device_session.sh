@@ -10,7 +10,8 @@
 #   stage3: `python -m bench` on the 70B at 24 GiB for aircupy and llama.cpp (merged records, table).
 # The 98 MB SmolLM2 travels in 40 MiB parts (../shared/device/split.sh FILE .device/stage 40), part.00
 # with stage1, the rest with stage2 (each call carries at most 64 MiB with the tree).
-# usage (repo root, on the GPU host): bash bench/device_session.sh stage1|stage2|stage3
+# TIER_ONLY=1: stage1 and stage2 run the GPU tier alone (no llama.cpp build, synthesis or benchmark).
+# usage (repo root, on the GPU host): [TIER_ONLY=1] bash bench/device_session.sh stage1|stage2|stage3
 set -uo pipefail
 stage=${1:?usage: device_session.sh stage1|stage2|stage3}
 OUT=${OUT:-/tmp/out}; L=/root/logs; mkdir -p "$OUT" $L /root/stage /root/synth /root/bench
@@ -34,10 +35,7 @@ summary() {   # card, driver, commit, pass/fail counts, durations of a pytest lo
     sed -n '/slowest/,/^$/p' "$1" | head -14; } > "$OUT/$2"
 }
 
-if [ "$stage" = stage1 ]; then
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site .device/whl/*.whl
-  python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null || echo "pip -e failed"
-  cp .device/stage/part.00 .device/stage/SHA256SUM /root/stage/
+start_peers() {
   # The pruned llama.cpp tree lacks tools/ui, which its CMake still adds: give it an empty one, and
   # leave the server out (it depends on the ui's asset target).
   (setsid nohup bash -c 'mkdir -p /root/llama && tar xJf .device/peers/llama.cpp.tar.xz -C /root/llama \
@@ -47,12 +45,21 @@ if [ "$stage" = stage1 ]; then
     && nice cmake --build build -j10 --target llama-bench' > $L/llama-build.log 2>&1 &)
   (setsid nohup bash -c "python3 -m aircupy synth $S/llama3-8b-Q4_0.gguf --arch llama3-8b --type Q4_0 \
     && python3 -m aircupy synth $S/llama-70b-Q4_0.gguf --arch llama-70b --type Q4_0" > $L/synth.log 2>&1 &)
+}
+
+if [ "$stage" = stage1 ]; then
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .device/whl/*.whl
+  python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null || echo "pip -e failed"
+  cp .device/stage/part.00 .device/stage/SHA256SUM /root/stage/
+  [ -n "${TIER_ONLY:-}" ] || start_peers
   timeout 470 python3 -m pytest -q -rfE --tb=short --durations=12 -m gpu tests/gpu -k "not smollm2" \
     -p no:cacheprovider 2>&1 | tee $L/gpu_tier.log | grep -E "passed|failed|FAILED|ERROR|Error" | tail -30
   summary $L/gpu_tier.log gpu_tier.txt
-  tail -n 2 $L/synth.log $L/llama-build.log
+  grep -E "^(BUDGET|CONTEXT)" $L/gpu_tier.log > "$OUT/budget.txt" 2>/dev/null
+  tail -n 2 $L/synth.log $L/llama-build.log 2>/dev/null
   exit 0
 fi
+
 
 if [ "$stage" = stage2 ]; then
   cp .device/stage/part.0[1-9] /root/stage/ && (cd /root/stage && cat part.* > model.gguf \
@@ -61,6 +68,7 @@ if [ "$stage" = stage2 ]; then
   timeout 200 python3 -m pytest -q -rfE --tb=short -m gpu tests/gpu -k "smollm2" -p no:cacheprovider 2>&1 \
     | tee $L/gpu_smol.log | grep -E "passed|failed|FAILED|ERROR|Error" | tail -12
   summary $L/gpu_smol.log gpu_tier_smollm2.txt
+  [ -n "${TIER_ONLY:-}" ] && exit 0
   for i in $(seq 60); do [ -x $LB ] && break; sleep 5; done
   tail -1 $L/llama-build.log
   timeout 330 python3 -m bench --engines aircupy,llama.cpp --scenarios '8b-q4_0-100pct' --synth-dir $S \
