@@ -11,6 +11,7 @@ then simply means "no CUDA backend"):
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import sys
@@ -51,7 +52,8 @@ def select_backend(name: str, notice=None) -> str:
     """Resolve "auto" | "cuda" | "numpy" to "cuda" or "numpy".
 
     "cuda" that cannot run raises BackendUnavailableError saying what is missing and how to install it;
-    "auto" falls back to numpy and calls notice(line) (default: print the line on stderr).
+    "auto" falls back to numpy and calls notice(line) (default: the line on stderr, once per process);
+    "numpy" says nothing.
     """
     if name not in BACKENDS:
         raise InvalidParameterError("backend", f"must be one of {', '.join(BACKENDS)}, got {name!r}")
@@ -62,12 +64,17 @@ def select_backend(name: str, notice=None) -> str:
         return "cuda"
     if name == "cuda":
         raise BackendUnavailableError(f"the cuda backend is unavailable: {reason}; install it with {CUDA_INSTALL_HINT}")
-    line = f"aircupy: CUDA unavailable ({reason}); using the numpy backend"
-    if notice is None:
-        print(line, file=sys.stderr, flush=True)
-    else:
-        notice(line)
+    line = f"aircupy: CUDA unavailable ({reason}); using the numpy backend (--backend numpy skips this check)"
+    (notice or _print_once)(line)
     return "numpy"
+
+
+@functools.cache
+def _print_once(line: str) -> None:
+    """Print `line` on stderr the first time it is given in this process. The cache is the one piece
+    of process-wide state here, on purpose: a process's CUDA setup does not change between Engines,
+    so a program (or a test run) that loads several needs to hear it once, not once per Engine."""
+    print(line, file=sys.stderr, flush=True)
 
 
 def load_model(backend: str, g, config, *, vram_budget: int | None = None, n_ctx: int | None = None,
