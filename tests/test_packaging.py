@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.missing import skip_or_fail
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -63,7 +65,7 @@ def _resolve(line: str, tmp_path: Path, with_gpu: bool) -> list[dict]:
            "REPORTS": str(tmp_path), "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
     r = subprocess.run(["bash", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     if r.returncode and _NETWORK_TROUBLE.search(r.stdout + r.stderr):
-        pytest.skip("the package index cannot be reached: " + r.stderr.strip().splitlines()[-1][:200])
+        skip_or_fail("the package index cannot be reached: " + r.stderr.strip().splitlines()[-1][:200])
     assert r.returncode == 0, f"{line}\nneeds a source build or fails to resolve:\n{r.stderr[-3000:]}"
     reports = sorted(tmp_path.glob("*.json"), key=lambda p: int(p.stem))
     assert len(reports) == line.count("pip install ")
