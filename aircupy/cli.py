@@ -96,9 +96,7 @@ def generate(prompt, model, backend, vram_budget, n_ctx, as_chat, system, as_jso
     params = _sampling(**sampling)  # checked before the (slow) load
     text = console.read_prompt(prompt)
     engine = console.load_engine(model, backend, vram_budget, n_ctx)
-    if as_chat:
-        text = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
-    console.run_generate(engine, text, params, as_json=as_json, stats=stats)
+    console.generate_command(engine, text, params, as_chat=as_chat, system=system, as_json=as_json, stats=stats)
 
 
 @main.command()

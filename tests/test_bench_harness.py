@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from bench.harness.models import virtual_gguf
 from bench.harness.peers import llama_bench_missing, llama_metrics
 from bench.harness.run import PROMPTS, Options, n_ctx_for, run_one
 from bench.harness.scenarios import SCENARIOS, Scenario, expand, select
+from tests.helpers.missing import missing
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "tests" / "data" / "llama_bench_sample.json"
@@ -141,7 +143,8 @@ def test_records_and_writers(tmp_path):
 
 
 def test_plots(tmp_path):
-    pytest.importorskip("matplotlib")
+    if importlib.util.find_spec("matplotlib") is None:
+        missing("matplotlib", 'pip install -e ".[test]"')
     from bench.harness.plots import plot
     files, note = plot(synthetic_records(), tmp_path)
     assert note is None

