@@ -32,7 +32,7 @@ from aircupy.cuda.forward import ForwardPass
 from aircupy.cuda.kv import CudaKVCache
 from aircupy.cuda.load import load_blocks, plan_load, start_read_ahead
 from aircupy.cuda.placement import (ASSUMED_CONTEXT, HEAD_ROWS, POOL_MARGIN, CudaOptions, Footprint,
-                                    effective_budget, plan_model)
+                                    PlanError, effective_budget, plan_model)
 from aircupy.cuda.pool import DevicePool, ModelTooLargeError, fmt_bytes
 from aircupy.cuda.prefill import PrefillGraphs
 from aircupy.cuda.sampling import DeviceSampler, DeviceSampling
@@ -94,8 +94,11 @@ class CudaModel:
         outside = 0 if vram_budget is None else ASSUMED_CONTEXT + OUTSIDE_RESERVE
         if o.outside_bytes is not None:
             outside = int(o.outside_bytes)
-        first = plan_model(g, c, self.n_ctx, vram_budget if vram_budget is not None else 1 << 62, o,
-                           ram, footprint=fp, outside_bytes=outside)
+        stated = vram_budget if vram_budget is not None else 1 << 62
+        try:
+            first = plan_model(g, c, self.n_ctx, stated, o, ram, footprint=fp, outside_bytes=outside)
+        except PlanError:   # only the read order depends on it; the measured placement decides
+            first = plan_model(g, c, self.n_ctx, 1 << 62, o, ram, footprint=fp)
         self.warmer = start_read_ahead(g.path, self._read_order(g, first, o), read_ahead)
         self.fwd = self.weights = None
         self.vram_budget = vram_budget
