@@ -42,7 +42,7 @@ STAGING_BUFFERS = 2         # raw-tensor staging buffers of a streamed model (DM
 POOL_MARGIN = 512 << 20     # device memory left outside the pool (cuBLAS workspaces, NVRTC modules, graphs)
 # The CUDA context's device memory, assumed where no GPU measured it (`inspect` on a CPU machine); the
 # model measures it (cuda/memory.py) and adds memory.OUTSIDE_RESERVE for what it creates later.
-ASSUMED_CONTEXT = 512 << 20
+ASSUMED_CONTEXT = 560 << 20
 # Pinned host-to-device rate assumed to state the bound a placement implies when none was measured.
 ASSUMED_PCIE_GBPS = 53.0
 
