@@ -125,8 +125,9 @@ def _check_depth(value, param: str) -> None:
 
 
 def _first_line(e) -> str:
-    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
-    return lines[0][:500] if lines else type(e).__name__
+    """llguidance's message on one line: its first lines (the cause) without the source excerpt."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip() and "|" not in ln and ln.strip() != "^"]
+    return " ".join(lines[:3])[:500] if lines else type(e).__name__
 
 
 def build_tokenizer(tok):
