@@ -16,6 +16,12 @@ def _cuda_available() -> bool:
 
 
 def pytest_collection_modifyitems(config, items):
+    # `slow` tests run only when asked for by name (-m slow): the default run stays short on 2 cores.
+    if "slow" not in (config.getoption("-m") or ""):
+        skip_slow = pytest.mark.skip(reason="slow: run with -m slow")
+        for item in items:
+            if "slow" in item.keywords:
+                item.add_marker(skip_slow)
     if _cuda_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device and cupy")

@@ -3,6 +3,8 @@
 SCHEMAS: (name, schema) pairs covering nested objects, arrays, enums, anyOf/oneOf, $ref/$defs, formats,
 string patterns, numeric and length bounds, const, nullable fields. Strings and arrays carry length
 bounds, as production schemas for extraction do, so a 135M model finishes them in a few dozen tokens.
+Every object schema is closed (additionalProperties false), as OpenAI's strict mode requires: an open
+object lets a base model add keys until max_tokens (a valid prefix, never a finished value).
 GRAMMARS: (name, GBNF, full-match regex) triples; the regex is the test's independent check.
 """
 from __future__ import annotations
@@ -100,6 +102,21 @@ SCHEMAS = [
         "c": {"type": "object", "properties": {"d": {"type": "integer", "minimum": 0, "maximum": 9}}, "required": ["d"]}},
         "required": ["c"]}}, "required": ["b"]}}, "required": ["a"]}),
 ]
+
+def _closed(schema):
+    """The schema with additionalProperties false on every object that does not say otherwise."""
+    if isinstance(schema, dict):
+        # allOf parts are left open: closed, each would forbid the other parts' keys.
+        out = {k: (v if k == "allOf" else _closed(v)) for k, v in schema.items()}
+        if "properties" in out:
+            out.setdefault("additionalProperties", False)
+        return out
+    if isinstance(schema, list):
+        return [_closed(v) for v in schema]
+    return schema
+
+
+SCHEMAS = [(name, _closed(schema)) for name, schema in SCHEMAS]
 
 GRAMMARS = [
     ("yes_no", 'root ::= "yes" | "no"', r"yes|no"),
