@@ -76,6 +76,24 @@ def _engine_options(fn):
     return fn
 
 
+def _constraint_options(grammar_file, json_schema_file, regex) -> dict:
+    """--grammar-file / --json-schema / --regex -> SamplingParams fields (their files read here); an
+    unreadable file is an InvalidParameterError naming the option."""
+    from aircupy.errors import InvalidParameterError
+    out = {}
+    for option, field, path in (("--grammar-file", "grammar", grammar_file),
+                                ("--json-schema", "json_schema", json_schema_file)):
+        if path is not None:
+            try:
+                with open(path, encoding="utf-8") as f:
+                    out[field] = f.read()
+            except (OSError, UnicodeDecodeError) as e:
+                raise InvalidParameterError(option, f"cannot read {path}: {e}") from None
+    if regex is not None:
+        out["regex"] = regex
+    return out
+
+
 def _sampling(stop, logprobs=None, **kw):
     from aircupy.engine.params import SamplingParams
     return SamplingParams.from_options(stop=tuple(stop) or None, logprobs=logprobs, **kw)
@@ -89,11 +107,18 @@ def _sampling(stop, logprobs=None, **kw):
 @click.option("--logprobs", type=int, default=None, metavar="K", help="report each token's top-K alternatives (--json)")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of streaming text")
 @click.option("--stats", is_flag=True, help="print timings to stderr (always shown on a terminal)")
+@click.option("--grammar-file", type=click.Path(dir_okay=False), default=None, metavar="F",
+              help="constrain the output to a GBNF (or Lark) grammar read from F")
+@click.option("--json-schema", "json_schema_file", type=click.Path(dir_okay=False), default=None, metavar="F",
+              help="constrain the output to JSON valid against the schema in F")
+@click.option("--regex", default=None, metavar="R", help="constrain the output to match the regex R")
 @_one_line_errors
-def generate(prompt, model, backend, vram_budget, n_ctx, as_chat, system, as_json, stats, **sampling):
+def generate(prompt, model, backend, vram_budget, n_ctx, as_chat, system, as_json, stats, grammar_file,
+             json_schema_file, regex, **sampling):
     """Generate a completion of PROMPT (or of stdin), streaming it to stdout."""
     from aircupy import console
-    params = _sampling(**sampling)  # checked before the (slow) load
+    sampling.update(_constraint_options(grammar_file, json_schema_file, regex))
+    params = _sampling(**sampling)  # checked (and a constraint compiled) before the (slow) load
     text = console.read_prompt(prompt)
     engine = console.load_engine(model, backend, vram_budget, n_ctx)
     console.generate_command(engine, text, params, as_chat=as_chat, system=system, as_json=as_json, stats=stats)

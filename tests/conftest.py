@@ -31,6 +31,12 @@ def pytest_terminal_summary(terminalreporter):
 
 
 def pytest_collection_modifyitems(config, items):
+    # `slow` tests run only when asked for by name (-m slow): the default run stays short on 2 cores.
+    if "slow" not in (config.getoption("-m") or ""):
+        skip_slow = pytest.mark.skip(reason="slow: run with -m slow")
+        for item in items:
+            if "slow" in item.keywords:
+                item.add_marker(skip_slow)
     if _cuda_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device and cupy")

@@ -39,6 +39,14 @@ class SamplingParams:
     stop             stop strings (never emitted); a single string is accepted.
     ignore_eos       keep generating through end-of-generation tokens.
     logprobs         None: no logprobs; K >= 0: each token's logprob plus its top-K alternatives.
+    grammar, json_schema, regex, choice, json_object
+                     at most one constraint on the output (engine/constraint.py): a GBNF or Lark grammar;
+                     a JSON schema (dict or JSON text, kept as JSON text); a regex; a list of strings (kept
+                     as a tuple); json_object=True for any JSON object. Compiled on construction (an
+                     InvalidParameterError naming the field when it does not); the result is
+                     `constraint` (None without one). A constrained request ends only where the grammar
+                     accepts: an end-of-generation id is allowed there (even with ignore_eos), and once the
+                     grammar is complete generation stops with finish_reason "stop".
     """
 
     max_tokens: int = 256
@@ -55,6 +63,12 @@ class SamplingParams:
     stop: tuple[str, ...] = field(default=())
     ignore_eos: bool = False
     logprobs: int | None = None
+    grammar: str | None = None
+    json_schema: Any = None
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    json_object: bool = False
+    constraint: Any = field(default=None, init=False, compare=False, repr=False)
 
     def __post_init__(self):
         # Normalise the forgiving input forms (one stop string, JSON-style string keys) before checking.
@@ -67,6 +81,28 @@ class SamplingParams:
         if self.logit_bias is not None:
             object.__setattr__(self, "logit_bias", _normalise_bias(self.logit_bias))
         self.validate()
+        object.__setattr__(self, "constraint", self._compile_constraint())
+
+    def _compile_constraint(self):
+        """The one constraint asked for, compiled (engine/constraint.py), or None."""
+        if isinstance(self.choice, list):
+            object.__setattr__(self, "choice", tuple(self.choice))
+        if not isinstance(self.json_object, bool):
+            raise InvalidParameterError("json_object", "must be true or false")
+        asked = {k: v for k, v in (("grammar", self.grammar), ("json_schema", self.json_schema),
+                                   ("regex", self.regex), ("choice", self.choice)) if v is not None}
+        if self.json_object:
+            asked["json_object"] = True
+        if not asked:
+            return None
+        if len(asked) > 1:
+            raise InvalidParameterError(sorted(asked)[1], f"only one constraint at a time, got {', '.join(sorted(asked))}")
+        from aircupy.engine.constraint import Constraint   # llguidance, imported when first needed
+        (kind, value), = asked.items()
+        c = Constraint.compile(kind, value)
+        if kind == "json_schema":   # kept as JSON text: hashable, and what was compiled
+            object.__setattr__(self, "json_schema", c.source)
+        return c
 
     def validate(self, vocab_size: int | None = None) -> "SamplingParams":
         """Check every field; with vocab_size also check logit_bias ids and logprobs against it."""
@@ -100,7 +136,7 @@ class SamplingParams:
 
     def with_overrides(self, **overrides: Any) -> "SamplingParams":
         """A copy with some fields replaced; unknown names raise InvalidParameterError."""
-        known = {f.name for f in fields(self)}
+        known = {f.name for f in fields(self) if f.init}
         for name in overrides:
             if name not in known:
                 raise InvalidParameterError(name, f"unknown sampling parameter (known: {', '.join(sorted(known))})")

@@ -7,6 +7,9 @@ work before the next forward pass (cancellation costs at most the step in flight
 
 The request finishes with:
   "stop"    an end-of-generation id (unless ignore_eos) or a stop string (its text is never emitted);
+            with a constraint (params.constraint), also the grammar's completion (its last token is
+            emitted), and an end-of-generation id ends it even with ignore_eos (the mask allows one only
+            where the grammar accepts);
   "length"  max_tokens reached, or the sequence (prompt + generated) filled n_ctx.
 """
 from __future__ import annotations
@@ -95,6 +98,8 @@ class Request:
         self.finish_reason: str | None = None
         self.timer = Timer()
         self.stop = StopMatcher(params.stop)
+        # Built here, not in events(): a grammar the vocabulary cannot serve fails when the request is made.
+        self.constraint = engine.new_constraint_state(params.constraint) if params.constraint is not None else None
 
     def result(self) -> GenerationResult:
         return GenerationResult(
@@ -106,8 +111,9 @@ class Request:
     def events(self, kv: KVState):
         eng, p, timer = self.engine, self.params, self.timer
         tok = eng.tokenizer
-        eog = frozenset() if p.ignore_eos else frozenset(tok.eog_ids)
-        sampler = Sampler(p, eng.config.vocab_size, self.prompt_ids)
+        eog = frozenset() if p.ignore_eos and p.constraint is None else frozenset(tok.eog_ids)
+        state = self.constraint
+        sampler = Sampler(p, eng.config.vocab_size, self.prompt_ids, constraint=state, end_ids=tok.eog_ids)
         device = self._device_sampler(eng.model)
         decoder = eng.new_decoder()
         n_prompt, n_ctx = len(self.prompt_ids), eng.n_ctx
@@ -132,7 +138,7 @@ class Request:
                 text, finish = "", "stop"
             else:
                 text = self.stop.push(decoder.push(t_id))
-                finish = "stop" if self.stop.stopped else None
+                finish = "stop" if self.stop.stopped or (state is not None and state.done) else None
             if finish is None and (len(self.token_ids) >= p.max_tokens or n_prompt + len(self.token_ids) >= n_ctx):
                 finish = "length"
             if finish is not None and not self.stop.stopped:
@@ -159,8 +165,9 @@ class Request:
     def _device_sampler(self, model):
         """The model's own sampler when it covers these parameters (GPU backend: temperature,
         top-k/p, min-p, seed), so that only token ids cross to the host; None otherwise (numpy
-        backend; logprobs, logit bias or penalties, which the host sampler applies to logits)."""
-        if self.logprobs is not None:
+        backend; logprobs, logit bias or penalties, which the host sampler applies to logits; a
+        constraint, whose mask is applied on the host: device-side masking is not implemented)."""
+        if self.logprobs is not None or self.params.constraint is not None:
             return None
         return model.new_sampler(self.params)
 

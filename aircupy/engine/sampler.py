@@ -12,6 +12,10 @@ Order of operations on one row of logits (vocab,), as HF transformers and vLLM a
      np.random.Generator — seeded, so a seed reproduces the tokens exactly.
 (llama.cpp applies temperature after top-p and min-p; we follow HF/vLLM, which OpenAI clients expect.)
 
+Constraint (engine/constraint.py): before step 1, ids the grammar forbids are set to -inf, and the
+sampled id advances the grammar's matcher. When no id is allowed (the matcher failed), only the
+end-of-generation ids are left, so the request ends rather than emitting a forbidden token.
+
 Logprobs: the log-softmax of the RAW model logits, before bias, penalties, temperature and truncation,
 as vLLM returns by default ("raw_logprobs") and as OpenAI's API behaves. They describe the model, not the
 sampling settings, so they are comparable across requests and finite for every token (a token cut by
@@ -33,8 +37,12 @@ _TOP_P_FIRST_ROUND = 256
 class Sampler:
     """Picks the next token from a row of logits; remembers the tokens it has seen for the penalties."""
 
-    def __init__(self, params: SamplingParams, vocab_size: int, prompt_ids=()):
+    def __init__(self, params: SamplingParams, vocab_size: int, prompt_ids=(), constraint=None, end_ids=()):
+        """constraint: a ConstraintState for this sequence (None: unconstrained); end_ids: the ids that
+        end generation, the fallback when the constraint allows nothing."""
         self.params = params.validate(vocab_size)
+        self.constraint = constraint
+        self._end_ids = np.fromiter(sorted(end_ids), dtype=np.int64)
         self.vocab_size = int(vocab_size)
         self.rng = np.random.default_rng(params.seed)
         self._history: list[int] = [int(t) for t in prompt_ids]  # prompt + generated, for repeat_penalty
@@ -75,6 +83,8 @@ class Sampler:
         row = np.asarray(logits).reshape(-1)
         if row.shape[0] != self.vocab_size:
             raise ValueError(f"logits have {row.shape[0]} entries, the vocabulary {self.vocab_size}")
+        if self.constraint is not None:
+            row = self._masked(row)
         if self.params.greedy:
             x = self.process(row) if self._modifies_logits else row
             tok = int(np.argmax(x))
@@ -85,7 +95,16 @@ class Sampler:
             i = int(np.searchsorted(cdf, self.rng.random() * cdf[-1], side="right"))
             tok = int(ids[min(i, len(ids) - 1)])
         self.accept(tok)
+        if self.constraint is not None:
+            self.constraint.advance(tok)
         return tok
+
+    def _masked(self, row: np.ndarray) -> np.ndarray:
+        from aircupy.engine.constraint import mask_logits
+        allowed = self.constraint.allowed()
+        if not allowed.any():
+            allowed[self._end_ids] = True
+        return mask_logits(row, allowed)
 
     def accept(self, token_id: int) -> None:
         self._history.append(int(token_id))

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from aircupy.errors import ContextLengthError, TemplateError
+from aircupy.errors import ContextLengthError, InvalidParameterError, TemplateError
 from aircupy.server.limits import Limits
 from aircupy.server.protocol import DEFAULT_LIMITS, APIError, GenerationRequest, bad, check_token_ids
 from aircupy.server.responses import finish_reason
@@ -20,6 +20,9 @@ from aircupy.server.responses import finish_reason
 # sampling field, so aircupy's CLI-oriented SamplingParams defaults (llama.cpp's) never leak into the API.
 OPENAI_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repeat_penalty": 1.0,
                    "presence_penalty": 0.0, "frequency_penalty": 0.0}
+
+# SamplingParams' constraint fields; an error in one is reported under the request field it came from.
+CONSTRAINT_FIELDS = frozenset({"grammar", "json_schema", "regex", "choice", "json_object"})
 
 
 @dataclass
@@ -105,7 +108,12 @@ def prepare(engine, req: GenerationRequest, limits: Limits = DEFAULT_LIMITS, spe
             # No max_tokens (chat): generate until end of generation or the context is full, as OpenAI
             # (within the server's cap).
             kw.setdefault("max_tokens", min(cap, n_ctx - len(ids)))
-            row.append(SamplingParams(**kw).validate(vocab))
+            try:
+                row.append(SamplingParams(**kw).validate(vocab))
+            except InvalidParameterError as e:
+                if req.constraint_param is not None and e.param in CONSTRAINT_FIELDS:
+                    raise bad(req.constraint_param, str(e).split(": ", 1)[-1]) from None
+                raise
         params.append(row)
     return Plan(prompt_ids, params, param)
 

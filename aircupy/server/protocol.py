@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from aircupy.server import structured
+from aircupy.server.apierror import APIError, bad
 from aircupy.server.limits import Limits
 
 # Chat roles the templates understand; "developer" is OpenAI's newer name for "system".
@@ -26,28 +28,6 @@ _RANGES = {"temperature": (0.0, 2.0), "presence_penalty": (-2.0, 2.0), "frequenc
            "top_p": (0.0, 1.0), "min_p": (0.0, 1.0)}
 
 
-class APIError(Exception):
-    """An error answered as OpenAI's {"error": {message, type, param, code}} with an HTTP status."""
-
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 type: str | None = None):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.param = param
-        self.code = code
-        self.type = type or ("server_error" if status >= 500 else
-                             "authentication_error" if status == 401 else "invalid_request_error")
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param,
-                          "code": self.code}}
-
-
-def bad(param: str | None, message: str, code: str = "invalid_value") -> APIError:
-    return APIError(400, f"{param}: {message}" if param else message, param=param, code=code)
-
-
 @dataclass
 class GenerationRequest:
     """One validated /v1/chat/completions or /v1/completions request.
@@ -57,6 +37,8 @@ class GenerationRequest:
     sampling: keyword arguments for SamplingParams (aircupy.engine.params) for the fields the client
               set, without seed (per choice, see seed_for) and max_tokens when absent (the app fills it).
     logprobs: number of top alternatives per token, None when logprobs were not asked for.
+    constraint_param: the request field an output constraint came from (structured.py), set with the
+              constraint's SamplingParams field in `sampling`; errors compiling it name this field.
     """
     kind: str
     model: str | None
@@ -68,6 +50,7 @@ class GenerationRequest:
     include_usage: bool = False
     logprobs: int | None = None
     user: str | None = None
+    constraint_param: str | None = None
 
     def seed_for(self, choice: int) -> int | None:
         """Choice i of n gets seed + i: reproducible per request, yet n different samples."""
@@ -236,7 +219,13 @@ def _common(body: dict, kind: str, prompts: list, limits: Limits) -> GenerationR
         sampling["ignore_eos"] = True
     seed = opt_int(body, "seed", -1, 2**63 - 1)
     seed = None if seed == -1 else seed  # llama.cpp's -1: "a random seed"
-    return GenerationRequest(kind, model, prompts, sampling, seed, n, stream, include_usage, user=user)
+    constraint = structured.parse(body)
+    param = None
+    if constraint is not None:
+        field_name, value, param = constraint
+        sampling[field_name] = value
+    return GenerationRequest(kind, model, prompts, sampling, seed, n, stream, include_usage, user=user,
+                             constraint_param=param)
 
 
 def _reject_unsupported(body: dict) -> None:
@@ -244,9 +233,6 @@ def _reject_unsupported(body: dict) -> None:
     for key in ("tools", "functions"):
         if body.get(key):
             raise bad(key, "tool calling is not supported")
-    rf = body.get("response_format")
-    if rf is not None and not (isinstance(rf, dict) and rf.get("type") == "text"):
-        raise bad("response_format", "only {\"type\": \"text\"} is supported")
 
 
 def _content(msg: dict, i: int) -> str:
