@@ -12,11 +12,14 @@ whole batch) and hands each layer's attention to the function attend_fn() builds
 
   1. write: every row's k and v at its slot_mapping slot, all rows before any attention, so a chunk
      may read blocks that an earlier chunk of the same step writes (shared prompt prefixes);
-  2. attend: chunk by chunk, gather the keys of positions [lo, context_len) through its block table and
-     run ops.attention on its rows: row j (position start + j) attends causally to [0, start + j],
-     and on a sliding-window layer to the last `window` of those (lo = start - window + 1 skips the
-     blocks no row of the chunk can see). Scale, softcap and masking are ops.attention's, exactly as
-     forward() uses them, so the two paths differ only in where the keys come from.
+  2. attend: gather each chunk's keys of positions [lo, context_len) through its block table; row j
+     (position start + j) attends causally to [0, start + j], and on a sliding-window layer to the
+     last `window` of those (lo = start - window + 1 skips the blocks no row of the chunk can see).
+     A chunk of several rows (a prompt) runs ops.attention, exactly as forward() does; the one-row
+     chunks (decode rows, most of a busy step) run together in one ops.attention_rows call over keys
+     padded to the longest context, since a Python call per row per layer would cost more than the
+     row's arithmetic. Both share ops' one softmax formula (scale, softcap, mask), so the batched and
+     the solo paths differ only in where the keys come from.
 """
 from __future__ import annotations
 
@@ -85,25 +88,53 @@ class StepArrays:
 
     def attend_fn(self, config, kv: PagedKVCache):
         """attend(i, q (N, H, D), k (N, Hkv, D), v (N, Hkv, Dv)) -> (N, H * Dv) for layer i: writes
-        the step's k/v into the pool, then runs each chunk's attention over its gathered keys."""
-        spans = {}  # window -> per chunk (lo, key positions [lo, context_len)): shared by equal layers
-
-        def chunk_spans(window):
-            if window not in spans:
-                starts = self.context_lens - np.diff(self.query_start)
-                los = starts * 0 if window is None else np.maximum(0, starts - window + 1)
-                spans[window] = [(int(lo), np.arange(lo, hi)) for lo, hi in zip(los, self.context_lens)]
-            return spans[window]
+        the step's k/v into the pool, then runs the attention of every one-row chunk (decode rows) in
+        one ops.attention_rows call and each longer chunk with ops.attention over its gathered keys."""
+        plans = {}  # window -> _Plan: layers with the same window read the same slots
 
         def attend(i, q, k, v):
             kv.write(i, self.slot_mapping, k, v)
             window = config.layer_window(i)
+            if window not in plans:
+                plans[window] = self._plan(window, kv.block_size)
+            p = plans[window]
             out = np.empty((q.shape[0], q.shape[1] * kv.head_dim_v), np.float32)
-            for s, (lo, k_pos) in enumerate(chunk_spans(window)):
-                r0, r1 = self.query_start[s], self.query_start[s + 1]
-                keys, values = kv.gather(i, self.block_tables[s], lo, int(self.context_lens[s]))
-                out[r0:r1] = ref.attention(q[r0:r1], keys, values, self.positions[r0:r1], k_pos,
+            if len(p.rows):
+                keys, values = kv.gather_rows(i, p.slots)
+                out[p.rows] = ref.attention_rows(q[p.rows], keys, values, self.positions[p.rows], p.k_pos,
+                                                 config.attn_scale, window=window, softcap_value=config.attn_softcap)
+            for s, lo in p.chunks:
+                r0, r1, hi = self.query_start[s], self.query_start[s + 1], int(self.context_lens[s])
+                keys, values = kv.gather(i, self.block_tables[s], lo, hi)
+                out[r0:r1] = ref.attention(q[r0:r1], keys, values, self.positions[r0:r1], np.arange(lo, hi),
                                            config.attn_scale, window=window, softcap_value=config.attn_softcap)
             return out
 
         return attend
+
+    def _plan(self, window: int | None, B: int) -> "_Plan":
+        """Which keys each chunk reads on a layer with this window: positions [lo, context_len), lo =
+        start - window + 1 (or 0), the first key any of its rows can see. One-row chunks are padded to
+        the longest of them: slots (n, S) (padding repeats the row's first slot) and k_pos (n, S), -1
+        for padding."""
+        lens = np.diff(self.query_start)
+        starts = self.context_lens - lens
+        los = np.zeros_like(starts) if window is None else np.maximum(0, starts - window + 1)
+        one = np.flatnonzero(lens == 1)
+        chunks = [(int(s), int(los[s])) for s in np.flatnonzero(lens > 1)]
+        if not len(one):
+            return _Plan(one, np.zeros((0, 0), np.int64), np.zeros((0, 0), np.int64), chunks)
+        lo, hi = los[one][:, None], self.context_lens[one][:, None]
+        pos = lo + np.arange(int((hi - lo).max()))[None, :]       # (n, S)
+        valid = pos < hi
+        pos = np.where(valid, pos, lo)
+        slots = self.block_tables[one[:, None], pos // B] * B + pos % B
+        return _Plan(self.query_start[one], slots, np.where(valid, pos, -1), chunks)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    rows: np.ndarray                  # (n,) rows of the one-row chunks
+    slots: np.ndarray                 # (n, S) their keys' slots, padded
+    k_pos: np.ndarray                 # (n, S) their keys' positions, -1 = padding
+    chunks: list[tuple[int, int]]     # (chunk, lo) of the longer chunks: keys [lo, context_len)

@@ -26,7 +26,8 @@ _F32 = 4
 class PagedKVCache:
     """kv = PagedKVCache(n_layers, num_blocks, block_size, n_head_kv, head_dim, head_dim_v)
     kv.write(layer, slots (N,), k (N, Hkv, D), v (N, Hkv, Dv))
-    keys, values = kv.gather(layer, block_table, lo, hi)     # (Hkv, hi - lo, D|Dv), positions [lo, hi)"""
+    keys, values = kv.gather(layer, block_table, lo, hi)     # (Hkv, hi - lo, D|Dv), positions [lo, hi)
+    keys, values = kv.gather_rows(layer, slots (n, S))       # (n, Hkv, S, D|Dv), each row its own keys"""
 
     def __init__(self, n_layers: int, num_blocks: int, block_size: int, n_head_kv: int, head_dim: int,
                  head_dim_v: int):
@@ -83,6 +84,13 @@ class PagedKVCache:
         k = np.take(self.k[layer].reshape(NB, B, H, self.head_dim).transpose(2, 0, 1, 3), blocks, axis=1)
         v = np.take(self.v[layer].reshape(NB, B, H, self.head_dim_v).transpose(2, 0, 1, 3), blocks, axis=1)
         return k.reshape(H, -1, self.head_dim)[:, a:z], v.reshape(H, -1, self.head_dim_v)[:, a:z]
+
+    def gather_rows(self, layer: int, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Keys (n, Hkv, S, D) and values (n, Hkv, S, Dv) at slots (n, S): each decode row's own keys,
+        for ops.attention_rows. One copy; each (S, D) matrix is strided by Hkv*D, which BLAS takes."""
+        k = np.take(self.k[layer], slots, axis=0)   # (n, S, Hkv, D)
+        v = np.take(self.v[layer], slots, axis=0)
+        return k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
 
     def __repr__(self) -> str:
         return (f"PagedKVCache({self.n_layers} layers, {self.num_blocks} blocks of {self.block_size}, "
