@@ -176,10 +176,10 @@ class NumpyModel:
     def _head(self, x: np.ndarray) -> np.ndarray:
         """(R, E) final hidden states -> (R, vocab) logits."""
         c = self.config
-        logits = ref.rms_norm(x, self.output_norm, c.rms_eps) @ self.output.T
+        logits = ref.linear(ref.rms_norm(x, self.output_norm, c.rms_eps), self.output)
         if c.final_softcap:
             logits = ref.softcap(logits, c.final_softcap)
-        return logits
+        return np.ascontiguousarray(logits)
 
     def new_sampler(self, params) -> None:
         """The numpy backend samples on the host from forward()'s logits (engine/sampler.py)."""
@@ -222,9 +222,9 @@ class NumpyModel:
         x = x + o
 
         h = ref.rms_norm(x, L.ffn_norm, c.rms_eps)
-        gu = h @ L.w_gate_up.T  # (T, 2F)
+        gu = ref.linear(h, L.w_gate_up)  # (T, 2F)
         act = ref.geglu if c.activation == "gelu_tanh" else ref.swiglu
-        d = act(gu[:, :c.n_ff], gu[:, c.n_ff:]) @ L.w_down.T
+        d = ref.linear(act(gu[:, :c.n_ff], gu[:, c.n_ff:]), L.w_down)
         if L.post_ffn_norm is not None:
             d = ref.rms_norm(d, L.post_ffn_norm, c.rms_eps)
         return x + d
