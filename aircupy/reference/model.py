@@ -9,6 +9,12 @@ Per layer (pre-norm residual; gemma3 adds the bracketed post-norms):
     x += [post_norm](attention(q, cache k/v) @ Wo.T)
     x += [post_norm](act(h2 @ Wgate.T) * (h2 @ Wup.T) @ Wdown.T), h2 = rms_norm(x)
 logits = rms_norm(x) @ Wout.T (Wout = token_embd when the head is tied).
+
+Two entry points run that one layer formula (_layers/_layer/_head); they differ only in attend(), where
+K/V are stored and how attention reads them:
+    forward(ids (T,), positions (T,), cache)     one sequence, its contiguous KVCache (kv_cache.py)
+    forward_step(Step.arrays(), pool)            a continuous-batching step: every sequence's chunk as
+                                                 one batch of N rows, K/V in a PagedKVCache (batch.py)
 """
 from __future__ import annotations
 
@@ -155,10 +161,15 @@ class NumpyModel:
                                               c.head_dim, c.head_dim_v)
 
     def forward_step(self, arrays: dict, kv: PagedKVCache) -> np.ndarray:
-        """Run one scheduler step (Step.arrays(): every running sequence's chunk at once) and return
-        the float32 logits (R, vocab) of its logits_rows, in that order. See reference/batch.py."""
-        step = StepArrays.check(arrays, kv, self.config.vocab_size)
-        x = self._layers(self.embed(step.input_ids), step.positions, step.attend_fn(self.config, kv))
+        """Run one scheduler step (Step.arrays(): every running sequence's chunk at once, N rows) and
+        return the float32 logits (R, vocab) of its logits_rows, in that order; only those R rows go
+        through the head. Every row's K/V is written to `kv` at its slot_mapping slot. Shapes and the
+        attention rules: reference/batch.py."""
+        c = self.config
+        if (kv.n_layers, kv.n_head_kv, kv.head_dim, kv.head_dim_v) != (c.n_layers, c.n_head_kv, c.head_dim, c.head_dim_v):
+            raise InvalidParameterError("kv", f"{kv!r} is not this model's pool (new_kv_pool makes one)")
+        step = StepArrays.check(arrays, kv, c.vocab_size)
+        x = self._layers(self.embed(step.input_ids), step.positions, step.attend_fn(c, kv))
         return self._head(x[step.logits_rows])
 
     def _layers(self, x: np.ndarray, positions: np.ndarray, attend) -> np.ndarray:
