@@ -14,6 +14,8 @@ from aircupy.config import RopeScaling
 from aircupy.gguf.ggml import GGMLType, row_nbytes
 from aircupy.gguf.quants import dequantize
 
+# Below this many rows linear() runs one gemv per row rather than one gemm (see linear()).
+_GEMV_ROWS = 4
 # Query rows per attention block: bounds the (Hkv, G*rows, S) score matrix of a long prefill.
 _ATTN_QUERY_BLOCK = 256
 
@@ -36,9 +38,14 @@ def linear(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None) -> np.ndar
     a transposed view of a (out, T) result.
 
     Computed as (w @ x.T).T: the same products, but with OpenBLAS (SkylakeX kernels) the weight-major
-    orientation is 1.3-3x faster for the few-row matmuls of a decode batch (T = 2..32: it is what sets
-    the cost of a batched decode step), and no slower for a prefill; T = 1 is a gemv either way."""
-    y = (w @ x.T).T
+    orientation is 1.3-3x faster for the few-row matmuls of a decode batch (T = 4..32: it is what sets
+    the cost of a batched decode step), and no slower for a prefill. T = 1 is a gemv, which streams the
+    weights; a gemm first packs them, and costs ~3.5 gemvs whether T is 2 or 8, so T = 2 or 3 rows
+    run as T gemvs (a batch of two would otherwise decode slower than one sequence alone)."""
+    if x.shape[0] < _GEMV_ROWS:
+        y = np.stack([w @ r for r in x])
+    else:
+        y = (w @ x.T).T
     if b is not None:
         y += b
     return y
