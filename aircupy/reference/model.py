@@ -9,6 +9,12 @@ Per layer (pre-norm residual; gemma3 adds the bracketed post-norms):
     x += [post_norm](attention(q, cache k/v) @ Wo.T)
     x += [post_norm](act(h2 @ Wgate.T) * (h2 @ Wup.T) @ Wdown.T), h2 = rms_norm(x)
 logits = rms_norm(x) @ Wout.T (Wout = token_embd when the head is tied).
+
+Two entry points run that one layer formula (_layers/_layer/_head); they differ only in attend(), where
+K/V are stored and how attention reads them:
+    forward(ids (T,), positions (T,), cache)     one sequence, its contiguous KVCache (kv_cache.py)
+    forward_step(Step.arrays(), pool)            a continuous-batching step: every sequence's chunk as
+                                                 one batch of N rows, K/V in a PagedKVCache (batch.py)
 """
 from __future__ import annotations
 
@@ -20,7 +26,9 @@ from aircupy.config import ModelConfig
 from aircupy.errors import InvalidParameterError, UnsupportedModelError
 from aircupy.gguf.quants import dequantize
 from aircupy.gguf.arch import TensorMap, tensor_map
+from aircupy.reference.batch import StepArrays
 from aircupy.reference.kv_cache import KVCache
+from aircupy.reference.paged_kv import PagedKVCache
 from aircupy.reference import ops as ref
 
 
@@ -130,25 +138,59 @@ class NumpyModel:
         if T == 0 or positions.shape[0] != T:
             raise InvalidParameterError("token_ids", f"need T >= 1 ids with T positions, got {T} and {positions.shape[0]}")
         cache.check_room(T)
-
-        x = self.embed(token_ids)
         k_pos = cache.key_positions(positions)
+
+        def attend(i, q, k, v):  # one sequence: its contiguous cache, every row's keys at once
+            keys, values = cache.write(i, k, v)  # (Hkv, S, D), (Hkv, S, Dv)
+            return ref.attention(q, keys, values, positions, k_pos, c.attn_scale,
+                                 window=c.layer_window(i), softcap_value=c.attn_softcap)
+
+        x = self._layers(self.embed(token_ids), positions, attend)
+        cache.commit(positions)
+        return self._head(x if all_logits else x[-1:])
+
+    def new_kv_pool(self, num_blocks: int, block_size: int) -> PagedKVCache:
+        """The paged KV pool forward_step() reads and writes (slots as engine/blocks.py numbers them)."""
+        c = self.config
+        return PagedKVCache(c.n_layers, num_blocks, block_size, c.n_head_kv, c.head_dim, c.head_dim_v)
+
+    def kv_blocks_for_budget(self, budget_bytes: int, block_size: int) -> int:
+        """How many KV blocks of block_size tokens fit in budget_bytes (float32 K and V, every layer)."""
+        c = self.config
+        return PagedKVCache.blocks_for_budget(budget_bytes, c.n_layers, block_size, c.n_head_kv,
+                                              c.head_dim, c.head_dim_v)
+
+    def forward_step(self, arrays: dict, kv: PagedKVCache) -> np.ndarray:
+        """Run one scheduler step (Step.arrays(): every running sequence's chunk at once, N rows) and
+        return the float32 logits (R, vocab) of its logits_rows, in that order; only those R rows go
+        through the head. Every row's K/V is written to `kv` at its slot_mapping slot. Shapes and the
+        attention rules: reference/batch.py."""
+        c = self.config
+        if (kv.n_layers, kv.n_head_kv, kv.head_dim, kv.head_dim_v) != (c.n_layers, c.n_head_kv, c.head_dim, c.head_dim_v):
+            raise InvalidParameterError("kv", f"{kv!r} is not this model's pool (new_kv_pool makes one)")
+        step = StepArrays.check(arrays, kv, c.vocab_size)
+        x = self._layers(self.embed(step.input_ids), step.positions, step.attend_fn(c, kv))
+        return self._head(x[step.logits_rows])
+
+    def _layers(self, x: np.ndarray, positions: np.ndarray, attend) -> np.ndarray:
+        """Every layer over x (T, E) at `positions` (T,); attend(i, q, k, v) stores layer i's k/v and
+        returns the attention output (T, Hq*Dv)."""
+        c = self.config
         ropes = {}  # (base, scaling) -> (cos, sin): local and global layers may differ
         for i, L in enumerate(self.layers):
-            local = c.swa_layers[i]
-            key = (c.rope_base_local, c.rope_scaling_local) if local else (c.rope_base, c.rope_scaling)
+            key = (c.rope_base_local, c.rope_scaling_local) if c.swa_layers[i] else (c.rope_base, c.rope_scaling)
             if key not in ropes:
                 ropes[key] = ref.rope_angles(positions, c.rope_dim, key[0], key[1], self.rope_freqs)
-            x = self._layer(i, L, x, positions, k_pos, ropes[key], cache)
-        cache.commit(positions)
+            x = self._layer(i, L, x, ropes[key], attend)
+        return x
 
-        if not all_logits:
-            x = x[-1:]
-        x = ref.rms_norm(x, self.output_norm, c.rms_eps)
-        logits = x @ self.output.T
+    def _head(self, x: np.ndarray) -> np.ndarray:
+        """(R, E) final hidden states -> (R, vocab) logits."""
+        c = self.config
+        logits = ref.linear(ref.rms_norm(x, self.output_norm, c.rms_eps), self.output)
         if c.final_softcap:
             logits = ref.softcap(logits, c.final_softcap)
-        return logits
+        return np.ascontiguousarray(logits)
 
     def new_sampler(self, params) -> None:
         """The numpy backend samples on the host from forward()'s logits (engine/sampler.py)."""
@@ -164,7 +206,9 @@ class NumpyModel:
     def close(self) -> None:
         pass
 
-    def _layer(self, i, L: _Layer, x, positions, k_pos, rope, cache: KVCache) -> np.ndarray:
+    def _layer(self, i, L: _Layer, x, rope, attend) -> np.ndarray:
+        """Layer i on x (T, E), the formula of the module docstring; where k/v live and how attention
+        reads them is attend's business (one sequence's cache, or a step's paged pool)."""
         c = self.config
         T = x.shape[0]
         D, Dv = c.head_dim, c.head_dim_v
@@ -182,18 +226,16 @@ class NumpyModel:
         q = ref.apply_rope(q, cos, sin, c.rope_type)
         k = ref.apply_rope(k, cos, sin, c.rope_type)
 
-        keys, values = cache.write(i, k, v)  # (Hkv, S, D), (Hkv, S, Dv)
-        a = ref.attention(q, keys, values, positions, k_pos, c.attn_scale,
-                          window=c.layer_window(i), softcap_value=c.attn_softcap)
+        a = attend(i, q, k, v)  # (T, Hq*Dv)
         o = ref.linear(a, L.wo, L.bo)
         if L.post_attn_norm is not None:
             o = ref.rms_norm(o, L.post_attn_norm, c.rms_eps)
         x = x + o
 
         h = ref.rms_norm(x, L.ffn_norm, c.rms_eps)
-        gu = h @ L.w_gate_up.T  # (T, 2F)
+        gu = ref.linear(h, L.w_gate_up)  # (T, 2F)
         act = ref.geglu if c.activation == "gelu_tanh" else ref.swiglu
-        d = act(gu[:, :c.n_ff], gu[:, c.n_ff:]) @ L.w_down.T
+        d = ref.linear(act(gu[:, :c.n_ff], gu[:, c.n_ff:]), L.w_down)
         if L.post_ffn_norm is not None:
             d = ref.rms_norm(d, L.post_ffn_norm, c.rms_eps)
         return x + d
