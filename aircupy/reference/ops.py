@@ -42,7 +42,7 @@ def linear(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None) -> np.ndar
     the cost of a batched decode step), and no slower for a prefill. T = 1 is a gemv, which streams the
     weights; a gemm first packs them, and costs ~3.5 gemvs whether T is 2 or 8, so T = 2 or 3 rows
     run as T gemvs (a batch of two would otherwise decode slower than one sequence alone)."""
-    if x.shape[0] < _GEMV_ROWS:
+    if 0 < x.shape[0] < _GEMV_ROWS:
         y = np.stack([w @ r for r in x])
     else:
         y = (w @ x.T).T

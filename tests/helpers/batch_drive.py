@@ -2,6 +2,7 @@
 on a contiguous cache, and together through the real Scheduler + BlockManager and forward_step().
 
     toks, logits = solo_greedy(model, prompt, n)                 # n tokens, (n, vocab) logits
+    logits = forced_logits(model, prompt, toks)                  # the same, in one prefill
     out, sched = batched_greedy(model, prompts, n, num_blocks=.., block_size=.., max_batched_tokens=..)
     out[i] = (toks, logits) of prompts[i]; sched.stats() has the preemptions and prefix-cache hits
 
@@ -28,6 +29,15 @@ def solo_greedy(model, prompt, n: int) -> tuple[list[int], np.ndarray]:
             break
         logits = model.forward(np.array([toks[-1]], np.int32), np.array([cache.length], np.int32), cache)[-1]
     return toks, np.array(rows)
+
+
+def forced_logits(model, prompt, toks) -> np.ndarray:
+    """The solo run's logits (n, vocab) in one forward() pass over prompt + toks[:-1] (all_logits):
+    when every row's argmax is the next of toks, greedy decoding alone produces exactly toks (by
+    induction over the steps), at the cost of one prefill instead of n decode steps."""
+    ids = np.asarray(list(prompt) + list(toks[:-1]), np.int32)
+    logits = model.forward(ids, np.arange(len(ids), dtype=np.int32), model.new_cache(len(ids)), all_logits=True)
+    return logits[len(prompt) - 1:]
 
 
 def batched_greedy(model, prompts, n: int, num_blocks: int, block_size: int, max_batched_tokens: int,
