@@ -50,10 +50,9 @@ class DeviceMeter:
         self.source = "nvml" if self.base is not None else "cudaMemGetInfo"
 
     def held(self) -> int:
-        if self.base is not None:
-            now = nvml_used_bytes(self.index)
-            if now is not None:
-                return max(0, now - self.base)
-        import cupy as cp
+        now = nvml_used_bytes(self.index) if self.base is not None else None
+        if now is not None:
+            return max(0, now - self.base)
+        import cupy as cp                     # no NVML: the device's used memory, all of it
         free, total = cp.cuda.runtime.memGetInfo()
-        return int(total - free) if self.base is None else 0
+        return int(total - free)

@@ -32,7 +32,7 @@ from aircupy.cuda.forward import ForwardPass
 from aircupy.cuda.kv import CudaKVCache
 from aircupy.cuda.load import load_blocks, plan_load, start_read_ahead
 from aircupy.cuda.placement import (ASSUMED_CONTEXT, HEAD_ROWS, POOL_MARGIN, CudaOptions, Footprint,
-                                    PlanError, effective_budget, plan_model)
+                                    effective_budget, plan_model, resident_set)
 from aircupy.cuda.pool import DevicePool, ModelTooLargeError, fmt_bytes
 from aircupy.cuda.prefill import PrefillGraphs
 from aircupy.cuda.sampling import DeviceSampler, DeviceSampling
@@ -89,17 +89,12 @@ class CudaModel:
         self.fp = fp = Footprint.of(g, c, self.n_ctx, self.rows)
         _check_supported(c, [fp.glob_l] + fp.layer_ls)
         ram = available_ram()
-        # The disk starts reading before the first CUDA call, in the order the load consumes the file:
-        # a placement for the stated budget, before the device says how much memory is free.
+        # The disk starts reading before the first CUDA call, in the order the load consumes the
+        # file; whether layers stream is judged on the stated budget, before the device is asked.
         outside = 0 if vram_budget is None else ASSUMED_CONTEXT + OUTSIDE_RESERVE
         if o.outside_bytes is not None:
             outside = int(o.outside_bytes)
-        stated = vram_budget if vram_budget is not None else 1 << 62
-        try:
-            first = plan_model(g, c, self.n_ctx, stated, o, ram, footprint=fp, outside_bytes=outside)
-        except PlanError:   # only the read order depends on it; the measured placement decides
-            first = plan_model(g, c, self.n_ctx, 1 << 62, o, ram, footprint=fp)
-        self.warmer = start_read_ahead(g.path, self._read_order(g, first, o), read_ahead)
+        self.warmer = start_read_ahead(g.path, self._read_order(g, vram_budget, outside, o), read_ahead)
         self.fwd = self.weights = None
         self.vram_budget = vram_budget
         self.meter = DeviceMeter()             # before this model's first CUDA call
@@ -116,15 +111,21 @@ class CudaModel:
             self.close()
             raise
 
-    def _read_order(self, g, p, o: CudaOptions) -> list[tuple[int, int]]:
+    def _read_order(self, g, vram_budget, outside: int, o: CudaOptions) -> list[tuple[int, int]]:
         """File ranges in load order: everything resident, the staged load's ranges; streamed, the
         globals' then the layer windows in file order (forced resident layers first)."""
-        fp = self.fp
-        if not p.streams:
+        fp, L = self.fp, len(self.fp.layer_ls)
+        if o.n_resident is not None:
+            streams = o.n_resident < L
+        else:
+            streams = (vram_budget is not None and
+                       fp.pool_plan(range(L), False, o.slots).total > vram_budget - outside)
+        if not streams:
             return plan_load([fp.glob_l] + fp.layer_ls, g.tensors, g.file_size).ranges
-        first = list(p.resident_layers) if o.n_resident is not None else []
-        order = first + [i for i in range(len(fp.layer_ls)) if i not in set(first)]
-        return plan_load([fp.glob_l], g.tensors, g.file_size).ranges + [fp.windows[i] for i in order]
+        first = list(resident_set(L, o.n_resident)) if o.n_resident is not None else []
+        order = first + [i for i in range(L) if i not in set(first)]
+        windows = fp.windows
+        return plan_load([fp.glob_l], g.tensors, g.file_size).ranges + [windows[i] for i in order]
 
     def _build(self, g, cp, lib, report) -> None:
         from aircupy.cuda.kernels import KernelLibrary

@@ -80,7 +80,7 @@ class Footprint:
     glob_l: object                       # BlockLayout of the globals
     layer_ls: list                       # BlockLayout per layer
     tensors: dict                        # name -> TensorInfo (for raw tensor sizes)
-    windows: list                        # (file offset, nbytes) of each layer's 4 KiB-aligned window
+    manifest: object                     # stream/manifest.Manifest: each layer's 4 KiB-aligned window
     n_ctx: int
     rows: int = PREFILL_ROWS
     hr: int = HEAD_ROWS
@@ -94,15 +94,20 @@ class Footprint:
         from aircupy.stream.manifest import build_manifest
         tensors = g.tensors
         tm = tensor_map(config.arch, config.n_layers, tensors)
-        windows = [(ch.offset, ch.nbytes) for ch in build_manifest(g).layers]
+        manifest = build_manifest(g)
         glob_l = global_layout(tm.globals, tensors)
         layer_ls = [layer_layout(tm.layers[i], tensors, True) for i in range(config.n_layers)]
         scratch_b = scratch_nbytes(ops, config, [glob_l] + layer_ls, tensors, rows, HEAD_ROWS)
-        return cls(config, glob_l, layer_ls, tensors, windows, int(n_ctx), rows, HEAD_ROWS, scratch_b)
+        return cls(config, glob_l, layer_ls, tensors, manifest, int(n_ctx), rows, HEAD_ROWS, scratch_b)
 
     @property
     def n_layers(self) -> int:
         return len(self.layer_ls)
+
+    @property
+    def windows(self) -> list[tuple[int, int]]:
+        """(file offset, nbytes) of each layer's window."""
+        return [(ch.offset, ch.nbytes) for ch in self.manifest.layers]
 
     def kv_layer_bytes(self) -> int:
         """K and V of one layer (float16 (1, Hkv, n_ctx, D) each)."""
@@ -271,8 +276,9 @@ def place(fp: Footprint, vram_budget: int, settings: PlacementSettings | None = 
     if pool.total > budget:
         pool.check_budget(budget, "the forced placement")
     streamed = tuple(i for i in range(fp.n_layers) if i not in set(resident))
-    window_b = max((fp.windows[i][1] for i in streamed), default=0)
-    streamed_b = sum(fp.windows[i][1] for i in streamed)
+    windows = fp.windows
+    window_b = max((windows[i][1] for i in streamed), default=0)
+    streamed_b = sum(windows[i][1] for i in streamed)
     if s.ram_tier_bytes is not None:
         tier = int(s.ram_tier_bytes) if streamed else 0
     else:
@@ -288,7 +294,7 @@ def place(fp: Footprint, vram_budget: int, settings: PlacementSettings | None = 
         vram_bytes=pool.total, breakdown=pool.by_kind(), bytes_streamed_per_pass=per_pass,
         pcie_gbps=gbps, pcie_rate_measured=s.pcie_gbps is not None, pcie_bound_s=per_pass / (gbps * 1e9),
         host_buffers=s.slots + 2 if streamed else 0, host_buffer_bytes=window_b,
-        windows={i: fp.windows[i] for i in streamed},
+        windows={i: windows[i] for i in streamed},
         ram_tier_bytes=tier, host_kv_bytes=len(streamed) * fp.kv_layer_bytes() if shuttle else 0,
         pool=pool, footprint=fp)
 

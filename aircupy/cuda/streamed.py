@@ -33,7 +33,6 @@ class StreamedWeights:
         import cupy as cp
 
         from aircupy.cuda.load import pinned_alloc
-        from aircupy.stream.manifest import build_manifest
         from aircupy.stream.schedule import SlotSchedule
         from aircupy.stream.stager import Stager
         from aircupy.stream.streamer import LayerStreamer
@@ -49,7 +48,7 @@ class StreamedWeights:
                         for j in range(STAGING_BUFFERS)]
         self._staging_free = [None] * STAGING_BUFFERS   # repack-stream event: buffer j was read
         self._staging_next = 0
-        self._manifest = build_manifest(g)
+        self._manifest = fp.manifest
         self._vectors = self._pin_vectors(S)
         self._tables: dict = {}
         self.stager = Stager(g.path, n_buffers=placement.host_buffers,
