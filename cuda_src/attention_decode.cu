@@ -1,11 +1,14 @@
 // attention_decode.cu: grouped-query attention for a few query rows (decode).
 //
-// KV cache, per layer: ck, cv fp16 (n_seq, Hkv, n_ctx, hd) -- head-major, so one head's keys are one
-// contiguous run (coalesced, and the layout of reference/ops.attention's (Hkv, S, D) k/v). Rows are
-// written by rope.cu's rope_kv_store: row t at [seq[t], :, pos[t], :].
-// attn_decode_hd<HD>(q f32 (T, H, hd), ck, cv, pos, seq, part_o f32 (T, H, n_split, hd),
-//   part_ml f32 (T, H, n_split, 2), out f32 (T, H*hd), T, H, Hkv, n_ctx, n_split, min_chunk, scale,
-//   window, softcap): flash-decoding. Row t attends keys [lo, pos[t]] with lo = max(0, pos[t] + 1 -
+// KV cache, per layer: ck, cv fp16, slab (n_seq, Hkv, n_ctx, hd) or paged (num_blocks, Hkv, bs, hd)
+// with bs = n_ctx (common.cuh kv_row) -- head-major, so one head's keys are one contiguous run per
+// sequence or block (coalesced, and the layout of reference/ops.attention's (Hkv, S, D) k/v). Rows are
+// written by rope.cu's rope_kv_store. Row t reads sequence seq[t] (null: 0): in the paged layout its
+// block table is tables[seq[t] * max_blocks ...] (tables null: the slab layout).
+// attn_decode_hd<HD>(q f32 (T, H, hd), ck, cv, pos, seq, tables, part_o f32 (T, H, n_split, hd),
+//   part_ml f32 (T, H, n_split, 2), out f32 (T, H*hd), T, H, Hkv, n_ctx, max_blocks, n_split, min_chunk,
+//   scale, window, softcap): flash-decoding. Rows are independent: a batch's decode rows of different
+//   sequences and lengths go in one launch. Row t attends keys [lo, pos[t]] with lo = max(0, pos[t] + 1 -
 //   window) (window 0: lo = 0) of its sequence; that range is cut into chunks of ceil(n / n_split)
 //   keys rounded up to a multiple of min_chunk, so a short context uses few splits: `used` =
 //   ceil(n / chunk) (dec_range below, the same formula in both kernels). Blocks of splits >= used exit
@@ -46,9 +49,10 @@ __device__ __forceinline__ DecRange dec_range(const int* __restrict__ pos, int t
 template <int HD>
 __device__ __forceinline__ void attn_decode_impl(const float* __restrict__ q, const u16* __restrict__ ck,
                                                  const u16* __restrict__ cv, const int* __restrict__ pos,
-                                                 const int* __restrict__ seq, float* __restrict__ part_o,
-                                                 float* __restrict__ part_ml, float* __restrict__ out, int T,
-                                                 int H, int Hkv, int n_ctx, int n_split, int min_chunk,
+                                                 const int* __restrict__ seq, const int* __restrict__ tables,
+                                                 float* __restrict__ part_o, float* __restrict__ part_ml,
+                                                 float* __restrict__ out, int T, int H, int Hkv, int n_ctx,
+                                                 int max_blocks, int n_split, int min_chunk,
                                                  float scale, int window, float softcap) {
     constexpr int NP = HD / 2;             // dim pairs
     constexpr int NGRP = DEC_TK / NP;      // thread groups in P.V (each owns heads g = grp + NGRP*i)
@@ -67,8 +71,7 @@ __device__ __forceinline__ void attn_decode_impl(const float* __restrict__ q, co
     const int k0 = rg.lo + sp * rg.chunk, k1 = min(rg.len, k0 + rg.chunk);
     const int h0 = kvh * G + g0;  // first query head of this block
     const long sq = seq ? seq[t] : 0;
-    const u16* kb = ck + (sq * Hkv + kvh) * (long)n_ctx * HD;
-    const u16* vb = cv + (sq * Hkv + kvh) * (long)n_ctx * HD;
+    const int* tab = tables ? tables + sq * max_blocks : nullptr;
 
     // q is loaded into registers now and stored to shared memory with the first K/V tile, so its
     // global latency overlaps the tile's instead of costing a round of its own
@@ -98,8 +101,9 @@ __device__ __forceinline__ void attn_decode_impl(const float* __restrict__ q, co
             for (int u = 0; u < 8; ++u) {
                 const int i = base + u * DEC_TK, r = i / C8, c = i - r * C8;
                 const bool ok = i < TOT && r < nk;
-                kr[u] = ok ? __ldg(reinterpret_cast<const uint4*>(kb + (long)(kt + r) * HD) + c) : make_uint4(0, 0, 0, 0);
-                vr[u] = ok ? __ldg(reinterpret_cast<const uint4*>(vb + (long)(kt + r) * HD) + c) : make_uint4(0, 0, 0, 0);
+                const long row = ok ? kv_row(tab, sq, Hkv, kvh, n_ctx, kt + r) * HD : 0;
+                kr[u] = ok ? __ldg(reinterpret_cast<const uint4*>(ck + row) + c) : make_uint4(0, 0, 0, 0);
+                vr[u] = ok ? __ldg(reinterpret_cast<const uint4*>(cv + row) + c) : make_uint4(0, 0, 0, 0);
             }
 #pragma unroll
             for (int u = 0; u < 8; ++u) {
@@ -224,11 +228,11 @@ __device__ __forceinline__ void attn_decode_impl(const float* __restrict__ q, co
 
 #define ATTN_DECODE_KERNEL(HD)                                                                          \
     extern "C" __global__ void __launch_bounds__(DEC_TK) attn_decode_hd##HD(                            \
-        const float* q, const u16* ck, const u16* cv, const int* pos, const int* seq, float* part_o,   \
-        float* part_ml, float* out, int T, int H, int Hkv, int n_ctx, int n_split, int min_chunk,       \
-        float scale, int window, float softcap) {                                                       \
-        attn_decode_impl<HD>(q, ck, cv, pos, seq, part_o, part_ml, out, T, H, Hkv, n_ctx, n_split,       \
-                             min_chunk, scale, window, softcap);                                        \
+        const float* q, const u16* ck, const u16* cv, const int* pos, const int* seq, const int* tables, \
+        float* part_o, float* part_ml, float* out, int T, int H, int Hkv, int n_ctx, int max_blocks,     \
+        int n_split, int min_chunk, float scale, int window, float softcap) {                           \
+        attn_decode_impl<HD>(q, ck, cv, pos, seq, tables, part_o, part_ml, out, T, H, Hkv, n_ctx,       \
+                             max_blocks, n_split, min_chunk, scale, window, softcap);                   \
     }
 ATTN_DECODE_KERNEL(64)
 ATTN_DECODE_KERNEL(128)

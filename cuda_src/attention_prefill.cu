@@ -1,8 +1,9 @@
 // attention_prefill.cu: causal, tiled (flash-style) attention of many query rows on tensor cores.
 //
-// attn_prefill_hd<HD>(q f32 (T, H, HD), ck, cv fp16 (n_seq, Hkv, n_ctx, HD) (attention_decode.cu's
-//   cache layout; this step's keys already stored by kv_store), pos int32 (T,), seq int32 (T,) or null,
-//   out f32 (T, H*HD), T, H, Hkv, n_ctx, scale, window, softcap)
+// attn_prefill_hd<HD>(q f32 (T, H, HD), ck, cv fp16 slab or paged (attention_decode.cu's cache layouts,
+//   common.cuh kv_row; this step's keys already stored by rope_kv_store), pos int32 (T,), seq int32 (T,)
+//   or null, tables int32 (n_tables, max_blocks) or null (slab), out f32 (T, H*HD), T, H, Hkv, n_ctx,
+//   max_blocks, scale, window, softcap)
 // Row t attends cache keys j with j <= pos[t] and (window == 0 or pos[t] - j < window), so a prompt
 // chunk continuing an existing cache is just rows with larger positions. Rows of one block must share
 // one sequence (seq[t] of the block's first row is used): the launcher passes single-sequence prefill.
@@ -43,8 +44,9 @@ __device__ __forceinline__ void ldsm_x2_t(u32 addr, u32& r0, u32& r1) {
 template <int HD, int BK>
 __device__ __forceinline__ void attn_prefill_impl(const float* __restrict__ q, const u16* __restrict__ ck,
                                                   const u16* __restrict__ cv, const int* __restrict__ pos,
-                                                  const int* __restrict__ seq, float* __restrict__ out, int T,
-                                                  int H, int Hkv, int n_ctx, float scale, int window,
+                                                  const int* __restrict__ seq, const int* __restrict__ tables,
+                                                  float* __restrict__ out, int T, int H, int Hkv, int n_ctx,
+                                                  int max_blocks, float scale, int window,
                                                   float softcap) {
     constexpr int LD = HD + 8;  // smem row stride in halves (16-byte pad)
     extern __shared__ __align__(16) u16 smem[];
@@ -58,8 +60,7 @@ __device__ __forceinline__ void attn_prefill_impl(const float* __restrict__ q, c
     const int q0 = blockIdx.x * PF_BQ, h = blockIdx.y;
     const int kvh = h / (H / Hkv);
     const long sq = seq ? seq[q0] : 0;
-    const u16* kb = ck + (sq * Hkv + kvh) * (long)n_ctx * HD;
-    const u16* vb = cv + (sq * Hkv + kvh) * (long)n_ctx * HD;
+    const int* tab = tables ? tables + sq * max_blocks : nullptr;
 
     // Q tile -> fp16 shared memory (rows past T are zeros); key range of the block from its positions
     for (int i = tid; i < PF_BQ * HD / 2; i += blockDim.x) {
@@ -99,8 +100,9 @@ __device__ __forceinline__ void attn_prefill_impl(const float* __restrict__ q, c
             const int r = i / (HD / 8), c8 = i - r * (HD / 8);
             uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);
             if (kt + r < khi) {
-                kv = __ldg(reinterpret_cast<const uint4*>(kb + (long)(kt + r) * HD) + c8);
-                vv = __ldg(reinterpret_cast<const uint4*>(vb + (long)(kt + r) * HD) + c8);
+                const long row = kv_row(tab, sq, Hkv, kvh, n_ctx, kt + r) * HD;
+                kv = __ldg(reinterpret_cast<const uint4*>(ck + row) + c8);
+                vv = __ldg(reinterpret_cast<const uint4*>(cv + row) + c8);
             }
             *reinterpret_cast<uint4*>(Ks + r * LD + 8 * c8) = kv;
             *reinterpret_cast<uint4*>(Vs + r * LD + 8 * c8) = vv;
@@ -189,9 +191,11 @@ __device__ __forceinline__ void attn_prefill_impl(const float* __restrict__ q, c
 
 #define ATTN_PREFILL_KERNEL(HD, BK)                                                                    \
     extern "C" __global__ void __launch_bounds__(128) attn_prefill_hd##HD(                             \
-        const float* q, const u16* ck, const u16* cv, const int* pos, const int* seq, float* out, int T, \
-        int H, int Hkv, int n_ctx, float scale, int window, float softcap) {                           \
-        attn_prefill_impl<HD, BK>(q, ck, cv, pos, seq, out, T, H, Hkv, n_ctx, scale, window, softcap);  \
+        const float* q, const u16* ck, const u16* cv, const int* pos, const int* seq, const int* tables, \
+        float* out, int T, int H, int Hkv, int n_ctx, int max_blocks, float scale, int window,         \
+        float softcap) {                                                                               \
+        attn_prefill_impl<HD, BK>(q, ck, cv, pos, seq, tables, out, T, H, Hkv, n_ctx, max_blocks, scale, \
+                                  window, softcap);                                                    \
     }
 ATTN_PREFILL_KERNEL(64, 64)
 ATTN_PREFILL_KERNEL(128, 64)

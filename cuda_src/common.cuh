@@ -171,3 +171,15 @@ typedef FmtHalfT<true> FmtBF16;
 
 // One dequantized value, rounded as ggml does: (sc * q) then - mn, two roundings.
 __device__ __forceinline__ float dequant_value(float q, float sc, float mn) { return __fsub_rn(__fmul_rn(sc, q), mn); }
+
+// KV-cache addressing shared by rope_kv_store and the attention kernels. Per layer, fp16, either
+//   slab  (tab == null): (n_seq, Hkv, n_ctx, hd); sequence sq's key j at [sq, h, j, :]
+//   paged (tab != null): (num_blocks, Hkv, bs, hd), bs = the kernels' n_ctx argument, a power of two;
+//                        tab is the sequence's block table; key j at [tab[j / bs], h, j % bs, :]
+// (the numpy twin: reference/paged_kv.py's slot = block * bs + offset, head-major within a block).
+// Returns the row index; the caller multiplies by hd.
+__device__ __forceinline__ long kv_row(const int* __restrict__ tab, long sq, int Hkv, int kvh, int n_ctx, int j) {
+    if (!tab) return (sq * Hkv + kvh) * (long)n_ctx + j;
+    const int sh = __ffs(n_ctx) - 1;
+    return ((long)__ldg(tab + (j >> sh)) * Hkv + kvh) * (long)n_ctx + (j & (n_ctx - 1));
+}

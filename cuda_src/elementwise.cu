@@ -11,6 +11,8 @@
 //   block. F % 32 == 0. Grid cdiv(M*F/4, 256), 256 threads, 4 values per thread.
 // softcap(x, n, cap): x = cap * tanh(x / cap) in place (gemma-2 style logit capping).
 // add_bias(out f32 (M, N), bias f32 (N,), M, N): out[m, n] += bias[n] (the GEMM path's bias epilogue).
+// take_rows(src f32 (N, E), idx int32 (R,), out f32 (R, E), R, E): out[r] = src[idx[r]] (a batch
+//   step's logits rows gathered for the head; numpy: src[idx]).
 // Launch geometry: 1-D grid over elements, 256 threads.
 #include "common.cuh"
 #include "xquant.cuh"
@@ -54,4 +56,12 @@ extern "C" __global__ void softcap(float* x, long n, float cap) {
 extern "C" __global__ void add_bias(float* out, const float* __restrict__ bias, int M, int N) {
     const long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < (long)M * N) out[i] += bias[i % N];
+}
+
+extern "C" __global__ void take_rows(const float* __restrict__ src, const int* __restrict__ idx,
+                                     float* __restrict__ out, int R, int E) {
+    const long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long)R * E) return;
+    const long r = i / E, e = i - r * E;
+    out[i] = src[(long)idx[r] * E + e];
 }

@@ -17,10 +17,13 @@
 // Launch geometry: grid (T), block 256 (the launcher's); threads stride over H * rope_dim/2 pairs.
 // Positions are read from device memory, so a captured CUDA graph stays valid as they change.
 //
-// rope_kv_store(q f32 (T, H, hd), k f32 (T, Hkv, hd), v f32 (T, Hkv, hd), ck, cv fp16 (n_seq, Hkv,
-//   n_ctx, hd), pos, seq int32 (T,) or null, T, H, Hkv, hd, n_ctx, <rope args as above>): rotates q and
-//   k in place (the rotation above), then stores the rotated k and v of row t at [seq[t], :, pos[t], :]
-//   of the fp16 caches. One launch instead of three per layer.
+// rope_kv_store(q f32 (T, H, hd), k f32 (T, Hkv, hd), v f32 (T, Hkv, hd), ck, cv fp16, pos, seq int32
+//   (T,) or null, slots int32 (T,) or null, T, H, Hkv, hd, n_ctx, <rope args as above>): rotates q and k
+//   in place (the rotation above), then stores the rotated k and v of row t into the fp16 caches:
+//   slots null: slab (n_seq, Hkv, n_ctx, hd) at [seq[t], :, pos[t], :];
+//   slots given: paged (num_blocks, Hkv, bs, hd), bs = n_ctx (a power of two), at block slots[t] / bs,
+//   offset slots[t] % bs (common.cuh kv_row); a negative slot stores nothing (a padding row).
+//   One launch instead of three per layer.
 // Numpy reference: reference/ops.rope_angles + apply_rope; reference.rope_kv_store for the fusion.
 #include "common.cuh"
 
@@ -95,7 +98,8 @@ __device__ __forceinline__ void rope_rotate(float* x1, int H1, float* x2, int H2
 }
 
 extern "C" __global__ void rope_kv_store(float* q, float* k, const float* __restrict__ v, u16* ck, u16* cv,
-                                         const int* __restrict__ pos, const int* __restrict__ seq, int T, int H,
+                                         const int* __restrict__ pos, const int* __restrict__ seq,
+                                         const int* __restrict__ slots, int T, int H,
                                          int Hkv, int hd, int n_ctx, int rope_dim, float base, float freq_scale,
                                          const float* __restrict__ freq_factors, float ext_factor,
                                          float corr_low, float corr_high, float mscale, int neox) {
@@ -109,6 +113,9 @@ extern "C" __global__ void rope_kv_store(float* q, float* k, const float* __rest
     rope_rotate(q + (long)t * H * hd, H, kt, Hkv, hd, rope_dim >> 1, neox, cs);
     __syncthreads();  // the rotated k (written by other threads of this block) is read below
     const long s = seq ? seq[t] : 0;
+    const int slot = slots ? slots[t] : 0;
+    if (slot < 0) return;  // uniform over the block
+    const int sh = slots ? __ffs(n_ctx) - 1 : 0;
     const float* vt = v + (long)t * Hkv * hd;
     for (int e0 = 0; e0 < Hkv * hd; e0 += ROPE_B * blockDim.x) {  // loads first, then the stores
         float kv[ROPE_B][2];
@@ -122,7 +129,8 @@ extern "C" __global__ void rope_kv_store(float* q, float* k, const float* __rest
             const int e = e0 + u * blockDim.x + threadIdx.x;
             if (e < Hkv * hd) {
                 const int h = e / hd, d = e - h * hd;
-                const long dst = ((s * Hkv + h) * n_ctx + p) * hd + d;
+                const long dst = (slots ? (((long)(slot >> sh) * Hkv + h) * n_ctx + (slot & (n_ctx - 1)))
+                                        : ((s * Hkv + h) * n_ctx + p)) * hd + d;
                 ck[dst] = f2h(kv[u][0]);
                 cv[dst] = f2h(kv[u][1]);
             }

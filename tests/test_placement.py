@@ -64,14 +64,17 @@ def oracle_pool_bytes(fp: Footprint, resident, shuttle: bool, n_slots: int = 3) 
         raw = [256] + [fp.tensors[n].nbytes for i in streamed for p in fp.layer_ls[i].matrices()
                        if needs_repack(p.ggml_type) for n, _ in p.sources]
         total += 2 * _up(max(raw))
-    kv = 2 * Hkv * fp.n_ctx * D * 2                     # K and V of one layer, float16
+    kv = 2 * Hkv * fp.n_ctx * D * 2                     # K and V of one layer's slab, float16
     if shuttle and streamed:
         total += (_up(len(resident) * kv) if resident else 0) + slots * _up(kv)
-    else:
-        total += _up(len(fp.layer_ls) * kv)
+    else:                                               # the paged pool: 32-token blocks
+        tokens = -(-max(fp.n_ctx, fp.kv_tokens) // 32) * 32
+        total += _up(len(fp.layer_ls) * 2 * Hkv * tokens * D * 2)
     f32 = [rows * E] * 3 + [rows * (H + 2 * Hkv) * D, rows * H * D, rows * Hkv * D, rows * Hkv * D,
                             rows * H * D, rows * 2 * F, rows * F, hr * E, hr * V]
-    total += sum(_up(4 * n) for n in f32) + sum(_up(4 * n) for n in (rows, rows, hr, 8))
+    seqs, blocks = fp.max_seqs, -(-fp.n_ctx // 32)
+    step = 4 * rows + seqs * blocks + seqs * (1 + 2 + 4)  # per row 4 words; tables; per logits row 7
+    total += sum(_up(4 * n) for n in f32) + sum(_up(4 * n) for n in (rows, rows, max(hr, seqs), 8, step))
     return total + _up(fp.scratch_b)
 
 
@@ -81,6 +84,17 @@ def test_pool_bytes_equal_the_independent_computation(fp, long_ctx):
             for shuttle in (False, True):
                 res = resident_set(L, n)
                 assert f.pool_plan(res, shuttle, 3).total == oracle_pool_bytes(f, res, shuttle), (n, shuttle)
+
+
+def test_a_batching_pool_equals_the_independent_computation(fp):
+    """A paged pool of 1000 tokens (rounded up to 32-token blocks) and step buffers for 24 sequences."""
+    from dataclasses import replace
+    f = replace(fp, kv_tokens=1000, max_seqs=24)
+    assert f.kv_tokens == 1024 and f.max_blocks == 2
+    for n in (0, 5, L):
+        res = resident_set(L, n)
+        assert f.pool_plan(res, False, 3).total == oracle_pool_bytes(f, res, False), n
+    assert f.pool_plan(resident_set(L, L), False, 3).total > fp.pool_plan(resident_set(L, L), False, 3).total
 
 
 def test_a_planner_that_forgets_a_slot_fails_the_oracle(fp, monkeypatch):

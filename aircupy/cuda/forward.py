@@ -86,13 +86,16 @@ class ForwardPass:
             ops.rms_norm(lib, k2, L.k_norm, k2, c.rms_eps)
         base, scaling = self.rope[i]
         kc, vc = kv.layer(i)
+        slots, seq, tables = kv.addressing(pos)
         # rope(q), rope(k) and the KV-cache write of k, v: one launch (any T; q, k, v contiguous)
-        self.lay.rope_kv_store(lib, q, k, v, kc, vc, pos, base=base, mode=c.rope_type, rope_dim=c.rope_dim,
-                               scaling=scaling, freq_factors=self.g.rope_freqs)
+        self.lay.rope_kv_store(lib, q, k, v, kc, vc, pos, slots=slots, base=base, mode=c.rope_type,
+                               rope_dim=c.rope_dim, scaling=scaling, freq_factors=self.g.rope_freqs)
         a = b.attn[:T]
-        ops.attention(lib, q, kc, vc, pos, a, scale=float(c.attn_scale),
-                      window=int(c.layer_window(i) or 0), softcap=float(c.attn_softcap or 0.0),
-                      scratch=b.scratch)
+        for r0, r1, kernel in kv.segments(T):   # one launch, or a batch's decode rows and each prompt
+            ops.attention(lib, q[r0:r1], kc, vc, pos[r0:r1], a[r0:r1], scale=float(c.attn_scale),
+                          window=int(c.layer_window(i) or 0), softcap=float(c.attn_softcap or 0.0),
+                          seq=None if seq is None else seq[r0:r1], tables=tables, kernel=kernel,
+                          scratch=b.scratch)
         self._residual(a, L.wo, L.bo, L.post_attn_norm, T)
         if L.gate_up is not None and mv:
             gu = b.gu[:T]
@@ -126,23 +129,25 @@ class ForwardPass:
             self._linear(inp, w, tmp, bias=bias)
             self.ops.rms_norm_add(self.lib, tmp, post_norm, x, self.c.rms_eps)
 
-    def head(self, r0: int, r1: int):
-        """Logits of residual rows [r0, r1) (r1 - r0 <= HEAD_ROWS) into logits[:r1-r0]; returns them."""
+    def head(self, r0: int, r1: int, src=None):
+        """Logits of rows [r0, r1) (r1 - r0 <= HEAD_ROWS) of the residual (or of `src`, (rows, E))
+        into logits[:r1-r0]; returns them."""
         n = r1 - r0
+        x = (self.b.x if src is None else src)[r0:r1]
         hin, out = self.b.head_in[:n], self.b.logits[:n]
         w = self.g.output if self.g.output is not None else self.g.token_embd
         if n <= self.ops.MAX_MATVEC_ROWS:  # final norm fused into the head matvec
-            self.mm.matvec(self.lib, self.b.x[r0:r1], w, out, norm_w=self.g.output_norm, eps=self.c.rms_eps)
+            self.mm.matvec(self.lib, x, w, out, norm_w=self.g.output_norm, eps=self.c.rms_eps)
         else:
-            self.ops.rms_norm(self.lib, self.b.x[r0:r1], self.g.output_norm, hin, self.c.rms_eps)
+            self.ops.rms_norm(self.lib, x, self.g.output_norm, hin, self.c.rms_eps)
             self._linear(hin, w, out)
         if self.c.final_softcap:
             self.ops.softcap(self.lib, out, float(self.c.final_softcap))
         return out
 
     def run(self, ids, pos, T: int, kv) -> None:
-        """Embed T tokens and run every layer (their keys/values land in kv at pos; kv is a cache, or
-        with the KV shuttle the pass's PassKV). A layer's weights come from the weight source, which
+        """Embed T tokens and run every layer (their keys/values land in kv at pos; kv is a cache, a
+        batch step's StepKV, or with the KV shuttle the pass's PassKV: cuda/kv.py). A layer's weights come from the weight source, which
         for a streamed layer makes the compute stream wait for its slot's upload."""
         self.embed(ids, T)
         w = self.weights

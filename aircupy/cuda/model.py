@@ -4,6 +4,8 @@
     cache = model.new_cache(n_ctx)
     logits = model.forward(ids (T,), positions (T,), cache, all_logits=False)
     token = model.forward_sample(ids, positions, cache, model.new_sampler(params))   # only the id crosses
+    kv = model.new_kv_pool(**model.kv_spec())                   # continuous batching (cuda/batch.py)
+    ids, logits = model.forward_step_sample(step.arrays(), kv, samplers)
 
 One constructor for every VRAM budget. The placement planner decides which layers stay resident and
 where the KV cache lives; the model allocates that placement's pool (one allocation), loads the
@@ -17,9 +19,11 @@ graph (cuda/sampling.py), and so does a prefill chunk of T >= 2 tokens on that c
 captured graph (cuda/prefill.py). A streamed pass runs eagerly: a graph would bake in the slot a
 layer occupied at capture time and the host-side waits of the streamer.
 
-KV: in the pool for every layer, or with the KV shuttle (the placement's choice) for the resident
-layers only, a streamed layer's K/V living in pinned RAM and riding up with its layer
-(cuda/shuttle.py); every cache of a shuttled model runs eagerly and holds at most n_ctx tokens.
+KV: a paged block pool in the device pool for every layer (cuda/kv.py), shared by the batch steps'
+sequences and, through the identity block table, by the single-sequence start-up cache; or with the
+KV shuttle (the placement's choice) slabs for the resident layers only, a streamed layer's K/V living
+in pinned RAM and riding up with its layer (cuda/shuttle.py); every cache of a shuttled model runs
+eagerly and holds at most n_ctx tokens, and its batch steps hold one sequence (kv_spec()).
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ import numpy as np
 
 from aircupy.cuda.buffers import make_buffers
 from aircupy.cuda.forward import ForwardPass
-from aircupy.cuda.kv import CudaKVCache
+from aircupy.cuda.kv import KV_BLOCK, CudaKVCache, PagedKV
 from aircupy.cuda.load import load_blocks, plan_load, start_read_ahead
 from aircupy.cuda.placement import (ASSUMED_CONTEXT, HEAD_ROWS, POOL_MARGIN, CudaOptions, Footprint,
                                     effective_budget, plan_model, resident_set)
@@ -86,7 +90,7 @@ class CudaModel:
         if n_ctx < 1:
             raise InvalidParameterError("n_ctx", f"must be positive, got {n_ctx}")
         self.n_ctx, self.rows = int(n_ctx), int(o.prefill_rows)
-        self.fp = fp = Footprint.of(g, c, self.n_ctx, self.rows)
+        self.fp = fp = Footprint.of(g, c, self.n_ctx, self.rows, o.kv_tokens, o.max_seqs)
         _check_supported(c, [fp.glob_l] + fp.layer_ls)
         ram = available_ram()
         # The disk starts reading before the first CUDA call, in the order the load consumes the
@@ -139,7 +143,7 @@ class CudaModel:
         # compiles on this thread if that failed, raising the real error).
         self.lib.warmup_async()
         self.stream = cp.cuda.Stream(non_blocking=True)
-        self.buf = make_buffers(self.pool, c, self.rows, HEAD_ROWS)
+        self.buf = make_buffers(self.pool, c, self.rows, HEAD_ROWS, fp.max_seqs, fp.max_blocks)
         scratch = self.pool.array("scratch", p.pool.regions["scratch"].nbytes, np.uint8)
         _warm_cublas(self.lib, c, fp.layer_ls, scratch, self.stream)
         report("uploading weights to the GPU")
@@ -170,6 +174,8 @@ class CudaModel:
         self.fwd = ForwardPass(self.lib, c, self.glob, self.weights, self.buf)
         graphs = self.options.use_graphs and not p.streams
         self.sampling = DeviceSampling(self, use_graphs=graphs)
+        from aircupy.cuda.batch import StepRunner
+        self.batch = StepRunner(self, use_graphs=graphs)
         self.prefill_graphs = None
         if graphs and self.options.prefill_graph_slots > 0:
             self._enable_prefill_graphs(self.options.prefill_graph_slots)
@@ -191,10 +197,17 @@ class CudaModel:
     def _init_kv(self, p) -> None:
         """The start-up cache's arrays: every layer's K and V in the pool, or with the shuttle the
         resident layers' in the pool, the streamed layers' in pinned RAM, and the KV slots."""
+        import cupy as cp
         c, n = self.config, self.n_ctx
+        self.paged = None
+        self._kv_table = None
         if not p.shuttle:
-            kv = self.pool.array("kv", (2, c.n_layers, 1, c.n_head_kv, n, c.head_dim), np.float16)
+            nb = self.fp.kv_tokens // KV_BLOCK
+            kv = self.pool.array("kv", (2, c.n_layers, nb, c.n_head_kv, KV_BLOCK, c.head_dim), np.float16)
             self._kv_pool = (list(kv[0]), list(kv[1]))
+            self.paged = PagedKV(self._kv_pool[0], self._kv_pool[1], KV_BLOCK)
+            # the single-sequence caches read the pool through the identity table: position p at slot p
+            self._kv_table = cp.arange(self.fp.max_blocks, dtype=np.int32).reshape(1, -1)
             return
         from aircupy.cuda.shuttle import KVShuttle, cuda_copy_rows, pinned_f16
         per = c.n_head_kv * n * c.head_dim             # float16 elements of one K (or V)
@@ -222,13 +235,15 @@ class CudaModel:
         held = self._pool_cache() if self._pool_cache is not None else None
         if self.shuttle is None:
             if held is None and n_ctx <= self.n_ctx:
-                cache = CudaKVCache(*self._kv_pool, n_ctx, pooled=True)
+                cache = self.pooled_cache(n_ctx)
                 self._pool_cache = weakref.ref(cache)
                 return cache
-            shape = (c.n_layers, 1, c.n_head_kv, n_ctx, c.head_dim)
+            nb = -(-n_ctx // KV_BLOCK)
+            shape = (c.n_layers, nb, c.n_head_kv, KV_BLOCK, c.head_dim)
             k, v = cp.empty(shape, cp.float16), cp.empty(shape, cp.float16)
             self.extra_kv_bytes += 2 * k.nbytes
-            return CudaKVCache(list(k), list(v), n_ctx, pooled=False)
+            table = cp.arange(nb, dtype=np.int32).reshape(1, -1)
+            return CudaKVCache(list(k), list(v), n_ctx, pooled=False, table=table)
         from aircupy.cuda.shuttle import ShuttleKVCache, pinned_f16
         if n_ctx > self.n_ctx:
             raise InvalidParameterError("n_ctx", f"must be 1 .. {self.n_ctx} (the KV shuttle's slots "
@@ -253,13 +268,19 @@ class CudaModel:
             self._pool_cache = weakref.ref(cache)
         return cache
 
+    def pooled_cache(self, n_ctx: int | None = None) -> CudaKVCache:
+        """A single-sequence cache over the pooled KV (what the decode and prefill graphs capture);
+        without the shuttle it is the paged pool through the identity table, so it shares the blocks
+        of the batch steps' pool (a model runs one or the other)."""
+        return CudaKVCache(*self._kv_pool, n_ctx or self.n_ctx, pooled=True, table=self._kv_table)
+
     # -- prefill graphs ----------------------------------------------------------------------------
     def _enable_prefill_graphs(self, slots: int) -> None:
         """Pinned inputs of graphed prefill chunks: ids and positions (rows,) int32, copied to
         buf.ids / buf.pos by the pass itself (PinnedIO: memcpy nodes in the graph)."""
         from aircupy.cuda.graphs import PinnedIO
         self._prefill_in = (PinnedIO(self.buf.ids), PinnedIO(self.buf.pos))
-        self._prefill_kv = CudaKVCache(*self._kv_pool, self.n_ctx, pooled=True)  # the graphs' KV
+        self._prefill_kv = self.pooled_cache()  # the graphs' KV
         self.prefill_graphs = PrefillGraphs(self._prefill_pass, self.stream, full_rows=self.rows,
                                             output=self._prefill_output, capacity=slots)
 
@@ -357,6 +378,38 @@ class CudaModel:
         the id crosses to the host."""
         return self.sampling.forward_sample(token_ids, positions, cache, sampler)
 
+    # -- continuous batching (cuda/batch.py) ------------------------------------------------------
+    def kv_spec(self) -> dict:
+        """What the KV memory allows a scheduler: the paged pool's blocks and the step buffers'
+        sequences; with the KV shuttle one n_ctx-token block, one sequence at a time."""
+        if self.paged is None:
+            return dict(block_size=self.n_ctx, num_blocks=1, max_num_seqs=1)
+        return dict(block_size=KV_BLOCK, num_blocks=self.paged.num_blocks, max_num_seqs=self.fp.max_seqs)
+
+    def new_kv_pool(self, num_blocks: int, block_size: int):
+        """The pool for batch steps: the paged KV region (num_blocks <= kv_spec()'s, block_size its);
+        with the shuttle, a single-sequence cache the steps run on (cuda/batch.py ShuttleSteps)."""
+        spec = self.kv_spec()
+        if block_size != spec["block_size"] or not 1 <= num_blocks <= spec["num_blocks"]:
+            raise InvalidParameterError("kv", f"this model's KV holds {spec['num_blocks']} blocks of "
+                                              f"{spec['block_size']} tokens (kv_spec()), asked {num_blocks} "
+                                              f"of {block_size}")
+        if self.paged is None:
+            return self.new_cache(self.n_ctx)
+        return self.paged
+
+    def forward_step(self, arrays: dict, kv) -> np.ndarray:
+        """Logits (R, vocab) of the step's logits rows (engine/step.py), on the host."""
+        return self.forward_step_sample(arrays, kv, None)[1]
+
+    def forward_step_sample(self, arrays: dict, kv, samplers):
+        """Run a batch step; (ids int32 (R,), logits (R, vocab) | None): rows with a device sampler
+        (new_sampler) are sampled on the GPU, the others' logits come back (ids -1)."""
+        if self.paged is None:
+            from aircupy.cuda.batch import shuttle_step
+            return shuttle_step(self, arrays, kv, samplers)
+        return self.batch.run(arrays, kv, samplers)
+
     def stats(self) -> dict:
         """The placement, and the streaming figures (cumulative, and `last_pass`) when layers stream."""
         p = self.placement
@@ -375,7 +428,8 @@ class CudaModel:
         pre = "; " + self.prefill_graphs.report() if self.prefill_graphs is not None else ""
         head = f"{p.report()}{kv}; " if p.streams else ""
         held = f"; process holds {fmt_bytes(self.meter.held())} on the GPU ({self.meter.source})"
-        return head + self.pool.report() + held + extra + "; " + self.sampling.graph_report() + pre
+        return (head + self.pool.report() + held + extra + "; " + self.sampling.graph_report() + pre
+                + "; " + self.batch.report())
 
     def close(self) -> None:
         if self.warmer is not None:

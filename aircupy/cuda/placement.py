@@ -12,10 +12,13 @@ The pool (cuda/pool.py) holds, by region:
     streamed layers pass every forward pass (compute on one, upload of the next, prefetch);
   stream.staging0/1: two buffers of the largest raw tensor that needs a repack, used in turn (the copy
     stream DMAs the next tensor into one while the repack stream repacks the other into its slot);
-  kv: K and V (float16 (2, layers, 1, Hkv, n_ctx, D)) of every layer, or with the KV shuttle of the
-    resident layers only, plus stream.kvslot{j} (one K and V block per weight slot) through which the
-    streamed layers' KV, kept in pinned RAM, rides up with its layer (cuda/shuttle.py);
-  act.* and scratch: activations for `prefill_rows` rows and the one shared scratch (cuda/buffers.py).
+  kv: K and V of every layer as a paged block pool (float16 (2, layers, kv_tokens / KV_BLOCK, Hkv,
+    KV_BLOCK, D), cuda/kv.py), kv_tokens >= n_ctx tokens shared by every running sequence; or with the
+    KV shuttle one n_ctx-token slab (1, Hkv, n_ctx, D) per resident layer, plus stream.kvslot{j} (one K
+    and V slab per weight slot) through which the streamed layers' KV, kept in pinned RAM, rides up
+    with its layer (cuda/shuttle.py; one sequence at a time);
+  act.* and scratch: activations for `prefill_rows` rows, a batch step's inputs for `max_seqs`
+    sequences, and the one shared scratch (cuda/buffers.py).
 
 The rule: if everything fits, everything is resident. Otherwise, per KV placement (in VRAM, or
 shuttled), the most resident layers whose pool fits, spread evenly among the streamed ones
@@ -32,6 +35,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from aircupy.cuda.buffers import plan_buffers, scratch_nbytes
+from aircupy.cuda.kv import KV_BLOCK
 from aircupy.cuda.layout import global_layout, layer_layout, raw_nbytes
 from aircupy.cuda.pool import PoolPlan, fmt_bytes
 from aircupy.errors import AircupyError
@@ -85,10 +89,17 @@ class Footprint:
     rows: int = PREFILL_ROWS
     hr: int = HEAD_ROWS
     scratch_b: int = 0
+    kv_tokens: int = 0                   # the paged pool's tokens (0: n_ctx rounded up to KV_BLOCK)
+    max_seqs: int = 1                    # sequences a batch step may hold (step input buffers)
+
+    def __post_init__(self):
+        self.kv_tokens = -(-max(int(self.kv_tokens), self.n_ctx) // KV_BLOCK) * KV_BLOCK
 
     @classmethod
-    def of(cls, g, config, n_ctx: int, rows: int = PREFILL_ROWS) -> "Footprint":
-        """The footprint of an open GGUFFile's model at a context of n_ctx tokens."""
+    def of(cls, g, config, n_ctx: int, rows: int = PREFILL_ROWS, kv_tokens: int | None = None,
+           max_seqs: int = 1) -> "Footprint":
+        """The footprint of an open GGUFFile's model at a context of n_ctx tokens, with a paged KV
+        pool of kv_tokens (None: n_ctx) and batch steps of up to max_seqs sequences."""
         from aircupy.cuda import ops
         from aircupy.gguf.arch import tensor_map
         from aircupy.stream.manifest import build_manifest
@@ -98,7 +109,8 @@ class Footprint:
         glob_l = global_layout(tm.globals, tensors)
         layer_ls = [layer_layout(tm.layers[i], tensors, True) for i in range(config.n_layers)]
         scratch_b = scratch_nbytes(ops, config, [glob_l] + layer_ls, tensors, rows, HEAD_ROWS)
-        return cls(config, glob_l, layer_ls, tensors, manifest, int(n_ctx), rows, HEAD_ROWS, scratch_b)
+        return cls(config, glob_l, layer_ls, tensors, manifest, int(n_ctx), rows, HEAD_ROWS, scratch_b,
+                   int(kv_tokens or 0), max(1, int(max_seqs)))
 
     @property
     def n_layers(self) -> int:
@@ -110,9 +122,19 @@ class Footprint:
         return [(ch.offset, ch.nbytes) for ch in self.manifest.layers]
 
     def kv_layer_bytes(self) -> int:
-        """K and V of one layer (float16 (1, Hkv, n_ctx, D) each)."""
+        """K and V of one layer's n_ctx-token slab (float16 (1, Hkv, n_ctx, D) each): the shuttle's."""
         c = self.config
         return 2 * c.n_head_kv * self.n_ctx * c.head_dim * 2
+
+    def kv_pool_layer_bytes(self) -> int:
+        """K and V of one layer in the paged pool (kv_tokens tokens)."""
+        c = self.config
+        return 2 * c.n_head_kv * self.kv_tokens * c.head_dim * 2
+
+    @property
+    def max_blocks(self) -> int:
+        """Blocks of one sequence's table: n_ctx tokens at most."""
+        return -(-self.n_ctx // KV_BLOCK)
 
     def slot_bytes(self, streamed) -> int:
         return max((self.layer_ls[i].nbytes for i in streamed), default=0)
@@ -146,8 +168,8 @@ class Footprint:
             for j in range(slots):
                 plan.add(f"stream.kvslot{j}", kv_b, "kv")
         else:
-            plan.add("kv", self.n_layers * kv_b, "kv")
-        plan_buffers(plan, self.config, self.rows, self.hr)
+            plan.add("kv", self.n_layers * self.kv_pool_layer_bytes(), "kv")
+        plan_buffers(plan, self.config, self.rows, self.hr, self.max_seqs, self.max_blocks)
         plan.add("scratch", self.scratch_b, "scratch")
         return plan
 
@@ -169,8 +191,10 @@ class Placement:
     slots: int                       # device slots the streamed layers pass through (0: none stream)
     slot_bytes: int
     staging_bytes: int               # each of the STAGING_BUFFERS repack staging buffers
-    kv_placement: str                # "vram" | "shuttle"
-    kv_layer_bytes: int
+    kv_placement: str                # "vram" (paged pool) | "shuttle" (slabs, one sequence)
+    kv_layer_bytes: int              # one layer's K and V: the paged pool's, or the shuttle's slab
+    kv_tokens: int                   # tokens the KV holds (all sequences): the pool's, or n_ctx
+    max_seqs: int                    # sequences a step may batch (1 with the shuttle)
     vram_bytes: int                  # the pool's size
     breakdown: dict                  # pool bytes by kind (weights, kv, activations, scratch)
     bytes_streamed_per_pass: int     # at full context, shuttled KV included
@@ -290,7 +314,9 @@ def place(fp: Footprint, vram_budget: int, settings: PlacementSettings | None = 
         resident_layers=tuple(resident), streamed_layers=streamed,
         slots=min(s.slots, len(streamed)), slot_bytes=fp.slot_bytes(streamed),
         staging_bytes=fp.staging_bytes(streamed) if streamed else 0,
-        kv_placement="shuttle" if shuttle else "vram", kv_layer_bytes=fp.kv_layer_bytes(),
+        kv_placement="shuttle" if shuttle else "vram",
+        kv_layer_bytes=fp.kv_layer_bytes() if shuttle else fp.kv_pool_layer_bytes(),
+        kv_tokens=fp.n_ctx if shuttle else fp.kv_tokens, max_seqs=1 if shuttle else fp.max_seqs,
         vram_bytes=pool.total, breakdown=pool.by_kind(), bytes_streamed_per_pass=per_pass,
         pcie_gbps=gbps, pcie_rate_measured=s.pcie_gbps is not None, pcie_bound_s=per_pass / (gbps * 1e9),
         host_buffers=s.slots + 2 if streamed else 0, host_buffer_bytes=window_b,
@@ -305,6 +331,8 @@ class CudaOptions:
     use_graphs: bool = True            # replay decode steps and prefill chunks as CUDA graphs
     prefill_rows: int = PREFILL_ROWS   # tokens per prefill pass
     prefill_graph_slots: int = 4       # prefill graphs kept (one per chunk length), 0: none
+    kv_tokens: int | None = None       # the paged KV pool's tokens, all sequences (None: n_ctx)
+    max_seqs: int = 1                  # sequences one batch step may hold
     slots: int = 3                     # streaming slots
     n_resident: int | None = None      # force the resident layer count (spread); the pool must fit
     kv_shuttle: bool | None = None     # force the KV shuttle on or off
@@ -331,7 +359,7 @@ def plan_model(g, config, n_ctx: int, vram_budget: int, options: CudaOptions | N
     --vram-budget` prints it. footprint: Footprint.of(g, config, n_ctx, options.prefill_rows) when
     the caller has it already. outside_bytes: the part of the budget held outside the pool."""
     o = options or CudaOptions()
-    fp = footprint or Footprint.of(g, config, n_ctx, o.prefill_rows)
+    fp = footprint or Footprint.of(g, config, n_ctx, o.prefill_rows, o.kv_tokens, o.max_seqs)
     return place(fp, vram_budget, placement_settings(o, host_ram_bytes, pcie_gbps, outside_bytes))
 
 

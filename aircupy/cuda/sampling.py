@@ -47,14 +47,13 @@ class DeviceSampler:
 
 class DeviceSampling:
     def __init__(self, model, use_graphs: bool):
-        from aircupy.cuda.kv import CudaKVCache
         self.m = model
         b = model.buf
         self.io = PinnedIO(b.io)
         self.logits_out = PinnedIO(b.logits[:1])
         self.token_out = PinnedIO(b.token[:1])
         # The pooled KV views, for the graphs (any cache object holding the pool has the same ones).
-        self.pool_kv = CudaKVCache(*model._kv_pool, model.n_ctx, pooled=True)
+        self.pool_kv = model.pooled_cache()
         self.g_logits = StepGraph(self._step_logits, model.stream, use_graphs)
         self.g_sample = StepGraph(self._step_sample, model.stream, use_graphs)
 

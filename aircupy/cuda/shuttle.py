@@ -101,6 +101,12 @@ class PassKV:
             return self.cache.layer(i)
         return self.sh.views(self._slot[i], self.cache.n_alloc)
 
+    def addressing(self, pos):
+        return None, None, None          # slab layout (cuda/kv.py)
+
+    def segments(self, T: int):
+        return ((0, T, None),)
+
     def up(self, layer: int, slot: int, stream) -> int:
         """Enqueue on `stream` the upload of rows [0, pos0) of `layer` into KV slot `slot`; bytes."""
         sh, c, p0 = self.sh, self.cache, self.pos0

@@ -1,8 +1,13 @@
 """Typed launchers of the per-layer kernels: RMSNorm (+ residual fusions), RoPE, GLU, KV cache, attention.
 
-All activations are fp32 (Gemma3's residual stream overflows fp16); the KV cache is fp16, per layer
-(n_seq, Hkv, n_ctx, hd) -- a 3-D (Hkv, n_ctx, hd) cache is one sequence. Dynamic values (positions,
-hence the attention length) are read from device memory, so a captured decode graph stays valid.
+All activations are fp32 (Gemma3's residual stream overflows fp16); the KV cache is fp16, per layer,
+in one of two layouts (cuda_src/common.cuh kv_row):
+  slab  (n_seq, Hkv, n_ctx, hd) -- a 3-D (Hkv, n_ctx, hd) cache is one sequence; row t is sequence seq[t];
+  paged (num_blocks, Hkv, bs, hd), bs a power of two, with `tables` int32 (n_tables, max_blocks): row t
+        reads the blocks of table seq[t] (seq None: table 0), and rope_kv_store writes row t at
+        `slots[t]` = block * bs + offset (engine/blocks.py's slot ids; negative: not stored).
+Dynamic values (positions, slots, tables, hence the attention length) are read from device memory, so a
+captured graph stays valid as they change.
 """
 from __future__ import annotations
 
@@ -80,11 +85,13 @@ def _rope_scalars(hd: int, *, base: float, mode: str, rope_dim: int | None, freq
             np.int32(1 if mode == "neox" else 0))
 
 
-def rope_kv_store(lib, q, k, v, ck, cv, pos, seq=None, *, base: float, mode: str, rope_dim: int | None = None,
-                  freq_scale: float = 1.0, freq_factors=None, scaling=None, stream=None) -> None:
-    """Rotate q and k in place and store k, v into the caches at [seq[t], :, pos[t]], in one
-    launch: q (T, H, hd), k and v (T, Hkv, hd) fp32, caches fp16 (n_seq, Hkv, n_ctx, hd) or
-    (Hkv, n_ctx, hd). Numpy twin: reference/ops.rope_kv_store."""
+def rope_kv_store(lib, q, k, v, ck, cv, pos, seq=None, *, slots=None, base: float, mode: str,
+                  rope_dim: int | None = None, freq_scale: float = 1.0, freq_factors=None, scaling=None,
+                  stream=None) -> None:
+    """Rotate q and k in place and store k, v into the caches, in one launch: q (T, H, hd), k and v
+    (T, Hkv, hd) fp32; slab caches fp16 (n_seq, Hkv, n_ctx, hd) or (Hkv, n_ctx, hd) at [seq[t], :,
+    pos[t]]; or with `slots` int32 (T,) paged caches (num_blocks, Hkv, bs, hd) at slot slots[t]
+    (negative: skipped). Numpy twins: reference/ops.rope_kv_store, reference/paged_kv.PagedKVCache.write."""
     ns, hkv, n_ctx, hd = _cache_dims(ck, "cache_k")
     if _cache_dims(cv, "cache_v") != (ns, hkv, n_ctx, hd):
         raise ValueError("cache_k and cache_v differ in shape")
@@ -97,10 +104,14 @@ def rope_kv_store(lib, q, k, v, ck, cv, pos, seq=None, *, base: float, mode: str
     check(pos, np.int32, (t,), "pos")
     if seq is not None:
         check(seq, np.int32, (t,), "seq")
+    if slots is not None:
+        check(slots, np.int32, (t,), "slots")
+        _check_block_size(n_ctx)
     sc = _rope_scalars(hd, base=base, mode=mode, rope_dim=rope_dim, freq_scale=freq_scale,
                        freq_factors=freq_factors, scaling=scaling)
     launch(lib.fn("rope_kv_store"), (t,), (256,),
-           (q, k, v, ck, cv, pos, NULL if seq is None else seq, np.int32(t), np.int32(h), np.int32(hkv),
+           (q, k, v, ck, cv, pos, NULL if seq is None else seq, NULL if slots is None else slots,
+            np.int32(t), np.int32(h), np.int32(hkv),
             np.int32(hd), np.int32(n_ctx)) + sc, stream)
 
 
@@ -157,6 +168,16 @@ def softcap(lib, x, cap: float, *, stream=None) -> None:
     launch(lib.fn("softcap"), (cdiv(x.size, 256),), (256,), (x, np.int64(x.size), np.float32(cap)), stream)
 
 
+def take_rows(lib, src, idx, out, *, stream=None) -> None:
+    """out (R, E) = src[idx] for src fp32 (N, E), idx int32 (R,) in [0, N) (not checked: device data)."""
+    check(src, np.float32, None, "src")
+    n, e = (int(s) for s in src.shape)
+    r = int(idx.shape[0])
+    check(idx, np.int32, (r,), "idx")
+    check(out, np.float32, (r, e), "out")
+    launch(lib.fn("take_rows"), (cdiv(r * e, 256),), (256,), (src, idx, out, np.int32(r), np.int32(e)), stream)
+
+
 def _cache_dims(c, name: str) -> tuple[int, int, int, int]:
     check(c, np.float16, None, name)
     if c.ndim == 3:
@@ -164,6 +185,22 @@ def _cache_dims(c, name: str) -> tuple[int, int, int, int]:
     if c.ndim != 4:
         raise ValueError(f"{name}: expected (n_seq, Hkv, n_ctx, hd) or (Hkv, n_ctx, hd), got {c.shape}")
     return tuple(int(s) for s in c.shape)
+
+
+def _check_block_size(bs: int) -> None:
+    if bs < 1 or bs & (bs - 1):
+        raise ValueError(f"a paged cache's block size must be a power of two, got {bs}")
+
+
+def _tables(tables, seq, t: int, bs: int):
+    """(tables arg, max_blocks) after checking a paged launch's block tables."""
+    if tables is None:
+        return NULL, 0
+    check(tables, np.int32, None, "tables")
+    if tables.ndim != 2 or not tables.flags.c_contiguous:
+        raise ValueError(f"tables: expected a contiguous (n_tables, max_blocks) int32 array, got {tables.shape}")
+    _check_block_size(bs)
+    return tables, int(tables.shape[1])
 
 
 def _decode_smem(hd: int) -> int:
@@ -178,23 +215,32 @@ def decode_splits(lib, t: int, h: int, hkv: int, hd: int = 128) -> int:
     ngrp = cdiv(h // hkv, 8)
     per_sm = (getattr(lib, "max_smem_optin", 232448) + 1024) // (_decode_smem(hd) + 9 * 1024)  # + static
     per_sm = max(1, min(4, per_sm))
-    return max(1, min(MAX_SPLITS, per_sm * lib.n_sm // (hkv * ngrp * t)))
+    splits = min(MAX_SPLITS, per_sm * lib.n_sm // (hkv * ngrp * t), DECODE_PARTIAL_ROWS // t)
+    return max(1, splits)
+
+
+# rows x splits of decode partials the scratch holds: t <= 8 rows keep every split they had; a batch's
+# many decode rows split less (their rows alone fill the GPU)
+DECODE_PARTIAL_ROWS = DECODE_MAX_ROWS * MAX_SPLITS
 
 
 def attention_scratch_nbytes(t_max: int, h: int, hd: int) -> int:
-    """Scratch bytes `attention` needs (decode rows only; prefill needs none)."""
-    t = min(int(t_max), DECODE_MAX_ROWS)
-    return t * h * MAX_SPLITS * (hd + 2) * 4
+    """Scratch bytes `attention` needs for up to t_max decode-kernel rows (prefill needs none):
+    rows x splits <= max(DECODE_PARTIAL_ROWS, t_max) (decode_splits)."""
+    return max(DECODE_PARTIAL_ROWS, int(t_max)) * h * (hd + 2) * 4
 
 
 def attention(lib, q, ck, cv, pos, out, *, scale: float, window: int = 0, softcap: float = 0.0, seq=None,
-              scratch=None, min_chunk: int = MIN_CHUNK, stream=None) -> None:
+              tables=None, scratch=None, min_chunk: int = MIN_CHUNK, kernel: str | None = None,
+              stream=None) -> None:
     """Causal grouped-query attention of q (T, H, hd) fp32 over the cache; out (T, H*hd) fp32.
 
     Row t attends keys [max(0, pos[t] + 1 - window), pos[t]] (window 0: from 0) of sequence seq[t]
-    (None: 0); this step's keys must already be stored (kv_store). T <= 8: split-KV decode kernel, needs
-    `scratch` (uint8, attention_scratch_nbytes); min_chunk: keys per split are a multiple of it (a
-    tuning knob: any value >= 1 gives the same result). T > 8: tiled tensor-core kernel, one sequence."""
+    (None: 0; with `tables`, the paged cache's block table seq[t]); this step's keys must already be
+    stored (rope_kv_store). kernel "decode": split-KV decode kernel, rows independent (a batch's decode
+    rows, any T), needs `scratch` (uint8, attention_scratch_nbytes); min_chunk: keys per split are a
+    multiple of it (a tuning knob: any value >= 1 gives the same result). "prefill": tiled tensor-core
+    kernel, every row of one sequence. None: decode for T <= 8, else prefill."""
     ns, hkv, n_ctx, hd = _cache_dims(ck, "cache_k")
     _cache_dims(cv, "cache_v")
     check(q, np.float32, None, "q")
@@ -210,12 +256,18 @@ def attention(lib, q, ck, cv, pos, out, *, scale: float, window: int = 0, softca
     seq_arg = NULL if seq is None else seq
     if seq is not None:
         check(seq, np.int32, (t,), "seq")
-    common = (np.int32(t), np.int32(h), np.int32(hkv), np.int32(n_ctx))
-    if t > DECODE_MAX_ROWS:
+    tab, max_blocks = _tables(tables, seq, t, n_ctx)
+    common = (np.int32(t), np.int32(h), np.int32(hkv), np.int32(n_ctx), np.int32(max_blocks))
+    kernel = kernel or ("prefill" if t > DECODE_MAX_ROWS else "decode")
+    if kernel not in ("decode", "prefill"):
+        raise ValueError(f"kernel {kernel!r}: 'decode' or 'prefill'")
+    if t == 0:
+        return
+    if kernel == "prefill":
         bk = 32 if hd == 256 else 64
         smem = (64 + 2 * bk) * (hd + 8) * 2
         launch(lib.fn(f"attn_prefill_hd{hd}", smem), (cdiv(t, 64), h), (128,),
-               (q, ck, cv, pos, seq_arg, out) + common + (np.float32(scale), np.int32(window), np.float32(softcap)),
+               (q, ck, cv, pos, seq_arg, tab, out) + common + (np.float32(scale), np.int32(window), np.float32(softcap)),
                stream, shared_mem=smem)
         return
     ns_ = decode_splits(lib, t, h, hkv, hd)
@@ -229,7 +281,7 @@ def attention(lib, q, ck, cv, pos, out, *, scale: float, window: int = 0, softca
     ngrp = cdiv(h // hkv, 8)
     smem = _decode_smem(hd)
     launch(lib.fn(f"attn_decode_hd{hd}", smem), (hkv * ngrp, ns_, t), (128,),
-           (q, ck, cv, pos, seq_arg, part_o, part_ml, out) + common +
+           (q, ck, cv, pos, seq_arg, tab, part_o, part_ml, out) + common +
            (np.int32(ns_), np.int32(min_chunk), np.float32(scale), np.int32(window), np.float32(softcap)),
            stream, shared_mem=smem)
     # combine: one thread per split for the weights (blockDim >= MAX_SPLITS), then over dims
