@@ -69,6 +69,8 @@ if [ "$stage" = b3 ]; then
   for i in $(seq 40); do [ -f $S/llama3-8b-Q4_0.gguf ] && ! pgrep -f "aircupy synth" >/dev/null && break; sleep 5; done
   timeout 240 python3 -m bench.bench_batch --model $S/llama3-8b-Q4_0.gguf --streams 1 8 32 64 \
     --tokens 128 --prompt 32 --n-ctx 1024 --json "$OUT/batch_8b.jsonl" 2>&1 | tee $L/batch_8b.log | tail -7
+  for i in $(seq 70); do [ -x $B/llama-batched-bench ] && break; sleep 5; done
   peer $S/llama3-8b-Q4_0.gguf 1,8,32,64 8b
+  peer /root/stage/model.gguf 1,8,32,64,128 smollm2
   exit 0
 fi
