@@ -6,7 +6,9 @@
 #      the background; the GPU tier minus the tests on the real SmolLM2 (summary -> $OUT/gpu_tier.txt).
 #   b2 (carry .device/stage/part.01): join SmolLM2, its GPU tests (batch steps included), then
 #      bench_batch on SmolLM2 and llama-batched-bench on the same file at the same parallel counts.
-#   b3: bench_batch and llama-batched-bench on the 8B Q4_0; the 8B single-sequence bench row.
+#   b3: bench_batch and llama-batched-bench on the 8B Q4_0 and SmolLM2.
+#   ab (carry .device/whl .device/COMMIT; a fresh machine): the 8B's batched decode with the small-M
+#      matmul path of gemm_choice (split-K gemm_q) against dequant + cuBLAS, and the gemm_q GPU tests.
 # usage (repo root, on the GPU host): bash bench/device_batch.sh b1|b2|b3
 set -uo pipefail
 stage=${1:?usage: device_batch.sh b1|b2|b3}
@@ -62,6 +64,21 @@ if [ "$stage" = b2 ]; then
   timeout 200 python3 -m bench.bench_batch --model /root/stage/model.gguf --streams 1 8 32 64 128 \
     --tokens 128 --prompt 32 --n-ctx 1024 --json "$OUT/batch_smollm2.jsonl" 2>&1 | tee $L/batch_smol.log | tail -9
   peer /root/stage/model.gguf 1,8,32,64,128 smollm2
+  exit 0
+fi
+
+if [ "$stage" = ab ]; then
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .device/whl/*.whl
+  python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null || echo "pip -e failed"
+  python3 -m aircupy synth $S/llama3-8b-Q4_0.gguf --arch llama3-8b --type Q4_0 > $L/synth.log 2>&1
+  timeout 150 python3 -m pytest -q -rfE --tb=short -m gpu tests/gpu/test_gemm_q.py tests/gpu/test_paged.py \
+    -p no:cacheprovider 2>&1 | tee $L/gpu_gemm.log | grep -E "passed|failed|FAILED|ERROR|Error" | tail -12
+  summary $L/gpu_gemm.log gpu_gemm_q.txt
+  for path in fused_sk cublas; do
+    AIRCUPY_SMALL_M_PATH=$path timeout 200 python3 -m bench.bench_batch --model $S/llama3-8b-Q4_0.gguf \
+      --streams 1 8 16 32 64 --tokens 128 --prompt 32 --n-ctx 1024 --json "$OUT/batch_8b_$path.jsonl" 2>&1 \
+      | tee $L/batch_8b_$path.log | grep -E "^streams|batch steps"
+  done
   exit 0
 fi
 

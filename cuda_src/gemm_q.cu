@@ -2,14 +2,20 @@
 // out[m, n] (+)= sum_k x[m, k] * W[n, k] (+ bias[n]) for any M >= 1 (the alternative to dequant.cu's
 // whole-tensor dequant into an fp16 scratch + cuBLAS GemmEx; ops/cuda_matmul.linear picks per shape).
 //
-// gemm_q_<type>_<h>_bm<BM>(body, head, x, out f32 (M, N), bias f32 (N,) or null, M, N, K, acc, xh)
+// gemm_q_<type>_<h>_bm<BM>(body, head, x, out f32 (M, N), bias f32 (N,) or null, M, N, K, acc, xh, part)
 //   type: the formats whose 32-value items tile a row in order (blocks.cuh: legacy q4_0 q4_1 q5_0 q5_1
 //   q8_0, and q4_k q5_k, whose items 2g and 2g+1 cover values [64g, 64g+64) of a block); h: f16 | bf16,
 //   the mma operand type (bf16 where activations may pass 65504). K % 32 == 0 (K % 256 for K-quants).
 //   acc != 0 adds into out (residual epilogue), then bias is added: out = out + x W^T + bias.
 //   x (M, K) row-major: fp32 (xh = 0, rounded to <h> while staged), or already <h> (xh = 1: u16 bits,
 //   e.g. cast_half's output; half the bytes per re-read: x is read once per 128-column block).
-// Launch geometry: grid (ceil(N / 128), ceil(M / BM)), block 256 threads = 8 warps, dynamic shared memory
+// Split-K (part != null, grid z = splits > 1): split z runs K tiles [z*per, (z+1)*per), per =
+//   ceil(ceil(K/64) / splits), and writes its plain sums to part f32 (splits, M, N) (a split with no
+//   tile writes zeros); gemm_q_reduce then adds the splits in order (deterministic) with acc and bias:
+//   out = (acc ? out : 0) + sum_z part[z] + bias. For few rows (a batch's decode rows) the grid of
+//   ceil(N/128) blocks alone leaves most SMs idle.
+// gemm_q_reduce(part, out, bias or null, M, N, splits, acc): one thread per output element.
+// Launch geometry: grid (ceil(N / 128), ceil(M / BM), splits), block 256 threads = 8 warps, dynamic shared memory
 //   gq_smem_bytes(BM) = 2 stages * (128 + BM) rows * 72 halves * 2 B (55 KB for BM 64, 74 KB for 128).
 //   __launch_bounds__(256, 2): two blocks per SM (<= 128 registers; BM 128 alone would take ~168 and
 //   run one block), so one block's dequant phase overlaps the other's mma phase (each block separates
@@ -130,7 +136,7 @@ template <class F, int BM, bool BF>
 __device__ __forceinline__ void gemm_q_impl(const u8* __restrict__ body, const u8* __restrict__ head,
                                             const void* __restrict__ x, float* __restrict__ out,
                                             const float* __restrict__ bias, int M, int N, int K, int acc,
-                                            int xh) {
+                                            int xh, float* __restrict__ part) {
     static_assert(F::IPB * 32 == F::BE && F::NSEG == 2, "items must be 32 consecutive-in-order values");
     static_assert(BM == 64 || BM == 128, "BM is 64 or 128");
     constexpr int WM = BM / 32, WN = 8 / WM;  // warp grid
@@ -142,7 +148,9 @@ __device__ __forceinline__ void gemm_q_impl(const u8* __restrict__ body, const u
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int wm = warp / WN, wn = warp - wm * WN;
     const int n0 = blockIdx.x * GQ_BN, m0 = blockIdx.y * BM;
-    const int nk = (K + GQ_KT - 1) / GQ_KT;
+    const int nk_all = (K + GQ_KT - 1) / GQ_KT;
+    const int per = (nk_all + gridDim.z - 1) / gridDim.z;
+    const int kt0 = min(nk_all, (int)blockIdx.z * per), nk = min(nk_all, kt0 + per);
 
     float c[2][NT][4];
 #pragma unroll
@@ -151,12 +159,14 @@ __device__ __forceinline__ void gemm_q_impl(const u8* __restrict__ body, const u
         for (int j = 0; j < NT; ++j) c[i][j][0] = c[i][j][1] = c[i][j][2] = c[i][j][3] = 0.f;
 
     GqStage<F, BM> st;
-    gq_load<F, BM>(st, body, head, x, xh, M, N, K, m0, n0, 0);
-    gq_store<F, BM, BF>(st, gq_smem, gq_smem + GQ_BN * GQ_LD, xh, 0);
+    if (kt0 < nk) {
+        gq_load<F, BM>(st, body, head, x, xh, M, N, K, m0, n0, kt0 * GQ_KT);
+        gq_store<F, BM, BF>(st, gq_smem, gq_smem + GQ_BN * GQ_LD, xh, kt0 * GQ_KT);
+    }
     __syncthreads();
 
-    for (int kt = 0; kt < nk; ++kt) {
-        const int b = kt & 1;
+    for (int kt = kt0; kt < nk; ++kt) {
+        const int b = (kt - kt0) & 1;
         if (kt + 1 < nk) gq_load<F, BM>(st, body, head, x, xh, M, N, K, m0, n0, (kt + 1) * GQ_KT);
         const u32 wa = sbase + 2 * b * STAGE, xa = wa + 2 * GQ_BN * GQ_LD;
 #pragma unroll
@@ -196,7 +206,9 @@ __device__ __forceinline__ void gemm_q_impl(const u8* __restrict__ body, const u
             for (int e = 0; e < 4; ++e) {
                 const int r = m0 + wm * 32 + mt * 16 + g + 8 * (e >> 1);
                 const int col = n0 + wn * WNC + nt * 8 + 2 * cq + (e & 1);
-                if (r < M && col < N) {
+                if (r < M && col < N && part) {
+                    part[((long)blockIdx.z * M + r) * N + col] = c[mt][nt][e];
+                } else if (r < M && col < N) {
                     float* o = out + (long)r * N + col;
                     float v = c[mt][nt][e];
                     if (acc) v = *o + v;
@@ -209,8 +221,8 @@ __device__ __forceinline__ void gemm_q_impl(const u8* __restrict__ body, const u
 #define GEMM_Q_KERNEL(name, Fmt, hname, BF, BM)                                                        \
     extern "C" __global__ void __launch_bounds__(256, 2) gemm_q_##name##_##hname##_bm##BM(                \
         const u8* body, const u8* head, const void* x, float* out, const float* bias, int M, int N,     \
-        int K, int acc, int xh) {                                                                       \
-        gemm_q_impl<Fmt, BM, BF>(body, head, x, out, bias, M, N, K, acc, xh);                           \
+        int K, int acc, int xh, float* part) {                                                          \
+        gemm_q_impl<Fmt, BM, BF>(body, head, x, out, bias, M, N, K, acc, xh, part);                     \
     }
 #define GEMM_Q_KERNELS(name, Fmt)                                                                      \
     GEMM_Q_KERNEL(name, Fmt, f16, false, 64) GEMM_Q_KERNEL(name, Fmt, f16, false, 128)                \
@@ -220,3 +232,16 @@ __device__ __forceinline__ void gemm_q_impl(const u8* __restrict__ body, const u
     X(q4_0, FmtQ4_0) X(q4_1, FmtQ4_1) X(q5_0, FmtQ5_0) X(q5_1, FmtQ5_1) X(q8_0, FmtQ8_0) X(q4_k, FmtQ4_K) \
     X(q5_k, FmtQ5_K)
 FOR_EACH_GEMM_Q_FORMAT(GEMM_Q_KERNELS)
+
+extern "C" __global__ void gemm_q_reduce(const float* __restrict__ part, float* __restrict__ out,
+                                         const float* __restrict__ bias, int M, int N, int splits, int acc) {
+    const long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    const long mn = (long)M * N;
+    if (i >= mn) return;
+    float v = acc ? out[i] : 0.f;
+    float s = 0.f;
+    for (int z = 0; z < splits; ++z) s += part[z * mn + i];
+    v += s;
+    if (bias) v += bias[i % N];
+    out[i] = v;
+}

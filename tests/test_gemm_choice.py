@@ -24,9 +24,18 @@ def test_m_buckets():
 
 
 def test_empty_table_means_cublas_everywhere():
+    """Above a batch's decode rows (SMALL_M) an empty table means cuBLAS; at or below it, split-K
+    gemm_q for the types it has, cuBLAS for the others, and the environment's choice when set."""
     for t in ("Q4_0", "Q8_0", "Q4_K", "Q6_K", "F16"):
-        for m in (9, 512, 2048):
+        for m in (65, 512, 2048):
             assert gc.prefill_path(t, 4096, 4096, m, {}) == "cublas"
+        want = "fused_sk" if t in gc.GEMM_Q_TYPES else "cublas"
+        assert gc.prefill_path(t, 4096, 4096, 9, {}) == gc.prefill_path(t, 4096, 4096, 64, {}) == want
+
+
+def test_small_m_path_from_the_environment(monkeypatch):
+    monkeypatch.setenv(gc.SMALL_M_ENV, "cublas")
+    assert gc.prefill_path("Q4_0", 4096, 4096, 32) == "cublas"
     with pytest.raises(TypeError):
         gc.FAST_PATHS[("Q4_0", 1, 32, 32)] = "fused"  # read-only: no module-level mutable state
 

@@ -114,6 +114,24 @@ def test_gemm_q_accumulate_and_bias(lib, t, m):
     _check(cp.asnumpy(out), x, ref, "f16", base=base.astype(np.float64), bias=bias.astype(np.float64))
 
 
+@pytest.mark.parametrize("t", [GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0, GGMLType.Q4_K, GGMLType.Q5_K],
+                         ids=lambda t: t.name)
+@pytest.mark.parametrize("m,splits", [(9, 2), (33, 8), (64, 5), (17, 64)])
+def test_gemm_q_split_k(lib, t, m, splits):
+    """Split over K into partials, then the ordered reduction with the residual and the bias: the
+    numpy result; more splits than K tiles leave empty splits, which must add zeros."""
+    rng = np.random.default_rng(m + splits)
+    n, k = 197, 2304 if t in KQ else 4128
+    w, ref = _upload(lib, t, n, k, seed=5)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    base = rng.standard_normal((m, n)).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32)
+    out = cp.asarray(base)
+    part = poison(cp, (ops.gemm_q_part_nbytes(m, n, splits),), np.uint8)
+    ops.gemm_q(lib, cp.asarray(x), w, out, accumulate=True, bias=cp.asarray(bias), splits=splits, part=part)
+    _check(cp.asnumpy(out), x, ref, "f16", base=base.astype(np.float64), bias=bias.astype(np.float64))
+
+
 def test_gemm_q_many_tiles(lib):
     """BM 128 with a partial last row tile, 8 column tiles (the last partial), 64 K tiles."""
     rng = np.random.default_rng(9)
@@ -138,10 +156,10 @@ def test_linear_fused_equals_cublas_path(lib, t, half):
     base = rng.standard_normal((m, n)).astype(np.float32)
     scratch = cp.empty(ops.linear_scratch_nbytes(n, k, m), dtype=cp.uint8)
     outs = {}
-    for path in ("fused", "fused_xh", "cublas"):
+    for path in ("fused", "fused_xh", "fused_sk", "cublas"):
         outs[path] = cp.asarray(base)
         ops.linear(lib, x, w, outs[path], accumulate=True, bias=bias, scratch=scratch, half=half, path=path)
-    for path in ("fused", "fused_xh"):
+    for path in ("fused", "fused_xh", "fused_sk"):
         assert rel_err(cp.asnumpy(outs[path]), cp.asnumpy(outs["cublas"])) < TOL_ROUNDED, path
 
 

@@ -16,7 +16,8 @@ from __future__ import annotations
 from aircupy.cuda.ops.layers import (DECODE_MAX_ROWS, HEAD_DIMS, MAX_SPLITS, MIN_CHUNK, attention,
                                      attention_scratch_nbytes, decode_splits, geglu, glu, glu_quant,
                                      rms_norm, rms_norm_add, rope_kv_store, softcap, swiglu, take_rows)
-from aircupy.cuda.ops.matmul import (FORMATS, MAX_MATVEC_ROWS, cast_half, dequant, gemm, gemm_q, get_rows,
+from aircupy.cuda.ops.matmul import (FORMATS, MAX_MATVEC_ROWS, cast_half, dequant, gemm, gemm_q,
+                                     gemm_q_part_nbytes, get_rows,
                                      linear, linear_scratch_nbytes, matvec, matvec_xq, repack, takes_xq,
                                      warm_gemm, xq_row_nbytes)
 from aircupy.cuda.ops.sampling import apply_penalties, argmax, sample
@@ -26,7 +27,7 @@ __all__ = [
     "DECODE_MAX_ROWS", "HEAD_DIMS", "MAX_SPLITS", "attention", "attention_scratch_nbytes",
     "decode_splits", "geglu", "glu", "rms_norm", "rms_norm_add", "softcap", "swiglu",
     "MIN_CHUNK", "glu_quant", "rope_kv_store", "take_rows",
-    "FORMATS", "MAX_MATVEC_ROWS", "cast_half", "dequant", "gemm", "gemm_q", "get_rows", "linear",
+    "FORMATS", "MAX_MATVEC_ROWS", "cast_half", "dequant", "gemm", "gemm_q", "gemm_q_part_nbytes", "get_rows", "linear",
     "linear_scratch_nbytes", "matvec", "repack", "matvec_xq", "takes_xq", "warm_gemm", "xq_row_nbytes",
     "apply_penalties", "argmax", "sample", "QWeight", "needs_repack", "repack_nbytes",
 ]

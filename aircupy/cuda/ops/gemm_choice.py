@@ -39,9 +39,14 @@ FAST_PATHS: Mapping[Key, str] = MappingProxyType({
     ('Q8_0', 28672, 4096, 128): 'fused_xh',
 })
 
-FUSED_PATHS = ("fused", "fused_xh")
+FUSED_PATHS = ("fused", "fused_xh", "fused_sk")
 PATHS = ("cublas",) + FUSED_PATHS
 TABLE_ENV = "AIRCUPY_GEMM_TABLE"  # a JSON file from `bench_kernels.py --gemm --table-out`: this GPU's map
+# A batch's decode rows (9 .. SMALL_M): gemm_q split over K reads each weight once per step, where the
+# cuBLAS path writes and reads the whole weight in fp16 first (bench_batch measures the two: decode of
+# 8-64 sequences on the 8B); SMALL_M_ENV = "cublas" restores it for that comparison.
+SMALL_M = 64
+SMALL_M_ENV = "AIRCUPY_SMALL_M_PATH"
 
 
 def m_bucket(m: int) -> int:
@@ -61,6 +66,8 @@ def prefill_path(type_name: str, n: int, k: int, m: int, table: Mapping[Key, str
     weight, else 'cublas'."""
     if not gemm_q_supports(type_name, k):
         return "cublas"
+    if m <= SMALL_M:
+        return os.environ.get(SMALL_M_ENV, "fused_sk")
     if table is None:
         table = FAST_PATHS
     return table.get((type_name, int(n), int(k), m_bucket(m)), "cublas")

@@ -213,7 +213,9 @@ def linear_scratch_nbytes(n: int, k: int, m_max: int) -> int:
     """Scratch bytes `linear` needs for an (n, k) weight and up to m_max rows (0 when m_max <= 8)."""
     if m_max <= MAX_MATVEC_ROWS:
         return 0
-    return cdiv(n * k * 2, _ALIGN) * _ALIGN + cdiv(m_max * k * 2, _ALIGN) * _ALIGN
+    from aircupy.cuda.ops.gemm_choice import SMALL_M
+    split_k = gemm_q_part_nbytes(min(m_max, SMALL_M), n, 8)   # the "fused_sk" partials, at most 8 splits
+    return max(split_k, cdiv(n * k * 2, _ALIGN) * _ALIGN + cdiv(m_max * k * 2, _ALIGN) * _ALIGN)
 
 
 GEMM_Q_BN = 128  # output columns per block (cuda_src/gemm_q.cu GQ_BN)
@@ -229,14 +231,28 @@ def gemm_q_smem_nbytes(bm: int) -> int:
     return 2 * (GEMM_Q_BN + bm) * 72 * 2
 
 
+def gemm_q_splits(lib, m: int, n: int, k: int, bm: int) -> int:
+    """K splits for gemm_q: enough blocks for two per SM (its __launch_bounds__) when the M x N tiles
+    alone are fewer, at most 8 and at most one 64-value K tile per split."""
+    tiles = cdiv(n, GEMM_Q_BN) * cdiv(m, bm)
+    want = cdiv(2 * getattr(lib, "n_sm", 132), tiles)
+    return max(1, min(8, want, cdiv(k, 64)))
+
+
+def gemm_q_part_nbytes(m: int, n: int, splits: int) -> int:
+    """Scratch bytes of gemm_q's split-K partials: (splits, M, N) fp32."""
+    return splits * m * n * 4 if splits > 1 else 0
+
+
 def gemm_q(lib, x, w: QWeight, out, *, accumulate: bool = False, bias=None, half: str = "f16",
-           bm: int | None = None, stream=None) -> None:
+           bm: int | None = None, splits: int = 1, part=None, stream=None) -> None:
     """out (M, N) (+)= x (M, K) @ W^T (+ bias (N,)) on the tensor cores, any M >= 1, no scratch: each
     weight tile is dequantized into shared memory (the values dequant() writes) and multiplied in
     `half` ("f16" | "bf16") with fp32 accumulation and output. x is fp32 (rounded to `half` on the way
     in) or already `half` (float16 for "f16", uint16 bf16 bits for "bf16": cast_half's output). Types:
     gemm_choice.GEMM_Q_TYPES (K % 256 == 0 for Q4_K/Q5_K). bm (64 | 128, rows per block) overrides
-    gemm_q_bm(M) for measurements."""
+    gemm_q_bm(M) for measurements. splits > 1: split-K into `part` (uint8 scratch of at least
+    gemm_q_part_nbytes), then an ordered reduction (deterministic) with accumulate and bias."""
     n, k = w.shape
     m = int(x.shape[0]) if x.ndim == 2 else -1
     if not gemm_q_supports(w.ggml_type.name, k):
@@ -256,9 +272,21 @@ def gemm_q(lib, x, w: QWeight, out, *, accumulate: bool = False, bias=None, half
         raise ValueError(f"bm must be 64 or 128, got {bm}")
     smem = gemm_q_smem_nbytes(bm)
     kern = lib.fn(f"gemm_q_{FORMATS[w.ggml_type][0]}_{half}_bm{bm}", smem)
+    if splits > 1:
+        need = gemm_q_part_nbytes(m, n, splits)
+        if part is None or part.dtype != np.uint8 or part.size < need:
+            raise ValueError(f"gemm_q with {splits} splits needs a uint8 part scratch of {need} bytes")
+        pf = part[:need].view(np.float32)
+        launch(kern, (cdiv(n, GEMM_Q_BN), cdiv(m, bm), splits), (256,),
+               (body, head, x, out, NULL, np.int32(m), np.int32(n), np.int32(k), np.int32(0),
+                np.int32(1 if xh else 0), pf), stream, shared_mem=smem)
+        launch(lib.fn("gemm_q_reduce"), (cdiv(m * n, 256),), (256,),
+               (pf, out, NULL if bias is None else bias, np.int32(m), np.int32(n), np.int32(splits),
+                np.int32(1 if accumulate else 0)), stream)
+        return
     launch(kern, (cdiv(n, GEMM_Q_BN), cdiv(m, bm)), (256,),
            (body, head, x, out, NULL if bias is None else bias, np.int32(m), np.int32(n), np.int32(k),
-            np.int32(1 if accumulate else 0), np.int32(1 if xh else 0)), stream, shared_mem=smem)
+            np.int32(1 if accumulate else 0), np.int32(1 if xh else 0), NULL), stream, shared_mem=smem)
 
 
 def linear(lib, x, w: QWeight, out, *, accumulate: bool = False, bias=None, scratch=None,
@@ -267,7 +295,8 @@ def linear(lib, x, w: QWeight, out, *, accumulate: bool = False, bias=None, scra
     (gemm_choice.prefill_path; `path` forces one): "cublas": W dequantized and x cast to `half` ("f16",
     or "bf16" where activations may pass 65504, e.g. gemma3) in `scratch` (uint8 of
     linear_scratch_nbytes) and multiplied by cuBLAS on the tensor cores; "fused": gemm_q on fp32 x (no
-    scratch); "fused_xh": x cast to `half` into `scratch`, then gemm_q."""
+    scratch); "fused_xh": x cast to `half` into `scratch`, then gemm_q; "fused_sk": gemm_q on fp32 x
+    split over K (gemm_q_splits) with its partials in `scratch` (a batch's few decode rows)."""
     m = int(x.shape[0])
     if m <= MAX_MATVEC_ROWS:
         matvec(lib, x, w, out, accumulate=accumulate, bias=bias, stream=stream)
@@ -279,6 +308,11 @@ def linear(lib, x, w: QWeight, out, *, accumulate: bool = False, bias=None, scra
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
     if path == "fused":
         gemm_q(lib, x, w, out, accumulate=accumulate, bias=bias, half=half, stream=stream)
+        return
+    if path == "fused_sk":
+        splits = gemm_q_splits(lib, m, n, k, gemm_q_bm(m))
+        gemm_q(lib, x, w, out, accumulate=accumulate, bias=bias, half=half, splits=splits, part=scratch,
+               stream=stream)
         return
     check(x, np.float32, (m, k), "x")
     if scratch is None or scratch.size < linear_scratch_nbytes(n, k, m):
