@@ -214,10 +214,14 @@ def test_model_prefill_with_the_fused_path(lib, tmp_path, monkeypatch, preset, q
     rep = synth_model(tmp_path / "m.gguf", preset, qtype, n_layers=2, overrides=over, seed=3, logit_std=8.0)
     used = []
 
+    want = {}
+
     def forced(type_name, n, k, m, table=None):
-        p = path if gemm_choice.gemm_q_supports(type_name, k) else "cublas"
+        p = want["path"] if gemm_choice.gemm_q_supports(type_name, k) else "cublas"
         used.append(p)
         return p
+
+    monkeypatch.setattr(cuda_matmul, "prefill_path", forced)   # the baseline is cuBLAS at every M
 
     with GGUFFile(rep.path) as g:
         m = CudaModel(g, ModelConfig.from_gguf(g), 64, lib=lib,
@@ -225,8 +229,7 @@ def test_model_prefill_with_the_fused_path(lib, tmp_path, monkeypatch, preset, q
         ids = np.random.default_rng(5).integers(0, m.config.vocab_size, 40).astype(np.int32)
         outs = {}
         for label in ("cublas", path):
-            if label != "cublas":
-                monkeypatch.setattr(cuda_matmul, "prefill_path", forced)
+            want["path"] = label
             cache = m.new_cache(64)
             cache.truncate(0)
             first = m.forward(ids, np.arange(40, dtype=np.int32), cache, all_logits=True)
