@@ -186,8 +186,14 @@ def serve(limit_max_tokens, limit_prompts, limit_n, limit_stop, limit_logit_bias
               help="also print the streaming plan for this much GPU memory, e.g. 24GiB")
 @click.option("--n-ctx", type=int, default=None, help="context the plan reserves KV for [default: min(model's, 4096)]")
 @click.option("--slots", type=int, default=3, show_default=True, help="streaming slots (>= 3)")
+@click.option("--max-num-seqs", type=click.IntRange(1), default=1, show_default=True,
+              help="sequences a batch step holds (as `serve --max-num-seqs`)")
+@click.option("--max-batched-tokens", type=click.IntRange(1), default=None,
+              help="rows of a batch step [default: 512]")
+@click.option("--kv-tokens", type=click.IntRange(1), default=None,
+              help="tokens the KV pool holds for all sequences [default: n_ctx under a budget]")
 @_one_line_errors
-def inspect_cmd(model, as_json, vram_budget, n_ctx, slots):
+def inspect_cmd(model, as_json, vram_budget, n_ctx, slots, max_num_seqs, max_batched_tokens, kv_tokens):
     """Describe a GGUF file: architecture, sizes, quant mix, layers, tokenizer, template, tensors;
     with --vram-budget, the placement plan (resident and streamed layers, slots, KV, PCIe bound)."""
     import json
@@ -197,7 +203,8 @@ def inspect_cmd(model, as_json, vram_budget, n_ctx, slots):
         desc, sections = describe_file(model), None
     else:
         from aircupy.engine.params import parse_size
-        desc, sections = describe_plan(model, parse_size(vram_budget), n_ctx, slots), PLAN_SECTIONS
+        desc, sections = describe_plan(model, parse_size(vram_budget), n_ctx, slots, max_num_seqs=max_num_seqs,
+                                       max_batched_tokens=max_batched_tokens, kv_tokens=kv_tokens), PLAN_SECTIONS
     if as_json:
         click.echo(json.dumps(desc, indent=1, ensure_ascii=False))
     else:

@@ -178,21 +178,24 @@ def render_text(desc: dict, sections=TEXT_SECTIONS) -> str:
 
 
 def describe_plan(path, vram_budget: int, n_ctx: int | None = None, slots: int = 3,
-                  host_ram_bytes: int | None = None) -> dict[str, Any]:
+                  host_ram_bytes: int | None = None, max_num_seqs: int = 1,
+                  max_batched_tokens: int | None = None, kv_tokens: int | None = None) -> dict[str, Any]:
     """describe_file(path) plus the placement the CUDA model builds for `vram_budget` bytes
-    (desc["plan"]): the one planner, cuda/placement.py. host_ram_bytes: the RAM the RAM tier may draw
-    on (default: this machine's available RAM, as the model reads it)."""
+    (desc["plan"]): the one planner, cuda/placement.py, with the batch limits the engine passes
+    (placement.batch_options). host_ram_bytes: the RAM the RAM tier may draw on (default: this
+    machine's available RAM, as the model reads it)."""
     from aircupy.config import ModelConfig
     from aircupy.cuda.memory import OUTSIDE_RESERVE
-    from aircupy.cuda.placement import ASSUMED_CONTEXT, CudaOptions, plan_model
+    from aircupy.cuda.placement import ASSUMED_CONTEXT, batch_options, plan_model
     from aircupy.stream.stager import available_ram
 
     with GGUFFile(path) as g:
         desc = describe(g)
         config = ModelConfig.from_gguf(g)
         ram = available_ram() if host_ram_bytes is None else host_ram_bytes
-        placement = plan_model(g, config, n_ctx or config.default_n_ctx, vram_budget,
-                               CudaOptions(slots=slots), host_ram_bytes=ram,
+        n = n_ctx or config.default_n_ctx
+        options = batch_options(n, vram_budget, max_num_seqs, max_batched_tokens, kv_tokens, slots=slots)
+        placement = plan_model(g, config, n, vram_budget, options, host_ram_bytes=ram,
                                outside_bytes=ASSUMED_CONTEXT + OUTSIDE_RESERVE)
     desc["plan"] = placement.to_dict()
     return desc
@@ -219,7 +222,9 @@ def _render_plan(d: dict) -> list[str]:
              f"  streamed layers ({len(p['streamed_layers'])}): {_ranges(p['streamed_layers'])}"]
     if p["slots"]:
         lines.append(f"  slots: {p['slots']} x {size_str(p['slot_bytes'])}")
-    lines.append(f"  KV cache: {p['kv_placement']} ({size_str(p['kv_layer_bytes'])} per layer)")
+    kv = ("paged pool" if p["kv_placement"] == "vram" else "shuttled through pinned RAM, one sequence")
+    lines.append(f"  KV cache: {kv}, {p['kv_tokens']} tokens ({size_str(p['kv_layer_bytes'])} per layer); "
+                 f"batches of up to {p['max_seqs']} sequences")
     lines.append(f"  VRAM planned: {size_str(p['vram_bytes'])} = " + " + ".join(
         f"{k} {size_str(v)}" for k, v in p["breakdown"].items() if v))
     if p["bytes_streamed_per_pass"]:

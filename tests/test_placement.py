@@ -306,3 +306,18 @@ def test_inspect_budget_below_minimum_is_one_line(smollm2_path):
     assert r.stderr.count("\n") == 1 and "below the streaming minimum" in r.stderr
     assert "for the CUDA context and libraries" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_a_batching_model_keeps_its_kv_in_vram_when_it_fits(fp):
+    """At a budget where one sequence streams the fewest bytes with the KV shuttled, a model that
+    batches still takes the paged pool (the shuttle serves one sequence), and one that cannot fit the
+    pool at all still gets the shuttle."""
+    from dataclasses import replace
+    solo, many = fp, replace(fp, max_seqs=8)
+    top = solo.pool_plan(range(L), False, 3).total
+    low = many.pool_plan((), False, 3).total       # the least a paged pool with 8 sequences needs
+    budgets = [b for b in range(low, top, 1 << 14) if place(solo, b).shuttle]
+    assert budgets, "no budget where one sequence is shuttled"
+    p = place(many, budgets[-1])
+    assert not p.shuttle and p.max_seqs == 8 and p.kv_tokens == many.kv_tokens
+    assert place(many, minimum_budget(many)).shuttle      # nothing else fits: one sequence

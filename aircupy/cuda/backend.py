@@ -42,28 +42,19 @@ def start_warmer(path, size: int):
     return start_read_ahead(path, [(0, size)], 1)
 
 
-# Full contexts the default KV pool holds without a VRAM budget (sequences share it block by block).
-KV_CONTEXTS = 8
-
-
 def load_model(g, config, *, vram_budget: int | None = None, progress=None,
                n_ctx: int | None = None, read_ahead=None, max_num_seqs: int = 1,
                max_batched_tokens: int | None = None, kv_tokens: int | None = None):
     """The CUDA model for an open GGUFFile: resident when everything fits the VRAM budget, else with
     layers streamed (cuda/placement.py decides); below the streaming minimum a one-line PlanError
     states it. read_ahead: a started warmer (start_warmer) for the model to take over, None: the
-    model's own. Batching: steps of up to max_num_seqs sequences and max_batched_tokens rows (the
-    activation buffers' rows; None: PREFILL_ROWS) over a paged KV pool of kv_tokens tokens (None:
-    with a VRAM budget n_ctx, which the placement then trades against resident layers as before;
-    without one, n_ctx x min(max_num_seqs, KV_CONTEXTS) so a full batch of long sequences fits)."""
+    model's own. Batching: placement.batch_options says what max_num_seqs, max_batched_tokens and
+    kv_tokens (None: its default) size."""
     from aircupy.cuda.model import CudaModel
-    from aircupy.cuda.placement import PREFILL_ROWS, CudaOptions
+    from aircupy.cuda.placement import batch_options
 
     if n_ctx is None:
         n_ctx = config.default_n_ctx
-    if kv_tokens is None:
-        kv_tokens = n_ctx if vram_budget is not None else n_ctx * min(max(1, max_num_seqs), KV_CONTEXTS)
-    options = CudaOptions(prefill_rows=int(max_batched_tokens or PREFILL_ROWS), max_seqs=max(1, int(max_num_seqs)),
-                          kv_tokens=int(kv_tokens))
+    options = batch_options(n_ctx, vram_budget, max_num_seqs, max_batched_tokens, kv_tokens)
     kw = {} if read_ahead is None else dict(read_ahead=read_ahead)
     return CudaModel(g, config, n_ctx, vram_budget=vram_budget, progress=progress, options=options, **kw)

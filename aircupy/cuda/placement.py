@@ -24,7 +24,9 @@ The rule: if everything fits, everything is resident. Otherwise, per KV placemen
 shuttled), the most resident layers whose pool fits, spread evenly among the streamed ones
 (`resident_set`: while the GPU computes a run of resident layers the copy engine fills the slots for
 the streamed layers after them); of those two, the one that streams the fewest bytes per forward pass
-at full context (weights, plus each shuttled layer's KV up and back) wins, KV in VRAM on a tie. A budget
+at full context (weights, plus each shuttled layer's KV up and back) wins, KV in VRAM on a tie; a
+model that batches (max_seqs > 1) keeps its KV in VRAM whenever that fits, since the shuttle serves one
+sequence at a time. A budget
 below the smallest pool raises PlanError naming it. `n_resident` and `kv_shuttle` force the choice
 (tests, benchmarks); the pool must still fit.
 
@@ -271,6 +273,8 @@ def _choose(fp: Footprint, budget: int, s: PlacementSettings,
             if fp.pool_plan(res, sh, s.slots).total <= budget:
                 options.append((fp.bytes_per_pass(res, sh), sh, n))
                 break
+    if fp.max_seqs > 1 and any(not o[1] for o in options):
+        options = [o for o in options if not o[1]]   # batching: the shuttle holds one sequence
     if options:
         _, sh, n = min(options)
         return resident_set(L, n), sh
@@ -340,6 +344,24 @@ class CudaOptions:
     # pin the part of a budget held outside the pool (None: measured); pinned, the process check
     # after the load is off: tests of the placement rule at exact pool sizes
     outside_bytes: int | None = None
+
+
+# Full contexts the default KV pool holds without a VRAM budget (sequences share it block by block).
+KV_CONTEXTS = 8
+
+
+def batch_options(n_ctx: int, vram_budget: int | None, max_num_seqs: int = 1,
+                  max_batched_tokens: int | None = None, kv_tokens: int | None = None,
+                  **other) -> CudaOptions:
+    """The options of a model that batches: steps of up to max_num_seqs sequences and
+    max_batched_tokens rows (the activation buffers' rows; None: PREFILL_ROWS) over a paged KV pool of
+    kv_tokens tokens (None: with a VRAM budget n_ctx, which the placement trades against resident
+    layers as before; without one n_ctx x min(max_num_seqs, KV_CONTEXTS), so a full batch of long
+    sequences fits). The CUDA backend's loader and `aircupy inspect` both go through it."""
+    if kv_tokens is None:
+        kv_tokens = n_ctx if vram_budget is not None else n_ctx * min(max(1, max_num_seqs), KV_CONTEXTS)
+    return CudaOptions(prefill_rows=int(max_batched_tokens or PREFILL_ROWS), max_seqs=max(1, int(max_num_seqs)),
+                       kv_tokens=int(kv_tokens), **other)
 
 
 def placement_settings(options: CudaOptions, host_ram_bytes: int | None, pcie_gbps: float | None = None,
