@@ -78,6 +78,7 @@ def main(argv=None) -> None:
     ap.add_argument("--batch-tokens", type=int, default=512)
     ap.add_argument("--n-ctx", type=int, default=1024)
     ap.add_argument("--kv-tokens", type=int, default=None)
+    ap.add_argument("--vram-budget", default=None, help="e.g. 24GiB: layers stream (one pass per step)")
     ap.add_argument("--json", default=None, help="append one JSON record per stream count to this file")
     a = ap.parse_args(argv)
     from aircupy.config import ModelConfig
@@ -87,13 +88,22 @@ def main(argv=None) -> None:
     c = ModelConfig.from_gguf(g)
     top = max(a.streams)
     kv_tokens = a.kv_tokens or top * (a.prompt + a.tokens + 32)
+    from aircupy.engine.params import parse_size
+    budget = parse_size(a.vram_budget) if a.vram_budget else None
     model = load_model(g, c, n_ctx=a.n_ctx, max_num_seqs=top, max_batched_tokens=max(a.batch_tokens, top),
-                       kv_tokens=max(kv_tokens, a.n_ctx))
+                       kv_tokens=max(kv_tokens, a.n_ctx), vram_budget=budget)
     print(f"{Path(a.model).name}: {model.allocation_report()}")
     for n in a.streams:
         run(model, n, min(a.tokens, 16), a.prompt, a.batch_tokens, seed=99)   # warm-up: graphs, kernels
         r = run(model, n, a.tokens, a.prompt, a.batch_tokens)
-        r.update(model=Path(a.model).name, device=_device())
+        r.update(model=Path(a.model).name, device=_device(), vram_budget=a.vram_budget)
+        st = model.stats()
+        r["placement"] = {k: st.get(k) for k in ("resident_layers", "streamed_layers", "pool_bytes",
+                                                  "device_bytes", "kv_shuttle")}
+        if st.get("streamed_layers"):
+            p = model.placement
+            r["bytes_streamed_per_pass"] = p.bytes_streamed_per_pass
+            r["streaming"] = {k: v for k, v in st.items() if isinstance(v, (int, float, str))}
         dec = f"{r['decode_tok_s']:9.1f}" if r["decode_tok_s"] else "        -"
         print(f"streams {n:4d}: decode {dec} tok/s  total {r['total_tok_s']:9.1f} tok/s  "
               f"ttft p50 {r['ttft_p50'] * 1e3:7.1f} ms max {r['ttft_max'] * 1e3:7.1f} ms  "
@@ -102,6 +112,8 @@ def main(argv=None) -> None:
             with open(a.json, "a") as f:
                 f.write(json.dumps(r) + "\n")
     print(model.batch.report())
+    if model.placement.streams:
+        print(model.placement.report(), f"{model.placement.bytes_streamed_per_pass / 1e9:.2f} GB per pass")
     model.close()
     g.close()
 

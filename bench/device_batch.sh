@@ -82,6 +82,16 @@ if [ "$stage" = ab ]; then
   exit 0
 fi
 
+if [ "$stage" = st ]; then   # streamed batches (a fresh machine: carry .device/whl .device/COMMIT)
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .device/whl/*.whl
+  python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null || echo "pip -e failed"
+  python3 -m aircupy synth $S/llama-70b-Q4_0.gguf --arch llama-70b --type Q4_0 > $L/synth.log 2>&1
+  timeout 420 python3 -m bench.bench_batch --model $S/llama-70b-Q4_0.gguf --vram-budget 24GiB \
+    --streams 1 8 32 64 --tokens 32 --prompt 512 --batch-tokens 2048 --n-ctx 1024 \
+    --json "$OUT/batch_70b_24gib.jsonl" 2>&1 | tee $L/batch_70b.log | grep -vE "^\s*$" | tail -8
+  exit 0
+fi
+
 if [ "$stage" = b3 ]; then
   for i in $(seq 40); do [ -f $S/llama3-8b-Q4_0.gguf ] && ! pgrep -f "aircupy synth" >/dev/null && break; sleep 5; done
   timeout 240 python3 -m bench.bench_batch --model $S/llama3-8b-Q4_0.gguf --streams 1 8 32 64 \
