@@ -104,6 +104,11 @@ def answer(engine, line: Line, model_name: str, limits: Limits = DEFAULT_LIMITS,
         return err.status, err.body(), (0, 0)
 
 
+def concurrency(engine, max_concurrency: int | None) -> int:
+    """--max-concurrency, else the engine's max_num_seqs (the batch it can run at once), else 64."""
+    return max_concurrency or getattr(engine, "max_num_seqs", None) or DEFAULT_MAX_CONCURRENCY
+
+
 _EXIT = object()   # a worker's last message
 
 
@@ -237,7 +242,7 @@ def batch_command(input_path: str, output_path: str, *, model, backend: str, vra
         s = Summary(skipped=skipped)
     else:
         engine = console.load_engine(model, backend, vram_budget, n_ctx, err=err)
-        limit = max_concurrency or getattr(engine, "max_num_seqs", None) or DEFAULT_MAX_CONCURRENCY
+        limit = concurrency(engine, max_concurrency)
         progress = console.BatchProgress(sum(isinstance(i, Line) for i in todo), stream=err)
         stop = stop if stop is not None else threading.Event()
         with batch_file.Output(output_path, overwrite) as out, first_interrupt_sets(stop):
