@@ -231,3 +231,26 @@ def test_summary_names_counts_tokens_and_rates():
     for part in ("3 ok, 1 failed, 2 lines not requests", "5 already done", "4 not run (interrupted",
                  "prompt 30 + completion 20 tokens in 2.0 s", "10.0 tokens/s generated", "25.0 with the prompts"):
         assert part in text
+
+
+def test_a_failed_write_stops_the_workers_and_is_raised(tmp_path):
+    class Full(bf.Output):
+        def write(self, rec):
+            raise OSError(28, "No space left on device")
+
+    stop = threading.Event()
+    items = bf.read_input(b"\n".join(line(f"r{i}") for i in range(3)))
+    with Full(str(tmp_path / "o.jsonl"), overwrite=False) as out, pytest.raises(OSError, match="No space"):
+        run_batch(FakeEngine(), items, out, model_name="fake", max_concurrency=2, stop=stop)
+    assert stop.is_set()
+
+
+def test_cli_says_a_missing_output_directory_before_loading_a_model(tmp_path):
+    from click.testing import CliRunner
+
+    from aircupy.cli import main
+    r = CliRunner().invoke(main, ["batch", "-", "-o", str(tmp_path / "no" / "o.jsonl"), "--model",
+                                  "/nonexistent.gguf"], input=line("a").decode())
+    assert r.exit_code == 2 and f"no such file: {tmp_path / 'no'}" in r.output
+    empty = CliRunner().invoke(main, ["batch", "-", "-o", str(tmp_path / "o.jsonl")], input="")
+    assert empty.exit_code == 0 and "batch: 0 ok, 0 failed" in empty.output

@@ -86,9 +86,9 @@ def answer(engine, line: Line, model_name: str, limits: Limits = DEFAULT_LIMITS,
     try:
         body = protocol.check_body(line.body)
         req = (protocol.parse_chat if line.kind == "chat" else protocol.parse_completion)(body, limits)
+        protocol.check_model(req.model, model_name)
         if req.stream:   # nothing streams into a file: refused rather than silently answered whole
             raise bad("stream", "is not supported in a batch file (each answer is written whole)")
-        protocol.check_model(req.model, model_name)
         plan = generation.prepare(engine, req, limits, special_in_messages, cancel=cancelled)
         if plan is None:
             return None
@@ -147,20 +147,26 @@ def run_batch(engine, items: list, out: batch_file.Output, *, model_name: str, m
     for i in range(alive):
         threading.Thread(target=work, name=f"aircupy-batch-{i}", daemon=True).start()
     said_stop = False
-    while alive:
-        try:
-            msg = results.get(timeout=TICK_S)
-        except queue.Empty:
-            msg = None
-        if msg is _EXIT:
-            alive -= 1
-        elif msg is not None:
-            _record(out, s, *msg)
-        if stop.is_set() and not said_stop and progress is not None:
-            progress.notice("stopping: finishing the tokens in flight (Ctrl-C again to quit at once)")
-        said_stop = said_stop or stop.is_set()
+    try:
+        while alive:
+            try:
+                msg = results.get(timeout=TICK_S)
+            except queue.Empty:
+                msg = None
+            if msg is _EXIT:
+                alive -= 1
+            elif msg is not None:
+                _record(out, s, *msg)
+            if stop.is_set() and not said_stop and progress is not None:
+                progress.notice("stopping: finishing the tokens in flight (Ctrl-C again to quit at once)")
+            said_stop = said_stop or stop.is_set()
+            if progress is not None:
+                progress.show(s.ok + s.failed, s.failed, meter.tokens)
+    except BaseException:    # a failed write, or the second Ctrl-C: the workers stop after their token
+        stop.set()
         if progress is not None:
-            progress.show(s.ok + s.failed, s.failed, meter.tokens)
+            progress.close()
+        raise
     s.pending += todo.qsize()
     s.interrupted = stop.is_set() and s.pending > 0
     s.seconds = time.perf_counter() - t0
@@ -223,6 +229,7 @@ def batch_command(input_path: str, output_path: str, *, model, backend: str, vra
     """`aircupy batch`: read INPUT (and what OUTPUT already holds, unless overwrite) before the model
     loads, so a bad file fails fast; run the rest; print the summary. The first Ctrl-C stops cleanly
     (Summary.interrupted), the second at once."""
+    import errno
     import os
 
     from aircupy import console
@@ -231,6 +238,9 @@ def batch_command(input_path: str, output_path: str, *, model, backend: str, vra
     items = batch_file.read_input(read_input(input_path, stdin))
     if input_path != "-" and os.path.exists(output_path) and os.path.samefile(input_path, output_path):
         raise AircupyError(f"OUTPUT is INPUT ({output_path}): give the results a file of their own")
+    where = os.path.dirname(os.path.abspath(output_path))
+    if not os.path.isdir(where):   # said before the model loads, not after
+        raise FileNotFoundError(errno.ENOENT, "no such directory", where)
     done = batch_file.Done() if overwrite else batch_file.scan_output(output_path)
     if done.torn_bytes:
         err.write(f"{output_path}: dropped a torn last line ({done.torn_bytes} bytes) left by an earlier run\n")
