@@ -71,8 +71,8 @@ def parse_line(number: int, raw: bytes) -> Line | Rejected:
         obj = decode_json(raw.decode("utf-8"))
     except UnicodeDecodeError as e:
         return Rejected(number, None, "invalid_json", f"not UTF-8 text ({e.reason} at byte {e.start})")
-    except APIError as e:
-        return Rejected(number, None, "invalid_json", e.message)
+    except APIError as e:   # the server's words are about a body; this is a line
+        return Rejected(number, None, "invalid_json", e.message.replace("JSON body", "JSON"))
     if not isinstance(obj, dict):
         return Rejected(number, None, "invalid_json", "a batch line must be a JSON object")
     cid = obj.get("custom_id")

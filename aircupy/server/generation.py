@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from aircupy.errors import ContextLengthError, InvalidParameterError, TemplateError
+from aircupy.server import responses as R
 from aircupy.server.limits import Limits
 from aircupy.server.protocol import DEFAULT_LIMITS, APIError, GenerationRequest, bad, check_token_ids
-from aircupy.server import responses as R
 from aircupy.server.responses import finish_reason
 
 # OpenAI's defaults (temperature 1, no top-k/top-p/min-p cut, no penalties): the server states every
