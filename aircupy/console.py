@@ -259,3 +259,77 @@ def chat_loop(engine, params: SamplingParams, *, system: str | None = None, stdi
         out.flush()
         history.append({"role": "assistant", "content": "".join(parts)})
     return history
+
+
+def duration(seconds: float) -> str:
+    """12.3 s, 4m05s, 2h03m: short and readable at every scale (an ETA, a run's length)."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    m, s = divmod(int(seconds + 0.5), 60)
+    return f"{m}m{s:02d}s" if m < 60 else f"{m // 60}h{m % 60:02d}m"
+
+
+class BatchProgress:
+    """Progress of `aircupy batch` on stderr: done/total, generated tokens/s and the ETA.
+
+    On a terminal, one line redrawn in place (at most every `redraw` seconds); elsewhere (logs, CI) a
+    plain line every `interval` seconds. `notice` prints a line of its own above the bar.
+    """
+
+    def __init__(self, total: int, stream=None, interval: float = 10.0, redraw: float = 0.2, width: int = 24):
+        self.total, self.interval, self.redraw, self.width = total, interval, redraw, width
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = _isatty(self.stream)
+        self.t0 = time.perf_counter()
+        self._last = -float("inf")
+        self._drawn = False
+
+    def line(self, done: int, failed: int, tokens: int) -> str:
+        elapsed = max(time.perf_counter() - self.t0, 1e-9)
+        eta = duration((self.total - done) * elapsed / done) if done else "--"
+        bad = f" ({failed} failed)" if failed else ""
+        return f"{done}/{self.total} requests{bad} | {tokens / elapsed:.1f} tokens/s | ETA {eta}"
+
+    def show(self, done: int, failed: int, tokens: int, force: bool = False) -> None:
+        now = time.perf_counter()
+        if not force and now - self._last < (self.redraw if self.tty else self.interval):
+            return
+        self._last = now
+        if self.tty:
+            filled = self.width * done // self.total if self.total else self.width
+            bar = "#" * filled + "-" * (self.width - filled)
+            self.stream.write(f"\r[{bar}] {self.line(done, failed, tokens)}".ljust(79) + "\r")
+            self._drawn = True
+        else:
+            self.stream.write(f"batch: {self.line(done, failed, tokens)}\n")
+        self.stream.flush()
+
+    def notice(self, line: str) -> None:
+        if self._drawn:
+            self.stream.write(_WIPE)
+            self._drawn = False
+            self._last = -float("inf")   # redrawn below the notice at the next show()
+        self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self._drawn:
+            self.stream.write(_WIPE)
+            self.stream.flush()
+            self._drawn = False
+
+
+def batch_summary(s) -> str:
+    """The last line of `aircupy batch` (s: server.batch.Summary, duck-typed)."""
+    secs = max(s.seconds, 1e-9)
+    parts = [f"{s.ok} ok, {s.failed} failed"]
+    if s.rejected:
+        parts[0] += f", {s.rejected} lines not requests"
+    if s.skipped:
+        parts.append(f"{s.skipped} already done")
+    if s.pending:
+        parts.append(f"{s.pending} not run (interrupted: run again to resume)")
+    parts.append(f"prompt {s.prompt_tokens} + completion {s.completion_tokens} tokens in {duration(s.seconds)}")
+    parts.append(f"{s.completion_tokens / secs:.1f} tokens/s generated, "
+                 f"{(s.prompt_tokens + s.completion_tokens) / secs:.1f} with the prompts")
+    return "batch: " + " | ".join(parts)

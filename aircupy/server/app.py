@@ -49,10 +49,7 @@ class ServerState:
         self.created = int(time.time())
 
     def check_model(self, model: str | None) -> None:
-        # An absent model means "the one this server serves" (curl users); a wrong one is a 404 as at OpenAI.
-        if model is not None and model != self.model_name:
-            raise APIError(404, f"The model {model!r} does not exist (this server serves "
-                                f"{self.model_name!r})", param="model", code="model_not_found")
+        protocol.check_model(model, self.model_name)
 
     def engine_stats(self):
         return getattr(self.engine, "stats", None)

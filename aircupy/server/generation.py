@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aircupy.errors import ContextLengthError, InvalidParameterError, TemplateError
+from aircupy.server import responses as R
 from aircupy.server.limits import Limits
 from aircupy.server.protocol import DEFAULT_LIMITS, APIError, GenerationRequest, bad, check_token_ids
 from aircupy.server.responses import finish_reason
@@ -53,6 +54,32 @@ class Done:
     prompt_tokens: int
     completion_tokens: int
     seconds: float          # time spent generating (the worker's busy time for this request)
+
+
+class Answer:
+    """A non-streamed answer folded from a job's Delta and Done events: the body JobResponse sends, and
+    the one the batch runner writes (server/batch.py), built in this one place."""
+
+    def __init__(self):
+        self.choices: dict[int, R.ChoiceResult] = {}
+        self.usage = (0, 0)     # (prompt_tokens, completion_tokens) from Done
+
+    def add(self, ev) -> None:
+        if isinstance(ev, Delta):
+            c = self.choices.setdefault(ev.index, R.ChoiceResult(ev.index, "", None))
+            c.text += ev.text
+            c.logprobs.extend(ev.logprobs or ())
+            c.finish_reason = ev.finish or c.finish_reason
+        elif isinstance(ev, Done):
+            self.usage = (ev.prompt_tokens, ev.completion_tokens)
+
+    def finished(self, n_choices: int) -> bool:
+        """Every choice ran to its end (a cancelled job leaves one without a finish_reason)."""
+        return len(self.choices) == n_choices and all(c.finish_reason for c in self.choices.values())
+
+    def body(self, req: GenerationRequest, rid: str, created: int, model: str) -> dict:
+        return R.completion_response(req.kind, rid, created, model, list(self.choices.values()), *self.usage,
+                                     with_logprobs=req.logprobs is not None)
 
 
 def _context_error(n_prompt: int, n_ctx: int, param: str) -> APIError:

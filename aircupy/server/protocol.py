@@ -64,12 +64,22 @@ def _not_json(name: str):
 
 def parse_json(raw: bytes) -> dict:
     """Decode a request body; anything but a JSON object is a 400 (never a 500)."""
+    return check_body(decode_json(raw))
+
+
+def decode_json(raw: bytes | str) -> Any:
+    """JSON text -> a value; malformed JSON, NaN and Infinity are a 400 (invalid_json). The batch runner
+    decodes its input lines with it too (server/batch_file.py)."""
     try:
-        body = json.loads(raw, parse_constant=_not_json)
+        return json.loads(raw, parse_constant=_not_json)
     except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
         raise APIError(400, f"malformed JSON body: {e}", code="invalid_json") from None
     except RecursionError:
         raise APIError(400, "JSON body nested too deeply", code="invalid_json") from None
+
+
+def check_body(body: Any) -> dict:
+    """A decoded request body as the server takes it: a JSON object whose strings are valid Unicode."""
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object", code="invalid_json")
     try:
@@ -330,6 +340,13 @@ def parse_completion(body: dict, limits: Limits = DEFAULT_LIMITS) -> GenerationR
     req.sampling["max_tokens"] = 16 if mt is None else mt  # the legacy endpoint's documented default
     req.logprobs = opt_int(body, "logprobs", 0, MAX_TOP_LOGPROBS)
     return req
+
+
+def check_model(model: str | None, served: str) -> None:
+    """An absent model means "the one this server serves" (curl users); a wrong one is a 404 as at OpenAI."""
+    if model is not None and model != served:
+        raise APIError(404, f"The model {model!r} does not exist (this server serves {served!r})",
+                       param="model", code="model_not_found")
 
 
 def check_token_ids(ids: list[int], vocab_size: int, param: str) -> None:

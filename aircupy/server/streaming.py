@@ -20,7 +20,7 @@ import logging
 import anyio
 
 from aircupy.server import responses as R
-from aircupy.server.generation import Delta, Done
+from aircupy.server.generation import Answer, Delta, Done
 from aircupy.server.protocol import GenerationRequest, from_exception
 from aircupy.server.worker import Job, JobFailed
 
@@ -91,23 +91,16 @@ class JobResponse:
                     self.usage = (ev.prompt_tokens, ev.completion_tokens)
 
     async def _whole(self, send) -> None:
-        choices: dict[int, R.ChoiceResult] = {}
+        answer = Answer()
         while (ev := await self.job.next_event()) is not Job.END:
             if isinstance(ev, JobFailed):
                 err = _failed(ev)
                 await send_json(send, err.status, err.body())
                 return
-            if isinstance(ev, Delta):
-                c = choices.setdefault(ev.index, R.ChoiceResult(ev.index, "", None))
-                c.text += ev.text
-                c.logprobs.extend(ev.logprobs or ())
-                c.finish_reason = ev.finish or c.finish_reason
-            elif isinstance(ev, Done):
-                self.usage = (ev.prompt_tokens, ev.completion_tokens)
+            answer.add(ev)
+            self.usage = answer.usage
         self._ended = True
-        body = R.completion_response(self.kind, self.rid, self.created, self.model, list(choices.values()),
-                                     *self.usage, with_logprobs=self.req.logprobs is not None)
-        await send_json(send, 200, body)
+        await send_json(send, 200, answer.body(self.req, self.rid, self.created, self.model))
 
     def _chunk(self, index: int, **kw) -> bytes:
         return R.sse(R.chunk(self.kind, self.rid, self.created, self.model, index,
