@@ -15,25 +15,12 @@ import time
 
 def pinned_h2d_gbps(nbytes: int = 256 << 20, reps: int = 10) -> float:
     """Host-to-device GB/s of one pinned buffer copied `reps` times (median of the copies, each timed
-    with CUDA events on its own stream): the physical bound streaming is measured against."""
-    import cupy as cp
-    import cupyx
+    with CUDA events on its own stream; aircupy.cuda.pcie, the copies `inspect` measures): the
+    physical bound streaming is measured against."""
     import numpy as np
-    host = cupyx.empty_pinned((nbytes,), dtype=np.uint8)
-    host[:] = 1
-    dev = cp.empty(nbytes, dtype=cp.uint8)
-    s = cp.cuda.Stream(non_blocking=True)
-    times = []
-    for i in range(reps + 1):
-        a, b = cp.cuda.Event(), cp.cuda.Event()
-        a.record(s)
-        dev.data.copy_from_host_async(host.ctypes.data, nbytes, s)
-        b.record(s)
-        b.synchronize()
-        if i:                                   # the first copy warms up the mapping
-            times.append(cp.cuda.get_elapsed_time(a, b) / 1e3)
-    del dev, host
-    return nbytes / float(np.median(times)) / 1e9
+
+    from aircupy.cuda.pcie import pinned_h2d_seconds
+    return nbytes / float(np.median(pinned_h2d_seconds(nbytes, reps))) / 1e9
 
 
 def environment() -> dict:
