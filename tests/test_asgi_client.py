@@ -11,7 +11,7 @@ from aircupy.server.app import create_app
 from aircupy.synth import synth_model
 from tests.helpers.asgi_client import asgi_request
 
-TINY = dict(vocab=400, n_embd=256, n_head=4, n_head_kv=2, head_dim=64, n_ff=512)
+TINY = {"vocab": 400, "n_embd": 256, "n_head": 4, "n_head_kv": 2, "head_dim": 64, "n_ff": 512}
 HELLO = [{"role": "user", "content": "Hello world, why is the sky blue?"}]
 
 

@@ -9,8 +9,8 @@ from bench.bench_prefill_graphs import prompt, timed_varied
 
 def test_each_run_gets_its_own_prompt_and_both_modes_the_same_ones():
     seen = {"eager": [], "graph": []}
-    for mode in seen:
-        median, seeds = timed_varied(lambda ids, mode=mode: seen[mode].append(ids.copy()), 49152, 512, 5)
+    for calls in seen.values():
+        median, seeds = timed_varied(lambda ids, calls=calls: calls.append(ids.copy()), 49152, 512, 5)
         assert median >= 0 and seeds == [1, 2, 3, 4, 5]
     eager, graph = seen["eager"], seen["graph"]
     assert len(eager) == 6                                   # warm-up + 5 timed

@@ -102,8 +102,8 @@ def markdown(records: list[dict], env: dict) -> str:
                      + " | ".join(_fmt(vals.get(m), m) for m, _ in TABLE) + f" | {note} |")
     compare = comparison_markdown(records)
     if compare:
-        lines += ["", "Same layers and same budget (peak = the process's device memory; llama.cpp's "
-                      "-ngl at the same budget is the largest whose measured peak fits):", "",
+        lines += ["", ("Same layers and same budget (peak = the process's device memory; llama.cpp's "
+                       "-ngl at the same budget is the largest whose measured peak fits):"), "",
                   compare.rstrip("\n")]
     cmds = sorted({(r["engine"], r["command"]) for r in records if r.get("command")})
     if cmds:
@@ -113,6 +113,16 @@ def markdown(records: list[dict], env: dict) -> str:
 
 def _pair(vals: dict) -> str:
     return f"{_fmt(vals.get('prefill_512_tps'), 'prefill_512_tps')} / {_fmt(vals.get('decode_tps'), 'decode_tps')}"
+
+
+def _cell(e: str, eng: dict, meta: dict) -> str:
+    """Layers on the GPU (and -ngl) | pp512 / decode, peak GB of engine `e` in one scenario."""
+    if e not in eng or "not_run" in eng[e]:
+        return "- | not run"
+    r0, v = meta[e], eng[e]
+    ngl = f" (-ngl {r0['ngl']})" if e.startswith("llama") and r0.get("ngl") is not None else ""
+    peak = _fmt(v.get("peak_vram_GB"), "peak_vram_GB")
+    return f"{r0.get('n_resident')}/{r0.get('n_layers')}{ngl} | {_pair(v)}, {peak} GB"
 
 
 def comparison_markdown(records: list[dict]) -> str:
@@ -129,23 +139,14 @@ def comparison_markdown(records: list[dict]) -> str:
         if "llama.cpp@budget" not in eng:
             continue
         m = meta[scn]
-
-        def cell(e):
-            if e not in eng or "not_run" in eng[e]:
-                return "- | not run"
-            r0, v = m[e], eng[e]
-            ngl = f" (-ngl {r0['ngl']})" if e.startswith("llama") and r0.get("ngl") is not None else ""
-            peak = _fmt(v.get("peak_vram_GB"), "peak_vram_GB")
-            return f"{r0.get('n_resident')}/{r0.get('n_layers')}{ngl} | {_pair(v)}, {peak} GB"
-
         b = m["llama.cpp@budget"].get("budget_bytes")
         budget = "-" if b in (None, "") else f"{int(b) / 2**30:.2f} GiB ({int(b) / 1e9:.3f} GB)"
-        rows.append(f"| {scn} | {budget} | {cell('aircupy')} | {cell('llama.cpp')} | "
-                    f"{cell('llama.cpp@budget')} |")
+        cells = " | ".join(_cell(e, eng, m) for e in ("aircupy", "llama.cpp", "llama.cpp@budget"))
+        rows.append(f"| {scn} | {budget} | {cells} |")
     if not rows:
         return ""
-    head = ["| scenario | budget | aircupy layers | aircupy pp512 / decode, peak | llama.cpp same layers "
-            "| pp512 / decode, peak | llama.cpp same budget | pp512 / decode, peak |",
+    head = [("| scenario | budget | aircupy layers | aircupy pp512 / decode, peak | llama.cpp same layers "
+             "| pp512 / decode, peak | llama.cpp same budget | pp512 / decode, peak |"),
             "|---|---|---:|---|---:|---|---:|---|"]
     return "\n".join(head + rows) + "\n"
 

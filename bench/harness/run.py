@@ -96,7 +96,13 @@ def run_one(p: Placement, opt: Options, env: dict, pinned: float | None, argv_cm
     """Every engine on one placement -> records."""
     from bench.harness import hf_peer
     from bench.harness.measure import run_aircupy
-    from bench.harness.peers import BUDGET_ENGINE, aircupy_result, run_llama, run_llama_at_budget, skipped
+    from bench.harness.peers import (
+        BUDGET_ENGINE,
+        aircupy_result,
+        run_llama,
+        run_llama_at_budget,
+        skipped,
+    )
     from bench.harness.records import to_records
 
     s = p.scenario

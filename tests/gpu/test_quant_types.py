@@ -90,8 +90,8 @@ def test_every_supported_quant_type_matches_numpy(tmp_path, lib, qtype):
 
 @pytest.mark.parametrize("preset,n_layers,over", [
     ("llama3-8b", 8, TINY),
-    ("gemma3-270m", 6, dict(vocab=512, n_embd=640, n_head=4, n_head_kv=1, head_dim=256, n_ff=2048,
-                            sliding_window=8))])
+    ("gemma3-270m", 6, {"vocab": 512, "n_embd": 640, "n_head": 4, "n_head_kv": 1, "head_dim": 256,
+                        "n_ff": 2048, "sliding_window": 8})])
 def test_q4_k_m_mix_matches_numpy(tmp_path, lib, preset, n_layers, over):
     from aircupy.gguf.reader import GGUFFile
     from aircupy.synth import synth_model
