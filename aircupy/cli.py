@@ -256,7 +256,11 @@ def inspect_cmd(model, as_json, vram_budget, n_ctx, slots, max_num_seqs, max_bat
 @click.option("--arch", "preset", default="llama3-8b", show_default=True,
               help="Shape preset: llama3-8b, llama-70b, smollm2-135m, qwen2-0.5b, qwen3-0.6b, gemma3-270m.")
 @click.option("--type", "qtype", default="Q4_0", show_default=True,
-              help="Quant type of the matrices (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K..Q6_K, F16, F32).")
+              help="Quant type of the matrices (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K..Q6_K, F16, F32), "
+                   "or a mix as --mix.")
+@click.option("--mix", default=None, metavar="NAME",
+              help="llama.cpp's per-tensor type mix instead of one type: Q4_K_M (Q6_K head, Q6_K "
+                   "attn_v/ffn_down in some layers, Q4_K elsewhere).")
 @click.option("--layers", type=int, default=None, help="Layer count (default: the preset's).")
 @click.option("--set", "sets", multiple=True, metavar="FIELD=INT",
               help="Override a shape field, e.g. --set n_embd=256 --set vocab=512 (repeatable).")
@@ -264,7 +268,7 @@ def inspect_cmd(model, as_json, vram_budget, n_ctx, slots, max_num_seqs, max_bat
 @click.option("--output-type", default=None, help="Quant type of output.weight (default: --type).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @_one_line_errors
-def synth(out, preset, qtype, layers, sets, embd_type, output_type, seed):
+def synth(out, preset, qtype, mix, layers, sets, embd_type, output_type, seed):
     """Write a synthetic GGUF model: a real architecture's names, shapes and metadata, random weights."""
     from aircupy.errors import InvalidParameterError
     from aircupy.synth import synth_model
@@ -275,6 +279,11 @@ def synth(out, preset, qtype, layers, sets, embd_type, output_type, seed):
             overrides[key.strip()] = float(val) if key.strip() in ("rope_base", "rms_eps") else int(val)
         except ValueError:
             raise InvalidParameterError("set", f"expected FIELD=INT, got {s!r}") from None
+    if mix is not None:
+        from aircupy.synth.mixes import MIXES, mix_name
+        if mix_name(mix) is None:
+            raise InvalidParameterError("mix", f"unknown mix {mix!r}; choose one of {', '.join(MIXES)}")
+        qtype = mix
     rep = synth_model(out, preset, qtype, n_layers=layers, overrides=overrides, seed=seed,
                       embd_type=embd_type, output_type=output_type)
     click.echo(rep.summary())

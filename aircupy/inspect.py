@@ -179,13 +179,17 @@ def render_text(desc: dict, sections=TEXT_SECTIONS) -> str:
 
 def describe_plan(path, vram_budget: int, n_ctx: int | None = None, slots: int = 3,
                   host_ram_bytes: int | None = None, max_num_seqs: int = 1,
-                  max_batched_tokens: int | None = None, kv_tokens: int | None = None) -> dict[str, Any]:
+                  max_batched_tokens: int | None = None, kv_tokens: int | None = None,
+                  measure_pcie: Callable[[], float | None] | None = None) -> dict[str, Any]:
     """describe_file(path) plus the placement the CUDA model builds for `vram_budget` bytes
     (desc["plan"]): the one planner, cuda/placement.py, with the batch limits the engine passes
     (placement.batch_options). host_ram_bytes: the RAM the RAM tier may draw on (default: this
-    machine's available RAM, as the model reads it)."""
+    machine's available RAM, as the model reads it). measure_pcie: returns the pinned host-to-device
+    GB/s, or None where it cannot be measured (the plan then states the assumed rate); default
+    cuda/pcie.measure_pcie_gbps, which measures only where CUDA is usable."""
     from aircupy.config import ModelConfig
     from aircupy.cuda.memory import OUTSIDE_RESERVE
+    from aircupy.cuda.pcie import measure_pcie_gbps
     from aircupy.cuda.placement import ASSUMED_CONTEXT, batch_options, plan_model
     from aircupy.stream.stager import available_ram
 
@@ -195,8 +199,18 @@ def describe_plan(path, vram_budget: int, n_ctx: int | None = None, slots: int =
         ram = available_ram() if host_ram_bytes is None else host_ram_bytes
         n = n_ctx or config.default_n_ctx
         options = batch_options(n, vram_budget, max_num_seqs, max_batched_tokens, kv_tokens, slots=slots)
-        placement = plan_model(g, config, n, vram_budget, options, host_ram_bytes=ram,
-                               outside_bytes=ASSUMED_CONTEXT + OUTSIDE_RESERVE)
+
+        def plan(pcie_gbps=None):
+            return plan_model(g, config, n, vram_budget, options, host_ram_bytes=ram, pcie_gbps=pcie_gbps,
+                              outside_bytes=ASSUMED_CONTEXT + OUTSIDE_RESERVE)
+
+        placement = plan()
+        # The rate matters only to the bound of a plan that streams: measured then (a second or so
+        # on a GPU, the CUDA context's creation included), the plan restated at it.
+        if placement.streams:
+            pcie = (measure_pcie or measure_pcie_gbps)()
+            if pcie is not None:
+                placement = plan(pcie)
     desc["plan"] = placement.to_dict()
     return desc
 
@@ -228,7 +242,8 @@ def _render_plan(d: dict) -> list[str]:
     lines.append(f"  VRAM planned: {size_str(p['vram_bytes'])} = " + " + ".join(
         f"{k} {size_str(v)}" for k, v in p["breakdown"].items() if v))
     if p["bytes_streamed_per_pass"]:
-        rate = "measured" if p["pcie_rate_measured"] else "assumed, not measured here"
+        rate = ("measured here: pinned host-to-device copies" if p["pcie_rate_measured"]
+                else "assumed, not measured here")
         lines.append(f"  streamed per forward pass: {size_str(p['bytes_streamed_per_pass'])}; at "
                      f"{p['pcie_gbps']:.0f} GB/s ({rate}) that is {p['pcie_bound_s'] * 1e3:.1f} ms "
                      f"(decode <= {p['decode_bound_tok_s']:.2f} tokens/s at batch 1)")

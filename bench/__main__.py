@@ -1,7 +1,7 @@
 """python -m bench: aircupy against its peers on the issue-7 scenarios, one session, one card.
 
     python -m bench --out bench/results/run1 [--llama-bench PATH/llama-bench] [--scenarios 8b-*,smollm2-*]
-        [--synth-dir /root/synth] [--reps 2] [--n-gen N] [--no-hf] [--engines aircupy,llama.cpp,hf]
+        [--synth-dir /root/synth] [--reps 2] [--n-gen N] [--no-hf] [--engines aircupy,llama.cpp,llama.cpp@budget,hf]
         [--merge old/results.json] [--dry-run]
 
 Writes into --out: results.csv and results.json (one record per scenario x engine x metric, with the
@@ -34,7 +34,8 @@ def parse(argv):
     ap.add_argument("--n-gen", type=int, default=None, help="decode steps (default: per scenario)")
     ap.add_argument("--no-hf", action="store_true", help="leave the HF transformers peer out")
     ap.add_argument("--engines", default=",".join(ENGINES),
-                    help="engines to run (comma-separated: aircupy, llama.cpp, hf); with --merge, "
+                    help="engines to run (comma-separated: aircupy, llama.cpp (aircupy's layer count), "
+                         "llama.cpp@budget (the largest -ngl that fits the budget), hf); with --merge, "
                          "the other engines' merged records are kept")
     ap.add_argument("--merge", type=Path, action="append", default=[], metavar="RESULTS_JSON")
     ap.add_argument("--dry-run", action="store_true")

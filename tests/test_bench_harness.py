@@ -63,8 +63,9 @@ def test_70b_scenarios_absolute_and_forced_layers():
 
 
 def test_select_patterns():
-    assert [s.name for s in select("8b-*")] == [f"8b-q4_0-{p}pct" for p in (0, 25, 50, 100)]
-    assert len(select(None)) == len(SCENARIOS) == 7
+    assert [s.name for s in select("8b-q4_0-*")] == [f"8b-q4_0-{p}pct" for p in (0, 25, 50, 100)]
+    assert [s.name for s in select("8b-q4_k_m-*")] == ["8b-q4_k_m-50pct"]
+    assert len(select(None)) == len(SCENARIOS) == 8
     with pytest.raises(ValueError, match="no scenario matches"):
         select("13b-*")
 
@@ -253,3 +254,12 @@ def test_records_take_the_commit_from_aircupy_commit_where_set(monkeypatch):
     assert git_commit() == "0bf97c0"
     monkeypatch.delenv("AIRCUPY_COMMIT")
     assert git_commit() != "0bf97c0"
+
+
+def test_the_q4_k_m_scenario_plans_from_the_mix_layout():
+    """8b-q4_k_m-50pct: a bigger file than Q4_0 (Q6_K head and layers), half its layers resident."""
+    g = virtual_gguf("llama3-8b:Q4_K_M")
+    p = expand(by_name("8b-q4_k_m-50pct"), g, n_ctx_for(32))
+    assert p.n_resident == p.ngl == 16 and p.n_layers == 32
+    assert g.file_size > virtual_gguf("llama3-8b:Q4_0").file_size
+    assert g.tensors["output.weight"].ggml_type.name == "Q6_K"

@@ -122,3 +122,50 @@ def test_cli_subprocess(tmp_path, smollm2_path):
     p = subprocess.run([sys.executable, "-m", "aircupy", "inspect", str(smollm2_path), "--json"],
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 0 and json.loads(p.stdout)["tokenizer"]["vocab_size"] == 49152
+
+
+# ---- the PCIe rate of the plan's decode bound: measured where a GPU is usable, else assumed --------
+
+def _plan_text(path, budget, probe):
+    from aircupy.inspect import PLAN_SECTIONS, describe_plan
+    d = describe_plan(path, budget, n_ctx=256, host_ram_bytes=8 << 30, measure_pcie=probe)
+    return d["plan"], render_text(d, PLAN_SECTIONS)
+
+
+def test_inspect_states_the_measured_pcie_rate(smollm2_path):
+    plan, text = _plan_text(smollm2_path, 1_000_000_000, lambda: 47.25)
+    assert plan["streamed_layers"] and plan["pcie_rate_measured"] and plan["pcie_gbps"] == 47.25
+    assert plan["pcie_bound_s"] == pytest.approx(plan["bytes_streamed_per_pass"] / 47.25e9)
+    assert plan["decode_bound_tok_s"] == pytest.approx(1 / plan["pcie_bound_s"])
+    assert "at 47 GB/s (measured here: pinned host-to-device copies) that is " \
+           f"{plan['pcie_bound_s'] * 1e3:.1f} ms" in text
+    assert "not measured" not in text
+
+
+def test_inspect_says_assumed_when_nothing_was_measured(smollm2_path):
+    from aircupy.cuda.placement import ASSUMED_PCIE_GBPS
+    plan, text = _plan_text(smollm2_path, 1_000_000_000, lambda: None)
+    assert not plan["pcie_rate_measured"] and plan["pcie_gbps"] == ASSUMED_PCIE_GBPS
+    assert f"at {ASSUMED_PCIE_GBPS:.0f} GB/s (assumed, not measured here)" in text
+
+
+def test_inspect_measures_nothing_when_nothing_streams(smollm2_path):
+    def probe():
+        raise AssertionError("a resident plan has no streaming bound to measure for")
+    plan, text = _plan_text(smollm2_path, 20_000_000_000, probe)
+    assert not plan["streamed_layers"] and "nothing streams" in text
+
+
+def test_measure_pcie_gbps_best_of_the_copies_and_none_without_cuda(monkeypatch):
+    from aircupy.cuda import backend, pcie
+    monkeypatch.setattr(pcie, "pinned_h2d_seconds", lambda nbytes, reps: [0.010, 0.005, 0.008][:reps])
+    monkeypatch.setattr(backend, "cuda_unavailable_reason", lambda: None)
+    assert pcie.measure_pcie_gbps() == pytest.approx((256 << 20) / 0.005 / 1e9)   # the fastest copy
+    assert pcie.measure_pcie_gbps(1 << 20, 2) == pytest.approx((1 << 20) / 0.005 / 1e9)
+
+    def broken(nbytes, reps):
+        raise RuntimeError("cudaErrorMemoryAllocation")
+    monkeypatch.setattr(pcie, "pinned_h2d_seconds", broken)
+    assert pcie.measure_pcie_gbps() is None                      # a failed measurement: assumed
+    monkeypatch.setattr(backend, "cuda_unavailable_reason", lambda: "cupy cannot be imported")
+    assert pcie.measure_pcie_gbps() is None                      # no GPU: nothing is copied

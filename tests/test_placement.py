@@ -275,14 +275,16 @@ def test_inspect_prints_the_placement_the_model_builds(spec, tmp_path):
         for budget in (np.linspace(low, high + 4096, 9) + outside).astype(int):
             model = plan_model(g, c, 256, int(budget), CudaOptions(), host_ram_bytes=8 * GiB,
                                outside_bytes=outside)
-            shown = describe_plan(path, int(budget), n_ctx=256, host_ram_bytes=8 * GiB)["plan"]
+            shown = describe_plan(path, int(budget), n_ctx=256, host_ram_bytes=8 * GiB,
+                                  measure_pcie=lambda: None)["plan"]
             assert json.loads(json.dumps(shown)) == json.loads(json.dumps(model.to_dict()))
 
 
-def test_inspect_prints_the_plan(smollm2_path):
+def test_inspect_prints_the_plan(smollm2_path, monkeypatch):
     from click.testing import CliRunner
 
     from aircupy.cli import main
+    monkeypatch.setattr("aircupy.cuda.pcie.measure_pcie_gbps", lambda: None)   # as without a GPU
     r = CliRunner().invoke(main, ["inspect", str(smollm2_path), "--vram-budget", "1000MB", "--json"])
     assert r.exit_code == 0, r.output
     plan = json.loads(r.output)["plan"]

@@ -128,3 +128,94 @@ def test_cli_synth_writes_a_loadable_file(tmp_path):
         assert g.metadata["qwen3.block_count"] == 1
     bad = CliRunner().invoke(main, ["synth", str(out), "--arch", "nope"])
     assert bad.exit_code == 2 and "unknown architecture preset" in bad.output
+
+
+# ---- the Q4_K_M mix (aircupy/synth/mixes.py) ------------------------------------------------------
+
+def _types(plan):
+    from collections import Counter
+    return Counter(p.ggml_type.name for p in plan)
+
+
+def test_q4_k_m_mix_equals_the_real_gemma3_file_tensor_by_tensor(gemma3_path):
+    """The real gemma-3-270m Q4_K_M (quantized by llama.cpp) is the oracle: every tensor's type, the
+    row-length fallbacks (640-wide rows: Q4_K -> Q5_0, the tied head Q8_0) included."""
+    from aircupy.synth import plan_for
+    plan, md = plan_for(PRESETS["gemma3-270m"], "Q4_K_M")
+    with GGUFFile(gemma3_path) as g:
+        real = {t.name: (t.ggml_type, t.shape) for t in g.tensors.values()}
+        assert md["general.file_type"] == g.metadata["general.file_type"] == 15
+    assert {p.name: (p.ggml_type, p.shape) for p in plan} == real
+
+
+# Type counts llama.cpp's loader prints for the real Meta-Llama-3-8B and -70B Q4_K_M files
+# ("llama_model_loader: - type q6_K: 33 tensors", ...).
+@pytest.mark.parametrize("preset,counts", [
+    ("llama3-8b", {"F32": 65, "Q4_K": 193, "Q6_K": 33}),
+    ("llama-70b", {"F32": 161, "Q4_K": 441, "Q5_K": 40, "Q6_K": 81})])
+def test_q4_k_m_mix_counts_match_the_real_llama_files(preset, counts):
+    from aircupy.synth import plan_for
+    plan, _ = plan_for(PRESETS[preset], "Q4_K_M")
+    assert dict(_types(plan)) == counts
+    types = {p.name: p.ggml_type for p in plan}
+    assert types["output.weight"] == GGMLType.Q6_K and types["token_embd.weight"] == GGMLType.Q4_K
+    n = PRESETS[preset].n_layers
+    # use_more_bits by hand for 32 layers: the first and last 4, and 6, 9, ..., 27 between
+    more = {0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31} if n == 32 else \
+        set(range(10)) | set(range(70, 80)) | set(range(12, 70, 3))
+    for i in range(n):
+        want_v = GGMLType.Q6_K if i in more else (GGMLType.Q5_K if n == 80 else GGMLType.Q4_K)
+        assert types[f"blk.{i}.attn_v.weight"] == want_v, i
+        assert types[f"blk.{i}.ffn_down.weight"] == (GGMLType.Q6_K if i in more else GGMLType.Q4_K), i
+        for other in ("attn_q", "attn_k", "attn_output", "ffn_gate", "ffn_up"):
+            assert types[f"blk.{i}.{other}.weight"] == GGMLType.Q4_K
+
+
+def test_q4_k_m_tiny_file_has_the_plans_types_and_runs_on_numpy(tmp_path):
+    from aircupy.synth.mixes import use_more_bits
+    rep = synth_model(tmp_path / "mix.gguf", "llama3-8b", "q4_k_m", n_layers=8, overrides=TINY, seed=2)
+    assert rep.mix == "Q4_K_M" and "Q4_K_M mix" in rep.summary()
+    with GGUFFile(rep.path) as g:
+        assert g.metadata["general.file_type"] == 15
+        t = {name: x.ggml_type for name, x in g.tensors.items()}
+        assert t["output.weight"] == GGMLType.Q6_K
+        more = [i for i in range(8) if use_more_bits(i, 8)]
+        assert more == [0, 3, 6, 7]          # n/8 = 1: layer 0, layer 7, and (i - 1) % 3 == 2
+        assert [i for i in range(8) if t[f"blk.{i}.ffn_down.weight"] == GGMLType.Q6_K] == more
+        assert [i for i in range(8) if t[f"blk.{i}.attn_v.weight"] == GGMLType.Q6_K] == more
+        assert {t[f"blk.{i}.attn_q.weight"] for i in range(8)} == {GGMLType.Q4_K}
+        for name, x in g.tensors.items():   # valid blocks: every type dequantizes finite
+            if x.ggml_type != GGMLType.F32:
+                assert np.isfinite(dequantize(x.data, x.ggml_type, x.shape)).all(), name
+        c = ModelConfig.from_gguf(g)
+        m = NumpyModel(g, c)
+        ids = np.arange(4, 20, dtype=np.int32)
+        logits = m.forward(ids, np.arange(16, dtype=np.int32), m.new_cache(32), all_logits=True)
+        assert logits.shape == (16, 400) and np.isfinite(logits).all() and 1.0 < logits.std() < 20.0
+
+
+def test_cli_synth_mix(tmp_path):
+    from aircupy.cli import main
+    out = tmp_path / "m.gguf"
+    r = CliRunner().invoke(main, ["synth", str(out), "--arch", "llama3-8b", "--mix", "q4_k_m",
+                                  "--layers", "2", "--set", "vocab=300", "--set", "n_embd=256",
+                                  "--set", "n_ff=512", "--set", "n_head=4", "--set", "n_head_kv=2",
+                                  "--set", "head_dim=64"])
+    assert r.exit_code == 0, r.output
+    assert "Q4_K_M mix" in r.output
+    with GGUFFile(out) as g:
+        assert g.tensors["output.weight"].ggml_type == GGMLType.Q6_K
+        assert g.tensors["blk.1.attn_q.weight"].ggml_type == GGMLType.Q4_K
+    bad = CliRunner().invoke(main, ["synth", str(out), "--mix", "q3_k_xl"])
+    assert bad.exit_code == 2 and "unknown mix" in bad.output
+
+
+def test_virtual_layout_of_a_mix_equals_the_written_file(tmp_path):
+    """The bench plans a Q4_K_M file it has not written from its exact layout (models.virtual_gguf)."""
+    from bench.harness.models import virtual_gguf
+    v = virtual_gguf("smollm2-135m:Q4_K_M")
+    rep = synth_model(tmp_path / "s.gguf", "smollm2-135m", "Q4_K_M", seed=0)
+    with GGUFFile(rep.path) as g:
+        assert v.file_size == g.file_size
+        assert {n: (t.ggml_type, t.shape, t.offset) for n, t in v.tensors.items()} == \
+            {n: (t.ggml_type, t.shape, t.offset) for n, t in g.tensors.items()}

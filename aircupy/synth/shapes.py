@@ -14,6 +14,7 @@ All tensors of a layer are contiguous in the file (the streaming manifest reads 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from aircupy.gguf.ggml import BLOCK_GEOMETRY, GGMLType
@@ -100,14 +101,19 @@ class TensorPlan:
 
 
 def tensor_plan(s: ArchShape, qtype: GGMLType, embd_type: GGMLType | None = None,
-                output_type: GGMLType | None = None, logit_std: float = 4.0) -> list[TensorPlan]:
+                output_type: GGMLType | None = None, logit_std: float = 4.0,
+                pick: Callable[[str], GGMLType] | None = None) -> list[TensorPlan]:
     """Every tensor of the model, in file order. Matrices get weight RMS 1/sqrt(in_features), so
     activations stay O(1) through any depth; the head gets logit_std/sqrt(E) so logits have RMS
-    ~logit_std (a tied head shares token_embd, which then has that RMS too)."""
+    ~logit_std (a tied head shares token_embd, which then has that RMS too). pick: tensor name ->
+    type, a quantization mix (mixes.py) instead of `qtype` everywhere; embd_type and output_type
+    still override it."""
     E, D, F = s.n_embd, s.head_dim, s.n_ff
     q_out, kv_out = s.n_head * D, s.n_head_kv * D
 
-    def mat(name, rows, cols, t=qtype, std=None):
+    def mat(name, rows, cols, t=None, std=None):
+        if t is None:
+            t = pick(name) if pick else qtype
         return TensorPlan(name, matrix_type(t, cols), (rows, cols), 0.0,
                           std if std is not None else cols ** -0.5)
 
@@ -115,11 +121,10 @@ def tensor_plan(s: ArchShape, qtype: GGMLType, embd_type: GGMLType | None = None
         return TensorPlan(name, GGMLType.F32, (n,), mean, std)
 
     head_std = logit_std * E ** -0.5
-    plan = [mat("token_embd.weight", s.vocab, E, embd_type or qtype,
-                head_std if s.tied else 1.0),
+    plan = [mat("token_embd.weight", s.vocab, E, embd_type, head_std if s.tied else 1.0),
             vec("output_norm.weight", E)]
     if not s.tied:
-        plan.append(mat("output.weight", s.vocab, E, output_type or qtype, head_std))
+        plan.append(mat("output.weight", s.vocab, E, output_type, head_std))
     for i in range(s.n_layers):
         p = f"blk.{i}."
         plan.append(vec(p + "attn_norm.weight", E))
@@ -143,14 +148,15 @@ def tensor_plan(s: ArchShape, qtype: GGMLType, embd_type: GGMLType | None = None
     return plan
 
 
-def model_metadata(s: ArchShape, qtype: GGMLType, name: str) -> dict:
-    """general.* and <arch>.* keys (tokenizer keys come from vocab.py)."""
+def model_metadata(s: ArchShape, qtype: GGMLType, name: str, file_type: int | None = None) -> dict:
+    """general.* and <arch>.* keys (tokenizer keys come from vocab.py). file_type: general.file_type
+    of a mix (default: the one of a file whose matrices are all `qtype`)."""
     a = s.arch
     md = {
         "general.architecture": a,
         "general.type": "model",
         "general.name": name,
-        "general.file_type": FILE_TYPE.get(qtype, 0),
+        "general.file_type": FILE_TYPE.get(qtype, 0) if file_type is None else file_type,
         "general.quantization_version": 2,
         f"{a}.context_length": s.n_ctx,
         f"{a}.embedding_length": s.n_embd,

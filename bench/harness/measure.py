@@ -15,25 +15,12 @@ import time
 
 def pinned_h2d_gbps(nbytes: int = 256 << 20, reps: int = 10) -> float:
     """Host-to-device GB/s of one pinned buffer copied `reps` times (median of the copies, each timed
-    with CUDA events on its own stream): the physical bound streaming is measured against."""
-    import cupy as cp
-    import cupyx
+    with CUDA events on its own stream; aircupy.cuda.pcie, the copies `inspect` measures): the
+    physical bound streaming is measured against."""
     import numpy as np
-    host = cupyx.empty_pinned((nbytes,), dtype=np.uint8)
-    host[:] = 1
-    dev = cp.empty(nbytes, dtype=cp.uint8)
-    s = cp.cuda.Stream(non_blocking=True)
-    times = []
-    for i in range(reps + 1):
-        a, b = cp.cuda.Event(), cp.cuda.Event()
-        a.record(s)
-        dev.data.copy_from_host_async(host.ctypes.data, nbytes, s)
-        b.record(s)
-        b.synchronize()
-        if i:                                   # the first copy warms up the mapping
-            times.append(cp.cuda.get_elapsed_time(a, b) / 1e3)
-    del dev, host
-    return nbytes / float(np.median(times)) / 1e9
+
+    from aircupy.cuda.pcie import pinned_h2d_seconds
+    return nbytes / float(np.median(pinned_h2d_seconds(nbytes, reps))) / 1e9
 
 
 def environment() -> dict:
@@ -67,35 +54,44 @@ def vram_used_bytes() -> int:
     return int(total - free)
 
 
-class VramPoller:
-    """Peak device memory in use while a block runs, polled from nvidia-smi every `period` s (for a
-    peer in another process). Peak minus the reading at entry is reported; None without nvidia-smi."""
+def device_used_bytes(index: int = 0) -> int | None:
+    """Device-wide memory in use: NVML (aircupy.cuda.memory, a ctypes call) where it reads, else
+    nvidia-smi's MiB figure; None without either."""
+    from aircupy.cuda.memory import nvml_used_bytes
+    v = nvml_used_bytes(index)
+    if v is not None:
+        return v
+    if shutil.which("nvidia-smi") is None:
+        return None
+    r = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits",
+                        "-i", str(index)], capture_output=True, text=True, timeout=10)
+    try:
+        return int(r.stdout.strip().splitlines()[0]) << 20
+    except (ValueError, IndexError):
+        return None
 
-    def __init__(self, period: float = 0.2):
+
+class VramPoller:
+    """Peak device memory in use while a block runs, sampled every `period` s (for a peer in another
+    process: the lent machines run nothing else on the GPU, so the growth of the device's used memory
+    is that process's whole footprint, its CUDA context included). Peak minus the reading at entry is
+    reported; None where memory cannot be read. read: () -> bytes or None (default device_used_bytes)."""
+
+    def __init__(self, period: float = 0.05, read=None):
         self.period, self.samples = period, []
+        self.read = read or device_used_bytes
         self._stop = threading.Event()
         self._thread = None
 
-    @staticmethod
-    def read_mib() -> int | None:
-        if shutil.which("nvidia-smi") is None:
-            return None
-        r = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits",
-                            "-i", "0"], capture_output=True, text=True, timeout=10)
-        try:
-            return int(r.stdout.strip().splitlines()[0])
-        except (ValueError, IndexError):
-            return None
-
     def _run(self):
         while not self._stop.is_set():
-            v = self.read_mib()
+            v = self.read()
             if v is not None:
                 self.samples.append(v)
             self._stop.wait(self.period)
 
     def __enter__(self):
-        self.base = self.read_mib()
+        self.base = self.read()
         if self.base is not None:
             self._thread = threading.Thread(target=self._run, daemon=True)
             self._thread.start()
@@ -110,7 +106,7 @@ class VramPoller:
     def peak_bytes(self) -> int | None:
         if self.base is None or not self.samples:
             return None
-        return (max(self.samples) - self.base) << 20
+        return max(0, max(self.samples) - self.base)
 
 
 def run_aircupy(path, placement, prompts: dict[str, int], n_gen: int, ttft_prompt: int,

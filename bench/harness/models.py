@@ -55,22 +55,21 @@ class _Tensor:
 
 def virtual_gguf(spec: str) -> SimpleNamespace:
     """GGUFFile-like (path, file_size, metadata, get, tensors) for a synthetic spec, without data."""
-    from aircupy.synth import PRESETS, parse_type
-    from aircupy.synth.shapes import model_metadata, tensor_plan
+    from aircupy.synth import PRESETS, plan_for
+    from aircupy.synth.mixes import mix_name
     from aircupy.synth.vocab import build_vocab, tokenizer_metadata
     from aircupy.synth.writer import ALIGNMENT, TensorSource, header_bytes
 
     preset, qtype = spec.split(":")
-    shape, t = PRESETS[preset], parse_type(qtype)
-    plan = tensor_plan(shape, t)
-    md = model_metadata(shape, t, f"aircupy synthetic {preset} {t.name}")
+    shape, label = PRESETS[preset], mix_name(qtype) or qtype.upper()
+    plan, md = plan_for(shape, qtype, name=f"aircupy synthetic {preset} {label}")
     md.update(tokenizer_metadata(build_vocab(shape.vocab, 0), shape.add_bos))
     srcs = [TensorSource(p.name, p.ggml_type, p.shape, lambda: ()) for p in plan]
     head, rel = header_bytes(md, srcs)
     tensors = {s.name: _Tensor(s.name, s.ggml_type, s.shape, len(head) + r, s.nbytes)
                for s, r in zip(srcs, rel)}
     size = len(head) + sum(-(-s.nbytes // ALIGNMENT) * ALIGNMENT for s in srcs)
-    return SimpleNamespace(path=Path(f"{preset}-{t.name}.gguf"), file_size=size, metadata=md,
+    return SimpleNamespace(path=Path(f"{preset}-{label}.gguf"), file_size=size, metadata=md,
                            tensors=tensors, get=md.get, virtual=True)
 
 

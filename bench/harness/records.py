@@ -15,7 +15,7 @@ from bench.harness.peers import METRICS
 
 FIELDS = ("scenario", "model", "engine", "metric", "value", "unit", "budget_bytes", "n_resident",
           "n_layers", "ngl", "card", "driver", "cuda_runtime", "cupy", "python", "aircupy", "commit",
-          "engine_version", "engine_flags", "date", "command", "note")
+          "engine_version", "engine_flags", "date", "command", "note", "search")
 ENV_KEYS = ("card", "driver", "cuda_runtime", "cupy", "python", "aircupy", "commit", "date")
 
 
@@ -38,6 +38,11 @@ def to_records(placement_row: dict, result: dict, env: dict) -> list[dict]:
                 engine_flags=json.dumps(extra["flags"], sort_keys=True) if extra.get("flags") else "")
     if result["engine"] == "aircupy" and "n_resident" in extra:
         base["n_resident"] = extra["n_resident"]      # what the model really kept (plan adjusted)
+    if extra.get("ngl") is not None:                  # llama.cpp at the same budget: its own -ngl
+        base["ngl"] = extra["ngl"]
+        if base.get("n_layers") is not None:
+            base["n_resident"] = min(int(extra["ngl"]), int(base["n_layers"]))
+    base["search"] = json.dumps(extra["ngl_search"]) if extra.get("ngl_search") else ""
     metrics = result.get("metrics", {})
     if not metrics:
         return [dict(base, metric="not_run", value=None, unit="")]
@@ -95,10 +100,55 @@ def markdown(records: list[dict], env: dict) -> str:
         note = (r0.get("note") or "").replace("|", "/").replace("\n", " ")
         lines.append(f"| {scn} | {eng} | {budget} | {layers} | "
                      + " | ".join(_fmt(vals.get(m), m) for m, _ in TABLE) + f" | {note} |")
+    compare = comparison_markdown(records)
+    if compare:
+        lines += ["", ("Same layers and same budget (peak = the process's device memory; llama.cpp's "
+                       "-ngl at the same budget is the largest whose measured peak fits):"), "",
+                  compare.rstrip("\n")]
     cmds = sorted({(r["engine"], r["command"]) for r in records if r.get("command")})
     if cmds:
         lines += ["", "Commands:", ""] + [f"    [{e}] {c}" for e, c in cmds]
     return "\n".join(lines) + "\n"
+
+
+def _pair(vals: dict) -> str:
+    return f"{_fmt(vals.get('prefill_512_tps'), 'prefill_512_tps')} / {_fmt(vals.get('decode_tps'), 'decode_tps')}"
+
+
+def _cell(e: str, eng: dict, meta: dict) -> str:
+    """Layers on the GPU (and -ngl) | pp512 / decode, peak GB of engine `e` in one scenario."""
+    if e not in eng or "not_run" in eng[e]:
+        return "- | not run"
+    r0, v = meta[e], eng[e]
+    ngl = f" (-ngl {r0['ngl']})" if e.startswith("llama") and r0.get("ngl") is not None else ""
+    peak = _fmt(v.get("peak_vram_GB"), "peak_vram_GB")
+    return f"{r0.get('n_resident')}/{r0.get('n_layers')}{ngl} | {_pair(v)}, {peak} GB"
+
+
+def comparison_markdown(records: list[dict]) -> str:
+    """One row per scenario with a budget: aircupy, llama.cpp at aircupy's layer count, and llama.cpp
+    at the largest -ngl that fits the same budget (each: layers on the GPU, pp512 / decode t/s, peak
+    device memory), as RESULTS.md's tables show them. Empty when no scenario has the same-budget run."""
+    by: dict[str, dict[str, dict]] = {}
+    meta: dict[str, dict] = {}
+    for r in records:
+        by.setdefault(r["scenario"], {}).setdefault(r["engine"], {})[r["metric"]] = r["value"]
+        meta.setdefault(r["scenario"], {})[r["engine"]] = r
+    rows = []
+    for scn, eng in by.items():
+        if "llama.cpp@budget" not in eng:
+            continue
+        m = meta[scn]
+        b = m["llama.cpp@budget"].get("budget_bytes")
+        budget = "-" if b in (None, "") else f"{int(b) / 2**30:.2f} GiB ({int(b) / 1e9:.3f} GB)"
+        cells = " | ".join(_cell(e, eng, m) for e in ("aircupy", "llama.cpp", "llama.cpp@budget"))
+        rows.append(f"| {scn} | {budget} | {cells} |")
+    if not rows:
+        return ""
+    head = [("| scenario | budget | aircupy layers | aircupy pp512 / decode, peak | llama.cpp same layers "
+             "| pp512 / decode, peak | llama.cpp same budget | pp512 / decode, peak |"),
+            "|---|---|---:|---|---:|---|---:|---|"]
+    return "\n".join(head + rows) + "\n"
 
 
 def replace_scenario(records: list[dict], new: list[dict]) -> list[dict]:

@@ -1,8 +1,10 @@
 """The harness's two passes: plan every selected scenario (no GPU), then run aircupy and the peers on
 each, collecting results as records.
 
-Order per scenario: aircupy, then llama-bench, then HF, one after the other in this process (the
-model is closed and freed before a peer starts, so a peer sees the whole card).
+Order per scenario: aircupy, then llama-bench at aircupy's layer count ("llama.cpp"), llama-bench at
+the largest -ngl that fits the same budget ("llama.cpp@budget", bench/harness/budget_ngl.py), then
+HF, one after the other in this process (the model is closed and freed before a peer starts, so a
+peer sees the whole card).
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ PROMPTS = {"pp512": 512, "pp2048": 2048}
 TTFT_PROMPT = 512
 
 
-ENGINES = ("aircupy", "llama.cpp", "hf")
+ENGINES = ("aircupy", "llama.cpp", "llama.cpp@budget", "hf")
 
 
 def n_ctx_for(n_gen: int) -> int:
@@ -69,6 +71,10 @@ def describe(p: Placement, real: bool, opt: Options) -> str:
     cmd = llama_bench_cmd(opt.llama_bench or "llama-bench", path, sorted(PROMPTS.values()), n_gen,
                           opt.reps, ngl=p.ngl)
     lines.append(f"  llama.cpp: {shlex.join(cmd)}" + ("" if opt.llama_bench else "  [no --llama-bench]"))
+    if "llama.cpp@budget" in opt.engines and p.budget_bytes is not None:
+        lines.append(f"  llama.cpp@budget: the largest -ngl in [0, {p.n_layers + 1}] whose measured peak "
+                     f"(-p {max(PROMPTS.values())} -n 0 -r 1) fits {p.budget_bytes} B, searched from "
+                     f"-ngl {min(p.ngl, p.n_layers + 1)}; then the command above at that -ngl")
     if opt.hf:
         mm = "free memory" if p.budget_bytes is None else str(p.budget_bytes)
         lines.append(f"  hf: bf16 {s.model.split(':')[0]} shape, accelerate max_memory={{0: {mm}}}")
@@ -90,7 +96,13 @@ def run_one(p: Placement, opt: Options, env: dict, pinned: float | None, argv_cm
     """Every engine on one placement -> records."""
     from bench.harness import hf_peer
     from bench.harness.measure import run_aircupy
-    from bench.harness.peers import aircupy_result, run_llama, skipped
+    from bench.harness.peers import (
+        BUDGET_ENGINE,
+        aircupy_result,
+        run_llama,
+        run_llama_at_budget,
+        skipped,
+    )
     from bench.harness.records import to_records
 
     s = p.scenario
@@ -110,6 +122,11 @@ def run_one(p: Placement, opt: Options, env: dict, pinned: float | None, argv_cm
             results.append(skipped("llama.cpp", notes["llama.cpp"]))
         else:
             results.append(run_llama(opt.llama_bench, path, p, PROMPTS, n_gen, opt.reps))
+    if BUDGET_ENGINE in opt.engines:
+        if notes["llama.cpp"]:
+            results.append(skipped(BUDGET_ENGINE, notes["llama.cpp"]))
+        else:
+            results.append(run_llama_at_budget(opt.llama_bench, path, p, PROMPTS, n_gen, opt.reps))
     if "hf" in opt.engines:
         if notes["hf"]:
             results.append(skipped("hf", notes["hf"]))

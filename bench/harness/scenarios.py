@@ -37,6 +37,8 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario("8b-q4_0-25pct", "llama3-8b:Q4_0", "25%", 16),
     Scenario("8b-q4_0-50pct", "llama3-8b:Q4_0", "50%", 32),
     Scenario("8b-q4_0-100pct", "llama3-8b:Q4_0", "100%", 128),
+    # the type mix real Q4_K_M files carry (synth/mixes.py), at the same split as the Q4_0 row above
+    Scenario("8b-q4_k_m-50pct", "llama3-8b:Q4_K_M", "50%", 32),
     Scenario("70b-q4_0-24gib", "llama-70b:Q4_0", "24GiB", 8),
     Scenario("70b-q4_0-0layers", "llama-70b:Q4_0", "0layers", 4),
 )
