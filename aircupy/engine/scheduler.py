@@ -26,10 +26,11 @@ rows and prefill chunks. A chunk that ends its sequence's unfed tokens yields lo
 
 Speculative decoding. set_draft(seq_id, tokens) hands a decoding sequence k drafted tokens for its
 next step: its decode row becomes a verification chunk of 1 + k rows (the last sampled token, then the
-drafts), every row a logits row (engine/step.py). Drafts are what is left over: pass 1 first gives
-every decode row its slot (preempting as above), then drafts are attached oldest first, cut to the
-token budget left after all decode rows and to the blocks free without preempting anyone (a draft never
-costs another sequence its place), and to max_model_len. commit() takes, for a verification chunk, the
+drafts), every row a logits row (engine/step.py). Drafts come after every decode row has its slot
+(pass 1, preempting as above) and before prefill (pass 2, like vLLM's running-first order; a runner
+that wants prompts to go first caps k): oldest first, each cut to the token budget left and to the
+blocks free without preempting anyone (a draft never costs another sequence its place), and to
+max_model_len. commit() takes, for a verification chunk, the
 accepted tokens: the accepted prefix of the drafts plus the target's own next token (1 to k + 1 ids).
 The KV of the last sampled token and of the accepted drafts stays; the rejected rows' KV is dropped and
 the blocks only they used return (the block holding the next token's slot is kept). Blocks are offered
