@@ -20,7 +20,12 @@ import numpy as np
 import pytest
 
 from aircupy.config import ModelConfig
-from aircupy.engine.drafters import ModelProposer, NgramProposer, check_draft_vocab, self_draft
+from aircupy.engine.drafters import (
+    ModelProposer,
+    NgramProposer,
+    check_draft_vocab,
+    self_draft,
+)
 from aircupy.engine.params import SamplingParams
 from aircupy.engine.speculative import Speculator
 from aircupy.errors import InvalidParameterError
@@ -34,12 +39,12 @@ from tests.helpers.tiny_models import TINY, write_tiny_model
 N_TOKENS = 32
 MARGIN = 1e-4       # relative top-2 gap of every greedy choice; row-grouping noise is ~1e-6 (test_forward_step)
 TEXTS = (
-    "Rename the variable x to count in this code.\n\ndef total(items):\n    x = 0\n    for item in items:\n"
-    "        x += item.price * item.quantity\n    return x\n\nRenamed:\n\ndef total(items):\n",
+    ("Rename the variable x to count in this code.\n\ndef total(items):\n    x = 0\n    for item in items:\n"
+     "        x += item.price * item.quantity\n    return x\n\nRenamed:\n\ndef total(items):\n"),
     "The quick brown fox jumps over the lazy dog. The quick brown fox jumps over the lazy dog. The quick",
 )
 # (layers of the draft GGUF, layers the self-draft skips) per model
-DRAFTS = {"smollm2": (8, range(15, 28, 2)), "gemma3": (6, range(9, 16, 2))}
+DRAFTS = {"smollm2": (8, range(15, 28, 2)), "gemma3": (12, range(10, 15, 2))}
 
 
 def _load(path):
@@ -80,8 +85,7 @@ def test_greedy_speculation_generates_exactly_the_same_ids(real, source):
     assert out.tokens == base.tokens
     assert st["spec_drafted"] > 0 and out.sched.stats()["draft_tokens"] == st["spec_drafted"]
     assert out.sched.stats()["accepted_draft_tokens"] == st["spec_accepted"]
-    if source == "ngram":          # the second prompt repeats itself: lookup must pay there
-        assert st["spec_accepted"] > 0 and st["spec_tokens_per_pass"] > 1.5
+    assert 0 < st["spec_accepted"] < st["spec_drafted"]       # acceptances and rejections both ran
 
 
 def test_real_vocabularies_are_checked_like_llama_cpp(smollm2_path, gemma3_path):
