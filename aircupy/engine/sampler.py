@@ -86,18 +86,44 @@ class Sampler:
         if self.constraint is not None:
             row = self._masked(row)
         if self.params.greedy:
-            x = self.process(row) if self._modifies_logits else row
-            tok = int(np.argmax(x))
+            tok = self._argmax(row)
         else:
             ids, probs = self.candidates(row)
             # Inverse CDF: the first candidate whose cumulative probability exceeds u * total.
             cdf = np.cumsum(probs)
             i = int(np.searchsorted(cdf, self.rng.random() * cdf[-1], side="right"))
             tok = int(ids[min(i, len(ids) - 1)])
-        self.accept(tok)
-        if self.constraint is not None:
-            self.constraint.advance(tok)
+        self.advance(tok)
         return tok
+
+    def _argmax(self, row: np.ndarray) -> int:
+        """The greedy choice: argmax after bias and penalties (lowest id on a tie)."""
+        return int(np.argmax(self.process(row) if self._modifies_logits else row))
+
+    def probs(self, logits: np.ndarray) -> np.ndarray:
+        """(vocab,) float64: the distribution sample() would draw the next token from in the sampler's
+        present state (constraint mask, bias, penalties, temperature, truncation), normalised; a point
+        mass on the argmax when greedy. Records nothing: speculative decoding (engine/speculative.py)
+        judges drafted tokens with it, then records the tokens it keeps with advance()."""
+        row = np.asarray(logits).reshape(-1)
+        if row.shape[0] != self.vocab_size:
+            raise ValueError(f"logits have {row.shape[0]} entries, the vocabulary {self.vocab_size}")
+        if self.constraint is not None:
+            row = self._masked(row)
+        out = np.zeros(self.vocab_size, dtype=np.float64)
+        if self.params.greedy:
+            out[self._argmax(row)] = 1.0
+        else:
+            ids, p = self.candidates(row)
+            out[ids] = p / p.sum()
+        return out
+
+    def advance(self, token_id: int) -> None:
+        """Record a token as chosen (penalty history, constraint matcher): what sample() does after its
+        draw, for a token chosen elsewhere (an accepted draft)."""
+        self.accept(token_id)
+        if self.constraint is not None:
+            self.constraint.advance(int(token_id))
 
     def _masked(self, row: np.ndarray) -> np.ndarray:
         from aircupy.engine.constraint import mask_logits

@@ -4,7 +4,7 @@
     seq = sched.add(prompt_ids, params)            # ContextLengthError if it can never fit
     while sched.has_unfinished():
         step = sched.schedule()                    # a Step (engine/step.py): plain data
-        ids = runner.run(step)                     # one sampled id per step.logits_rows
+        ids = runner.run(step)                     # one sampled id per step.logits_chunks
         sched.commit(step, ids, finish=reasons)    # the caller's stop decisions, one per id (or None)
 
 A sequence's tokens are prompt + generated; num_computed_tokens of them have their KV written, and an
@@ -24,6 +24,19 @@ is decoding. A running sequence holds blocks for all its tokens except perhaps t
 Chunks take min(unfed, budget left) tokens, so a long prompt spreads over steps and a step mixes decode
 rows and prefill chunks. A chunk that ends its sequence's unfed tokens yields logits.
 
+Speculative decoding. set_draft(seq_id, tokens) hands a decoding sequence k drafted tokens for its
+next step: its decode row becomes a verification chunk of 1 + k rows (the last sampled token, then the
+drafts), every row a logits row (engine/step.py). Drafts come after every decode row has its slot
+(pass 1, preempting as above) and before prefill (pass 2, like vLLM's running-first order; a runner
+that wants prompts to go first caps k): oldest first, each cut to the token budget left and to the
+blocks free without preempting anyone (a draft never costs another sequence its place), and to
+max_model_len. commit() takes, for a verification chunk, the
+accepted tokens: the accepted prefix of the drafts plus the target's own next token (1 to k + 1 ids).
+The KV of the last sampled token and of the accepted drafts stays; the rejected rows' KV is dropped and
+the blocks only they used return (the block holding the next token's slot is kept). Blocks are offered
+to the prefix cache only once they hold accepted tokens. A draft is for one step: schedule() consumes
+it, and preemption, rollback and finish drop it.
+
 Order invariant (what keeps preemption fair and admission FIFO): running and waiting are each in
 arrival order, and every running sequence arrived before every waiting one. Admission takes the oldest
 waiting; preemption sends the newest running to the front of waiting.
@@ -35,6 +48,8 @@ from __future__ import annotations
 
 import enum
 from collections import deque
+
+import numpy as np
 
 from aircupy.engine.blocks import BlockManager, BlockTable
 from aircupy.engine.step import ScheduledChunk, Step
@@ -66,6 +81,7 @@ class Sequence:
         self.status = Status.WAITING
         self.finish_reason: str | None = None
         self.num_preemptions = 0
+        self.draft: list[int] = []      # drafted tokens for the next step (set_draft)
 
     @property
     def num_tokens(self) -> int:
@@ -139,6 +155,7 @@ class Scheduler:
         self._in_flight: Step | None = None
         # tokens scheduled (a sequence finished while its step ran still counts)
         self.num_steps = self.num_preemptions = self.prefill_tokens = self.decode_tokens = 0
+        self.draft_tokens = self.accepted_draft_tokens = 0   # drafts scheduled; of which accepted
 
     # -- sequences in and out ---------------------------------------------------------------------
     def add(self, prompt_ids, params=None) -> Sequence:
@@ -174,6 +191,7 @@ class Scheduler:
             self.waiting.remove(seq)
         self.blocks.free(seq.table)
         seq.table.hashes.clear()
+        seq.draft = []
         seq.status, seq.finish_reason = Status.FINISHED, reason
         return seq
 
@@ -194,11 +212,26 @@ class Scheduler:
         if not seq.num_prompt_tokens <= num_tokens <= seq.num_tokens:
             raise ValueError(f"rollback to {num_tokens} tokens: must be in [{seq.num_prompt_tokens}, {seq.num_tokens}]")
         del seq.token_ids[num_tokens:]
+        seq.draft = []
         seq.num_computed_tokens = self.blocks.truncate(seq.table, min(seq.num_computed_tokens, num_tokens - 1))
         if seq.status is Status.RUNNING:
             # The truncation may have dropped a shared block: get blocks for every token again (a
             # running sequence always has them), preempting as a decode would.
             self._reserve(seq, seq.num_tokens, [])
+
+    def set_draft(self, seq_id: int, tokens) -> int:
+        """Drafted tokens to verify in seq_id's next step (replacing any set before); returns how many
+        were kept: none unless the sequence is running and decoding (one unfed token), and at most
+        max_model_len - num_tokens - 1, so that every draft accepted plus the bonus token still fits.
+        schedule() may cut them further (budget, free blocks)."""
+        if self._in_flight is not None:
+            raise RuntimeError("set_draft() between schedule() and commit()")
+        seq = self._seqs[seq_id]
+        tokens = [int(t) for t in tokens]
+        if seq.status is not Status.RUNNING or seq.num_unfed != 1:
+            tokens = []
+        seq.draft = tokens[:max(0, self.max_model_len - seq.num_tokens - 1)]
+        return len(seq.draft)
 
     def has_unfinished(self) -> bool:
         return bool(self._seqs)
@@ -211,13 +244,23 @@ class Scheduler:
         budget = self.max_batched_tokens
         chunks: list[ScheduledChunk] = []
         preempted: list[int] = []
+        decoding = []
         for seq in list(self.running):                       # 1. decode rows, oldest first
             if seq.status is Status.RUNNING and seq.num_unfed == 1 \
                     and self._reserve(seq, seq.num_tokens, preempted):
-                chunks.append(self._chunk(seq, 1))
-                budget -= 1
-                self.decode_tokens += 1
+                decoding.append(seq)
+        budget -= len(decoding)
+        self.decode_tokens += len(decoding)
         assert budget >= 0
+        for seq in decoding:                                 # 1b. drafts from what is left, oldest first
+            k = min(len(seq.draft), budget)
+            while k and self.blocks.blocks_to_grow(seq.table, seq.num_tokens + k) > self.blocks.num_free:
+                k -= 1
+            self.blocks.grow(seq.table, seq.num_tokens + k)
+            chunks.append(self._chunk(seq, 1, seq.draft[:k]))
+            seq.draft = []
+            budget -= k
+            self.draft_tokens += k
         for seq in self.running:                             # 2a. prompts under way, oldest first
             if seq.num_unfed > 1 and budget:
                 k = min(seq.num_unfed, budget)
@@ -244,30 +287,44 @@ class Scheduler:
         return step
 
     def commit(self, step: Step, sampled_ids, finish=None) -> list[Sequence]:
-        """Record a step's result: every chunk's KV is written; each logits chunk's sequence gets its
-        sampled id (same order as step.logits_rows) and finishes when finish[i] gives a reason (the
-        caller's: eos, stop string, max_tokens) or when it reaches max_model_len ("length"). Returns
-        the sequences this finished. Chunks of sequences finished meanwhile are skipped."""
+        """Record a step's result: every chunk's KV is written; each logits chunk's sequence (same
+        order as step.logits_chunks) gets its sampled id, or for a verification chunk the list of
+        accepted tokens (the accepted draft prefix and the target's next token, cut by the caller at
+        a stop), and finishes when finish[i] gives a reason (the caller's: eos, stop string,
+        max_tokens) or when it reaches max_model_len ("length"). Returns the sequences this
+        finished. Chunks of sequences finished meanwhile are skipped."""
         if step is not self._in_flight:
             raise RuntimeError("commit() of a step that is not the one in flight")
-        n_logits = len(step.logits_rows)
-        sampled_ids = [int(t) for t in sampled_ids]
+        logits_chunks = step.logits_chunks
+        n_logits = len(logits_chunks)
+        sampled = [_accepted(ch, x) for ch, x in zip(logits_chunks, sampled_ids)]
         finish = [None] * n_logits if finish is None else list(finish)
-        if len(sampled_ids) != n_logits or len(finish) != n_logits:
-            raise ValueError(f"the step has {n_logits} logits rows: got {len(sampled_ids)} ids, {len(finish)} reasons")
+        if len(sampled) != n_logits or len(sampled_ids) != n_logits or len(finish) != n_logits:
+            raise ValueError(f"the step has {n_logits} logits chunks: got {len(sampled_ids)} ids, {len(finish)} reasons")
         self._in_flight = None
         done, j = [], 0
         for ch in step.chunks:
             if ch.logits:
-                token, reason = sampled_ids[j], finish[j]
+                tokens, reason = sampled[j], finish[j]
                 j += 1
             seq = self._seqs.get(ch.seq_id)
             if seq is None:
                 continue
             assert seq.num_computed_tokens == ch.start and seq.status is Status.RUNNING, (seq, ch)
-            seq.num_computed_tokens = ch.end
+            if ch.num_draft:
+                # KV stands for the last sampled token and the accepted drafts; the rejected rows'
+                # blocks return, all but the one the next token's slot is in.
+                seq.num_computed_tokens = ch.start + len(tokens)
+                seq.token_ids.extend(tokens)
+                kept = self.blocks.truncate(seq.table, seq.num_tokens)
+                assert kept >= seq.num_computed_tokens, (seq, kept)
+                self.blocks.register_full(seq.table, seq.token_ids, seq.num_computed_tokens)
+                self.accepted_draft_tokens += len(tokens) - 1
+            else:
+                seq.num_computed_tokens = ch.end
+                if ch.logits:
+                    seq.token_ids.extend(tokens)
             if ch.logits:
-                seq.token_ids.append(token)
                 if reason is None and seq.num_tokens >= self.max_model_len:
                     reason = "length"
                 if reason is not None:
@@ -284,6 +341,7 @@ class Scheduler:
             self.preemption.preempt(victim, self.blocks)
             victim.status = Status.WAITING
             victim.num_preemptions += 1
+            victim.draft = []
             self.waiting.appendleft(victim)
             self.num_preemptions += 1
             preempted.append(victim.seq_id)
@@ -292,22 +350,36 @@ class Scheduler:
         self.blocks.grow(seq.table, need)
         return True
 
-    def _chunk(self, seq: Sequence, k: int) -> ScheduledChunk:
-        """Schedule seq's next k tokens: their write slots, and their full blocks offered to the cache
-        (their KV exists once this step has run)."""
-        assert 1 <= k <= seq.num_unfed, (seq, k)
-        c, end = seq.num_computed_tokens, seq.num_computed_tokens + k
+    def _chunk(self, seq: Sequence, k: int, draft=()) -> ScheduledChunk:
+        """Schedule seq's next k tokens, then the drafted ones after them: their write slots, and the
+        full blocks of the sequence's own tokens offered to the cache (their KV exists once this step
+        has run; register_full stops at the end of token_ids, before any draft)."""
+        assert 1 <= k <= seq.num_unfed and (not draft or k == seq.num_unfed), (seq, k)
+        c, end = seq.num_computed_tokens, seq.num_computed_tokens + k + len(draft)
         slots = self.blocks.slots(seq.table, c, end, write=True)   # asserts the blocks exist, unshared
         self.blocks.register_full(seq.table, seq.token_ids, end)
-        return ScheduledChunk(seq.seq_id, tuple(seq.token_ids[c:end]), c, tuple(slots.tolist()),
-                              tuple(seq.table.ids[:self.blocks.blocks_for(end)]), logits=end == seq.num_tokens)
+        return ScheduledChunk(seq.seq_id, tuple(seq.token_ids[c:c + k]) + tuple(draft), c, tuple(slots.tolist()),
+                              tuple(seq.table.ids[:self.blocks.blocks_for(end)]),
+                              logits=c + k == seq.num_tokens, num_draft=len(draft))
 
     # -- reporting -----------------------------------------------------------------------------------
     def stats(self) -> dict:
         return dict(running=len(self.running), waiting=len(self.waiting), steps=self.num_steps,
                     preemptions=self.num_preemptions, prefill_tokens=self.prefill_tokens,
-                    decode_tokens=self.decode_tokens, **self.blocks.stats())
+                    decode_tokens=self.decode_tokens, draft_tokens=self.draft_tokens,
+                    accepted_draft_tokens=self.accepted_draft_tokens, **self.blocks.stats())
 
     def __str__(self) -> str:
         return (f"Scheduler(running {[s.seq_id for s in self.running]}, waiting {[s.seq_id for s in self.waiting]}, "
                 f"blocks {self.blocks.num_used}/{self.blocks.num_blocks} used)")
+
+
+def _accepted(ch: ScheduledChunk, x) -> list[int]:
+    """commit()'s entry for one logits chunk as a list of ids: one id for an ordinary chunk (an int,
+    or a list of one); for a verification chunk 1 to k + 1 ids, all but the last equal to its drafts."""
+    ids = [int(t) for t in x] if isinstance(x, (list, tuple, np.ndarray)) else [int(x)]
+    n = len(ids)
+    if not 1 <= n <= 1 + ch.num_draft or ids[:-1] != list(ch.draft[:n - 1]):
+        raise ValueError(f"seq {ch.seq_id}: {ids} is not an accepted prefix of the drafts {list(ch.draft)} "
+                         f"followed by one token")
+    return ids

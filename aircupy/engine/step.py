@@ -13,7 +13,14 @@ step (Step.arrays()), N rows in chunk order:
     block_tables (S, max_blocks)     each chunk's blocks covering [0, start + n), padded with -1
     logits_rows (R,)                 rows whose logits are sampled: the last row of every chunk that
                                      ends its sequence's unfed tokens (every decode row, the last row
-                                     of a completed prefill); commit() takes one id per row, this order
+                                     of a completed prefill), and every row of a verification chunk
+
+A verification chunk (speculative decoding) is a decode row followed by num_draft drafted tokens: rows
+[last sampled token, d_1 .. d_k] at positions [start, start + 1 + k), all k + 1 of them logits rows.
+Row j's logits are the target's distribution for the token after row j's token: row 0 judges d_1, row
+j judges d_(j+1), row k gives the bonus token when every draft is accepted. logits_chunks lists the
+chunks that yield tokens (commit() takes one entry per chunk, this order) and logits_slices the rows of
+each in a forward pass's (R, vocab) logits.
 
 A chunk may read blocks that an earlier chunk of the same step writes (two sequences sharing a prompt
 prefix): a runner writes every row's KV of a layer before that layer's attention, or runs the chunks
@@ -37,6 +44,18 @@ class ScheduledChunk:
     slots: tuple[int, ...]          # KV write slot of each token
     block_table: tuple[int, ...]    # blocks covering positions [0, end)
     logits: bool                    # the last row's logits sample the sequence's next token
+    num_draft: int = 0              # a verification chunk: the last num_draft tokens are drafts, and
+                                    # all 1 + num_draft rows yield logits
+
+    @property
+    def draft(self) -> tuple[int, ...]:
+        """The drafted tokens this chunk verifies (empty for an ordinary chunk)."""
+        return self.token_ids[len(self.token_ids) - self.num_draft:] if self.num_draft else ()
+
+    @property
+    def num_logits(self) -> int:
+        """Logits rows of this chunk: 0, 1, or 1 + num_draft for a verification chunk."""
+        return (1 + self.num_draft) if self.logits else 0
 
     @property
     def num_tokens(self) -> int:
@@ -51,7 +70,9 @@ class ScheduledChunk:
         return range(self.start, self.end)
 
     def __str__(self) -> str:
-        if self.num_tokens == 1:
+        if self.num_draft:
+            what, slots = f"verify  pos {self.start} + {self.num_draft} drafts", f"slots {_runs(self.slots)}"
+        elif self.num_tokens == 1:
             what, slots = f"decode  pos {self.start}", f"slot {self.slots[0]}"
         else:
             what, slots = f"prefill [{self.start}, {self.end})", f"slots {_runs(self.slots)}"
@@ -77,12 +98,22 @@ class Step:
 
     @property
     def logits_rows(self) -> tuple[int, ...]:
+        """Rows whose logits the forward pass returns, in step order: each logits chunk's last
+        num_logits rows."""
         rows, n = [], 0
         for c in self.chunks:
             n += c.num_tokens
-            if c.logits:
-                rows.append(n - 1)
+            rows.extend(range(n - c.num_logits, n))
         return tuple(rows)
+
+    @property
+    def logits_slices(self) -> tuple[slice, ...]:
+        """For each of logits_chunks, its rows in the (R, vocab) logits of logits_rows."""
+        out, r = [], 0
+        for c in self.logits_chunks:
+            out.append(slice(r, r + c.num_logits))
+            r += c.num_logits
+        return tuple(out)
 
     def __bool__(self) -> bool:
         return bool(self.chunks)

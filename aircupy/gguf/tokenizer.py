@@ -72,6 +72,11 @@ class Tokenizer:
         return len(self._tokens)
 
     @property
+    def vocab(self) -> Vocab:
+        """The vocabulary as loaded (token texts as stored, ids, flags); read it, do not change it."""
+        return self._v
+
+    @property
     def bos_id(self) -> int | None:
         return self._v.ids.get("bos")
 

@@ -15,6 +15,8 @@ K/V are stored and how attention reads them:
     forward(ids (T,), positions (T,), cache)     one sequence, its contiguous KVCache (kv_cache.py)
     forward_step(Step.arrays(), pool)            a continuous-batching step: every sequence's chunk as
                                                  one batch of N rows, K/V in a PagedKVCache (batch.py)
+Both take skip_layers: layers not run at all (x passes through unchanged, their K/V never written), the
+self-draft of speculative decoding; draft_view(skip_layers) packages that as a Model of its own.
 """
 from __future__ import annotations
 
@@ -128,7 +130,7 @@ class NumpyModel:
         return x.astype(np.float32, copy=False)
 
     def forward(self, token_ids: np.ndarray, positions: np.ndarray, cache: KVCache,
-                all_logits: bool = False) -> np.ndarray:
+                all_logits: bool = False, skip_layers=()) -> np.ndarray:
         """Run T new tokens (prefill T > 1 or decode T = 1) after what `cache` holds, store their keys
         and values, and return logits (T, vocab) if all_logits else (1, vocab) for the last token."""
         c = self.config
@@ -145,7 +147,7 @@ class NumpyModel:
             return ref.attention(q, keys, values, positions, k_pos, c.attn_scale,
                                  window=c.layer_window(i), softcap_value=c.attn_softcap)
 
-        x = self._layers(self.embed(token_ids), positions, attend)
+        x = self._layers(self.embed(token_ids), positions, attend, skip_layers)
         cache.commit(positions)
         return self._head(x if all_logits else x[-1:])
 
@@ -160,7 +162,7 @@ class NumpyModel:
         return PagedKVCache.blocks_for_budget(budget_bytes, c.n_layers, block_size, c.n_head_kv,
                                               c.head_dim, c.head_dim_v)
 
-    def forward_step(self, arrays: dict, kv: PagedKVCache) -> np.ndarray:
+    def forward_step(self, arrays: dict, kv: PagedKVCache, skip_layers=()) -> np.ndarray:
         """Run one scheduler step (Step.arrays(): every running sequence's chunk at once, N rows) and
         return the float32 logits (R, vocab) of its logits_rows, in that order; only those R rows go
         through the head. Every row's K/V is written to `kv` at its slot_mapping slot. Shapes and the
@@ -169,15 +171,23 @@ class NumpyModel:
         if (kv.n_layers, kv.n_head_kv, kv.head_dim, kv.head_dim_v) != (c.n_layers, c.n_head_kv, c.head_dim, c.head_dim_v):
             raise InvalidParameterError("kv", f"{kv!r} is not this model's pool (new_kv_pool makes one)")
         step = StepArrays.check(arrays, kv, c.vocab_size)
-        x = self._layers(self.embed(step.input_ids), step.positions, step.attend_fn(c, kv))
+        x = self._layers(self.embed(step.input_ids), step.positions, step.attend_fn(c, kv), skip_layers)
         return self._head(x[step.logits_rows])
 
-    def _layers(self, x: np.ndarray, positions: np.ndarray, attend) -> np.ndarray:
-        """Every layer over x (T, E) at `positions` (T,); attend(i, q, k, v) stores layer i's k/v and
-        returns the attention output (T, Hq*Dv)."""
+    def draft_view(self, skip_layers) -> LayerSkipView:
+        """This model with skip_layers skipped, as a Model of its own (new_cache, forward, forward_step):
+        the self-draft of speculative decoding (engine/drafters.py). Shares the weights; its caches
+        are its own."""
+        return LayerSkipView(self, skip_layers)
+
+    def _layers(self, x: np.ndarray, positions: np.ndarray, attend, skip_layers=()) -> np.ndarray:
+        """Every layer over x (T, E) at `positions` (T,), but those in skip_layers; attend(i, q, k, v)
+        stores layer i's k/v and returns the attention output (T, Hq*Dv)."""
         c = self.config
         ropes = {}  # (base, scaling) -> (cos, sin): local and global layers may differ
         for i, L in enumerate(self.layers):
+            if i in skip_layers:
+                continue
             key = (c.rope_base_local, c.rope_scaling_local) if c.swa_layers[i] else (c.rope_base, c.rope_scaling)
             if key not in ropes:
                 ropes[key] = ref.rope_angles(positions, c.rope_dim, key[0], key[1], self.rope_freqs)
@@ -239,3 +249,39 @@ class NumpyModel:
         if L.post_ffn_norm is not None:
             d = ref.rms_norm(d, L.post_ffn_norm, c.rms_eps)
         return x + d
+
+
+class LayerSkipView:
+    """NumpyModel.draft_view(): the model minus some layers, behind the same Model protocol. A skipped
+    layer is the identity on the residual stream; its slot in a cache is allocated but never written."""
+
+    def __init__(self, model: NumpyModel, skip_layers):
+        skip = frozenset(int(i) for i in skip_layers)
+        if not skip <= set(range(model.config.n_layers)) or len(skip) >= model.config.n_layers:
+            raise InvalidParameterError("skip_layers", f"must name some but not all of layers 0..{model.config.n_layers - 1}")
+        self.model, self.skip_layers, self.config = model, skip, model.config
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    def new_cache(self, n_ctx: int) -> KVCache:
+        return self.model.new_cache(n_ctx)
+
+    def new_kv_pool(self, num_blocks: int, block_size: int) -> PagedKVCache:
+        return self.model.new_kv_pool(num_blocks, block_size)
+
+    def forward(self, token_ids, positions, cache: KVCache, all_logits: bool = False) -> np.ndarray:
+        return self.model.forward(token_ids, positions, cache, all_logits, skip_layers=self.skip_layers)
+
+    def forward_step(self, arrays: dict, kv: PagedKVCache) -> np.ndarray:
+        return self.model.forward_step(arrays, kv, skip_layers=self.skip_layers)
+
+    def new_sampler(self, params) -> None:
+        return None
+
+    def stats(self) -> dict:
+        return {"skip_layers": sorted(self.skip_layers)}
+
+    def close(self) -> None:
+        pass

@@ -2,6 +2,7 @@
 
     runner = FakeRunner(block_manager)      # runs a Step: writes (token, position) into each KV slot,
     ids = runner.run(step)                  # reads each logits row's history back through its block table
+    rows = runner.rows(step)                # every logits row's next token, a list per logits chunk
     drive(sched, runner)                    # schedule/run/commit until done, limits asserted per step
 
 next_token() is the fake model: a deterministic function of a sequence's whole history, so a
@@ -38,6 +39,12 @@ class FakeRunner:
         self.pos = np.full(bm.num_blocks * bm.block_size, -1, np.int64)
 
     def run(self, step) -> list[int]:
+        """The next token of every logits chunk (its last row): a step without drafts."""
+        return [r[-1] for r in self.rows(step)]
+
+    def rows(self, step) -> list[list[int]]:
+        """For each logits chunk, the fake model's next token after each of its logits rows (one row,
+        or 1 + k for a verification chunk: row j reads positions [0, end - k + j))."""
         out = []
         for ch in step.chunks:                      # in step order: a later chunk may read these writes
             assert ch.num_tokens >= 1, "a model needs a token to run to give logits"
@@ -48,7 +55,7 @@ class FakeRunner:
             if ch.logits:
                 slots = [ch.block_table[p // self.B] * self.B + p % self.B for p in range(ch.end)]
                 assert self.pos[slots].tolist() == list(range(ch.end)), "KV read at the wrong position"
-                out.append(next_token(self.tok[slots]))
+                out.append([next_token(self.tok[slots[:n]]) for n in range(ch.end - ch.num_draft, ch.end + 1)])
         return out
 
 
