@@ -358,7 +358,7 @@ def _check_values(c: "ModelConfig", g) -> None:
         _expect(g, b + "ffn_down.weight", (e, ff), f"feed_forward_length {ff}")
 
 
-def _check_moe_layer(c: "ModelConfig", g, b: str) -> None:
+def _check_moe_layer(c: ModelConfig, g, b: str) -> None:
     """A MoE layer's router and expert tensors against the expert metadata (numpy shapes)."""
     X, F, e = c.n_expert, c.n_ff_exp, c.n_embd
     what = f"expert_count {X}, expert width {F}, embedding {e}"

@@ -203,8 +203,8 @@ def _render_experts(d: dict) -> list[str]:
     if x["shared_feed_forward_length"] is not None:
         widths += f", shared expert width {x['shared_feed_forward_length']}"
     lines = ["", f"experts: {x['count']} per layer, {x['used']} used per token" + (f" ({widths})" if widths else ""),
-             f"  one expert: {one} per layer ({len(x['per_expert_bytes'])} MoE layers); routed experts "
-             f"{size_str(x['routed_bytes'])} of {size_str(d['file']['data_bytes'])}"]
+             (f"  one expert: {one} per layer ({len(x['per_expert_bytes'])} MoE layers); routed experts "
+              f"{size_str(x['routed_bytes'])} of {size_str(d['file']['data_bytes'])}")]
     if x["routed_bytes_per_token"] is not None:
         lines.append(f"  a token reads {size_str(x['routed_bytes_per_token'])} of routed experts")
     return lines

@@ -142,7 +142,7 @@ def test_norm_on_and_off_scale_the_experts_by_the_renormalisation():
     rng = np.random.default_rng(3)
     m_on, h = _weights(rng, k=1, norm=True), rng.standard_normal((5, 16)).astype(np.float32)
     m_off = MoeWeights(m_on.router, m_on.gate_up, m_on.down, n_used=1, norm=False)
-    ids, p = route(ref.linear(h, m_on.router), 1, norm=False)
+    _, p = route(ref.linear(h, m_on.router), 1, norm=False)
     # k = 1: normalised weight is exactly 1, unnormalised it is the top probability
     np.testing.assert_allclose(moe_ffn(h, m_off), moe_ffn(h, m_on) * p, rtol=1e-5, atol=1e-7)
 
@@ -218,7 +218,7 @@ def test_forward_step_matches_solo_forward(tiny_moe):
     _, _, _, c, m = tiny_moe
     rng = np.random.default_rng(2)
     prompts = [rng.integers(4, c.vocab_size, int(n)).tolist() for n in (1, 5, 17, 9, 30, 2)]
-    out, sched = batched_greedy(m, prompts, 12, num_blocks=40, block_size=4, max_batched_tokens=16,
+    out, _ = batched_greedy(m, prompts, 12, num_blocks=40, block_size=4, max_batched_tokens=16,
                                 max_num_seqs=4)
     for p, (toks, logits) in zip(prompts, out):
         solo_toks, solo_logits = solo_greedy(m, p, 12)
@@ -229,7 +229,7 @@ def test_forward_step_matches_solo_forward(tiny_moe):
 
 def test_engine_generates_greedily_on_the_numpy_backend(tiny_moe):
     from aircupy import Engine
-    _, path, _, c, m = tiny_moe
+    _, path, _, _, m = tiny_moe
     engine = Engine(str(path), backend="numpy")
     prompt = [5, 77, 300, 42, 9]
     res = engine.generate(prompt, max_tokens=10, temperature=0, ignore_eos=True)

@@ -115,11 +115,11 @@ def test_expert_widths_fall_back_as_llama_cpp_does():
 
 
 @pytest.mark.parametrize("changes,match", [
-    (dict(expert_used_count=9), r"expert_used_count 9 is not in \[1, 8\]"),
-    (dict(expert_used_count=0), r"expert_used_count 0"),
-    (dict(expert_count=2000), r"expert_count 2000 is not in \[1, 1024\]"),
-    (dict(expert_count=0), r"expert_count 0"),
-    (dict(expert_count=16), r"ffn_gate_inp.weight has shape \(8, 128\)"),
+    ({"expert_used_count": 9}, r"expert_used_count 9 is not in \[1, 8\]"),
+    ({"expert_used_count": 0}, r"expert_used_count 0"),
+    ({"expert_count": 2000}, r"expert_count 2000 is not in \[1, 1024\]"),
+    ({"expert_count": 0}, r"expert_count 0"),
+    ({"expert_count": 16}, r"ffn_gate_inp.weight has shape \(8, 128\)"),
 ])
 def test_bad_expert_metadata_is_refused(changes, match):
     with pytest.raises(UnsupportedModelError, match=match):
