@@ -27,6 +27,5 @@ def test_cuda_model_refuses_moe(moe_path):
     from aircupy.config import ModelConfig
     from aircupy.cuda.model import CudaModel
     from aircupy.gguf.reader import GGUFFile
-    with GGUFFile(moe_path) as g:
-        with pytest.raises(UnsupportedModelError, match="mixture-of-experts"):
-            CudaModel(g, ModelConfig.from_gguf(g), 64)
+    with GGUFFile(moe_path) as g, pytest.raises(UnsupportedModelError, match="mixture-of-experts"):
+        CudaModel(g, ModelConfig.from_gguf(g), 64)
