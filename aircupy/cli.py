@@ -254,7 +254,9 @@ def inspect_cmd(model, as_json, vram_budget, n_ctx, slots, max_num_seqs, max_bat
 @main.command()
 @click.argument("out", type=click.Path(dir_okay=False))
 @click.option("--arch", "preset", default="llama3-8b", show_default=True,
-              help="Shape preset: llama3-8b, llama-70b, smollm2-135m, qwen2-0.5b, qwen3-0.6b, gemma3-270m.")
+              help="Shape preset: llama3-8b, llama-70b, smollm2-135m, qwen2-0.5b, qwen3-0.6b, gemma3-270m; "
+                   "mixtures of experts qwen3-30b-a3b, mixtral-8x7b, qwen2-57b-a14b, tiny-qwen3moe, "
+                   "tiny-qwen2moe, tiny-mixtral.")
 @click.option("--type", "qtype", default="Q4_0", show_default=True,
               help="Quant type of the matrices (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K..Q6_K, F16, F32), "
                    "or a mix as --mix.")

@@ -21,8 +21,9 @@ from typing import Any
 import numpy as np
 
 from aircupy.errors import UnsupportedModelError
+from aircupy.gguf.arch import MOE_ARCHS
 
-SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "gemma3")
+SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "gemma3", "qwen2moe", "qwen3moe")
 
 # Context reserved when the user names none: the model's own, capped so that a 128k-context model does
 # not reserve a 128k-token KV cache (and, on the numpy backend, 128k x n_ctx attention scores) by default.
@@ -32,7 +33,18 @@ MAX_CONTEXT = 2**31 - 1   # positions are int32 on every backend
 
 # Rotation convention per architecture (llama.cpp's LLAMA_ROPE_TYPE_NORM vs _NEOX). llama GGUFs store
 # Q/K rows permuted so that adjacent pairs (2i, 2i+1) rotate together; the others keep HF's half split.
-_ROPE_TYPE = {"llama": "norm", "qwen2": "neox", "qwen3": "neox", "gemma3": "neox"}
+_ROPE_TYPE = {"llama": "norm", "qwen2": "neox", "qwen3": "neox", "gemma3": "neox", "qwen2moe": "neox",
+              "qwen3moe": "neox"}
+
+# Mixture of experts. llama.cpp allows at most LLAMA_MAX_EXPERTS routed experts per layer.
+MAX_EXPERTS = 1024
+# Whether the top-k router weights are renormalised to sum 1 (build_moe_ffn's norm_w). llama.cpp
+# hard-codes it per architecture in the graph (src/models/llama.cpp, qwen2moe.cpp, qwen3moe.cpp) and
+# reads neither {arch}.expert_weights_norm nor {arch}.expert_weights_scale for these three, so neither
+# do we: the same file must give the same logits. Mixtral (llama) and Qwen3-MoE renormalise (HF's
+# Mixtral softmaxes the top-k logits, the same numbers; Qwen3's norm_topk_prob is true), Qwen2-MoE
+# does not (norm_topk_prob false).
+_EXPERT_WEIGHTS_NORM = {"llama": True, "qwen3moe": True, "qwen2moe": False}
 
 
 @dataclass(frozen=True)
@@ -88,6 +100,18 @@ class ModelConfig:
     final_softcap: float | None
     bos_id: int | None
     eos_ids: tuple[int, ...]           # eos / eot / eom ids named in metadata (tokenizer adds more EOGs)
+    # Mixture of experts (0 experts: a dense FFN of n_ff). Each MoE layer routes every token to
+    # n_expert_used of n_expert experts, each a SwiGLU FFN of width n_ff_exp (reference/moe.py has the
+    # router); qwen2moe adds a shared expert of width n_ff_shexp that every token uses.
+    n_expert: int = 0
+    n_expert_used: int = 0
+    n_ff_exp: int = 0
+    n_ff_shexp: int = 0                # 0: no shared expert
+    expert_weights_norm: bool = False  # renormalise the top-k router weights to sum 1
+
+    @property
+    def is_moe(self) -> bool:
+        return self.n_expert > 0
 
     @property
     def default_n_ctx(self) -> int:
@@ -117,6 +141,7 @@ class ModelConfig:
 
         n_layers = md.int("block_count")
         _check_blocks(g, arch, n_layers)
+        moe = _experts(md, arch, n_layers)
         n_embd = md.int("embedding_length")
         n_head = md.uniform_int("attention.head_count", n_layers)
         n_head_kv = md.uniform_int("attention.head_count_kv", n_layers, default=n_head)
@@ -169,7 +194,7 @@ class ModelConfig:
         if bos is not None:
             bos = _token_id(g, "bos_token_id", vocab_size)
         config = cls(
-            arch=arch, n_layers=n_layers, n_embd=n_embd, n_ff=md.uniform_int("feed_forward_length", n_layers),
+            arch=arch, n_layers=n_layers, n_embd=n_embd, n_ff=moe.pop("n_ff"),
             n_head=n_head, n_head_kv=n_head_kv, head_dim=head_dim, head_dim_v=head_dim_v,
             vocab_size=vocab_size, n_ctx_train=md.int("context_length", default=2048),
             rope_base=rope_base, rope_base_local=rope_base_local, rope_type=_ROPE_TYPE[arch],
@@ -177,11 +202,12 @@ class ModelConfig:
             rms_eps=md.float("attention.layer_norm_rms_epsilon", default=1e-5),
             sliding_window=window, swa_layers=swa_layers, tied_output=tied,
             embed_scale=math.sqrt(n_embd) if is_gemma else 1.0, attn_scale=attn_scale,
-            qk_norm=arch in ("qwen3", "gemma3"), attn_bias=arch == "qwen2", post_norms=is_gemma,
+            qk_norm=arch in ("qwen3", "qwen3moe", "gemma3"), attn_bias=arch in ("qwen2", "qwen2moe"),
+            post_norms=is_gemma,
             activation="gelu_tanh" if is_gemma else "silu",
             attn_softcap=md.float("attn_logit_softcapping", default=0.0) or None,
             final_softcap=md.float("final_logit_softcapping", default=0.0) or None,
-            bos_id=bos, eos_ids=eos_ids,
+            bos_id=bos, eos_ids=eos_ids, **moe,
         )
         _check_values(config, g)
         return config
@@ -221,6 +247,40 @@ class _Meta:
         if isinstance(v, (bool, str)) or np.ndim(v) != 0:
             raise UnsupportedModelError(f"{self.arch}: metadata '{self.arch}.{key}' is not a number: {v!r}")
         return float(v)
+
+
+def _experts(md: _Meta, arch: str, n_layers: int) -> dict:
+    """n_ff and the expert fields of ModelConfig, read as llama.cpp reads them (llama_model::load_hparams
+    and the per-architecture load_arch_hparams / load_arch_tensors):
+        {arch}.expert_count            routed experts (0 or absent: dense; qwen*moe require > 0)
+        {arch}.expert_used_count       top-k, 1..expert_count (a per-layer array must be uniform)
+        {arch}.expert_feed_forward_length         qwen*moe expert width; absent: n_ff / expert_used_count.
+                                       Mixtral-style llama has no such key: its experts are n_ff wide.
+        {arch}.expert_shared_feed_forward_length  qwen2moe shared-expert width; absent: n_ff
+    feed_forward_length is optional for qwen*moe (0 when absent) and required otherwise."""
+    n_expert = md.int("expert_count", default=0)
+    if arch in MOE_ARCHS or n_expert:
+        n_ff = md.uniform_int("feed_forward_length", n_layers, default=0)
+    else:
+        return {"n_ff": md.uniform_int("feed_forward_length", n_layers)}
+    if arch not in _EXPERT_WEIGHTS_NORM:
+        raise UnsupportedModelError(f"{arch}: mixture-of-experts layers ({arch}.expert_count = {n_expert}) "
+                                    f"are not supported for this architecture")
+    if not 0 < n_expert <= MAX_EXPERTS:
+        raise UnsupportedModelError(f"{arch}: {arch}.expert_count {n_expert} is not in [1, {MAX_EXPERTS}]")
+    used = md.uniform_int("expert_used_count", n_layers, default=0)
+    if not 0 < used <= n_expert:
+        raise UnsupportedModelError(f"{arch}: {arch}.expert_used_count {used} is not in [1, {n_expert}]")
+    if arch == "llama":
+        n_ff_exp = n_ff
+    else:
+        n_ff_exp = md.uniform_int("expert_feed_forward_length", n_layers, default=0) or n_ff // used
+    n_ff_shexp = (md.int("expert_shared_feed_forward_length", default=0) or n_ff) if arch == "qwen2moe" else 0
+    if n_ff_exp <= 0 or n_ff_shexp < 0 or (arch == "qwen2moe" and n_ff_shexp == 0):
+        raise UnsupportedModelError(f"{arch}: expert widths {n_ff_exp} (routed) / {n_ff_shexp} (shared) must be "
+                                    f"positive: set {arch}.expert_feed_forward_length or feed_forward_length")
+    return {"n_ff": n_ff, "n_expert": n_expert, "n_expert_used": used, "n_ff_exp": n_ff_exp,
+            "n_ff_shexp": n_ff_shexp, "expert_weights_norm": _EXPERT_WEIGHTS_NORM[arch]}
 
 
 def _token_id(g, key: str, vocab_size: int) -> int:
@@ -290,9 +350,31 @@ def _check_values(c: "ModelConfig", g) -> None:
         _expect(g, b + "attn_k.weight", (kv, e), heads)
         _expect(g, b + "attn_v.weight", (v_rows, e), heads)
         _expect(g, b + "attn_output.weight", (e, o_cols), heads)
+        if c.is_moe:
+            _check_moe_layer(c, g, b)
+            continue
         for role in ("ffn_gate", "ffn_up"):
             _expect(g, b + role + ".weight", (ff, e), f"feed_forward_length {ff}")
         _expect(g, b + "ffn_down.weight", (e, ff), f"feed_forward_length {ff}")
+
+
+def _check_moe_layer(c: ModelConfig, g, b: str) -> None:
+    """A MoE layer's router and expert tensors against the expert metadata (numpy shapes)."""
+    X, F, e = c.n_expert, c.n_ff_exp, c.n_embd
+    what = f"expert_count {X}, expert width {F}, embedding {e}"
+    _expect(g, b + "ffn_gate_inp.weight", (X, e), what)
+    _expect(g, b + "ffn_gate_exps.weight", (X, F, e), what)
+    _expect(g, b + "ffn_up_exps.weight", (X, F, e), what)
+    _expect(g, b + "ffn_down_exps.weight", (X, e, F), what)
+    if c.n_ff_shexp:
+        S = c.n_ff_shexp
+        gate = g.tensors.get(b + "ffn_gate_inp_shexp.weight")
+        # The converter writes HF's (1, E) Linear weight as is; llama.cpp's loader also takes (E,).
+        if gate is None or tuple(gate.shape) not in ((e,), (1, e)):
+            _expect(g, b + "ffn_gate_inp_shexp.weight", (e,), f"embedding {e}")
+        _expect(g, b + "ffn_gate_shexp.weight", (S, e), f"shared expert width {S}")
+        _expect(g, b + "ffn_up_shexp.weight", (S, e), f"shared expert width {S}")
+        _expect(g, b + "ffn_down_shexp.weight", (e, S), f"shared expert width {S}")
 
 
 def _rope_scaling(md: _Meta) -> RopeScaling:

@@ -2,7 +2,7 @@
 
 describe(g) returns a plain dict (str/int/float/bool/list/dict only) made of sections:
     file, architecture, name, parameters, context_length, n_layers, tokenizer, chat_template,
-    quant_mix, layers, other_tensors, metadata, tensors.
+    quant_mix, layers, other_tensors, metadata, tensors, and for a mixture of experts `experts`.
 render_text(desc) turns the sections it knows (TEXT_SECTIONS, in order) into the human view, skipping
 absent ones. A later section (the streaming plan) is added by putting desc["plan"] = {...} and passing
 `sections=TEXT_SECTIONS + (("plan", render_plan),)`: nothing here needs to change.
@@ -21,6 +21,7 @@ from aircupy.gguf.reader import GGUFFile
 # Arrays longer than this (vocabularies, merges, scores) are summarised by type and length.
 MAX_ARRAY_IN_JSON = 16
 _LAYER = re.compile(r"blk\.(\d+)\.")
+_EXPS = re.compile(r"blk\.(\d+)\.ffn_\w+_exps\.weight$")   # stacked routed experts, (X, R, C)
 
 
 def describe(g: GGUFFile) -> dict[str, Any]:
@@ -29,7 +30,7 @@ def describe(g: GGUFFile) -> dict[str, Any]:
     tokens = g.get("tokenizer.ggml.tokens")
     template = g.get("tokenizer.chat_template")
     n_layers = g.get(f"{arch}.block_count")
-    return {
+    desc = {
         "file": {"path": str(g.path), "size": g.file_size, "gguf_version": g.version,
                  "alignment": g.alignment, "data_offset": g.data_offset,
                  "data_bytes": sum(t.nbytes for t in tensors), "n_tensors": len(tensors),
@@ -52,6 +53,36 @@ def describe(g: GGUFFile) -> dict[str, Any]:
         "metadata": {k: summarize_value(v) for k, v in g.metadata.items()},
         "tensors": [{"name": t.name, "type": t.ggml_type.name, "shape": list(t.shape),
                      "offset": t.offset, "nbytes": t.nbytes} for t in tensors],
+    }
+    experts = _experts(g, arch, tensors)
+    if experts:
+        desc["experts"] = experts
+    return desc
+
+
+def _experts(g: GGUFFile, arch, tensors) -> dict[str, Any] | None:
+    """A mixture of experts' routing metadata and the bytes of one expert per layer (its slices of
+    the stacked ffn_*_exps tensors); None for a dense model."""
+    count = g.get(f"{arch}.expert_count")
+    stacked = [t for t in tensors if _EXPS.match(t.name) and len(t.shape) == 3 and t.shape[0] > 0]
+    if not count and not stacked:
+        return None
+    per_layer: dict[int, int] = {}
+    for t in stacked:
+        i = int(_EXPS.match(t.name).group(1))
+        per_layer[i] = per_layer.get(i, 0) + t.nbytes // int(t.shape[0])
+    used = g.get(f"{arch}.expert_used_count")
+    used_n = int(np.max(used)) if used is not None and np.size(used) else None
+    one = max(per_layer.values(), default=0)
+    return {
+        "count": summarize_value(count), "used": summarize_value(used),
+        "feed_forward_length": summarize_value(g.get(f"{arch}.expert_feed_forward_length")),
+        "shared_feed_forward_length": summarize_value(g.get(f"{arch}.expert_shared_feed_forward_length")),
+        "per_expert_bytes": [{"layer": i, "bytes": per_layer[i]} for i in sorted(per_layer)],
+        "routed_bytes": sum(t.nbytes for t in stacked),
+        # the routed-expert bytes one token reads: `used` experts in every MoE layer
+        "routed_bytes_per_token": sum(per_layer.values()) * used_n if used_n else None,
+        "max_per_expert_bytes": one,
     }
 
 
@@ -164,8 +195,24 @@ def _render_layers(d: dict) -> list[str]:
     return lines
 
 
+def _render_experts(d: dict) -> list[str]:
+    x = d["experts"]
+    sizes = sorted({e["bytes"] for e in x["per_expert_bytes"]})
+    one = " to ".join(size_str(b) for b in (sizes[:1] + sizes[-1:] if len(sizes) > 1 else sizes)) or "none"
+    widths = f"expert width {x['feed_forward_length']}" if x["feed_forward_length"] is not None else ""
+    if x["shared_feed_forward_length"] is not None:
+        widths += f", shared expert width {x['shared_feed_forward_length']}"
+    lines = ["", f"experts: {x['count']} per layer, {x['used']} used per token" + (f" ({widths})" if widths else ""),
+             (f"  one expert: {one} per layer ({len(x['per_expert_bytes'])} MoE layers); routed experts "
+              f"{size_str(x['routed_bytes'])} of {size_str(d['file']['data_bytes'])}")]
+    if x["routed_bytes_per_token"] is not None:
+        lines.append(f"  a token reads {size_str(x['routed_bytes_per_token'])} of routed experts")
+    return lines
+
+
 TEXT_SECTIONS: tuple[tuple[str, Callable[[dict], list[str]]], ...] = (
-    ("file", _render_summary), ("quant_mix", _render_quant_mix), ("layers", _render_layers),
+    ("file", _render_summary), ("experts", _render_experts), ("quant_mix", _render_quant_mix),
+    ("layers", _render_layers),
 )
 
 

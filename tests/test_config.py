@@ -165,7 +165,7 @@ def test_tensor_map(smollm2_path):
     mapped = set(tm.globals.values()) | {n for layer in tm.layers for n in layer.values()}
     assert mapped == set(g.tensors)
     assert layer_tensor_name("attn_k_bias", 2) == "blk.2.attn_k.bias"
-    assert set(supported_archs()) == {"llama", "qwen2", "qwen3", "gemma3"}
+    assert set(supported_archs()) == {"llama", "qwen2", "qwen3", "gemma3", "qwen2moe", "qwen3moe"}
 
 
 def test_tensor_map_errors():

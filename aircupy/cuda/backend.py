@@ -50,6 +50,9 @@ def load_model(g, config, *, vram_budget: int | None = None, progress=None,
     states it. read_ahead: a started warmer (start_warmer) for the model to take over, None: the
     model's own. Batching: placement.batch_options says what max_num_seqs, max_batched_tokens and
     kv_tokens (None: its default) size."""
+    from aircupy.cuda.layout import refuse_experts
+
+    refuse_experts(config)   # a MoE file stops here, before cupy is imported (a CPU-side check)
     from aircupy.cuda.model import CudaModel
     from aircupy.cuda.placement import batch_options
 

@@ -102,6 +102,17 @@ def _add_vector(lay: BlockLayout, tensors, role: str, names: list[str | None], s
     lay.add(role, GGMLType.F32, (row,), 4 * row, sources)
 
 
+def refuse_experts(config) -> None:
+    """UnsupportedModelError for a mixture-of-experts model: the CUDA side has no router or grouped
+    expert kernels yet, nor a block layout for stacked experts (the numpy backend runs them). Called
+    by the backend door before cupy is touched, and by Footprint.of (so `inspect --vram-budget` says
+    the same instead of a missing ffn_gate tensor)."""
+    if getattr(config, "n_expert", 0):
+        raise UnsupportedModelError(
+            f"{config.arch}: mixture-of-experts models ({config.n_expert} experts, {config.n_expert_used} "
+            f"used per token) are not supported by the CUDA backend yet; use --backend numpy")
+
+
 def layer_layout(names: dict[str, str], tensors, can_stack_repacked: bool) -> BlockLayout:
     """Layout of one layer; `names` is TensorMap.layers[i] (role -> tensor name)."""
     lay = BlockLayout()

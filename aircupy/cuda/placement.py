@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 
 from aircupy.cuda.buffers import plan_buffers, scratch_nbytes
 from aircupy.cuda.kv import KV_BLOCK
-from aircupy.cuda.layout import global_layout, layer_layout, raw_nbytes
+from aircupy.cuda.layout import global_layout, layer_layout, raw_nbytes, refuse_experts
 from aircupy.cuda.pool import PoolPlan, fmt_bytes
 from aircupy.errors import AircupyError
 
@@ -105,6 +105,7 @@ class Footprint:
         from aircupy.cuda import ops
         from aircupy.gguf.arch import tensor_map
         from aircupy.stream.manifest import build_manifest
+        refuse_experts(config)
         tensors = g.tensors
         tm = tensor_map(config.arch, config.n_layers, tensors)
         manifest = build_manifest(g)

@@ -20,6 +20,12 @@ _ATTN = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output")
 _FFN = ("ffn_norm", "ffn_gate", "ffn_up", "ffn_down")
 _QK_NORM = ("attn_q_norm", "attn_k_norm")
 _QKV_BIAS = ("attn_q_bias", "attn_k_bias", "attn_v_bias")
+# Mixture-of-experts FFN (llama.cpp's LLM_TENSOR_FFN_*_EXPS): the router ffn_gate_inp (X, E) and the
+# routed experts stacked into 3-D tensors, numpy order gate/up (X, F_exp, E) and down (X, E, F_exp),
+# expert e being the contiguous slice [e]. qwen2moe adds a shared expert (a dense FFN every token
+# uses) scaled by sigmoid(h . ffn_gate_inp_shexp).
+_MOE = ("ffn_norm", "ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
+_SHEXP = ("ffn_gate_inp_shexp", "ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp")
 
 # Per-architecture layer roles: (required, optional). Optional roles are used when present (some
 # llama-family finetunes ship q/k/v or output biases).
@@ -28,7 +34,17 @@ _LAYER_ROLES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "qwen2": (_ATTN + _FFN + _QKV_BIAS, ("attn_output_bias",)),
     "qwen3": (_ATTN + _FFN + _QK_NORM, ()),
     "gemma3": (_ATTN + _FFN + _QK_NORM + ("post_attention_norm", "post_ffw_norm"), ()),
+    # llama.cpp loads q/k/v biases of both MoE archs when present (create_tensor_qkv, optional);
+    # Qwen1.5-MoE and Qwen2-57B-A14B ship them, Qwen3-MoE has none.
+    "qwen2moe": (_ATTN + _MOE + _SHEXP, _QKV_BIAS),
+    "qwen3moe": (_ATTN + _MOE + _QK_NORM, ()),
 }
+# Architectures whose layers may be either dense or MoE, decided by {arch}.expert_count (llama.cpp's
+# llama arch: Mixtral is `llama` with expert_count 8): the MoE role set replaces the FFN roles.
+_MOE_VARIANT: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "llama": (_ATTN + _MOE, _QKV_BIAS + ("attn_output_bias",)),
+}
+MOE_ARCHS = ("qwen2moe", "qwen3moe")   # always mixtures of experts
 
 
 def layer_tensor_name(role: str, layer: int) -> str:
@@ -50,6 +66,11 @@ class TensorMap:
     layers: tuple[dict[str, str], ...]
 
     @property
+    def experts(self) -> bool:
+        """True when the layers carry routed experts (a router and stacked expert tensors)."""
+        return bool(self.layers) and "ffn_gate_inp" in self.layers[0]
+
+    @property
     def tied_output(self) -> bool:
         return "output" not in self.globals
 
@@ -65,8 +86,16 @@ def supported_archs() -> tuple[str, ...]:
     return tuple(_LAYER_ROLES)
 
 
-def layer_roles(arch: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(required, optional) layer roles of `arch`; UnsupportedModelError names an unknown one."""
+def layer_roles(arch: str, experts: bool = False) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(required, optional) layer roles of `arch`, with routed experts when `experts` (the config's
+    n_expert > 0); UnsupportedModelError names an unknown architecture or one without experts."""
+    if experts and arch not in MOE_ARCHS:
+        if arch not in _MOE_VARIANT:
+            raise UnsupportedModelError(f"{arch}: mixture-of-experts layers are not supported for this "
+                                        f"architecture (supported: {', '.join(MOE_ARCHS + tuple(_MOE_VARIANT))})")
+        return _MOE_VARIANT[arch]
+    if not experts and arch in MOE_ARCHS:
+        raise UnsupportedModelError(f"{arch}: a mixture-of-experts architecture needs {arch}.expert_count > 0")
     try:
         return _LAYER_ROLES[arch]
     except KeyError:
@@ -74,10 +103,10 @@ def layer_roles(arch: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
             f"unsupported architecture {arch!r} (supported: {', '.join(_LAYER_ROLES)})") from None
 
 
-def tensor_map(arch: str, n_layers: int, tensor_names: Iterable[str]) -> TensorMap:
-    """Resolve every role of `arch` against the names in a file; a missing required tensor raises
-    UnsupportedModelError naming it (and the architecture)."""
-    required, optional = layer_roles(arch)
+def tensor_map(arch: str, n_layers: int, tensor_names: Iterable[str], experts: bool = False) -> TensorMap:
+    """Resolve every role of `arch` (with routed experts when `experts`) against the names in a file;
+    a missing required tensor raises UnsupportedModelError naming it (and the architecture)."""
+    required, optional = layer_roles(arch, experts)
     names = set(tensor_names)
     missing: list[str] = [n for n in _GLOBAL_REQUIRED.values() if n not in names]
     globals_ = {r: n for r, n in _GLOBAL_REQUIRED.items() if n in names}

@@ -20,6 +20,8 @@ whole batch) and hands each layer's attention to the function attend_fn() builds
      padded to the longest context, since a Python call per row per layer would cost more than the
      row's arithmetic. Both share ops' one softmax formula (scale, softcap, mask), so the batched and
      the solo paths differ only in where the keys come from.
+A mixture-of-experts layer needs nothing here: its router and experts act on each row alone
+(reference/moe.py groups the step's rows by expert), so a batched step routes exactly as solo runs do.
 """
 from __future__ import annotations
 

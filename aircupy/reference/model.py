@@ -1,4 +1,5 @@
-"""NumpyModel: the float32 reference forward pass for llama, qwen2, qwen3 and gemma3.
+"""NumpyModel: the float32 reference forward pass for llama, qwen2, qwen3, gemma3 and the mixtures of
+experts qwen2moe, qwen3moe and Mixtral-style llama.
 
 Weights are dequantized once at load into contiguous float32 matrices in GGUF's (out, in) numpy order,
 so each projection is `x @ W.T` (BLAS reads W.T as a Fortran-order matrix: no copy). Q/K/V are fused
@@ -9,6 +10,8 @@ Per layer (pre-norm residual; gemma3 adds the bracketed post-norms):
     x += [post_norm](attention(q, cache k/v) @ Wo.T)
     x += [post_norm](act(h2 @ Wgate.T) * (h2 @ Wup.T) @ Wdown.T), h2 = rms_norm(x)
 logits = rms_norm(x) @ Wout.T (Wout = token_embd when the head is tied).
+In a mixture-of-experts layer the FFN line is x += moe_ffn(h2): a router picks n_expert_used experts
+per row and sums their SwiGLU FFNs, weighted (reference/moe.py has the formula and llama.cpp's order).
 
 Two entry points run that one layer formula (_layers/_layer/_head); they differ only in attend(), where
 K/V are stored and how attention reads them:
@@ -30,6 +33,7 @@ from aircupy.gguf.quants import dequantize
 from aircupy.gguf.arch import TensorMap, tensor_map
 from aircupy.reference.batch import StepArrays
 from aircupy.reference.kv_cache import KVCache
+from aircupy.reference.moe import MoeWeights, moe_ffn
 from aircupy.reference.paged_kv import PagedKVCache
 from aircupy.reference import ops as ref
 
@@ -45,9 +49,10 @@ class _Layer:
     bo: np.ndarray | None            # (E,)
     post_attn_norm: np.ndarray | None
     ffn_norm: np.ndarray             # (E,)
-    w_gate_up: np.ndarray            # (2F, E): rows [0, F) gate, [F, 2F) up
-    w_down: np.ndarray               # (E, F)
+    w_gate_up: np.ndarray | None     # (2F, E): rows [0, F) gate, [F, 2F) up; None in a MoE layer
+    w_down: np.ndarray | None        # (E, F)
     post_ffn_norm: np.ndarray | None
+    moe: MoeWeights | None = None    # the router and experts of a MoE layer
 
 
 class NumpyModel:
@@ -57,7 +62,7 @@ class NumpyModel:
 
     def __init__(self, g, config: ModelConfig):
         self.config = config
-        self.tensor_map: TensorMap = tensor_map(config.arch, config.n_layers, g.tensors)
+        self.tensor_map: TensorMap = tensor_map(config.arch, config.n_layers, g.tensors, experts=config.is_moe)
         self._g = g
         c = config
         qd, kvd = c.n_head * c.head_dim, c.n_head_kv * c.head_dim
@@ -91,11 +96,29 @@ class NumpyModel:
                 wo=w("attn_output", (c.n_embd, c.n_head * c.head_dim_v)), bo=w("attn_output_bias", (c.n_embd,)),
                 post_attn_norm=w("post_attention_norm", (c.n_embd,)),
                 ffn_norm=w("ffn_norm", (c.n_embd,)),
-                w_gate_up=np.ascontiguousarray(np.concatenate(
+                w_gate_up=None if c.is_moe else np.ascontiguousarray(np.concatenate(
                     [w("ffn_gate", (c.n_ff, c.n_embd)), w("ffn_up", (c.n_ff, c.n_embd))], axis=0)),
-                w_down=w("ffn_down", (c.n_embd, c.n_ff)),
+                w_down=None if c.is_moe else w("ffn_down", (c.n_embd, c.n_ff)),
                 post_ffn_norm=w("post_ffw_norm", (c.n_embd,)),
+                moe=self._load_moe(names) if c.is_moe else None,
             ))
+
+    def _load_moe(self, names: dict[str, str]) -> MoeWeights:
+        """A MoE layer's router and experts; gate and up stacked per expert, (X, 2F, E)."""
+        c = self.config
+        X, F, E, S = c.n_expert, c.n_ff_exp, c.n_embd, c.n_ff_shexp
+        gate_up = np.concatenate([self._load(names["ffn_gate_exps"], (X, F, E)),
+                                  self._load(names["ffn_up_exps"], (X, F, E))], axis=1)
+        m = MoeWeights(router=self._load(names["ffn_gate_inp"], (X, E)), gate_up=np.ascontiguousarray(gate_up),
+                       down=self._load(names["ffn_down_exps"], (X, E, F)), n_used=c.n_expert_used,
+                       norm=c.expert_weights_norm)
+        if S:
+            gate = names["ffn_gate_inp_shexp"]   # (E,) or, as the converter writes it, (1, E)
+            m.shexp_gate = self._load(gate, tuple(self._g.tensors[gate].shape)).reshape(E)
+            m.shexp_gate_up = np.ascontiguousarray(np.concatenate(
+                [self._load(names["ffn_gate_shexp"], (S, E)), self._load(names["ffn_up_shexp"], (S, E))], axis=0))
+            m.shexp_down = self._load(names["ffn_down_shexp"], (E, S))
+        return m
 
     def _load(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
         """Dequantize one tensor to contiguous float32 after checking its shape against the config."""
@@ -243,9 +266,12 @@ class NumpyModel:
         x = x + o
 
         h = ref.rms_norm(x, L.ffn_norm, c.rms_eps)
-        gu = ref.linear(h, L.w_gate_up)  # (T, 2F)
-        act = ref.geglu if c.activation == "gelu_tanh" else ref.swiglu
-        d = ref.linear(act(gu[:, :c.n_ff], gu[:, c.n_ff:]), L.w_down)
+        if L.moe is not None:
+            d = moe_ffn(h, L.moe)  # router, then the chosen experts; each row alone, so batching is free
+        else:
+            gu = ref.linear(h, L.w_gate_up)  # (T, 2F)
+            act = ref.geglu if c.activation == "gelu_tanh" else ref.swiglu
+            d = ref.linear(act(gu[:, :c.n_ff], gu[:, c.n_ff:]), L.w_down)
         if L.post_ffn_norm is not None:
             d = ref.rms_norm(d, L.post_ffn_norm, c.rms_eps)
         return x + d

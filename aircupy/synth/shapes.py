@@ -8,6 +8,11 @@ Per layer i (names as in llama.cpp's gguf-py constants):
   qwen2:  + attn_q/k/v.bias (H*D,), (Hkv*D,)
   qwen3:  + attn_q_norm.weight, attn_k_norm.weight (D,)
   gemma3: + attn_q_norm, attn_k_norm (D,), post_attention_norm, post_ffw_norm (E,)
+  mixtures of experts (X experts, F_x = expert width: n_ff_exp, or n_ff for Mixtral-style llama), in
+  place of ffn_gate/up/down: blk.i.ffn_gate_inp.weight (X, E) F32 (llama.cpp never quantizes the router),
+    blk.i.ffn_gate_exps/ffn_up_exps.weight (X, F_x, E), blk.i.ffn_down_exps.weight (X, E, F_x)
+  qwen2moe: + the shared expert ffn_gate_inp_shexp.weight (1, E) F32 (HF's Linear(E, 1), as the
+    converter writes it), ffn_gate_shexp/ffn_up_shexp.weight (S, E), ffn_down_shexp.weight (E, S)
 Global: token_embd.weight (V, E), output_norm.weight (E,), output.weight (V, E) unless tied.
 All tensors of a layer are contiguous in the file (the streaming manifest reads one window per layer).
 """
@@ -39,6 +44,14 @@ class ArchShape:
     post_norms: bool = False
     sliding_window: int | None = None
     add_bos: bool = True
+    n_expert: int = 0      # routed experts per layer (0: dense FFN)
+    n_expert_used: int = 0
+    n_ff_exp: int = 0      # expert width (qwen*moe); 0: n_ff (Mixtral-style llama)
+    n_ff_shexp: int = 0    # shared expert width (qwen2moe)
+
+    @property
+    def expert_width(self) -> int:
+        return self.n_ff_exp or self.n_ff
 
 
 PRESETS: dict[str, ArchShape] = {
@@ -54,6 +67,25 @@ PRESETS: dict[str, ArchShape] = {
                             tied=True, qk_norm=True, add_bos=False),
     "gemma3-270m": ArchShape("gemma3", 262144, 640, 18, 4, 1, 256, 2048, 32768, 1000000.0, 1e-6,
                              tied=True, qk_norm=True, post_norms=True, sliding_window=512),
+    # Mixtures of experts (HF configs: Qwen3-30B-A3B 30,532,122,624 parameters; Mixtral-8x7B-v0.1
+    # 46,702,792,704; Qwen2-57B-A14B 57,408,658,944).
+    "qwen3-30b-a3b": ArchShape("qwen3moe", 151936, 2048, 48, 32, 4, 128, 6144, 40960, 1000000.0, 1e-6,
+                               tied=False, qk_norm=True, add_bos=False, n_expert=128, n_expert_used=8,
+                               n_ff_exp=768),
+    "mixtral-8x7b": ArchShape("llama", 32000, 4096, 32, 32, 8, 128, 14336, 32768, 1000000.0, 1e-5,
+                              tied=False, n_expert=8, n_expert_used=2),
+    "qwen2-57b-a14b": ArchShape("qwen2moe", 151936, 3584, 28, 28, 4, 128, 18944, 32768, 1000000.0, 1e-6,
+                                tied=False, qkv_bias=True, add_bos=False, n_expert=64, n_expert_used=8,
+                                n_ff_exp=2560, n_ff_shexp=20480),
+    # Tiny ones for tests (the numpy model runs them in milliseconds; llama.cpp loads them too).
+    "tiny-qwen3moe": ArchShape("qwen3moe", 512, 128, 2, 4, 2, 32, 192, 512, 1000000.0, 1e-6,
+                               tied=False, qk_norm=True, add_bos=False, n_expert=8, n_expert_used=3,
+                               n_ff_exp=64),
+    "tiny-mixtral": ArchShape("llama", 512, 128, 2, 4, 2, 32, 96, 512, 1000000.0, 1e-5,
+                              tied=False, n_expert=4, n_expert_used=2),
+    "tiny-qwen2moe": ArchShape("qwen2moe", 512, 128, 2, 4, 2, 32, 192, 512, 1000000.0, 1e-6,
+                               tied=False, qkv_bias=True, add_bos=False, n_expert=8, n_expert_used=2,
+                               n_ff_exp=64, n_ff_shexp=128),
 }
 
 # llama.cpp's fallbacks when a row length is not a multiple of a K-quant's 256-value super-block.
@@ -78,6 +110,12 @@ def with_overrides(shape: ArchShape, **kw) -> ArchShape:
             raise ValueError(f"{f} must be positive, got {getattr(s, f)}")
     if s.n_head % s.n_head_kv:
         raise ValueError(f"n_head {s.n_head} is not a multiple of n_head_kv {s.n_head_kv}")
+    if s.n_expert < 0 or not (0 < s.n_expert_used <= s.n_expert or s.n_expert == s.n_expert_used == 0):
+        raise ValueError(f"n_expert_used {s.n_expert_used} must be in [1, n_expert {s.n_expert}]")
+    if s.arch in ("qwen2moe", "qwen3moe") and not s.n_expert:
+        raise ValueError(f"{s.arch} needs n_expert > 0")
+    if (s.arch == "qwen2moe") != (s.n_ff_shexp > 0):
+        raise ValueError("a shared expert (n_ff_shexp > 0) is qwen2moe's, and qwen2moe needs one")
     return s
 
 
@@ -140,12 +178,34 @@ def tensor_plan(s: ArchShape, qtype: GGMLType, embd_type: GGMLType | None = None
         if s.post_norms:
             plan.append(vec(p + "post_attention_norm.weight", E))
         plan.append(vec(p + "ffn_norm.weight", E))
-        plan.append(mat(p + "ffn_gate.weight", F, E))
-        plan.append(mat(p + "ffn_up.weight", F, E))
-        plan.append(mat(p + "ffn_down.weight", E, F))
+        if s.n_expert:
+            plan += _moe_plan(s, p, mat)
+        else:
+            plan.append(mat(p + "ffn_gate.weight", F, E))
+            plan.append(mat(p + "ffn_up.weight", F, E))
+            plan.append(mat(p + "ffn_down.weight", E, F))
         if s.post_norms:
             plan.append(vec(p + "post_ffw_norm.weight", E))
     return plan
+
+
+def _moe_plan(s: ArchShape, p: str, mat) -> list[TensorPlan]:
+    """A MoE layer's router, stacked experts and (qwen2moe) shared expert; mat(name, rows, cols) plans
+    a matrix, widened here to 3-D for the stacked experts (the type follows the row length)."""
+    E, X, Fx, S = s.n_embd, s.n_expert, s.expert_width, s.n_ff_shexp
+
+    def stacked(name, rows, cols):
+        m = mat(name, rows, cols)
+        return TensorPlan(m.name, m.ggml_type, (X, rows, cols), m.mean, m.std)
+
+    out = [mat(p + "ffn_gate_inp.weight", X, E, GGMLType.F32),
+           stacked(p + "ffn_gate_exps.weight", Fx, E), stacked(p + "ffn_up_exps.weight", Fx, E),
+           stacked(p + "ffn_down_exps.weight", E, Fx)]
+    if S:
+        out += [mat(p + "ffn_gate_inp_shexp.weight", 1, E, GGMLType.F32),
+                mat(p + "ffn_gate_shexp.weight", S, E), mat(p + "ffn_up_shexp.weight", S, E),
+                mat(p + "ffn_down_shexp.weight", E, S)]
+    return out
 
 
 def model_metadata(s: ArchShape, qtype: GGMLType, name: str, file_type: int | None = None) -> dict:
@@ -167,7 +227,14 @@ def model_metadata(s: ArchShape, qtype: GGMLType, name: str, file_type: int | No
         f"{a}.rope.freq_base": float(s.rope_base),
         f"{a}.attention.layer_norm_rms_epsilon": float(s.rms_eps),
     }
-    if s.head_dim * s.n_head != s.n_embd or a in ("qwen3", "gemma3"):
+    if s.n_expert:
+        md[f"{a}.expert_count"] = s.n_expert
+        md[f"{a}.expert_used_count"] = s.n_expert_used
+        if s.n_ff_exp:   # Mixtral's experts are feed_forward_length wide: it has no such key
+            md[f"{a}.expert_feed_forward_length"] = s.n_ff_exp
+        if s.n_ff_shexp:
+            md[f"{a}.expert_shared_feed_forward_length"] = s.n_ff_shexp
+    if s.head_dim * s.n_head != s.n_embd or a in ("qwen3", "qwen3moe", "gemma3"):
         md[f"{a}.attention.key_length"] = s.head_dim
         md[f"{a}.attention.value_length"] = s.head_dim
     if a == "llama":
