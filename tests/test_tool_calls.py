@@ -17,7 +17,7 @@ USER = [{"role": "user", "content": "hi"}]
 
 
 def call(name, args):
-    return '<tool_call>\n{"name": %s, "arguments": %s}\n</tool_call>' % (json.dumps(name), json.dumps(args))
+    return f'<tool_call>\n{{"name": {json.dumps(name)}, "arguments": {json.dumps(args)}}}\n</tool_call>'
 
 
 def named(calls):

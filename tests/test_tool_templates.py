@@ -7,10 +7,13 @@ import json
 
 import pytest
 
+from aircupy.engine import constraint as ec
+from aircupy.gguf import tool_template as tt
 from aircupy.gguf.chat_template import ChatTemplate
 from aircupy.gguf.reader import GGUFFile
 from aircupy.gguf.tokenizer import Tokenizer
-from aircupy.gguf.tool_template import HERMES, HERMES_INSTRUCTIONS, LLAMA3_JSON, convention_of
+from aircupy.server.protocol import parse_chat
+from aircupy.server.tools import call_grammar
 from tests.helpers.tool_templates import LLAMA31_STYLE, QWEN_STYLE
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
@@ -46,15 +49,15 @@ def _with(smol, text):
 
 
 def test_conventions_are_read_from_the_template():
-    assert convention_of(QWEN_STYLE) == HERMES
-    assert convention_of(LLAMA31_STYLE) == LLAMA3_JSON
-    assert convention_of("{{ '<|python_tag|>' }}") == LLAMA3_JSON
-    assert convention_of("{{ tools }}") == HERMES
+    assert tt.convention_of(QWEN_STYLE) == tt.HERMES
+    assert tt.convention_of(LLAMA31_STYLE) == tt.LLAMA3_JSON
+    assert tt.convention_of("{{ '<|python_tag|>' }}") == tt.LLAMA3_JSON
+    assert tt.convention_of("{{ tools }}") == tt.HERMES
 
 
 def test_a_tools_aware_template_renders_tools_and_tool_turns_itself(smol):
     t = _with(smol, QWEN_STYLE)
-    assert t.supports_tools and t.tool_convention == HERMES
+    assert t.supports_tools and t.tool_convention == tt.HERMES
     out = t.render(CONVERSATION, tools=[WEATHER])
     assert out.startswith("<|im_start|>system\n# Tools\n") and json.dumps(WEATHER) in out
     # Arguments arrive as objects (the template applies tojson), tool results as one user turn.
@@ -66,7 +69,7 @@ def test_a_tools_aware_template_renders_tools_and_tool_turns_itself(smol):
 
 def test_a_llama31_style_template_gets_tools_and_the_parameters_convention(smol):
     t = _with(smol, LLAMA31_STYLE)
-    assert t.supports_tools and t.tool_convention == LLAMA3_JSON
+    assert t.supports_tools and t.tool_convention == tt.LLAMA3_JSON
     out = t.render(CONVERSATION[:3], tools=[WEATHER])
     assert "Environment: ipython" in out and '"name": "get_weather"' in out
     assert '{"name": "get_weather", "parameters": {"city": "Oslo"}}<|eot_id|>' in out
@@ -75,11 +78,11 @@ def test_a_llama31_style_template_gets_tools_and_the_parameters_convention(smol)
 
 def test_smollm2_template_gets_the_hermes_fallback(smol):
     _, t, _ = smol
-    assert t.source == "gguf" and not t.supports_tools and t.tool_convention == HERMES
+    assert t.source == "gguf" and not t.supports_tools and t.tool_convention == tt.HERMES
     out = t.render(CONVERSATION, tools=[WEATHER])
     # Our system turn (tools in the Hermes format) replaces SmolLM2's default one.
     assert out.startswith("<|im_start|>system\n# Tools\n") and "SmolLM" not in out
-    assert json.dumps(WEATHER) + "\n" + HERMES_INSTRUCTIONS + "<|im_end|>" in out
+    assert json.dumps(WEATHER) + "\n" + tt.HERMES_INSTRUCTIONS + "<|im_end|>" in out
     assert ('<|im_start|>assistant\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n'
             '</tool_call>\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call>'
             '<|im_end|>') in out
@@ -103,26 +106,25 @@ def test_gemma3_fallback_keeps_its_turns_alternating(gemma):
 
 def test_tool_turn_contents_stay_plain_text(smol, smollm2_path):
     """A tool result holding control-token text is a message content: kept as text, not a turn."""
-    tok, t, _ = smol
-    msgs = [*CONVERSATION[:2], {"role": "tool", "tool_call_id": "call_1", "content": "<|im_end|>x"}]
-    text = t.render(msgs, tools=[WEATHER])
-    spans = t.content_spans(msgs, text, tools=[WEATHER])
-    assert spans is not None and any(text[a:b] == "<|im_end|>x" for a, b in spans)
-    ids = tok.encode(text, add_special=False, parse_special=True, literal=spans)
-    im_end = tok.token_to_id("<|im_end|>")
-    assert ids.count(im_end) == text.count("<|im_end|>") - 1
+    tok, smol_template, _ = smol
+    for t in (smol_template, _with(smol, QWEN_STYLE)):
+        for empty in (None, ""):   # an assistant turn that only calls: null content, or "" as the server has it
+            calls_turn = {**CONVERSATION[1], "content": empty}
+            msgs = [CONVERSATION[0], calls_turn, {"role": "tool", "tool_call_id": "call_1", "content": "<|im_end|>x"}]
+            text = t.render(msgs, tools=[WEATHER])
+            spans = t.content_spans(msgs, text, tools=[WEATHER])
+            assert spans is not None and any(text[a:b] == "<|im_end|>x" for a, b in spans)
+            ids = tok.encode(text, add_special=False, parse_special=True, literal=spans)
+            im_end = tok.token_to_id("<|im_end|>")
+            assert ids.count(im_end) == text.count("<|im_end|>") - 1
 
 
 def test_call_grammar_holds_smollm2_tokens_to_a_valid_call(smol):
-    from aircupy.engine.constraint import JSON_OPTIONS, Constraint, ConstraintState, build_tokenizer
-    from aircupy.server.protocol import parse_chat
-    from aircupy.server.tools import call_grammar
-
     tok = smol[0]
     tr = parse_chat({"messages": CONVERSATION[:1], "tools": [WEATHER], "tool_choice": "required",
                      "parallel_tool_calls": False}).tools
-    state = ConstraintState(Constraint.compile("grammar", call_grammar(tr, JSON_OPTIONS)), build_tokenizer(tok),
-                            tok.vocab_size)
+    state = ec.ConstraintState(ec.Constraint.compile("grammar", call_grammar(tr, ec.JSON_OPTIONS)),
+                               ec.build_tokenizer(tok), tok.vocab_size)
     good = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
     assert state.matcher.validate_tokens(tok.encode(good, add_special=False)) == len(tok.encode(good, add_special=False))
     for bad in ('<tool_call>\n{"name": "get_time", "arguments": {}}',          # not an offered function

@@ -255,7 +255,9 @@ def _text_size(v) -> int:
 def _wrap(content: str, opening: str, closing: str) -> str:
     core = content.strip()
     if not core:
-        return opening + closing + content
+        # Nothing to locate, and markers would make a blank content truthy: a template's
+        # `{% if message.content %}` (an assistant turn that only calls tools) would then render differently.
+        return content
     head = content[:len(content) - len(content.lstrip())]
     tail = content[len(content.rstrip()):]
     return head + opening + core + closing + tail

@@ -176,7 +176,7 @@ class ToolCallStream:
         head = self._buf.lstrip()
         if not head or PYTHON_TAG.startswith(head):
             return   # undecided: blanks, or the start of the tag
-        if head.startswith("{") or head.startswith(PYTHON_TAG):
+        if head.startswith(("{", PYTHON_TAG)):
             self._mode = "json"
         else:
             self._mode = "text"

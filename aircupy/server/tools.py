@@ -186,7 +186,8 @@ def message_tool_calls(calls, where: str) -> list[dict]:
 
 def plan(tr: ToolRequest, template, tokenizer, messages: list[dict], special_in_messages: bool):
     """(the tools to render, the Lark grammar or None) for `tr` on this model; sets tr.convention."""
-    from aircupy.engine.constraint import JSON_OPTIONS, Constraint   # llguidance, imported when needed
+    # llguidance, imported when first needed
+    from aircupy.engine.constraint import JSON_OPTIONS, Constraint
     from aircupy.errors import InvalidParameterError
 
     for i, t in enumerate(tr.tools):
