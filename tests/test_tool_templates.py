@@ -132,3 +132,33 @@ def test_call_grammar_holds_smollm2_tokens_to_a_valid_call(smol):
                 '{"name": "get_weather", "arguments": {"city": "Oslo"}}'):     # no marker
         ids = tok.encode(bad, add_special=False)
         assert state.matcher.validate_tokens(ids) < len(ids)
+
+
+@pytest.mark.parametrize("convention", [tt.HERMES, tt.LLAMA3_JSON])
+def test_strict_tools_in_auto_leave_text_free_but_hold_calls_to_their_schema(smol, convention):
+    from aircupy.server.tools import plan
+
+    tok, t, _ = smol
+    strict = {"type": "function", "function": {**WEATHER["function"], "strict": True}}
+    tr = parse_chat({"messages": CONVERSATION[:1], "tools": [strict]}).tools
+    template = _with(smol, LLAMA31_STYLE) if convention == tt.LLAMA3_JSON else t
+    _, grammar = plan(tr, template, tok, CONVERSATION[:1], special_in_messages=False)
+    assert tr.convention == convention and grammar is not None
+    constraint = ec.Constraint.compile("grammar", grammar)
+    ll = ec.build_tokenizer(tok)
+
+    def takes(text):
+        state = ec.ConstraintState(constraint, ll, tok.vocab_size)
+        ids = tok.encode(text, add_special=False)
+        return state.matcher.validate_tokens(ids) == len(ids)
+
+    key = "parameters" if convention == tt.LLAMA3_JSON else "arguments"
+    good = f'{{"name": "get_weather", "{key}": {{"city": "Oslo"}}}}'
+    bad = f'{{"name": "get_weather", "{key}": {{"town": "Oslo"}}}}'
+    if convention == tt.HERMES:
+        good, bad = "Let me see. <tool_call>\n" + good + "\n</tool_call>", "<tool_call>\n" + bad
+    assert takes("It is sunny in Oslo today.") and takes(good)
+    assert not takes(bad)
+    # Without a strict tool, auto is not constrained at all.
+    assert plan(parse_chat({"messages": CONVERSATION[:1], "tools": [WEATHER]}).tools, template, tok,
+                CONVERSATION[:1], special_in_messages=False)[1] is None

@@ -17,7 +17,9 @@ refuses control-token text in what the template renders outside message contents
 convention, and for "required" or a named function builds the Lark grammar that holds generation to that
 convention's call syntax, each function's arguments a `%json` sub-grammar of its parameters schema, so
 the call always parses and validates. "auto" generates freely and calls are parsed out of the text;
-"none" parses nothing (the tools still reach a template that renders them itself).
+with a `strict` tool, "auto" text is free but a call, once begun, follows its function's schema (an
+llguidance lazy trigger on the call marker). "none" parses nothing (the tools still reach a template that
+renders them itself).
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ class Tool:
     name: str
     parameters: dict    # a JSON schema of an object
     spec: dict          # {"type": "function", "function": {...}} as the template receives it
+    strict: bool = False
 
 
 @dataclass
@@ -124,7 +127,7 @@ def _tool(t, where: str) -> Tool:
         params = {"type": "object", **params}
     spec_fn = {"name": name, **({"description": desc} if desc is not None else {}),
                "parameters": params, **({"strict": strict} if strict is not None else {})}
-    return Tool(name, params, {"type": "function", "function": spec_fn})
+    return Tool(name, params, {"type": "function", "function": spec_fn}, strict is True)
 
 
 def _choice(choice, names: frozenset) -> tuple[str, str | None]:
@@ -201,7 +204,12 @@ def plan(tr: ToolRequest, template, tokenizer, messages: list[dict], special_in_
     # A template without tool support gets the Hermes tool list in its system message, except with
     # "none": no tools offered, no call asked for.
     render = [t.spec for t in tr.tools] if (template.supports_tools or tr.choice != "none") else None
-    grammar = call_grammar(tr, JSON_OPTIONS) if tr.constrained else None
+    if tr.constrained:
+        grammar = call_grammar(tr, JSON_OPTIONS)
+    elif tr.choice == "auto" and any(t.strict for t in tr.tools):
+        grammar = strict_auto_grammar(tr, JSON_OPTIONS)
+    else:
+        grammar = None
     return render, grammar
 
 
@@ -235,3 +243,20 @@ def call_grammar(tr: ToolRequest, json_options: dict) -> str:
         call, sep = f"{json.dumps('<tool_call>' + chr(10))} fn {json.dumps(chr(10) + '</tool_call>')}", json.dumps("\n")
     start = "start: call" + (f" ({sep} call)*" if tr.choice == "required" and tr.parallel else "")
     return "\n".join([start, f"call: {call}", "fn: " + " | ".join(f"fn_{i}" for i in range(len(tools))), *rules])
+
+
+def strict_auto_grammar(tr: ToolRequest, json_options: dict) -> str:
+    """"auto" with strict tools: any text, but a call follows the syntax and schema of an offered
+    function. HERMES: free text in which each `<tool_call>` (a lazy trigger: it ends the free text where
+    it appears) must go on as a whole call. LLAMA3_JSON: an answer that opens with "{" is calls, any
+    other is text."""
+    from llguidance import StructTag
+
+    from aircupy.gguf.tool_template import LLAMA3_JSON
+    if tr.convention == LLAMA3_JSON:
+        calls = call_grammar(ToolRequest(tr.tools, "required", None, tr.parallel, tr.convention), json_options)
+        return "start: answer\nanswer: \"\" | TEXT | calls\nTEXT: /[^{](.|\\n)*/\n" + calls.replace("start:", "calls:", 1)
+    tags = [StructTag(trigger="<tool_call>", begin=f'<tool_call>\n{{"name": {json.dumps(t.name)}, "arguments": ',
+                      grammar={**t.parameters, "x-guidance": json_options}, end="}\n</tool_call>")
+            for t in tr.tools]
+    return StructTag.to_grammar(tags, assume_special=False)
