@@ -223,6 +223,9 @@ def _refuse_control_text(tr: ToolRequest, tokenizer, messages: list[dict]) -> No
         for j, c in enumerate(m.get("tool_calls") or ()):
             if tokenizer.has_control_text(json.dumps(c, ensure_ascii=False)):
                 raise bad(f"messages[{i}].tool_calls[{j}]", "holds special-token text of this model's vocabulary")
+        for key in ("tool_call_id", "name"):   # a tool turn's fields some templates print
+            if isinstance(m.get(key), str) and tokenizer.has_control_text(m[key]):
+                raise bad(f"messages[{i}].{key}", "holds special-token text of this model's vocabulary")
 
 
 def call_grammar(tr: ToolRequest, json_options: dict) -> str:
