@@ -83,7 +83,8 @@ def test_chat_logprobs_without_top():
     ({"messages": USER, "stream": "yes"}, "stream", "invalid_type"),
     ({"messages": USER, "model": 3}, "model", "invalid_type"),
     ({"messages": USER, "seed": -5}, "seed", "invalid_value"),
-    ({"messages": USER, "tools": [{"type": "function"}]}, "tools", "invalid_value"),
+    ({"messages": USER, "tools": [{"type": "function"}]}, "tools[0].function", "missing_required_parameter"),
+    ({"messages": USER, "functions": [{"name": "f"}]}, "functions", "invalid_value"),
 ])
 def test_chat_rejects(body, param, code):
     e = err(parse_chat, body)

@@ -143,9 +143,10 @@ class Engine:
     def detokenize(self, ids) -> str:
         return self.tokenizer.decode([int(i) for i in ids])
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """The prompt text the model's chat template makes of `messages` (TemplateError if it cannot)."""
-        return self.chat_template.render(messages, add_generation_prompt=add_generation_prompt)
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, tools=None) -> str:
+        """The prompt text the model's chat template makes of `messages` (TemplateError if it cannot);
+        tools: OpenAI function tools, rendered by the template or its Hermes fallback."""
+        return self.chat_template.render(messages, add_generation_prompt=add_generation_prompt, tools=tools)
 
     def new_decoder(self):
         """A streaming decoder for generated tokens: they continue the prompt's text, so a vocabulary
@@ -163,7 +164,8 @@ class Engine:
                 self._ll_tokenizer = build_tokenizer(self.tokenizer)
         return ConstraintState(constraint, self._ll_tokenizer, self.config.vocab_size)
 
-    def prompt_ids(self, prompt, *, max_len: int | None = None, special_in_messages: bool = False) -> list[int]:
+    def prompt_ids(self, prompt, *, max_len: int | None = None, special_in_messages: bool = False,
+                   tools=None) -> list[int]:
         """Token ids for a prompt: a string, a list of token ids, or a list of chat messages (dicts).
 
         Text (a string, or what the template renders) is tokenized with special tokens parsed and the BOS
@@ -172,15 +174,16 @@ class Engine:
         text, so a message cannot forge a turn of another role (special_in_messages=True parses it).
         max_len: raise ContextLengthError, before tokenizing, when the size of the text alone proves
         that the prompt has more tokens than that (the caller checks the exact count).
+        tools: function tools for a chat (apply_chat_template).
         """
         if isinstance(prompt, str):
             self._check_size(prompt, max_len)
             ids = self._encode_with_bos(prompt)
         elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
             msgs = list(prompt)
-            text = self.apply_chat_template(msgs)
+            text = self.apply_chat_template(msgs, tools=tools)
             self._check_size(text, max_len)
-            ids = self._encode_with_bos(text, () if special_in_messages else self._content_spans(msgs, text))
+            ids = self._encode_with_bos(text, () if special_in_messages else self._content_spans(msgs, text, tools))
         elif isinstance(prompt, (list, tuple)) and all(_is_int(t) for t in prompt):
             ids = [int(t) for t in prompt]
             bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
@@ -198,10 +201,10 @@ class Engine:
             raise ContextLengthError(f"the prompt has at least {least} tokens ({len(text)} characters of text) but "
                                      f"at most {max_len} fit the context (n_ctx {self.n_ctx})")
 
-    def _content_spans(self, messages: list[dict], text: str):
+    def _content_spans(self, messages: list[dict], text: str, tools=None):
         """Where the messages' contents lie in `text`, to tokenize them as plain text (see prompt_ids)."""
         from aircupy.gguf.chat_template import normalize_messages
-        spans = self.chat_template.content_spans(messages, text)
+        spans = self.chat_template.content_spans(messages, text, tools=tools)
         if spans is not None:
             return spans
         # The template transforms contents beyond recognition: fine while none holds control-token text.

@@ -30,11 +30,12 @@ import secrets
 from datetime import datetime
 
 import jinja2
-from jinja2 import nodes
+from jinja2 import meta, nodes
 from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import SecurityError
 
 from aircupy.errors import AircupyError, InvalidParameterError, TemplateError, UnsafeTemplateError
+from aircupy.gguf import tool_template
 from aircupy.gguf.template_sandbox import Budget, BudgetSandbox
 
 # Conversations a template is tried on when a model loads: a hostile template is refused at start-up.
@@ -137,7 +138,9 @@ def normalize_messages(messages) -> list[dict]:
 
 class ChatTemplate:
     """A compiled chat template. `source` says where it came from: "gguf", "chatml (fallback)" or
-    "gemma (fallback)"; `text` is the template itself."""
+    "gemma (fallback)"; `text` is the template itself. `supports_tools`: the template reads `tools`
+    (else tools and tool turns are rendered through the Hermes fallback, gguf/tool_template.py);
+    `tool_convention`: how the model writes a call (tool_template.HERMES or LLAMA3_JSON)."""
 
     def __init__(self, text: str, source: str, special_tokens: dict[str, str], strip_bos: bool):
         self.text = text
@@ -148,6 +151,9 @@ class ChatTemplate:
             self._template = _environment().from_string(text)
         except jinja2.TemplateSyntaxError as e:
             raise TemplateError(f"chat template ({source}) does not parse: {e.message} (line {e.lineno})") from e
+        variables = meta.find_undeclared_variables(self._template.environment.parse(text))
+        self.supports_tools = "tools" in variables
+        self.tool_convention = tool_template.convention_of(text) if self.supports_tools else tool_template.HERMES
 
     @classmethod
     def from_gguf(cls, g, tokenizer) -> "ChatTemplate":
@@ -174,8 +180,10 @@ class ChatTemplate:
 
     def render(self, messages: list[dict], add_generation_prompt: bool = True, tools=None,
                documents=None, **extra) -> str:
-        """The prompt text for `messages`; encode it with parse_special=True (and add_special=True)."""
-        msgs = normalize_messages(messages)
+        """The prompt text for `messages`; encode it with parse_special=True (and add_special=True).
+        tools: OpenAI function tools ([{"type": "function", "function": {...}}]); messages may carry
+        assistant `tool_calls` and `tool` turns (see supports_tools)."""
+        msgs, tools = tool_template.for_template(normalize_messages(messages), tools, self.supports_tools)
         context = {**self._special, **extra, "messages": msgs, "add_generation_prompt": bool(add_generation_prompt),
                    "tools": tools, "documents": documents}
         env = self._template.environment
@@ -202,7 +210,7 @@ class ChatTemplate:
             out = out[len(bos):]
         return out
 
-    def content_spans(self, messages: list[dict], text: str, add_generation_prompt: bool = True):
+    def content_spans(self, messages: list[dict], text: str, add_generation_prompt: bool = True, tools=None):
         """The (start, end) character spans of `text` (this template's rendering of `messages`) that are
         message contents, for Tokenizer.encode(literal=spans); None when the template changes the
         contents in a way that hides where they are (then only contents free of special-token text may
@@ -215,7 +223,7 @@ class ChatTemplate:
         opening, closing = f"\ue000{nonce}\ue001", f"\ue002{nonce}\ue003"
         marked = [{**m, "content": _wrap(m["content"], opening, closing)} if isinstance(m.get("content"), str)
                   else m for m in normalize_messages(messages)]
-        unmarked = _unwrap(self.render(marked, add_generation_prompt), opening, closing)
+        unmarked = _unwrap(self.render(marked, add_generation_prompt, tools=tools), opening, closing)
         if unmarked is None or unmarked[0] != text:
             return None
         return unmarked[1]
@@ -247,7 +255,9 @@ def _text_size(v) -> int:
 def _wrap(content: str, opening: str, closing: str) -> str:
     core = content.strip()
     if not core:
-        return opening + closing + content
+        # Nothing to locate, and markers would make a blank content truthy: a template's
+        # `{% if message.content %}` (an assistant turn that only calls tools) would then render differently.
+        return content
     head = content[:len(content) - len(content.lstrip())]
     tail = content[len(content.rstrip()):]
     return head + opening + core + closing + tail

@@ -13,6 +13,7 @@ from typing import Any
 
 from aircupy.errors import ContextLengthError, InvalidParameterError, TemplateError
 from aircupy.server import responses as R
+from aircupy.server import tool_calls, tools
 from aircupy.server.limits import Limits
 from aircupy.server.protocol import DEFAULT_LIMITS, APIError, GenerationRequest, bad, check_token_ids
 from aircupy.server.responses import finish_reason
@@ -78,6 +79,12 @@ class Answer:
         return len(self.choices) == n_choices and all(c.finish_reason for c in self.choices.values())
 
     def body(self, req: GenerationRequest, rid: str, created: int, model: str) -> dict:
+        tr = req.tools
+        if tr is not None and tr.parses_calls:   # chat with tools: calls out of each choice's text
+            for c in self.choices.values():
+                content, calls = tool_calls.parse(c.text, tr.convention, tr.names, tr.max_calls)
+                if calls:
+                    c.text, c.tool_calls, c.finish_reason = content, [t.to_dict() for t in calls], "tool_calls"
         return R.completion_response(req.kind, rid, created, model, list(self.choices.values()), *self.usage,
                                      with_logprobs=req.logprobs is not None)
 
@@ -100,6 +107,12 @@ def prepare(engine, req: GenerationRequest, limits: Limits = DEFAULT_LIMITS, spe
     cap = limits.max_tokens_for(n_ctx)
     if req.sampling.get("max_tokens", 0) > cap:
         raise bad("max_tokens", f"{req.sampling['max_tokens']} is more than this server allows ({cap})")
+    render_tools, sampling, constraint_param = None, req.sampling, req.constraint_param
+    if req.tools is not None:   # the tools' schemas, the template's convention, a required call's grammar
+        render_tools, grammar = tools.plan(req.tools, engine.chat_template, engine.tokenizer, req.prompts[0],
+                                           special_in_messages)
+        if grammar is not None:
+            sampling, constraint_param = {**sampling, "grammar": grammar}, "tools"
     prompt_ids: list[list[int]] = []
     for p in req.prompts:
         if cancel is not None and cancel.is_set():
@@ -110,7 +123,8 @@ def prepare(engine, req: GenerationRequest, limits: Limits = DEFAULT_LIMITS, spe
             # The engine's own prompt rule: text and rendered chats get the BOS once, even when the
             # template already writes it; token id lists are taken as they are. A text the context
             # cannot hold is refused from its size, before it is tokenized (max_len).
-            ids = engine.prompt_ids(p, max_len=n_ctx - 1, special_in_messages=special_in_messages)
+            ids = engine.prompt_ids(p, max_len=n_ctx - 1, special_in_messages=special_in_messages,
+                                    **({"tools": render_tools} if render_tools else {}))
         except ContextLengthError as e:
             raise APIError(400, f"This model's maximum context length is {n_ctx} tokens: {e}", param=param,
                            code="context_length_exceeded") from None
@@ -131,15 +145,15 @@ def prepare(engine, req: GenerationRequest, limits: Limits = DEFAULT_LIMITS, spe
     for p, ids in enumerate(prompt_ids):
         row = []
         for c in range(req.n):
-            kw = {**OPENAI_DEFAULTS, **req.sampling, "seed": req.seed_for(c), "logprobs": req.logprobs}
+            kw = {**OPENAI_DEFAULTS, **sampling, "seed": req.seed_for(c), "logprobs": req.logprobs}
             # No max_tokens (chat): generate until end of generation or the context is full, as OpenAI
             # (within the server's cap).
             kw.setdefault("max_tokens", min(cap, n_ctx - len(ids)))
             try:
                 row.append(SamplingParams(**kw).validate(vocab))
             except InvalidParameterError as e:
-                if req.constraint_param is not None and e.param in CONSTRAINT_FIELDS:
-                    raise bad(req.constraint_param, str(e).split(": ", 1)[-1]) from None
+                if constraint_param is not None and e.param in CONSTRAINT_FIELDS:
+                    raise bad(constraint_param, str(e).split(": ", 1)[-1]) from None
                 raise
         params.append(row)
     return Plan(prompt_ids, params, param)

@@ -12,12 +12,13 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from aircupy.server import structured
+from aircupy.server import structured, tools
 from aircupy.server.apierror import APIError, bad
 from aircupy.server.limits import Limits
 
-# Chat roles the templates understand; "developer" is OpenAI's newer name for "system".
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+# Chat roles the templates understand; "developer" is OpenAI's newer name for "system"; "tool" answers
+# an assistant's tool call (server/tools.py).
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 MAX_TOP_LOGPROBS = 20
 DEFAULT_LIMITS = Limits()   # the caps on n, stop strings, logit_bias and prompts (server/limits.py)
 # request key -> SamplingParams field (repetition_penalty is vLLM's name, repeat_penalty llama.cpp's)
@@ -39,6 +40,8 @@ class GenerationRequest:
     logprobs: number of top alternatives per token, None when logprobs were not asked for.
     constraint_param: the request field an output constraint came from (structured.py), set with the
               constraint's SamplingParams field in `sampling`; errors compiling it name this field.
+    tools:    chat only: the request's function tools and tool_choice (server/tools.py), or None;
+              generation.prepare sets its convention from the model's chat template.
     """
     kind: str
     model: str | None
@@ -51,6 +54,7 @@ class GenerationRequest:
     logprobs: int | None = None
     user: str | None = None
     constraint_param: str | None = None
+    tools: tools.ToolRequest | None = None
 
     def seed_for(self, choice: int) -> int | None:
         """Choice i of n gets seed + i: reproducible per request, yet n different samples."""
@@ -240,9 +244,9 @@ def _common(body: dict, kind: str, prompts: list, limits: Limits) -> GenerationR
 
 def _reject_unsupported(body: dict) -> None:
     """Say so rather than silently ignore features that would change the answer."""
-    for key in ("tools", "functions"):
-        if body.get(key):
-            raise bad(key, "tool calling is not supported")
+    for key in ("functions", "function_call"):   # OpenAI's deprecated form of tools
+        if body.get(key) is not None:
+            raise bad(key, "the deprecated functions API is not supported: use tools and tool_choice")
 
 
 def _content(msg: dict, i: int) -> str:
@@ -269,6 +273,22 @@ def _content(msg: dict, i: int) -> str:
     raise bad(where, "expected a string or a list of text parts", "invalid_type")
 
 
+def _message(m: dict, i: int, role: str) -> dict:
+    """One chat message as the template receives it: role, string content, and the tool fields."""
+    msg = {"role": ROLES[role], "content": _content(m, i)}
+    if role == "assistant" and m.get("tool_calls") is not None:
+        msg["tool_calls"] = tools.message_tool_calls(m["tool_calls"], f"messages[{i}].tool_calls")
+    if role == "tool":
+        cid = m.get("tool_call_id")
+        if not isinstance(cid, str):
+            raise bad(f"messages[{i}].tool_call_id", "is required (the id of the call this answers)",
+                      "missing_required_parameter" if cid is None else "invalid_type")
+        msg["tool_call_id"] = cid
+        if isinstance(m.get("name"), str):
+            msg["name"] = m["name"]
+    return msg
+
+
 def parse_chat(body: dict, limits: Limits = DEFAULT_LIMITS) -> GenerationRequest:
     """Validate a /v1/chat/completions body."""
     msgs = body.get("messages")
@@ -286,9 +306,12 @@ def parse_chat(body: dict, limits: Limits = DEFAULT_LIMITS) -> GenerationRequest
         if not isinstance(role, str) or role not in ROLES:
             raise bad(f"messages[{i}].role", f"unknown role {role!r} (expected one of "
                       f"{', '.join(sorted(ROLES))})")
-        norm.append({"role": ROLES[role], "content": _content(m, i)})
+        norm.append(_message(m, i, role))
     _reject_unsupported(body)
     req = _common(body, "chat", [norm], limits)
+    req.tools = tools.parse(body)
+    if req.tools is not None and req.tools.constrained and req.constraint_param is not None:
+        raise bad("tool_choice", f"a required tool call cannot be combined with {req.constraint_param}")
     # max_completion_tokens is OpenAI's newer name; it wins when both are sent.
     mt = opt_int(body, "max_completion_tokens", 1)
     mt = mt if mt is not None else opt_int(body, "max_tokens", 1)

@@ -19,6 +19,7 @@ class ChoiceResult:
     text: str
     finish_reason: str | None
     logprobs: list = field(default_factory=list)  # TokenLogprob per generated token
+    tool_calls: list | None = None   # chat with tools: [ToolCall.to_dict()], text then what is outside them
 
 
 def new_id(kind: str) -> str:
@@ -79,8 +80,10 @@ def completion_response(kind: str, rid: str, created: int, model: str, choices: 
     for c in sorted(choices, key=lambda c: c.index):
         lp = _logprobs(kind, c.logprobs if with_logprobs else None)
         if kind == "chat":
-            out.append({"index": c.index, "message": {"role": "assistant", "content": c.text},
-                        "logprobs": lp, "finish_reason": c.finish_reason})
+            message = {"role": "assistant", "content": c.text}
+            if c.tool_calls:
+                message["tool_calls"] = c.tool_calls
+            out.append({"index": c.index, "message": message, "logprobs": lp, "finish_reason": c.finish_reason})
         else:
             out.append({"index": c.index, "text": c.text, "logprobs": lp, "finish_reason": c.finish_reason})
     return {"id": rid, "object": "chat.completion" if kind == "chat" else "text_completion",
@@ -90,8 +93,8 @@ def completion_response(kind: str, rid: str, created: int, model: str, choices: 
 
 def chunk(kind: str, rid: str, created: int, model: str, index: int, *, text: str | None = None,
           role: bool = False, finish: str | None = None, logprobs: list | None = None,
-          text_offset: int = 0, include_usage: bool = False) -> dict:
-    """One streamed chunk for one choice. Chat: delta {role?, content?}; completions: text."""
+          text_offset: int = 0, include_usage: bool = False, tool_calls: list | None = None) -> dict:
+    """One streamed chunk for one choice. Chat: delta {role?, content?, tool_calls?}; completions: text."""
     lp = _logprobs(kind, logprobs, text_offset)
     if kind == "chat":
         delta: dict = {}
@@ -99,6 +102,8 @@ def chunk(kind: str, rid: str, created: int, model: str, index: int, *, text: st
             delta["role"] = "assistant"
         if text is not None:
             delta["content"] = text
+        if tool_calls:
+            delta["tool_calls"] = tool_calls
         choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}
     else:
         choice = {"index": index, "text": text or "", "logprobs": lp, "finish_reason": finish}

@@ -20,6 +20,7 @@ import logging
 import anyio
 
 from aircupy.server import responses as R
+from aircupy.server import tool_calls
 from aircupy.server.generation import Answer, Delta, Done
 from aircupy.server.protocol import GenerationRequest, from_exception
 from aircupy.server.worker import Job, JobFailed
@@ -57,6 +58,8 @@ class JobResponse:
         self.usage = (0, 0)
         self._finished = False
         self._ended = False     # Job.END was read
+        # Chat with tools (not "none"): calls are parsed out of each choice's text (server/tool_calls.py).
+        self.tools = req.tools if req.tools is not None and req.tools.parses_calls else None
 
     async def __call__(self, scope, receive, send) -> None:
         state = scope.setdefault("state", {})
@@ -106,6 +109,25 @@ class JobResponse:
         return R.sse(R.chunk(self.kind, self.rid, self.created, self.model, index,
                              include_usage=self.req.include_usage, **kw))
 
+    def _tool_chunks(self, index: int, events: list, lps, n_before: int) -> bytes:
+        """Chunks for one step's parsed events: content as content deltas, each call as OpenAI streams
+        it (a delta with its index, id, type and name, then one with its arguments)."""
+        out, text, n = b"", "", n_before
+        for kind, value in events + [("end", None)]:
+            if kind == "content":
+                text += value
+                continue
+            if text or lps:
+                out += self._chunk(index, text=text, logprobs=lps)
+                text, lps = "", None
+            if kind == "call":
+                head = {"index": n, "id": value.id, "type": "function",
+                        "function": {"name": value.name, "arguments": ""}}
+                out += self._chunk(index, tool_calls=[head])
+                out += self._chunk(index, tool_calls=[{"index": n, "function": {"arguments": value.arguments}}])
+                n += 1
+        return out
+
     async def _stream(self, send) -> None:
         ev = await self.job.next_event()  # waits in line; the disconnect watcher may cancel us here
         if isinstance(ev, JobFailed):
@@ -116,6 +138,7 @@ class JobResponse:
         started: set[int] = set()
         offsets: dict[int, int] = {}   # completion text emitted per choice (legacy logprobs text_offset)
         want_lp = self.req.logprobs is not None
+        parsers: dict[int, tool_calls.ToolCallStream] = {}
         while ev is not Job.END:
             out = b""
             if isinstance(ev, JobFailed):
@@ -126,11 +149,20 @@ class JobResponse:
                     out += self._chunk(ev.index, role=True, text="")
                 started.add(ev.index)
                 lps = list(ev.logprobs or ()) if want_lp else None
-                if ev.text or lps:
+                finish = ev.finish
+                if self.tools is not None:
+                    parser = parsers.setdefault(ev.index, tool_calls.ToolCallStream(
+                        self.tools.convention, self.tools.names, self.tools.max_calls))
+                    n_before = parser.n_calls
+                    events = parser.feed(ev.text) + (parser.finish() if finish is not None else [])
+                    out += self._tool_chunks(ev.index, events, lps, n_before)
+                    if finish is not None and parser.n_calls:
+                        finish = "tool_calls"
+                elif ev.text or lps:
                     out += self._chunk(ev.index, text=ev.text, logprobs=lps, text_offset=offsets.get(ev.index, 0))
                     offsets[ev.index] = offsets.get(ev.index, 0) + len(ev.text)
-                if ev.finish is not None:
-                    out += self._chunk(ev.index, text=None if self.kind == "chat" else "", finish=ev.finish)
+                if finish is not None:
+                    out += self._chunk(ev.index, text=None if self.kind == "chat" else "", finish=finish)
             elif isinstance(ev, Done):
                 self.usage = (ev.prompt_tokens, ev.completion_tokens)
             if out:
