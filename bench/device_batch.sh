@@ -82,6 +82,41 @@ if [ "$stage" = ab ]; then
   exit 0
 fi
 
+if [ "$stage" = fin1 ]; then   # the final GPU tier, part 1 (carry as b1, without the peers)
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .device/whl/*.whl
+  python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null || echo "pip -e failed"
+  cp .device/stage/part.00 .device/stage/SHA256SUM /root/stage/
+  timeout 500 python3 -m pytest -q -rfE --tb=short --durations=12 -m gpu tests/gpu -k "not smollm2 and not gemma3_real" \
+    --ignore tests/gpu/test_budget.py -p no:cacheprovider 2>&1 | tee $L/gpu_tier.log \
+    | grep -E "passed|failed|FAILED|ERROR|Error" | tail -30
+  summary $L/gpu_tier.log gpu_tier.txt
+  exit 0
+fi
+
+if [ "$stage" = fin2 ]; then   # part 2 (carry .device/stage/part.01 part.02): SmolLM2 tests, the server
+  cp .device/stage/part.0[1-9] /root/stage/ && (cd /root/stage && cat part.* > model.gguf \
+    && sha256sum -c SHA256SUM && rm -f part.*) || echo "SmolLM2 join failed"
+  export AIRCUPY_SMOLLM2_GGUF=/root/stage/model.gguf
+  timeout 240 python3 -m pytest -q -rfE --tb=short -m gpu tests/gpu -k "smollm2 or batch_steps or batching" \
+    -p no:cacheprovider 2>&1 | tee $L/gpu_smol.log | grep -E "passed|failed|FAILED|ERROR|Error" | tail -12
+  summary $L/gpu_smol.log gpu_tier_smollm2.txt
+  BENCH_SERVE_LOG=$L/serve.log timeout 200 python3 -m bench.bench_serve --model /root/stage/model.gguf \
+    --backend cuda --clients 1 8 32 64 --tokens 64 --server-arg=--max-num-seqs=64 \
+    --json "$OUT/serve_smollm2.jsonl" 2>&1 | tail -6
+  cp $L/serve.log "$OUT/" 2>/dev/null
+  exit 0
+fi
+
+if [ "$stage" = st32 ]; then   # the 70B at 24 GiB, KV sized for 32 sequences (carry .device/whl)
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .device/whl/*.whl
+  python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null || echo "pip -e failed"
+  python3 -m aircupy synth $S/llama-70b-Q4_0.gguf --arch llama-70b --type Q4_0 > $L/synth.log 2>&1
+  timeout 400 python3 -m bench.bench_batch --model $S/llama-70b-Q4_0.gguf --vram-budget 24GiB \
+    --streams 32 --tokens 32 --prompt 512 --batch-tokens 2048 --n-ctx 1024 \
+    --json "$OUT/batch_70b_24gib_32.jsonl" 2>&1 | tee $L/batch_70b.log | grep -vE "^\s*$" | tail -5
+  exit 0
+fi
+
 if [ "$stage" = st ]; then   # streamed batches (a fresh machine: carry .device/whl .device/COMMIT)
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .device/whl/*.whl
   python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null || echo "pip -e failed"
