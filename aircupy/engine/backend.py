@@ -8,7 +8,8 @@ Model protocol (engine/model.py).
 The door's contract (aircupy/cuda/backend.py; an ImportError means "no CUDA backend"):
     cuda_unavailable_reason() -> str | None    None when cupy imports and a CUDA device exists
     start_warmer(path, size) -> warmer         the cold-start page-cache reader
-    load_model(g, config, *, vram_budget, progress, n_ctx, read_ahead) -> Model
+    load_model(g, config, *, vram_budget, progress, n_ctx, read_ahead, max_num_seqs, max_batched_tokens,
+               kv_tokens) -> Model
 """
 from __future__ import annotations
 
@@ -79,17 +80,22 @@ def _print_once(line: str) -> None:
 
 
 def load_model(backend: str, g, config, *, vram_budget: int | None = None, n_ctx: int | None = None,
-               progress=None, read_ahead=None):
-    """The backend's model object (new_cache / forward) for an open GGUFFile and its ModelConfig;
-    n_ctx lets the CUDA backend size its KV cache within the VRAM budget; read_ahead: the warmer
-    start_warmer returned (the CUDA model takes it over), None for the model's own."""
+               progress=None, read_ahead=None, max_num_seqs: int | None = None,
+               max_batched_tokens: int | None = None, kv_tokens: int | None = None):
+    """The backend's model object (the Model protocol, engine/model.py) for an open GGUFFile and its
+    ModelConfig; n_ctx, and the batching limits max_num_seqs, max_batched_tokens and kv_tokens (KV
+    cache tokens asked for, None: the backend's choice), let the CUDA backend plan its KV pool and
+    buffers within the VRAM budget; read_ahead: the warmer start_warmer returned (the CUDA model takes
+    it over), None for the model's own. The numpy model ignores the budget and the limits (the engine
+    sizes its pool)."""
     if backend == "cuda":
         probe = _device_probe()
         if probe is None:
             raise BackendUnavailableError("the cuda backend is unavailable: aircupy.cuda.backend is missing")
         return probe.load_model(g, config, vram_budget=vram_budget, progress=progress, n_ctx=n_ctx,
-                                read_ahead=read_ahead)
-    from aircupy.reference.model import NumpyModel  # the numpy reference forward; ignores vram_budget
+                                read_ahead=read_ahead, max_num_seqs=max_num_seqs,
+                                max_batched_tokens=max_batched_tokens, kv_tokens=kv_tokens)
+    from aircupy.reference.model import NumpyModel
     return NumpyModel(g, config)
 
 

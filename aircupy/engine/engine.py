@@ -3,24 +3,28 @@
     engine = aircupy.Engine("model.gguf", backend="auto", n_ctx=2048)
     engine.generate("Once upon a time", max_tokens=32, temperature=0).text
     for ev in engine.stream([{"role": "user", "content": "Hi"}], SamplingParams(seed=1)): print(ev.text)
+    engine.generate_batch(["a", "b", "c"], SamplingParams(temperature=0))
 
-The Engine holds one KV cache and reuses the longest common prefix with the previous request (a chat's
-history is re-sent each turn, so only the new turn is evaluated). One request runs at a time: a lock
-serialises callers from several threads (the HTTP server's workers). A stream holds the lock until it is
-exhausted or closed; closing it (generator.close(), or dropping it) stops decoding at once.
+Every request runs through one runner thread (engine/runner.py) that batches all unfinished requests
+into each forward step (continuous batching over a paged KV cache): generate and stream may be called
+from many threads at once and run together. Prompt prefixes are shared through the prefix cache (a
+chat's history re-sent each turn, the n choices of one prompt), block by block. A stream's close()
+(or its garbage collection, or a `break` out of a `with` block) aborts its request at once.
 """
 from __future__ import annotations
 
 import errno
 import threading
 import time
-from contextlib import contextmanager
+import weakref
 from pathlib import Path
 
 from aircupy.engine.backend import default_model_path, load_model, select_backend, start_warmer
+from aircupy.engine.batching import BatchLimits, machine_ram, plan_kv
 from aircupy.engine.params import SamplingParams, parse_size
-from aircupy.engine.request import KVState, Request
+from aircupy.engine.request import Request, TokenStream
 from aircupy.engine.results import GenerationResult
+from aircupy.engine.runner import Runner
 from aircupy.errors import ContextLengthError, InvalidParameterError, TemplateError
 
 
@@ -35,13 +39,18 @@ class Engine:
     progress     optional callable(stage: str), told each loading stage (for a progress display).
     notice       optional callable(line: str), told the one-line notice of "auto" falling back to numpy;
                  default: the line on stderr, once per process.
+    max_num_seqs, max_batched_tokens, kv_cache_tokens
+                 the batching limits: sequences per forward step, tokens per step (default max(512,
+                 max_num_seqs)), KV cache tokens (default: the model's plan on CUDA; on numpy
+                 max(n_ctx, min(max_num_seqs * n_ctx, a quarter of RAM))); engine/batching.py.
 
-    Attributes: config (ModelConfig), tokenizer, chat_template, model (the backend's model: new_cache /
-    forward), model_name (file stem), backend_name ("cuda" | "numpy"), n_ctx, load_s.
+    Attributes: config (ModelConfig), tokenizer, chat_template, model (the backend's model: the Model
+    protocol of engine/model.py), model_name (file stem), backend_name ("cuda" | "numpy"), n_ctx, load_s.
     """
 
     def __init__(self, model_path=None, backend: str = "auto", vram_budget=None, n_ctx: int | None = None,
-                 progress=None, notice=None):
+                 progress=None, notice=None, max_num_seqs: int = 64, max_batched_tokens: int | None = None,
+                 kv_cache_tokens: int | None = None):
         t0 = time.perf_counter()
         path = default_model_path() if model_path is None else Path(model_path)
         if not path.exists():
@@ -85,6 +94,7 @@ class Engine:
                 # errors are raised once the load is done.
                 text = _Background(text_side, "aircupy-tokenizer")
             self.n_ctx = self._resolve_n_ctx(n_ctx)
+            limits = BatchLimits.check(max_num_seqs, max_batched_tokens, kv_cache_tokens, self.n_ctx)
             # After the cheap checks of the file (a bad file is reported without a backend notice first),
             # before the slow part (an unavailable "cuda" fails before any weight is read).
             self.backend_name = select_backend(backend, notice)
@@ -97,10 +107,12 @@ class Engine:
                 self.tokenizer, self.chat_template = text.result()
             report("loading the weights")
             self.model = load_model(self.backend_name, self.gguf, self.config, vram_budget=budget,
-                                    n_ctx=self.n_ctx, progress=progress, read_ahead=warmer)
+                                    n_ctx=self.n_ctx, progress=progress, read_ahead=warmer, **limits.load_kwargs())
             if warmer is not None:
                 self.tokenizer, self.chat_template = text.result()
-            self._kv = KVState(self.model, self.n_ctx)
+            self.kv_plan = plan_kv(self.model.kv_spec(), limits, self.n_ctx, self.config.kv_cache_bytes(1, 4),
+                                   machine_ram() if self.backend_name == "numpy" else None)
+            self._start_runner()
         except BaseException:
             if warmer is not None:
                 warmer.close()
@@ -113,13 +125,8 @@ class Engine:
         self.model_path = path
         self.model_name = path.stem
         self.vram_budget = budget
-        self._lock = threading.Lock()
         self._ll_lock = threading.Lock()     # guards the lazily built constraint tokenizer
         self._ll_tokenizer = None
-        self._owner: int | None = None  # thread id of the lock's holder, to catch self-deadlock
-        self._counters = dict.fromkeys(("requests", "cancelled_requests", "prompt_tokens", "prompt_cached_tokens",
-                                        "completion_tokens", "decode_steps"), 0)
-        self._counters.update(prompt_seconds=0.0, decode_seconds=0.0)
         self.load_s = time.perf_counter() - t0
         report("ready")
 
@@ -222,86 +229,86 @@ class Engine:
         return ids
 
     # -- generation ----------------------------------------------------------------------------------
-    def _request(self, prompt, params, overrides) -> Request:
+    def _start_runner(self) -> None:
+        """The runner thread over self.model and self.kv_plan. It holds no reference to the Engine, so
+        an Engine dropped without close() is collected, and its finalizer stops the thread."""
+        self._runner = Runner(self.model, self.kv_plan, self.n_ctx)
+        self._finalizer = weakref.finalize(self, self._runner.shutdown)
+
+    def _params(self, params, overrides) -> SamplingParams:
         if params is None:
             params = SamplingParams()
         elif not isinstance(params, SamplingParams):
             raise InvalidParameterError("params", f"must be a SamplingParams, got {type(params).__name__}")
-        params = params.with_overrides(**overrides).validate(self.config.vocab_size)
+        return params.with_overrides(**overrides).validate(self.config.vocab_size)
+
+    def submit(self, prompt, params: SamplingParams | None = None, sink=None, **overrides) -> Request:
+        """Queue a request and return it at once; the runner thread calls sink(item) with each
+        StreamEvent, then (on a failure) the exception. sink must not block: a queue's put, or
+        loop.call_soon_threadsafe for asyncio. request.abort() stops it (no event follows);
+        request.done is set once its blocks are free. Argument errors (and a prompt the context cannot
+        hold: ContextLengthError) raise here."""
+        params = self._params(params, overrides)
         ids = self.prompt_ids(prompt, max_len=self.n_ctx - 1)
         if len(ids) >= self.n_ctx:
             raise ContextLengthError(f"the prompt is {len(ids)} tokens but the context holds {self.n_ctx} "
                                      f"(n_ctx), leaving no room to generate")
-        return Request(self, ids, params)
+        req = Request(self, ids, params, sink if sink is not None else (lambda item: None))
+        self._runner.add(req)
+        return req
 
     def generate(self, prompt, params: SamplingParams | None = None, **overrides) -> GenerationResult:
         """Run a request to the end. `overrides` replace fields of `params` (e.g. max_tokens=16)."""
-        req = self._request(prompt, params, overrides)
-        with self._locked():
-            try:
-                for _ in req.events(self._kv):
-                    pass
-            finally:
-                self._record(req)
-        return req.result()
+        with self.stream(prompt, params, **overrides) as s:
+            return s.result()
 
-    def stream(self, prompt, params: SamplingParams | None = None, **overrides):
+    def stream(self, prompt, params: SamplingParams | None = None, **overrides) -> TokenStream:
         """An iterator of StreamEvents, one per generated token. Arguments are checked now (errors raise
-        here, not at the first next()); decoding starts at the first next() and stops when the iterator
-        is exhausted or closed."""
-        req = self._request(prompt, params, overrides)
-        return self._stream(req)
+        here, not at the first next()) and the request starts at once; close() (or the iterator's
+        garbage collection) aborts it."""
+        return TokenStream(self.submit, prompt, self._params(params, overrides))
 
-    def _stream(self, req: Request):
-        with self._locked():
-            try:
-                yield from req.events(self._kv)
-            finally:
-                self._record(req)
-
-    def _record(self, req: Request) -> None:
-        """Add a finished (or cancelled) request to the counters stats() reports; called under the lock."""
-        c = self._counters
-        c["requests"] += 1
-        c["cancelled_requests"] += req.finish_reason is None
-        c["prompt_tokens"] += req.timer.prompt_evaluated + req.timer.prompt_cached
-        c["prompt_cached_tokens"] += req.timer.prompt_cached
-        c["completion_tokens"] += len(req.token_ids)
-        c["prompt_seconds"] += req.timer.prompt_s
-        c["decode_seconds"] += req.timer.decode_s
-        c["decode_steps"] += req.timer.decode_steps
+    def generate_batch(self, prompts, params=None) -> list[GenerationResult]:
+        """Run a list of prompts together (offline use); params: None, one SamplingParams for all, or a
+        list of one per prompt. Results in the prompts' order; an invalid prompt raises before any
+        runs (the ones already queued are aborted)."""
+        prompts = list(prompts)
+        if isinstance(params, (list, tuple)):
+            if len(params) != len(prompts):
+                raise InvalidParameterError("params", f"{len(params)} SamplingParams for {len(prompts)} prompts")
+            plist = list(params)
+        else:
+            plist = [params] * len(prompts)
+        streams: list[TokenStream] = []
+        try:
+            for p, sp in zip(prompts, plist):
+                streams.append(self.stream(p, sp))
+            return [s.result() for s in streams]
+        finally:
+            for s in streams:
+                s.close()
 
     def stats(self) -> dict:
-        """Totals since load (requests, tokens, seconds) and the present state, for monitoring."""
-        c = dict(self._counters)
+        """Totals since load (requests, tokens, seconds, steps, preemptions) and the present state
+        (running and waiting sequences, KV blocks used/free/total, prefix-cache hit rate), for
+        monitoring. Per-request seconds overlap under batching: decode_tokens_per_s is the rate one
+        sequence saw on average, not the aggregate."""
+        c = self._runner.stats()
         c["decode_tokens_per_s"] = c["decode_steps"] / c["decode_seconds"] if c["decode_seconds"] > 0 else 0.0
-        c.update(load_seconds=self.load_s, n_ctx=self.n_ctx, kv_cache_tokens=len(self._kv.ids),
-                 busy=int(self._lock.locked()))
+        c.update(load_seconds=self.load_s, n_ctx=self.n_ctx, busy=int(c["running"] + c["waiting"] > 0))
         model = self.model.stats()
         if model.get("streamed_layers"):        # a streamed model's placement and streaming figures
             c["streaming"] = model
         return c
 
-    @contextmanager
-    def _locked(self):
-        me = threading.get_ident()
-        if self._owner == me:
-            raise RuntimeError("this thread still has an unfinished stream from this Engine: exhaust or "
-                               "close() it before starting another request")
-        with self._lock:
-            self._owner = me
-            try:
-                yield
-            finally:
-                self._owner = None
-
     def reset_cache(self) -> None:
-        """Forget the cached prefix (the next request evaluates its whole prompt)."""
-        with self._locked():
-            self._kv.reset()
+        """Forget the prefix cache (later requests evaluate their whole prompts)."""
+        self._runner.reset_prefix_cache()
 
     # -- lifetime --------------------------------------------------------------------------------------
     def close(self) -> None:
+        """Stop the runner (unfinished requests fail with EngineClosedError), then free the model."""
+        self._finalizer()
         self.model.close()
         self.gguf.close()
 
@@ -341,15 +348,11 @@ class _Background:
 
 
 def _check_host_kv(config, n_ctx: int) -> None:
-    """The numpy backend's KV cache (float32 K and V per layer) must fit this machine's memory: refuse
-    a context that cannot, before anything is allocated (numpy would fail deep in the load)."""
-    import os
-    need = config.kv_cache_bytes(n_ctx, 4)
-    try:
-        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return
-    if need > ram:
+    """The numpy backend's KV cache (float32 K and V per layer) must hold one full context in this
+    machine's memory: refuse a context that cannot, before anything is allocated (numpy would fail deep
+    in the load)."""
+    need, ram = config.kv_cache_bytes(n_ctx, 4), machine_ram()
+    if ram is not None and need > ram:
         raise InvalidParameterError("n_ctx", f"a context of {n_ctx} tokens needs {need / 2**30:.1f} GiB of KV cache, "
                                              f"more than this machine's {ram / 2**30:.1f} GiB of memory")
 

@@ -37,6 +37,10 @@ from aircupy.reference.moe import MoeWeights, moe_ffn
 from aircupy.reference.paged_kv import PagedKVCache
 from aircupy.reference import ops as ref
 
+# Tokens per KV block of the paged pool (kv_spec): small enough that a prompt wastes little of its
+# last block, large enough that gathering a sequence's keys is a few whole-block copies.
+KV_BLOCK_SIZE = 16
+
 
 @dataclass
 class _Layer:
@@ -174,6 +178,10 @@ class NumpyModel:
         cache.commit(positions)
         return self._head(x if all_logits else x[-1:])
 
+    def kv_spec(self) -> dict:
+        """Blocks of 16 tokens; the engine sizes the pool (host RAM) and the batch (no limit here)."""
+        return dict(block_size=KV_BLOCK_SIZE, num_blocks=None, max_num_seqs=None)
+
     def new_kv_pool(self, num_blocks: int, block_size: int) -> PagedKVCache:
         """The paged KV pool forward_step() reads and writes (slots as engine/blocks.py numbers them)."""
         c = self.config
@@ -196,6 +204,17 @@ class NumpyModel:
         step = StepArrays.check(arrays, kv, c.vocab_size)
         x = self._layers(self.embed(step.input_ids), step.positions, step.attend_fn(c, kv), skip_layers)
         return self._head(x[step.logits_rows])
+
+    def forward_step_sample(self, arrays: dict, kv: PagedKVCache, samplers) -> tuple[np.ndarray, np.ndarray]:
+        """forward_step for the engine's runner: every row comes back as logits for the host sampler
+        (ids all -1), since new_sampler() never gives a device sampler here."""
+        if any(s is not None for s in samplers):
+            raise InvalidParameterError("samplers", "the numpy backend has no model-side sampler: pass None "
+                                                    "for every row and sample the logits on the host")
+        logits = self.forward_step(arrays, kv)
+        if len(samplers) != len(logits):
+            raise InvalidParameterError("samplers", f"need one per logits row ({len(logits)}), got {len(samplers)}")
+        return np.full(len(logits), -1, np.int32), logits
 
     def draft_view(self, skip_layers) -> LayerSkipView:
         """This model with skip_layers skipped, as a Model of its own (new_cache, forward, forward_step):
@@ -226,7 +245,7 @@ class NumpyModel:
         return np.ascontiguousarray(logits)
 
     def new_sampler(self, params) -> None:
-        """The numpy backend samples on the host from forward()'s logits (engine/sampler.py)."""
+        """The numpy backend samples on the host from the logits (engine/sampler.py)."""
         return None
 
     def forward_sample(self, token_ids, positions, cache: KVCache, sampler) -> int:
