@@ -158,6 +158,14 @@ def chat(model, backend, vram_budget, n_ctx, system, **sampling):
 @click.option("--backend", type=click.Choice(["auto", "cuda", "numpy"]), default="auto", show_default=True)
 @click.option("--vram-budget", default=None, metavar="SIZE", help="GPU memory to use, e.g. 4GiB")
 @click.option("--n-ctx", type=int, default=None, help="context size [default: min(model's, 4096)]")
+@click.option("--max-num-seqs", type=int, default=64, show_default=True, metavar="N",
+              help="sequences decoded together in one forward step; more wait for a place")
+@click.option("--max-batched-tokens", type=int, default=None, metavar="T",
+              help="tokens per forward step (decode rows + prompt chunks) [default: max(512, N)]")
+@click.option("--kv-cache-tokens", type=int, default=None, metavar="K",
+              help="KV cache size in tokens, >= the context [default: the GPU plan's; numpy: up to a quarter of RAM]")
+@click.option("--max-waiting", type=int, default=1024, show_default=True, metavar="N",
+              help="sequences waiting in the engine beyond which new requests get a 503")
 @click.option("--api-key", default=None, envvar="AIRCUPY_API_KEY", metavar="KEY",
               help="require `Authorization: Bearer KEY` (or set AIRCUPY_API_KEY); an empty key is an error")
 @click.option("--no-auth", is_flag=True, help="serve without an API key, explicitly")
@@ -181,13 +189,16 @@ def chat(model, backend, vram_budget, n_ctx, system, **sampling):
               show_default=True)
 @_one_line_errors
 def serve(limit_max_tokens, limit_prompts, limit_n, limit_stop, limit_logit_bias, body_timeout, idle_timeout,
-          **options):
-    """Serve a model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, ...)."""
+          max_waiting, max_num_seqs, max_batched_tokens, kv_cache_tokens, **options):
+    """Serve a model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, ...);
+    concurrent requests are decoded together (continuous batching)."""
     from aircupy.server.limits import Limits
     from aircupy.server.runner import serve as run
     limits = Limits(max_tokens=limit_max_tokens, max_prompts=limit_prompts, max_n=limit_n, max_stop=limit_stop,
-                    max_logit_bias=limit_logit_bias, body_timeout=body_timeout, idle_timeout=idle_timeout)
-    run(limits=limits, **options)
+                    max_logit_bias=limit_logit_bias, body_timeout=body_timeout, idle_timeout=idle_timeout,
+                    max_waiting=max_waiting)
+    batching = dict(max_num_seqs=max_num_seqs, max_batched_tokens=max_batched_tokens, kv_cache_tokens=kv_cache_tokens)
+    run(limits=limits, batching=batching, **options)
 
 
 # -- batch (server: the OpenAI Batch API's file format) ----------------------------------------------

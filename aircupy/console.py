@@ -75,16 +75,17 @@ class LoadIndicator:
             self.stream.flush()
 
 
-def load_engine(model, backend: str, vram_budget, n_ctx, err=None):
+def load_engine(model, backend: str, vram_budget, n_ctx, err=None, **batching):
     """The Engine for --model (or the default model), with the load indicator on stderr; notices
     (numpy chosen for want of CUDA) get lines of their own, and a --vram-budget the chosen backend
-    does not use is said to be ignored."""
+    does not use is said to be ignored. batching: the Engine's max_num_seqs, max_batched_tokens,
+    kv_cache_tokens (serve's options)."""
     from aircupy.engine.engine import Engine
     err = err if err is not None else sys.stderr
     path = model if model else default_model_path()
     with LoadIndicator(str(getattr(path, "name", path)), stream=err) as ind:
         engine = Engine(path, backend=backend, vram_budget=vram_budget, n_ctx=n_ctx, progress=ind.update,
-                        notice=ind.notice)
+                        notice=ind.notice, **batching)
     if vram_budget is not None and engine.backend_name != "cuda":
         warn(f"--vram-budget is ignored: it sizes GPU memory, and the {engine.backend_name} backend keeps "
              "the model in RAM", err)

@@ -37,6 +37,14 @@ def client(server):
     return openai.OpenAI(base_url=server[0] + "/v1", api_key="unused", max_retries=0, timeout=60)
 
 
+def wait_for(cond, timeout=60.0):
+    """Poll until cond() holds; the timeout only turns a hang into a failure."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.01)
+
+
 def metric(url: str, name: str) -> float:
     for line in httpx.get(url + "/metrics").text.splitlines():
         if line.startswith(name + " "):
@@ -147,35 +155,50 @@ def test_sampling_parameters_are_honoured(client, engine):
     assert biased.choices[0].logprobs.tokens[0] != tokens[0]
 
 
-def test_async_clients_concurrent_requests_finish_in_arrival_order(server):
+def test_concurrent_requests_overlap_and_a_disconnect_frees_blocks(server, engine):
+    """A short request sent while a long stream runs finishes first: the engine batches them (one at a
+    time, it would wait for all 100 tokens of the long one). Dropping the long stream then frees every
+    KV block it held."""
     url, state = server
-    done: list[int] = []
-
-    async def one(client, i):
-        stream = await client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=3, temperature=0,
-                                                      stream=True)
-        text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
-        done.append(i)
-        return text
 
     async def main():
-        client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
-        tasks = []
-        for i in range(3):
-            tasks.append(asyncio.create_task(one(client, i)))
-            deadline = time.monotonic() + 10
-            # the next request is sent once this one holds its place in line (or already finished)
-            while state.worker.depth + len(done) < i + 1 and time.monotonic() < deadline:
-                await asyncio.sleep(0.002)
-        texts = await asyncio.gather(*tasks)
+        client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        long = await client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=100,
+                                               temperature=0, stream=True, extra_body={"ignore_eos": True})
+        it = long.__aiter__()
+        first = await it.__anext__()                       # the long one has its first token
+        short = await client.completions.create(model=MODEL, prompt="The sky is", max_tokens=2, temperature=0)
+        during = engine.stats()
+        more = await it.__anext__()                        # ... and is still streaming
+        await long.close()
         await client.close()
-        return texts
+        return first, short, during, more
 
-    texts = asyncio.run(main())
-    assert done == [0, 1, 2] and len(set(texts)) == 1 and texts[0]
+    first, short, during, more = asyncio.run(main())
+    assert first.choices[0].finish_reason is None and more.choices[0].finish_reason is None
+    assert short.usage.completion_tokens == 2 and short.choices[0].finish_reason == "length"
+    assert during["running"] >= 1 and during["kv_blocks_used"] > 0     # the long one, mid-stream
+    wait_for(lambda: engine.stats()["running"] == 0)
+    st = engine.stats()
+    assert st["kv_blocks_used"] == 0 and st["waiting"] == 0 and not state.generations
+    assert st["cancelled_requests"] >= 1
 
 
-def test_cancel_mid_stream_frees_the_engine(server, client):
+def test_n_choices_share_the_prompt_blocks(client, engine):
+    prompt = "Here is a list of the planets of the solar system, in order from the sun, with one fact " \
+             "about each of them:"
+    n_prompt = len(engine.prompt_ids(prompt))
+    assert n_prompt > 2 * 16
+    before = engine.stats()
+    r = client.completions.create(model=MODEL, prompt=prompt, n=3, max_tokens=2, temperature=0)
+    after = engine.stats()
+    assert len({c.text for c in r.choices}) == 1 and r.usage.completion_tokens == 6
+    # the three choices ran as three sequences; at least the 2nd and 3rd took the prompt's full blocks
+    assert after["requests"] - before["requests"] == 3
+    assert after["prompt_cached_tokens"] - before["prompt_cached_tokens"] >= 2 * ((n_prompt - 1) // 16) * 16
+
+
+def test_cancel_mid_stream_frees_the_engine(server, client, engine):
     url, state = server
     before = metric(url, "aircupy_generation_tokens_total")
     stream = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=200, temperature=0,
@@ -187,8 +210,9 @@ def test_cancel_mid_stream_frees_the_engine(server, client):
     r = client.completions.create(model=MODEL, prompt="Hello", max_tokens=2, temperature=0)
     assert r.choices[0].text
     # the cancelled stream stopped early: far fewer than its 200 tokens were generated in all
+    wait_for(lambda: engine.stats()["running"] == 0)
     assert metric(url, "aircupy_generation_tokens_total") - before < 50
-    assert state.worker.depth == 0
+    assert engine.stats()["kv_blocks_used"] == 0 and not state.generations
 
 
 # ---- errors ---------------------------------------------------------------------------------------
@@ -317,6 +341,10 @@ def test_metrics_and_one_log_line_per_request(server, client, caplog):
     assert metric(url, "aircupy_generation_tokens_total") > 0 and metric(url, "aircupy_prompt_tokens_total") > 0
     assert metric(url, "aircupy_queue_depth") == 0
     assert metric(url, "aircupy_engine_completion_tokens") > 0        # the engine's own stats(), passed on
+    # the batching gauges under their own names
+    assert metric(url, "aircupy_running_sequences") == 0 and metric(url, "aircupy_waiting_sequences") == 0
+    assert metric(url, "aircupy_kv_blocks_used") == 0 and metric(url, "aircupy_kv_blocks_free") > 0
+    assert 0 <= metric(url, "aircupy_prefix_cache_hit_rate") <= 1 and metric(url, "aircupy_preemptions_total") >= 0
 
 
 def test_cli_serve_binds_loopback_and_logs_each_request(smollm2_path):

@@ -70,7 +70,7 @@ def test_a_client_leaving_mid_upload_is_one_499_line_without_traceback(served, c
     assert metric_count(url, "/v1/completions", 500) == 0
     assert not [r for r in caplog.records if r.exc_info or "Traceback" in r.getMessage()]
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("POST /v1/completions 499")]
-    assert len(lines) == 5 and state.worker.depth == 0
+    assert len(lines) == 5 and len(state.generations) == 0
 
 
 def test_a_body_that_never_comes_is_a_408():

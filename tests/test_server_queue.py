@@ -1,5 +1,6 @@
-"""The server's queue, cancellation and failure paths, against a model-free fake engine (fast, exact timing
-control). The same server code runs the real model in test_server.py."""
+"""The server's concurrency, cancellation and failure paths, against a model-free fake engine that
+batches like the real one (fast, exact control). The same server code runs the real model in
+test_server.py."""
 from __future__ import annotations
 
 import asyncio
@@ -11,13 +12,14 @@ import openai
 import pytest
 
 from aircupy.server.app import create_app
+from aircupy.server.limits import Limits
 from aircupy.server.runner import ServerThread
 from tests.helpers.fake_engine import FakeEngine
 
 
 @pytest.fixture(scope="module")
 def served():
-    """One server over a fake engine that takes 10 ms per token."""
+    """One server over a fake engine that takes 10 ms per step."""
     engine = FakeEngine(n_ctx=4096, delay=0.01)   # max_tokens up to the context: 2000-token streams
     app = create_app(engine, "fake")
     with ServerThread(app) as url:
@@ -36,32 +38,32 @@ def body(prompt, max_tokens, stream=True, **kw):
     return {"model": "fake", "prompt": prompt, "max_tokens": max_tokens, "stream": stream, **kw}
 
 
-def test_concurrent_streams_complete_in_arrival_order(served):
+def test_requests_run_concurrently_not_one_after_another(served):
+    """Short requests sent while a long one streams finish while it still runs: with one request at a
+    time they would wait for its 2000 tokens (20 s); the long one is then dropped."""
     url, engine, state = served
     engine.log.clear()
-    finished: list[str] = []
-
-    async def one(client, tag):
-        async with client.stream("POST", "/v1/completions", json=body(tag, 8)) as r:
-            assert r.status_code == 200
-            text = "".join([line async for line in r.aiter_lines()])
-        assert text.rstrip().endswith("data: [DONE]")
-        finished.append(tag)
 
     async def main():
         async with httpx.AsyncClient(base_url=url, timeout=30) as client:
-            tasks = []
-            for i, tag in enumerate(["p0", "p1", "p2", "p3"]):
-                tasks.append(asyncio.create_task(one(client, tag)))
-                while state.worker.depth + len(finished) < i + 1:   # sent once this one holds its place
-                    await asyncio.sleep(0.002)
-            await asyncio.gather(*tasks)
+            async with client.stream("POST", "/v1/completions", json=body("long", 2000)) as long:
+                lines = long.aiter_lines()
+                while not (await lines.__anext__()).startswith("data:"):   # the long one is running
+                    pass
 
-    asyncio.run(main())
-    assert finished == ["p0", "p1", "p2", "p3"]
-    assert [t for e, t in engine.log if e == "start"] == finished
-    assert [e for e, _ in engine.log] == ["start", "end"] * 4      # never two sequences at once
-    wait_for(lambda: state.worker.depth == 0)
+                async def short(tag):
+                    r = await client.post("/v1/completions", json=body(tag, 4, stream=False))
+                    return r.json()["choices"][0]["text"]
+                texts = await asyncio.gather(*(short(f"s{i}") for i in range(3)))
+                assert ("end", "long") not in engine.log        # the long one is still going
+                assert engine.stats()["running"] >= 1
+        return texts
+
+    assert asyncio.run(main()) == ["abcd"] * 3
+    ends = [t for e, t in engine.log if e == "end"]
+    assert sorted(ends) == ["s0", "s1", "s2"]
+    wait_for(lambda: ("closed", "long") in engine.log)
+    wait_for(lambda: len(state.generations) == 0 and engine.stats()["running"] == 0)
 
 
 def generated_tokens(url: str) -> int:
@@ -80,35 +82,54 @@ def test_disconnect_mid_stream_frees_the_engine_at_once(served):
         with client.stream("POST", "/v1/completions", json=body("long", 2000)) as r:
             lines = r.iter_lines()
             assert next(line for line in lines if line.startswith("data:"))
-        # the response is closed: the generation must stop, and the next request run after it
+        # the response is closed: the generation must stop
+        wait_for(lambda: ("closed", "long") in engine.log)
         r2 = client.post("/v1/completions", json=body("next", 3, stream=False))
     assert r2.status_code == 200 and r2.json()["choices"][0]["text"] == "abc"
     # work counted, not time: the long request stopped far short of its 2000 tokens (at 10 ms a
     # token, 500 is 5 s of a client gone)
     assert generated_tokens(url) - before < 500 + 3
-    assert engine.log[:2] == [("start", "long"), ("closed", "long")] and engine.log[2] == ("start", "next")
+    assert engine.log[:2] == [("start", "long"), ("closed", "long")] and ("end", "next") in engine.log
+    assert ("end", "long") not in engine.log
 
 
-def test_disconnect_while_queued_frees_the_place(served):
-    url, engine, state = served
-    engine.log.clear()
+def test_disconnect_while_waiting_frees_the_place():
+    """An engine of one sequence at a time: the second request waits in it; its client leaving takes
+    it out of the waiting queue at once, and it never runs."""
+    engine = FakeEngine(n_ctx=4096, delay=0.01, max_num_seqs=1)
+    with ServerThread(create_app(engine, "fake")) as url:
+        async def main():
+            async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+                async def consume(tag, n):
+                    async with client.stream("POST", "/v1/completions", json=body(tag, n)) as r:
+                        return [x async for x in r.aiter_lines()]
+                running = asyncio.create_task(consume("running", 100))     # ~1 s
+                await asyncio.to_thread(wait_for, lambda: engine.stats()["running"] == 1)
+                queued = asyncio.create_task(consume("queued", 5))
+                await asyncio.to_thread(wait_for, lambda: engine.stats()["waiting"] == 1)
+                queued.cancel()                                            # the client gives up while waiting
+                await asyncio.to_thread(wait_for, lambda: engine.stats()["waiting"] == 0, 5.0)
+                assert not running.done()
+                await running
 
-    async def main():
-        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
-            async def consume(tag, n):
-                async with client.stream("POST", "/v1/completions", json=body(tag, n)) as r:
-                    return [x async for x in r.aiter_lines()]
-            running = asyncio.create_task(consume("running", 60))     # ~0.6 s
-            await asyncio.to_thread(wait_for, lambda: state.worker.depth == 1)
-            queued = asyncio.create_task(consume("queued", 5))
-            await asyncio.to_thread(wait_for, lambda: state.worker.depth == 2)
-            queued.cancel()                                            # the client gives up while waiting
-            await asyncio.to_thread(wait_for, lambda: state.worker.depth == 1, 1.0)
-            assert not running.done()
-            await running
-
-    asyncio.run(main())
+        asyncio.run(main())
     assert ("start", "queued") not in engine.log and ("end", "running") in engine.log
+
+
+def test_a_full_waiting_queue_is_a_503():
+    engine = FakeEngine(n_ctx=4096, delay=0.01, max_num_seqs=1)
+    with ServerThread(create_app(engine, "fake", limits=Limits(max_waiting=1))) as url:
+        async def main():
+            async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+                first = asyncio.create_task(client.post("/v1/completions", json=body("a", 60, stream=False)))
+                await asyncio.to_thread(wait_for, lambda: engine.stats()["running"] == 1)
+                second = asyncio.create_task(client.post("/v1/completions", json=body("b", 2, stream=False)))
+                await asyncio.to_thread(wait_for, lambda: engine.stats()["waiting"] == 1)
+                third = await client.post("/v1/completions", json=body("c", 2, stream=False))
+                return third, await first, await second
+        third, first, second = asyncio.run(main())
+    assert third.status_code == 503 and third.json()["error"]["code"] == "server_busy"
+    assert first.status_code == second.status_code == 200 and ("start", "c") not in engine.log
 
 
 def test_non_streamed_request_is_cancelled_when_the_client_times_out(served):
@@ -118,7 +139,7 @@ def test_non_streamed_request_is_cancelled_when_the_client_times_out(served):
         with pytest.raises(httpx.ReadTimeout):
             client.post("/v1/completions", json=body("slow", 2000, stream=False))
     wait_for(lambda: ("closed", "slow") in engine.log, 2.0)
-    wait_for(lambda: state.worker.depth == 0, 2.0)
+    wait_for(lambda: len(state.generations) == 0, 2.0)
     wait_for(lambda: 'status="499"' in httpx.get(url + "/metrics").text, 2.0)   # logged as "client left"
 
 

@@ -235,6 +235,11 @@ class Engine:
         self._runner = Runner(self.model, self.kv_plan, self.n_ctx)
         self._finalizer = weakref.finalize(self, self._runner.shutdown)
 
+    @property
+    def max_num_seqs(self) -> int:
+        """Sequences one forward step holds at most (the batch; the model may lower the Engine's)."""
+        return self.kv_plan.max_num_seqs
+
     def _params(self, params, overrides) -> SamplingParams:
         if params is None:
             params = SamplingParams()

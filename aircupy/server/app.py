@@ -1,13 +1,16 @@
 """The OpenAI-compatible Starlette app: create_app(engine, model_name, api_key=None, max_body=..., limits=...).
 
 Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models[/{id}], GET /health,
-GET /metrics, POST /tokenize, POST /detokenize. Generation requests take a place in the Worker's line
-when they arrive, are validated and tokenized off the event loop (generation.prepare, abandoned if the
-client leaves meanwhile), then run on the worker thread and are answered by streaming.JobResponse.
-Every error is OpenAI's error object; a client that left before its answer is a 499 in the log.
+GET /metrics, POST /tokenize, POST /detokenize. Generation requests are validated and tokenized off the
+event loop (generation.prepare, abandoned if the client leaves meanwhile), submitted to the engine,
+which runs every request's sequences together (continuous batching), and answered by
+streaming.JobResponse. Every error is OpenAI's error object; a client that left before its answer is a
+499 in the log. A request arriving while the engine already holds Limits.max_waiting sequences waiting
+is refused with a 503 (the client may retry), so a flood cannot queue without bound.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from contextlib import asynccontextmanager
@@ -30,7 +33,6 @@ from aircupy.server.protocol import APIError
 from aircupy.server.receive import ClientDisconnect, ClientGone, client_gone, read_json, while_connected
 from aircupy.server.responses import models_list
 from aircupy.server.streaming import JobResponse
-from aircupy.server.worker import Worker
 
 log = logging.getLogger("aircupy.server")
 
@@ -45,7 +47,7 @@ class ServerState:
         self.engine, self.model_name, self.api_key, self.max_body = engine, model_name, api_key, max_body
         self.limits, self.special_in_messages = limits, special_in_messages
         self.metrics = Metrics()
-        self.worker: Worker | None = None   # started by create_app, stopped with the app's lifespan
+        self.generations: set = set()       # generations in flight (their count is the queue depth)
         self.created = int(time.time())
 
     def check_model(self, model: str | None) -> None:
@@ -53,6 +55,14 @@ class ServerState:
 
     def engine_stats(self):
         return getattr(self.engine, "stats", None)
+
+    def check_room(self) -> None:
+        """503 while the engine holds max_waiting sequences waiting for a place in the batch."""
+        stats = self.engine_stats()
+        waiting = stats().get("waiting", 0) if stats is not None else 0
+        if waiting >= self.limits.max_waiting:
+            raise APIError(503, f"the server is busy: {waiting} sequences are waiting for the engine; retry later",
+                           code="server_busy")
 
     async def body(self, request: Request) -> dict:
         return await read_json(request, self.max_body, self.limits)
@@ -66,15 +76,42 @@ async def _generate(request: Request, parse) -> JobResponse:
     s = _state(request)
     req = parse(await s.body(request), s.limits)
     s.check_model(req.model)
-    job = s.worker.reserve()  # the place in line is taken on arrival, before tokenizing
+    s.check_room()
+    loop = asyncio.get_running_loop()
+    box: list[generation.Generation] = []
+
+    def prepare_and_submit(cancel):
+        plan = generation.prepare(s.engine, req, s.limits, s.special_in_messages, cancel)
+        if plan is None or cancel.is_set():     # the client left (this thread was abandoned)
+            return None
+        gen = generation.Generation(s.engine, plan, req.n, generation.AsyncEvents(loop), metrics=s.metrics)
+        box.append(gen)
+        if cancel.is_set():     # ... just now: whatever start() submits is aborted
+            gen.cancel()
+        gen.start()
+        return gen
+
     try:
-        plan = await while_connected(request, partial(generation.prepare, s.engine, req, s.limits,
-                                                      s.special_in_messages))
-    except BaseException:   # an error, or ClientGone: the place in line is given up at once
-        s.worker.cancel(job)
+        gen = await while_connected(request, prepare_and_submit)
+    except BaseException:   # an error, or ClientGone: whatever was submitted is aborted at once
+        for g in box:
+            g.cancel()
         raise
-    s.worker.start(job, partial(generation.run, s.engine, plan, req.n, metrics=s.metrics))
-    return JobResponse(job, s.worker, req, s.model_name)
+    s.generations.add(gen)
+    return _Tracked(JobResponse(gen, req, s.model_name), s.generations, gen)
+
+
+class _Tracked:
+    """The response, keeping its generation in ServerState.generations while it is answered."""
+
+    def __init__(self, response: JobResponse, registry: set, gen):
+        self.response, self.registry, self.gen = response, registry, gen
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await self.response(scope, receive, send)
+        finally:
+            self.registry.discard(self.gen)
 
 
 async def chat_completions(request: Request):
@@ -99,8 +136,7 @@ async def health(request: Request):
 
 async def metrics(request: Request):
     s = _state(request)
-    return Response(s.metrics.render(s.worker.depth, s.engine_stats()),
-                    media_type=CONTENT_TYPE)
+    return Response(s.metrics.render(len(s.generations), s.engine_stats()), media_type=CONTENT_TYPE)
 
 
 async def tokenize(request: Request):
@@ -177,7 +213,8 @@ ROUTES = [
 
 def create_app(engine, model_name: str, api_key: str | None = None, max_body: int = DEFAULT_MAX_BODY,
                limits: Limits | None = None, special_in_messages: bool = False) -> Starlette:
-    """The ASGI app serving `engine` as `model_name`; the worker thread lives with the app's lifespan.
+    """The ASGI app serving `engine` as `model_name` (the engine runs the requests; the app does not
+    close it).
 
     api_key: None serves without authentication; a key must not be empty or blank (an empty key
     once turned authentication off silently). limits: per-request caps and slow-client timeouts
@@ -190,14 +227,14 @@ def create_app(engine, model_name: str, api_key: str | None = None, max_body: in
         api_key = api_key.strip()   # HTTP strips the header value's blanks too
     _check_template(engine)
     state = ServerState(engine, model_name, api_key, max_body, limits or Limits(), special_in_messages)
-    state.worker = Worker()
 
     @asynccontextmanager
     async def lifespan(app):
         try:
             yield
         finally:
-            state.worker.close()
+            for gen in list(state.generations):     # shutting down: nothing more is read
+                gen.cancel()
 
     gate = Middleware(Gate, state=state, paths=frozenset(r.path for r in ROUTES))
     app = Starlette(routes=ROUTES, lifespan=lifespan, middleware=[gate],

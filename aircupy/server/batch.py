@@ -9,9 +9,9 @@ is one more transport over them, beside HTTP. Nothing here imports Starlette.
     with batch_file.Output(out_path, overwrite=False) as out:
         summary = run_batch(engine, items, out, model_name="m", max_concurrency=64)
 
-run_batch keeps up to max_concurrency requests in flight on worker threads that call the engine (today
-the Engine's lock runs them one at a time; an engine that batches concurrent callers runs them together)
-and writes each record as it finishes, on the calling thread alone. Setting `stop` (the first Ctrl-C)
+run_batch keeps up to max_concurrency requests in flight on worker threads that call the engine (the
+Engine batches concurrent callers: their sequences decode together) and writes each record as it
+finishes, on the calling thread alone. Setting `stop` (the first Ctrl-C)
 takes no new request and cancels the ones in flight after their current token; a request that did not
 finish is not written, so the next run (resuming) runs it again.
 """

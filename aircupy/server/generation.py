@@ -1,14 +1,23 @@
-"""Between a validated request and the engine: prepare() tokenizes and checks it, run() generates.
+"""Between a validated request and the engine: prepare() tokenizes and checks it, Generation runs it.
 
 prepare() runs off the event loop (it renders the chat template and tokenizes) and raises every error a
 client can cause before any response is sent, so those come back as a 400 and never as a broken stream.
-run() is a Worker job: it generates the choices one after another (prompt by prompt, n per prompt) with
-engine.stream(), and emits Delta events for the request's coroutine and, at the end, Done.
+Generation submits every choice (prompt by prompt, n per prompt) to the engine at once, as parallel
+sequences batched with every other request's (the n choices of one prompt share its KV blocks through
+the prefix cache), and hands their events from the engine's runner thread to a channel: Delta events,
+then Done and END (or Failed, then END). For the HTTP server the channel is AsyncEvents (an
+asyncio.Queue fed with loop.call_soon_threadsafe, read by the request's coroutine); run() is the same
+generation read synchronously on a thread (the batch runner, server/batch.py). cancel() aborts every
+choice at once (the client left): their blocks are freed before the engine's next step.
 """
 from __future__ import annotations
 
+import asyncio
+import queue
+import threading
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from aircupy.errors import ContextLengthError, InvalidParameterError, TemplateError
@@ -54,7 +63,7 @@ class Delta:
 class Done:
     prompt_tokens: int
     completion_tokens: int
-    seconds: float          # time spent generating (the worker's busy time for this request)
+    seconds: float          # from submission to the last choice's last token (the engine's time for it)
 
 
 class Answer:
@@ -159,33 +168,144 @@ def prepare(engine, req: GenerationRequest, limits: Limits = DEFAULT_LIMITS, spe
     return Plan(prompt_ids, params, param)
 
 
-def run(engine, plan: Plan, n: int, job, metrics=None) -> None:
-    """Worker job: generate every choice in order; stops after the current token once job.cancelled."""
-    start = time.perf_counter()
-    completion = 0
-    try:
-        for p, ids in enumerate(plan.prompt_ids):
-            for c, sp in enumerate(plan.params[p]):
-                index = p * n + c
-                gen = engine.stream(ids, sp)
-                try:
-                    for ev in gen:
-                        completion += len(ev.token_ids)
-                        if metrics is not None:
-                            metrics.on_tokens(len(ev.token_ids))  # live, so /metrics moves mid-stream
-                        if job.cancelled.is_set():
-                            return
-                        job.emit(Delta(index, ev.text, len(ev.token_ids), ev.logprobs,
-                                       finish_reason(ev.finish_reason)))
-                finally:
-                    gen.close()  # on cancel: the engine drops the sequence now
-                if job.cancelled.is_set():
-                    return
-    except ContextLengthError as e:
-        # The engine's own check (e.g. a context it sizes differently): still the client's 400.
-        raise APIError(400, str(e), param=plan.param, code="context_length_exceeded")
-    finally:
-        seconds = time.perf_counter() - start
-        if metrics is not None:
-            metrics.on_finished(plan.prompt_tokens, completion, seconds)
-        job.emit(Done(plan.prompt_tokens, completion, seconds))
+@dataclass(frozen=True)
+class Failed:
+    """A choice failed in the engine (or could not be submitted); `error` is the exception."""
+    error: BaseException
+
+
+END = object()   # the last item of a Generation's events
+
+
+class AsyncEvents:
+    """A Generation's channel to one coroutine: put() from any thread, `await get()` on the loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop = loop
+        self._queue: asyncio.Queue = asyncio.Queue()
+
+    def put(self, item) -> None:
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, item)   # RuntimeError once the loop is gone
+
+    async def get(self):
+        return await self._queue.get()
+
+
+class Generation:
+    """One request's choices in the engine. start() (on a worker thread: building a request may
+    compile a grammar) submits them; the runner thread's events go to `events.put`, in order per
+    choice (events: AsyncEvents, or any object with a thread-safe put()).
+
+    engine.submit(ids, params, sink) -> handle: handle.abort(), handle.done (threading.Event, set once
+    its blocks are free), handle.token_ids (every token generated)."""
+
+    def __init__(self, engine, plan: Plan, n: int, events, metrics=None):
+        self.engine, self.plan, self.n, self.metrics = engine, plan, n, metrics
+        self.events = events
+        self._lock = threading.Lock()
+        self._handles: list = []
+        self._open = sum(len(row) for row in plan.params)    # choices not yet finished
+        self._cancelled = self._ended = False
+        self.started_at = time.perf_counter()
+        self.finished_at: float | None = None
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(len(h.token_ids) for h in self._handles)
+
+    def start(self) -> None:
+        """Submit every choice; a ContextLengthError (the engine's own check) is still the client's 400."""
+        try:
+            for p, ids in enumerate(self.plan.prompt_ids):
+                for c, sp in enumerate(self.plan.params[p]):
+                    h = self.engine.submit(ids, sp, sink=partial(self._on_item, p * self.n + c))
+                    with self._lock:
+                        self._handles.append(h)
+                        if self._cancelled:       # the client left while we submitted
+                            h.abort()
+        except BaseException:
+            self.cancel()
+            raise
+
+    def cancel(self) -> None:
+        """Abort every choice now (idempotent; from any thread)."""
+        with self._lock:
+            self._cancelled = True
+            handles = list(self._handles)
+        for h in handles:
+            h.abort()
+
+    def settle(self, timeout: float) -> bool:
+        """After cancel(): wait (blocking; run it on a thread) until every choice has left the engine;
+        then completion_tokens counts exactly the tokens generated. False on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            handles = list(self._handles)
+        return all(h.done.wait(max(0.0, deadline - time.monotonic())) for h in handles)
+
+    def _put(self, item) -> None:
+        try:
+            self.events.put(item)
+        except RuntimeError:  # the event loop is gone (server shutting down): nobody is listening
+            self.cancel()
+
+    def _on_item(self, index: int, item) -> None:
+        """The engine's sink for choice `index`, called on its runner thread."""
+        with self._lock:      # a failed request's other choices may still report: ignored
+            if self._ended:
+                return
+            self._ended = isinstance(item, BaseException)
+        if self._ended:
+            self.cancel()
+            self._put(Failed(APIError(400, str(item), param=self.plan.param, code="context_length_exceeded")
+                             if isinstance(item, ContextLengthError) else item))
+            self._end()
+            return
+        if self.metrics is not None:
+            self.metrics.on_tokens(len(item.token_ids))      # live, so /metrics moves mid-stream
+        self._put(Delta(index, item.text, len(item.token_ids), item.logprobs, finish_reason(item.finish_reason)))
+        if item.finish_reason is not None:
+            with self._lock:
+                self._open -= 1
+                last = self._ended = self._open == 0
+            if last:
+                self._put(Done(self.plan.prompt_tokens, self.completion_tokens, time.perf_counter() - self.started_at))
+                self._end()
+
+    def _end(self) -> None:
+        self.finished(self.completion_tokens)
+        self._put(END)
+
+    def finished(self, completion: int) -> None:
+        """Count the request in the metrics once, however it ended."""
+        with self._lock:
+            if self.finished_at is not None:
+                return
+            self.finished_at = time.perf_counter()
+        if self.metrics is not None:
+            self.metrics.on_finished(self.plan.prompt_tokens, completion, self.finished_at - self.started_at)
+
+
+def run(engine, plan: Plan, n: int, job, metrics=None, settle_s: float = 10.0) -> None:
+    """The generation read on the calling thread: every choice submitted at once (they decode in
+    parallel), job.emit(Delta | Done) as the events come; job.cancelled (a threading.Event) set aborts
+    them all (no Done follows). A failure in the engine is raised."""
+    events: queue.SimpleQueue = queue.SimpleQueue()
+    gen = Generation(engine, plan, n, events, metrics)
+    gen.start()
+    while True:
+        try:
+            item = events.get(timeout=0.1)
+        except queue.Empty:
+            item = None
+        if job.cancelled.is_set():
+            gen.cancel()
+            gen.settle(settle_s)
+            gen.finished(gen.completion_tokens)
+            return
+        if item is END:
+            return
+        if isinstance(item, Failed):
+            raise item.error
+        if item is not None:
+            job.emit(item)

@@ -2,8 +2,11 @@
 
 Every cap is a 400 naming the parameter when exceeded (OpenAI's error shape), never a silent clamp: a
 client that asked for 10 choices and got 4 would not know. Defaults are generous for real use and
-bound what one request can queue: each choice, prompt and stop string is work done one after another
-on the one engine, and a logit_bias entry is applied to every sampled token.
+bound what one request can queue: each choice of each prompt is a sequence in the engine (up to
+max_prompts x max_n of them), a stop string is matched after every token, and a logit_bias entry is
+applied to every sampled token. Requests run concurrently, batched by the engine; `max_waiting` bounds
+the sequences waiting for a place in its batch: a request arriving beyond it is a 503 (retry later),
+so a flood of clients cannot queue without bound.
 
 Timeouts: `body_timeout` bounds the time from the request's head to the last byte of its body, and
 `idle_timeout` both the silence allowed while the body arrives and the time a connection may take to
@@ -26,11 +29,12 @@ class Limits:
     max_stop: int = 16             # stop strings
     max_stop_chars: int = 1024     # length of one stop string (it is held back while it may match)
     max_logit_bias: int = 1024     # logit_bias entries
+    max_waiting: int = 1024        # sequences waiting in the engine beyond which requests get a 503
     body_timeout: float = 60.0     # seconds for the whole body
     idle_timeout: float = 15.0     # seconds of silence before the request is complete
 
     def __post_init__(self):
-        for name in ("max_prompts", "max_n", "max_stop", "max_stop_chars", "max_logit_bias"):
+        for name in ("max_prompts", "max_n", "max_stop", "max_stop_chars", "max_logit_bias", "max_waiting"):
             _positive_int(name, getattr(self, name))
         if self.max_tokens is not None:
             _positive_int("max_tokens", self.max_tokens)

@@ -1,8 +1,10 @@
 """Server counters and their Prometheus text exposition (format 0.0.4), no client library needed.
 
 One Metrics instance per app (no module-level state). Updated from the event loop (requests) and the
-worker thread (tokens), hence the lock. render() also reads the queue depth and, when the engine has a
-stats() method (the streaming engine's copy/compute figures), every numeric value it returns.
+engine's runner thread (tokens), hence the lock. render() also reads the queue depth (generation
+requests in flight) and, when the engine has a stats() method, the batching gauges (running and waiting
+sequences, KV blocks used and free, prefix-cache hit rate, preemptions) under their own names, and
+every numeric value it returns as aircupy_engine_<key> (the streaming engine's copy/compute figures).
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ class Metrics:
         self.request_seconds = 0.0                 # sum of request wall times (for an average)
         self.prompt_tokens = 0
         self.generated_tokens = 0
-        self.generation_seconds = 0.0              # worker busy time over finished generations
+        self.generation_seconds = 0.0              # engine time of finished generations (they overlap)
         self.last_tokens_per_s = 0.0               # completion tokens / generation time, last request
 
     def on_request(self, endpoint: str, status: int, seconds: float) -> None:
@@ -44,7 +46,7 @@ class Metrics:
             self.generated_tokens += n
 
     def on_finished(self, prompt_tokens: int, completion_tokens: int, seconds: float) -> None:
-        """A generation request left the worker (finished, failed or cancelled)."""
+        """A generation request left the engine (finished, failed or cancelled)."""
         with self._lock:
             self.prompt_tokens += prompt_tokens
             self.generation_seconds += seconds
@@ -78,7 +80,7 @@ class Metrics:
                 f'aircupy_tokens_per_second{{window="last"}} {self.last_tokens_per_s:.3f}',
             ]
         lines += [
-            "# HELP aircupy_queue_depth Generation requests waiting or running.",
+            "# HELP aircupy_queue_depth Generation requests in flight (waiting or running in the engine).",
             "# TYPE aircupy_queue_depth gauge",
             f"aircupy_queue_depth {queue_depth}",
             "# HELP aircupy_uptime_seconds Seconds since the server started.",
@@ -112,7 +114,28 @@ def _engine_lines(engine_stats: Callable[[], Any] | None) -> list[str]:
         return [f"# engine stats unavailable: {type(e).__name__}"]
     pairs: list[tuple[str, float]] = []
     _flatten("aircupy_engine", stats, pairs)
-    lines = []
+    lines = _batching_lines(stats if isinstance(stats, dict) else {})
     for name, v in pairs:
         lines += [f"# TYPE {name} gauge", f"{name} {v:.6g}" if v == v else f"{name} NaN"]
+    return lines
+
+
+# engine.stats() key -> (metric, type, help): the continuous-batching state, named for dashboards
+_BATCHING = [
+    ("running", "aircupy_running_sequences", "gauge", "Sequences in the engine's running batch."),
+    ("waiting", "aircupy_waiting_sequences", "gauge", "Sequences waiting for a place in the batch."),
+    ("kv_blocks_used", "aircupy_kv_blocks_used", "gauge", "KV cache blocks held by sequences."),
+    ("kv_blocks_free", "aircupy_kv_blocks_free", "gauge", "KV cache blocks free (prefix-cached ones included)."),
+    ("prefix_cache_hit_rate", "aircupy_prefix_cache_hit_rate", "gauge",
+     "Prompt tokens found in the prefix cache / prompt tokens, since start."),
+    ("preemptions", "aircupy_preemptions_total", "counter", "Sequences preempted for want of KV blocks."),
+]
+
+
+def _batching_lines(stats: dict) -> list[str]:
+    lines = []
+    for key, name, kind, text in _BATCHING:
+        v = stats.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}", f"{name} {v:.6g}"]
     return lines

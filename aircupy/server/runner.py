@@ -90,8 +90,9 @@ def auth_key(api_key: str | None, no_auth: bool) -> str | None:
 
 def serve(model, model_name: str | None, host: str, port: int, backend: str, vram_budget, n_ctx,
           api_key: str | None, max_body, log_level: str = "info", no_auth: bool = False,
-          limits: Limits | None = None, special_in_messages: bool = False) -> None:
-    """`aircupy serve`: load the model once, then serve it until interrupted."""
+          limits: Limits | None = None, special_in_messages: bool = False, batching: dict | None = None) -> None:
+    """`aircupy serve`: load the model once, then serve it until interrupted. batching: the Engine's
+    max_num_seqs, max_batched_tokens, kv_cache_tokens."""
     from aircupy.console import load_engine
     from aircupy.engine.params import parse_size
     from aircupy.server.app import create_app
@@ -99,13 +100,16 @@ def serve(model, model_name: str | None, host: str, port: int, backend: str, vra
     max_body = parse_size(max_body, "max_body")      # checked before the (slow) load
     key = auth_key(api_key, no_auth)
     logging.basicConfig(level=getattr(logging, log_level.upper()), format="%(asctime)s %(levelname)s %(message)s")
-    engine = load_engine(model, backend, vram_budget, n_ctx)
+    engine = load_engine(model, backend, vram_budget, n_ctx, **(batching or {}))
     name = model_name or engine.model_name
     app = create_app(engine, name, api_key=key, max_body=max_body, limits=limits,
                      special_in_messages=special_in_messages)
     where = "" if host in ("127.0.0.1", "localhost", "::1") else " (reachable from the network)"
     auth = "API key required" if key else "no authentication (--no-auth)" if no_auth else \
         "no authentication (no --api-key)"
+    plan = engine.kv_plan
     log.info("serving %s (%s backend, n_ctx %d) at http://%s:%d/v1%s; %s", name, engine.backend_name,
              engine.n_ctx, host, port, where, auth)
+    log.info("batching up to %d sequences, %d tokens per step; KV cache %d tokens (%d blocks of %d)",
+             plan.max_num_seqs, plan.max_batched_tokens, plan.tokens, plan.num_blocks, plan.block_size)
     run_server(app, host, port, log_level)

@@ -1,16 +1,17 @@
-"""The ASGI response of a generation request: waits for its job, answers JSON or SSE, and cancels the
-job the moment the client disconnects.
+"""The ASGI response of a generation request: reads its Generation's events, answers JSON or SSE, and
+aborts the generation the moment the client disconnects.
 
-Why not Starlette's StreamingResponse: it listens for the disconnect only under ASGI spec < 2.4 and not
-at all while a non-streamed request waits in line; here one task always watches `receive` for
-http.disconnect, for both modes and during the wait, and frees the job's place at once.
+Why not Starlette's StreamingResponse: it listens for the disconnect only under ASGI spec < 2.4; here
+one task always watches `receive` for http.disconnect, for both modes and while the engine still holds
+the request in its waiting queue, and aborts every choice at once (their KV blocks are freed before the
+engine's next step).
 
-A stream commits to status 200 only when the job's first event arrives, so an error raised before the
-first token (the engine's own checks) is still a proper HTTP error; later failures become an SSE event
+A stream commits to status 200 only when the first event arrives, so an error raised before the first
+token (the engine's own checks) is still a proper HTTP error; later failures become an SSE event
 {"error": {...}} after which the stream closes without [DONE] (OpenAI's client raises on it).
 
 A client that leaves mid-generation is logged with the tokens actually generated: the response waits
-(briefly, shielded from the cancellation) for its job to stop after the token in flight and report.
+(briefly, shielded from the cancellation) until the engine has let go of every choice, then counts them.
 """
 from __future__ import annotations
 
@@ -21,13 +22,12 @@ import anyio
 
 from aircupy.server import responses as R
 from aircupy.server import tool_calls
-from aircupy.server.generation import Answer, Delta, Done
+from aircupy.server.generation import END, Answer, Delta, Done, Failed, Generation
 from aircupy.server.protocol import GenerationRequest, from_exception
-from aircupy.server.worker import Job, JobFailed
 
 log = logging.getLogger("aircupy.server")
 
-SETTLE_S = 10.0   # longest wait for a cancelled job's own count of its tokens (one step of the engine)
+SETTLE_S = 10.0   # longest wait for an aborted generation to leave the engine (one step of the engine)
 
 SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
                (b"x-accel-buffering", b"no")]
@@ -41,7 +41,7 @@ async def send_json(send, status: int, obj: dict, headers: list | None = None) -
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-def _failed(ev: JobFailed):
+def _failed(ev: Failed):
     err = from_exception(ev.error)
     if err.status >= 500:
         log.error("generation failed", exc_info=ev.error)
@@ -49,15 +49,15 @@ def _failed(ev: JobFailed):
 
 
 class JobResponse:
-    """ASGI callable answering one generation request from its Job's events."""
+    """ASGI callable answering one generation request from its Generation's events."""
 
-    def __init__(self, job: Job, worker, req: GenerationRequest, model: str):
-        self.job, self.worker, self.req, self.model = job, worker, req, model
+    def __init__(self, gen: Generation, req: GenerationRequest, model: str):
+        self.gen, self.req, self.model = gen, req, model
         self.kind = req.kind
         self.rid, self.created = R.new_id(req.kind), R.now()
-        self.usage = (0, 0)
+        self.usage = (gen.plan.prompt_tokens, 0)
         self._finished = False
-        self._ended = False     # Job.END was read
+        self._ended = False     # END was read
         # Chat with tools (not "none"): calls are parsed out of each choice's text (server/tool_calls.py).
         self.tools = req.tools if req.tools is not None and req.tools.parses_calls else None
 
@@ -67,11 +67,11 @@ class JobResponse:
             async def watch_disconnect():
                 while (await receive())["type"] != "http.disconnect":
                     pass
-                # After our last send the server reports a disconnect too: only a job still working means
-                # the client left early.
-                if not self._finished and self.job.finished_at is None:
+                # After our last send the server reports a disconnect too: only a generation still
+                # running means the client left early.
+                if not self._finished and not self._ended:
                     state["disconnected"] = True
-                    self.worker.cancel(self.job)
+                    self.gen.cancel()
                 tg.cancel_scope.cancel()
 
             tg.start_soon(watch_disconnect)
@@ -79,30 +79,37 @@ class JobResponse:
                 await (self._stream(send) if self.req.stream else self._whole(send))
                 self._finished = True
             finally:
-                if not self._finished:  # send failed or we were cancelled: the client is gone
-                    if not self.worker.cancel(self.job) and not self._ended:
-                        await self._settle()
+                if not self._finished and not self._ended:  # send failed or we were cancelled: the client is gone
+                    self.gen.cancel()
+                    await self._settle()
                 state["usage"] = self.usage
                 tg.cancel_scope.cancel()
 
     async def _settle(self) -> None:
-        """After a cancel of a started job: read its remaining events up to Job.END, for the usage its
-        Done reports (the tokens it generated, including any the client never received)."""
+        """After a cancel: wait until the engine has let go of every choice, then count the tokens
+        they generated (including any the client never received)."""
         with anyio.move_on_after(SETTLE_S, shield=True):
-            while (ev := await self.job.next_event()) is not Job.END:
-                if isinstance(ev, Done):
-                    self.usage = (ev.prompt_tokens, ev.completion_tokens)
+            await anyio.to_thread.run_sync(self.gen.settle, SETTLE_S)
+        n = self.gen.completion_tokens
+        self.gen.finished(n)
+        self.usage = (self.gen.plan.prompt_tokens, n)
+
+    async def _next(self):
+        ev = await self.gen.events.get()
+        if ev is END:
+            self._ended = True
+        return ev
 
     async def _whole(self, send) -> None:
         answer = Answer()
-        while (ev := await self.job.next_event()) is not Job.END:
-            if isinstance(ev, JobFailed):
+        while (ev := await self._next()) is not END:
+            if isinstance(ev, Failed):
                 err = _failed(ev)
                 await send_json(send, err.status, err.body())
                 return
             answer.add(ev)
-            self.usage = answer.usage
-        self._ended = True
+            if isinstance(ev, Done):
+                self.usage = answer.usage
         await send_json(send, 200, answer.body(self.req, self.rid, self.created, self.model))
 
     def _chunk(self, index: int, **kw) -> bytes:
@@ -129,8 +136,8 @@ class JobResponse:
         return out
 
     async def _stream(self, send) -> None:
-        ev = await self.job.next_event()  # waits in line; the disconnect watcher may cancel us here
-        if isinstance(ev, JobFailed):
+        ev = await self._next()  # waits for the first token; the disconnect watcher may cancel us here
+        if isinstance(ev, Failed):
             err = _failed(ev)
             await send_json(send, err.status, err.body())
             return
@@ -139,9 +146,9 @@ class JobResponse:
         offsets: dict[int, int] = {}   # completion text emitted per choice (legacy logprobs text_offset)
         want_lp = self.req.logprobs is not None
         parsers: dict[int, tool_calls.ToolCallStream] = {}
-        while ev is not Job.END:
+        while ev is not END:
             out = b""
-            if isinstance(ev, JobFailed):
+            if isinstance(ev, Failed):
                 await send({"type": "http.response.body", "body": R.sse(_failed(ev).body()), "more_body": False})
                 return
             if isinstance(ev, Delta):
@@ -167,8 +174,7 @@ class JobResponse:
                 self.usage = (ev.prompt_tokens, ev.completion_tokens)
             if out:
                 await send({"type": "http.response.body", "body": out, "more_body": True})
-            ev = await self.job.next_event()
-        self._ended = True
+            ev = await self._next()
         tail = b""
         if self.req.include_usage:
             tail += R.sse(R.usage_chunk(self.kind, self.rid, self.created, self.model, *self.usage))
