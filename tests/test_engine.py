@@ -85,7 +85,7 @@ def test_stream_pieces_concatenate_to_the_result(engine):
     assert [e.finish_reason for e in events[:-1]] == [None] * (len(events) - 1)
     assert events[-1].finish_reason == whole.finish_reason and events[-1].result.text == whole.text
     streamed = [lp for e in events for lp in e.logprobs]
-    # the second request reuses the cached prompt prefix: same tokens, logprobs equal to float32 rounding
+    # the second request may reuse cached prompt blocks: same tokens, logprobs equal to float32 rounding
     assert [(lp.token_id, [i for i, _, _ in lp.top]) for lp in streamed] == \
         [(lp.token_id, [i for i, _, _ in lp.top]) for lp in whole.logprobs]
     np.testing.assert_allclose([lp.logprob for lp in streamed], [lp.logprob for lp in whole.logprobs], atol=1e-4)
@@ -147,23 +147,34 @@ def test_context_limit(smol):
     assert res.finish_reason == "length" and len(res.token_ids) == 3  # prompt + generated == n_ctx
 
 
-def test_prefix_reuse_and_cancelled_streams(smol):
-    prompt = "Tell me about the moon."
+def test_prefix_cache_and_cancelled_streams(smol):
+    """A prompt run again finds its full KV blocks in the prefix cache (all but the block holding the
+    last token, which must run again for its logits); a closed stream frees its blocks at once."""
+    prompt = ("Tell me about the moon: how far it is from the earth, how big it is next to the earth, what "
+              "its surface is made of, who walked on it and when, and why we only ever see one side of it.")
     first = smol.generate(prompt, GREEDY, max_tokens=4, ignore_eos=True)
+    n = len(first.prompt_token_ids)
+    B = smol.kv_plan.block_size
+    assert n > 2 * B
     again = smol.generate(prompt, GREEDY, max_tokens=4, ignore_eos=True)
-    assert again.timings["prompt_cached_tokens"] == len(first.prompt_token_ids) - 1
+    assert again.timings["prompt_cached_tokens"] == (n - 1) // B * B
+    assert again.timings["prompt_evaluated_tokens"] == n - (n - 1) // B * B
     assert again.token_ids == first.token_ids
     s = smol.stream(prompt + " And the sun?", GREEDY, max_tokens=20, ignore_eos=True)
     next(s), next(s)
     before = smol.stats()
-    s.close()  # stops decoding and releases the engine
+    assert before["running"] == 1 and before["kv_blocks_used"] > 0
+    s.close()  # aborts the request; returns once its blocks are free
     after = smol.stats()
     assert after["cancelled_requests"] == before["cancelled_requests"] + 1 and after["busy"] == 0
+    assert after["kv_blocks_used"] == 0 and after["running"] == 0
     assert smol.generate(prompt, GREEDY, max_tokens=4, ignore_eos=True).token_ids == first.token_ids
     assert smol.stats()["completion_tokens"] == after["completion_tokens"] + len(first.token_ids)
+    smol.reset_cache()
+    assert smol.generate(prompt, GREEDY, max_tokens=1).timings["prompt_cached_tokens"] == 0
 
 
-def test_one_request_at_a_time_from_threads(smol):
+def test_threads_run_together_and_one_thread_may_hold_two_streams(smol):
     want = smol.generate("Hello", GREEDY, max_tokens=3).token_ids
     got = [None] * 3
 
@@ -175,11 +186,12 @@ def test_one_request_at_a_time_from_threads(smol):
     for t in threads:
         t.join()
     assert got == [want] * 3
-    s = smol.stream("Hello", GREEDY, max_tokens=3)
-    next(s)
-    with pytest.raises(RuntimeError):  # the same thread would wait on itself forever
-        smol.generate("Hello", GREEDY)
-    s.close()
+    a = smol.stream("Hello", GREEDY, max_tokens=3)
+    b = smol.stream("Hello", GREEDY, max_tokens=3)
+    first = next(a)
+    assert smol.generate("Hello", GREEDY, max_tokens=3).token_ids == want   # no self-deadlock any more
+    assert [first.token_ids[0]] + [t for e in a for t in e.token_ids] == want
+    assert [t for e in b for t in e.token_ids] == want
 
 
 # -- bad input --------------------------------------------------------------------------------------

@@ -93,7 +93,8 @@ def plan_kv(spec: dict, limits: BatchLimits, n_ctx: int, bytes_per_token: int,
     num_blocks = spec.get("num_blocks")
     if num_blocks is None:
         num_blocks = -(-default_kv_tokens(limits, n_ctx, bytes_per_token, ram_bytes) // block)
-        if ram_bytes is not None and num_blocks * block * bytes_per_token > ram_bytes:
+        asked = limits.kv_cache_tokens is not None      # (the default stays within a quarter of the RAM)
+        if asked and ram_bytes is not None and num_blocks * block * bytes_per_token > ram_bytes:
             raise InvalidParameterError("kv_cache_tokens", f"{num_blocks * block} tokens of KV cache need "
                                                            f"{num_blocks * block * bytes_per_token / 2**30:.1f} GiB, "
                                                            f"more than this machine's {ram_bytes / 2**30:.1f} GiB")

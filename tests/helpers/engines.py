@@ -24,10 +24,13 @@ def numpy_engine(path: Path, n_ctx: int = 256):
 
 
 def with_batching(engine, model=None, max_num_seqs: int = 64, max_batched_tokens: int | None = None,
-                  kv_cache_tokens: int | None = None):
+                  kv_cache_tokens: int | None = None, n_ctx: int | None = None):
+    """n_ctx: a smaller context for the sibling (the numpy model holds nothing sized by it)."""
     e = copy.copy(engine)
     if model is not None:
         e.model = model
+    if n_ctx is not None:
+        e.n_ctx = n_ctx
     limits = BatchLimits.check(max_num_seqs, max_batched_tokens, kv_cache_tokens or 16 * e.n_ctx, e.n_ctx)
     e.kv_plan = plan_kv(e.model.kv_spec(), limits, e.n_ctx, e.config.kv_cache_bytes(1, 4), None)
     e._start_runner()
