@@ -185,8 +185,9 @@ def test_concurrent_requests_overlap_and_a_disconnect_frees_blocks(server, engin
 
 
 def test_n_choices_share_the_prompt_blocks(client, engine):
-    prompt = "Here is a list of the planets of the solar system, in order from the sun, with one fact " \
-             "about each of them:"
+    prompt = ("Here is a list of the eight planets of the solar system, in order from the sun outwards, "
+              "with one short fact about each of them, what it is made of, how many moons it has, how long "
+              "its year lasts and how far it is from the sun:")
     n_prompt = len(engine.prompt_ids(prompt))
     assert n_prompt > 2 * 16
     before = engine.stats()

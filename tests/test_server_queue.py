@@ -103,7 +103,7 @@ def test_disconnect_while_waiting_frees_the_place():
                 async def consume(tag, n):
                     async with client.stream("POST", "/v1/completions", json=body(tag, n)) as r:
                         return [x async for x in r.aiter_lines()]
-                running = asyncio.create_task(consume("running", 100))     # ~1 s
+                running = asyncio.create_task(consume("running", 400))     # ~4 s: time for the rest
                 await asyncio.to_thread(wait_for, lambda: engine.stats()["running"] == 1)
                 queued = asyncio.create_task(consume("queued", 5))
                 await asyncio.to_thread(wait_for, lambda: engine.stats()["waiting"] == 1)
@@ -121,7 +121,7 @@ def test_a_full_waiting_queue_is_a_503():
     with ServerThread(create_app(engine, "fake", limits=Limits(max_waiting=1))) as url:
         async def main():
             async with httpx.AsyncClient(base_url=url, timeout=30) as client:
-                first = asyncio.create_task(client.post("/v1/completions", json=body("a", 60, stream=False)))
+                first = asyncio.create_task(client.post("/v1/completions", json=body("a", 300, stream=False)))
                 await asyncio.to_thread(wait_for, lambda: engine.stats()["running"] == 1)
                 second = asyncio.create_task(client.post("/v1/completions", json=body("b", 2, stream=False)))
                 await asyncio.to_thread(wait_for, lambda: engine.stats()["waiting"] == 1)

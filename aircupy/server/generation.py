@@ -223,6 +223,9 @@ class Generation:
                         self._handles.append(h)
                         if self._cancelled:       # the client left while we submitted
                             h.abort()
+        except ContextLengthError as e:     # the engine's own check (a context it sizes differently)
+            self.cancel()
+            raise APIError(400, str(e), param=self.plan.param, code="context_length_exceeded") from None
         except BaseException:
             self.cancel()
             raise
