@@ -75,7 +75,7 @@ def generated_tokens(url: str) -> int:
 
 
 def test_disconnect_mid_stream_frees_the_engine_at_once(served):
-    url, engine, state = served
+    url, engine, _ = served
     engine.log.clear()
     before = generated_tokens(url)
     with httpx.Client(base_url=url, timeout=30) as client:
