@@ -23,7 +23,6 @@ def app(tmp_path_factory):
     e = Engine(rep.path, backend="numpy", n_ctx=128)
     a = create_app(e, "tiny")
     yield a, e
-    a.state.server.worker.close()
     e.close()
 
 

@@ -118,28 +118,15 @@ def test_output_appends_whole_lines_and_escapes_a_lone_surrogate(tmp_path):
 # ---- the runner over the fake engine ---------------------------------------------------------------
 
 class ConcurrentFake(FakeEngine):
-    """FakeEngine without its lock: counts how many streams run at once (an engine that batches)."""
+    """FakeEngine (which batches, like the Engine) counting the most sequences it ran at once."""
 
     def __init__(self, **kw):
         super().__init__(**kw)
-        self.now = self.most = 0
-        self._count = threading.Lock()
+        self.most = 0
 
-    def _gen(self, tag, params):
-        with self._count:
-            self.now += 1
-            self.most = max(self.most, self.now)
-        try:
-            for i in range(params.max_tokens):
-                time.sleep(self.delay)
-                yield self._event(i, params)
-        finally:
-            with self._count:
-                self.now -= 1
-
-    def _event(self, i, params):
-        from aircupy.engine.results import StreamEvent
-        return StreamEvent("x", (ord("x") + 1,), "length" if i == params.max_tokens - 1 else None)
+    def _step(self, req):
+        self.most = max(self.most, self.stats()["running"])
+        super()._step(req)
 
 
 def run(engine, items, path, **kw):
@@ -154,7 +141,7 @@ def test_run_keeps_max_concurrency_requests_in_flight(tmp_path):
     assert eng.most == 4 and (s.ok, s.failed, s.pending, s.interrupted) == (12, 0, 0, False)
     recs = [json.loads(x) for x in (tmp_path / "o.jsonl").read_text().splitlines()]
     assert sorted(r["custom_id"] for r in recs) == sorted(f"r{i}" for i in range(12))
-    assert all(r["response"]["body"]["choices"][0]["text"] == "xxxxx" for r in recs)
+    assert all(r["response"]["body"]["choices"][0]["text"] == "abcde" for r in recs)
     assert s.completion_tokens == 60 and s.prompt_tokens == 12
 
 

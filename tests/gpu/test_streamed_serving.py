@@ -125,18 +125,16 @@ def test_smollm2_server_over_a_streamed_model_answers_like_numpy(streamed_engine
     from tests.helpers.engines import numpy_engine
     e, _ = streamed_engine
     app = create_app(e, "smollm2")
-    try:
-        status, body = asgi_request(app, "POST", "/v1/chat/completions",
-                                    {"model": "smollm2", "messages": HELLO, "max_tokens": 12,
-                                     "temperature": 0})
-        assert status == 200, body[:500]
-        r = json.loads(body)
-        want = numpy_engine(smollm2_path, N_CTX).generate(HELLO, SamplingParams(max_tokens=12,
-                                                                                temperature=0))
-        assert r["choices"][0]["message"]["content"] == want.text
-        assert r["usage"]["completion_tokens"] == len(want.token_ids)
-        assert r["choices"][0]["finish_reason"] == want.finish_reason
-        status, body = asgi_request(app, "GET", "/health")
-        assert status == 200 and json.loads(body)["status"] == "ok"
-    finally:
-        app.state.server.worker.close()
+    status, body = asgi_request(app, "POST", "/v1/chat/completions",
+                                {"model": "smollm2", "messages": HELLO, "max_tokens": 12,
+                                 "temperature": 0})
+    assert status == 200, body[:500]
+    r = json.loads(body)
+    want = numpy_engine(smollm2_path, N_CTX).generate(HELLO, SamplingParams(max_tokens=12,
+                                                                            temperature=0))
+    assert r["choices"][0]["message"]["content"] == want.text
+    assert r["usage"]["completion_tokens"] == len(want.token_ids)
+    assert r["choices"][0]["finish_reason"] == want.finish_reason
+    status, body = asgi_request(app, "GET", "/health")
+    assert status == 200 and json.loads(body)["status"] == "ok"
+    assert not app.state.server.generations     # nothing left in flight
