@@ -145,6 +145,20 @@ def test_a_storm_of_cancels_returns_every_block_and_the_engine_serves_on(smol):
     check_alone(smol.model, r.prompt_token_ids, r)
 
 
+def test_a_sink_that_raises_aborts_only_its_request(smol):
+    """submit()'s sink runs on the runner thread; one that raises (its consumer is gone) has its
+    request aborted, and the request beside it runs on."""
+    def gone(item):
+        raise RuntimeError("the consumer's event loop is closed")
+    before = idle(smol)
+    bad = smol.submit("Tell me a long story", SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True), gone)
+    good = smol.generate("Hello there", GREEDY.with_overrides(max_tokens=4))
+    after = idle(smol)
+    assert bad.done.is_set() and len(bad.token_ids) < 50 and bad.finish_reason is None
+    assert len(good.token_ids) == 4 and after["kv_blocks_used"] == 0
+    assert after["cancelled_requests"] - before["cancelled_requests"] == 1
+
+
 def test_a_tiny_kv_pool_makes_requests_wait_and_all_finish(smol):
     """Six blocks of 16 tokens for four sequences of 52 to 55 tokens (4 blocks each): admission waits
     for blocks, and decode preempts the newest (recomputed later); every request still finishes with

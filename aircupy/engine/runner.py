@@ -107,11 +107,11 @@ class Runner:
                 commands, closed = list(self._commands), self._closed
                 self._commands.clear()
             released: list[Request] = []
-            try:
-                for kind, req in commands:
+            for kind, req in commands:
+                try:
                     self._apply(kind, req, released)
-            except Exception as e:  # noqa: BLE001 - a bug here must not hang every consumer
-                self._recover(e, released)
+                except Exception as e:  # noqa: BLE001 - a bug here must not hang every consumer
+                    self._recover(e, released)
             if closed:
                 self._close_all(released)
                 return
@@ -132,13 +132,12 @@ class Runner:
 
     def _apply(self, kind: str, req: Request | None, released: list[Request]) -> None:
         if kind == "add":
-            device = self.model.new_sampler(req.params) if req.wants_device_sampler() else None
-            req.device_sampler = device if getattr(device, "supported", True) else None
             try:
+                device = self.model.new_sampler(req.params) if req.wants_device_sampler() else None
+                req.device_sampler = device if getattr(device, "supported", True) else None
                 seq = self.sched.add(req.prompt_ids, params=req)
             except Exception as e:  # noqa: BLE001 - the engine checked; a model with a smaller pool may not
-                req.fail(e)
-                released.append(req)
+                self._fail(req, e, released)
                 return
             req.seq_id = seq.seq_id
             self._reqs[seq.seq_id] = req
@@ -150,6 +149,8 @@ class Runner:
 
     def _finish(self, req: Request, released: list[Request]) -> None:
         """Finish an unfinished request now (aborted, or its sink failed): blocks freed, no event."""
+        if self._reqs.get(req.seq_id) is not req:      # it has left already (its last event was refused)
+            return
         self.sched.finish(req.seq_id, "abort")
         del self._reqs[req.seq_id]
         self._record(req)

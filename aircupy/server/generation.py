@@ -254,11 +254,12 @@ class Generation:
 
     def _on_item(self, index: int, item) -> None:
         """The engine's sink for choice `index`, called on its runner thread."""
+        failed = isinstance(item, BaseException)
         with self._lock:      # a failed request's other choices may still report: ignored
             if self._ended:
                 return
-            self._ended = isinstance(item, BaseException)
-        if self._ended:
+            self._ended = failed
+        if failed:
             self.cancel()
             self._put(Failed(APIError(400, str(item), param=self.plan.param, code="context_length_exceeded")
                              if isinstance(item, ContextLengthError) else item))
