@@ -93,6 +93,13 @@ if [ "$stage" = fin1 ]; then   # the final GPU tier, part 1 (carry as b1, withou
   exit 0
 fi
 
+if [ "$stage" = prep ]; then   # install and the first SmolLM2 part only (carry as fin1); then fin2
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .device/whl/*.whl
+  python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null || echo "pip -e failed"
+  cp .device/stage/part.00 .device/stage/SHA256SUM /root/stage/
+  exit 0
+fi
+
 if [ "$stage" = fin2 ]; then   # part 2 (carry .device/stage/part.01 part.02): SmolLM2 tests, the server
   cp .device/stage/part.0[1-9] /root/stage/ && (cd /root/stage && cat part.* > model.gguf \
     && sha256sum -c SHA256SUM && rm -f part.*) || echo "SmolLM2 join failed"

@@ -7,6 +7,7 @@ connection.AircupyH11Protocol (OpenAI-shaped 400s for malformed HTTP, a time lim
 from __future__ import annotations
 
 import logging
+import sys
 import socket
 import threading
 import time
@@ -88,6 +89,9 @@ def auth_key(api_key: str | None, no_auth: bool) -> str | None:
     return api_key.strip() if api_key is not None else None
 
 
+SWITCH_INTERVAL_S = 0.0005
+
+
 def serve(model, model_name: str | None, host: str, port: int, backend: str, vram_budget, n_ctx,
           api_key: str | None, max_body, log_level: str = "info", no_auth: bool = False,
           limits: Limits | None = None, special_in_messages: bool = False, batching: dict | None = None) -> None:
@@ -101,6 +105,12 @@ def serve(model, model_name: str | None, host: str, port: int, backend: str, vra
     key = auth_key(api_key, no_auth)
     logging.basicConfig(level=getattr(logging, log_level.upper()), format="%(asctime)s %(levelname)s %(message)s")
     engine = load_engine(model, backend, vram_budget, n_ctx, **(batching or {}))
+    # Two busy threads share the GIL here: the engine's runner (which waits on the GPU with the GIL
+    # released, then needs it back at once to start the next step) and the event loop (formatting and
+    # sending every stream's chunks). Python hands a wanted GIL over only every switch interval (5 ms
+    # by default), which the runner then waits out on every step; a short interval keeps steps back to
+    # back under many streaming clients.
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     name = model_name or engine.model_name
     app = create_app(engine, name, api_key=key, max_body=max_body, limits=limits,
                      special_in_messages=special_in_messages)
