@@ -8,22 +8,16 @@ A step (engine/step.py: N rows in chunk order, S chunks, R logits rows) runs as:
      slot and chunk index; the chunks' block tables; per logits row its row index, rng and
      sampling parameters;
   2. the layers over all N rows (cuda/forward.py with a StepKV): every row's K/V is stored at its slot
-     before the layer's attention; the decode rows (and chunks of <= GRAPH_CHUNK_ROWS rows) share one decode-kernel
+     before the layer's attention; the decode rows (and chunks of <= 8 rows) share one decode-kernel
      launch, each longer chunk gets the tiled prefill kernel (kv.attention_segments);
   3. the logits rows gathered into a compact (R, E) block, the head over them in groups of HEAD_ROWS
      (the matvec path), and per group: a row with a device sampler is sampled on the GPU (sample.cu,
      its own seed and counter: the same draw it would get alone), a row without one has its logits
      copied to the host;
   4. one download of the R sampled ids.
-Steps whose chunks are all short (decode rows, and prompt chunks of <= GRAPH_CHUNK_ROWS rows: a chat's
-new turn) with every logits row device-sampled are replayed as CUDA graphs, one per (rows bucket,
-logits-rows bucket): every row goes to the decode attention kernel (its rows are independent and
-causal by position, so a short prompt chunk is just rows of one table; the tiled prefill kernel pays
-off only on long chunks), which makes the launch sequence depend on the two counts alone. Rows past
-the step's count are padding (slot -1: nothing is stored; they attend one key of table 0), and so are
-logits rows past R (row 0 again); their ids are ignored. A step of a long prompt chunk, or with a
-host-sampled row, runs eagerly: an eager step costs the Python of every launch (~450 on SmolLM2),
-which is what a stream of arriving chat requests would otherwise pay on every step.
+Pure decode steps (every chunk one row, every logits row device-sampled) of a bucketed row count are
+replayed as CUDA graphs (DecodeGraphs): rows past the step's count are padding (slot -1: nothing is
+stored; they attend one key of table 0 and their ids are ignored).
 
 The numpy twin is reference/model.NumpyModel.forward_step (reference/batch.py).
 """
@@ -36,8 +30,6 @@ from aircupy.cuda.kv import PagedKV, StepKV, attention_segments
 from aircupy.errors import InvalidParameterError
 
 DECODE_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
-GRAPH_CHUNK_ROWS = 64    # the longest chunk a graphed step takes (through the decode kernel)
-MAX_GRAPHS = 48          # step graphs kept; a shape past them runs eagerly (no eviction: shapes recur)
 
 
 def bucket(n: int, limit: int) -> int | None:
@@ -88,17 +80,16 @@ class StepRunner:
                 h["sparams"][i] = (0.0, 0, 1.0, 0.0)
         return N, S, R
 
-    def _pad(self, N: int, B: int, R: int, RB: int) -> None:
-        """Rows [N, B) of a graphed step: no KV store, one key of table 0, id 0; logits rows [R, RB):
-        row 0, greedy, ignored."""
+    def _pad(self, N: int, B: int) -> None:
+        """Rows [N, B) of a decode graph: no KV store, one key of table 0, id 0."""
         h = self.host
         h["ids"][N:B] = 0
         h["pos"][N:B] = 0
         h["slots"][N:B] = -1
         h["seq"][N:B] = 0
-        h["lrows"][R:RB] = 0
-        h["rng"][R:RB] = 0
-        h["sparams"][R:RB] = (0.0, 0, 1.0, 0.0)
+        h["lrows"][N:B] = np.arange(N, B)
+        h["rng"][N:B] = 0
+        h["sparams"][N:B] = (0.0, 0, 1.0, 0.0)
 
     # -- the pass -------------------------------------------------------------------------------------
     def _launch(self, kv: PagedKV, N: int, R: int, segments, device_rows, host_rows, logits_out) -> None:
@@ -135,23 +126,20 @@ class StepRunner:
         self.steps += 1
         hr = m.buf.logits.shape[0]
         host = [s is None for s in samplers]
-        short = int(np.diff(a.query_start).max()) <= GRAPH_CHUNK_ROWS
-        B = bucket(N, self.layout.rows) if short and not any(host) and self.use_graphs else None
-        RB = bucket(R, self.layout.seqs) if B is not None and R > 0 else None
-        if RB is not None and (B, RB) not in self.graphs and len(self.graphs) >= MAX_GRAPHS:
-            RB = None
-        if RB is not None:
-            self._pad(N, B, R, RB)
-            self._graph(kv, B, RB).launch()
+        decode = N == S == R and not any(host)
+        B = bucket(N, min(self.layout.rows, self.layout.seqs)) if decode and self.use_graphs else None
+        if B is not None:
+            self._pad(N, B)
+            self._graph(kv, B).launch()
             self.graph_steps += 1
             m.stream.synchronize()
             self._advance(samplers)
-            return self.ids_out.host[:R].copy(), None
+            return self.ids_out.host[:N].copy(), None
         groups = range(0, R, hr)
         device_rows = [not all(host[r0:r0 + hr]) for r0 in groups]
         host_rows = [any(host[r0:r0 + hr]) for r0 in groups]
         logits = np.empty((R, m.config.vocab_size), np.float32) if any(host) else None
-        segments = attention_segments(a.query_start, GRAPH_CHUNK_ROWS)   # the graphs' kernels too
+        segments = attention_segments(a.query_start, _decode_max_rows())
         with m.stream:
             self._launch(kv, N, R, segments, device_rows, host_rows, logits)
         m.stream.synchronize()
@@ -167,19 +155,55 @@ class StepRunner:
             if s is not None:
                 s.counter += 1
 
-    def _graph(self, kv: PagedKV, B: int, RB: int):
+    def _graph(self, kv: PagedKV, B: int):
         from aircupy.cuda.graphs import StepGraph
-        g = self.graphs.get((B, RB))
+        g = self.graphs.get(B)
         if g is None:
-            groups = range(0, RB, self.m.buf.logits.shape[0])
+            groups = range(0, B, self.m.buf.logits.shape[0])
             seg = [(0, B, "decode")]
-            g = StepGraph(lambda: self._launch(kv, B, RB, seg, [True] * len(groups), [False] * len(groups),
+            g = StepGraph(lambda: self._launch(kv, B, B, seg, [True] * len(groups), [False] * len(groups),
                                                None), self.m.stream, True)
-            self.graphs[(B, RB)] = g
+            self.graphs[B] = g
         return g
 
     def report(self) -> str:
         captured = sorted(b for b, g in self.graphs.items() if g.graph is not None)
         failed = [g.fallback_reason for g in self.graphs.values() if g.fallback_reason]
-        s = f"batch steps {self.steps} ({self.graph_steps} replayed; graphs for (rows, logits rows) {captured})"
+        s = f"batch steps {self.steps} ({self.graph_steps} replayed; decode graphs for {captured} rows)"
         return s + (f"; {failed[0]}" if failed else "")
+
+
+def _decode_max_rows() -> int:
+    from aircupy.cuda.ops.layers import DECODE_MAX_ROWS
+    return DECODE_MAX_ROWS
+
+
+class _OneBlock:
+    """The block geometry a shuttled model's steps are checked against: one block of n_ctx tokens."""
+
+    def __init__(self, n_ctx: int):
+        self.block_size, self.num_blocks = n_ctx, 1
+
+
+def shuttle_step(model, arrays: dict, cache, samplers) -> tuple[np.ndarray, np.ndarray | None]:
+    """A batch step of a model with the KV shuttle (kv_spec: one sequence, one n_ctx block, so a
+    slot is a position): the chunk runs as a single-sequence pass on `cache` (new_kv_pool's), whose
+    valid length is the chunk's start, as the scheduler's block table says."""
+    from aircupy.cuda.shuttle import ShuttleKVCache
+    from aircupy.reference.batch import StepArrays
+    if not isinstance(cache, ShuttleKVCache):
+        raise InvalidParameterError("kv", "a model with the KV shuttle steps on its new_kv_pool() cache")
+    a = StepArrays.check(arrays, _OneBlock(model.n_ctx), model.config.vocab_size)
+    N, R = len(a.input_ids), len(a.logits_rows)
+    if a.num_chunks != 1 or R > 1 or (R == 1 and a.logits_rows[0] != N - 1):
+        raise InvalidParameterError("arrays", "a model with the KV shuttle runs one sequence per step "
+                                              "(kv_spec()['max_num_seqs'] == 1)")
+    samplers = list(samplers) if samplers is not None else [None] * R
+    cache.length = int(a.positions[0])
+    if R == 0:
+        model.forward(a.input_ids, a.positions, cache)
+        return np.empty(0, np.int32), None
+    if samplers[0] is not None:
+        tok = model.forward_sample(a.input_ids, a.positions, cache, samplers[0])
+        return np.array([tok], np.int32), None
+    return np.array([-1], np.int32), model.forward(a.input_ids, a.positions, cache)
