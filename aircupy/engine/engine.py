@@ -25,6 +25,7 @@ from aircupy.engine.params import SamplingParams, parse_size
 from aircupy.engine.request import Request, TokenStream
 from aircupy.engine.results import GenerationResult
 from aircupy.engine.runner import Runner
+from aircupy.engine.spec_setup import build_speculator, check_spec_args
 from aircupy.errors import ContextLengthError, InvalidParameterError, TemplateError
 
 
@@ -43,6 +44,12 @@ class Engine:
                  the batching limits: sequences per forward step, tokens per step (default max(512,
                  max_num_seqs)), KV cache tokens (default: the model's plan on CUDA; on numpy
                  max(n_ctx, min(max_num_seqs * n_ctx, a quarter of RAM))); engine/batching.py.
+    speculative  None (off) | "ngram" (prompt lookup) | "draft" (draft_model, a GGUF of the same
+                 vocabulary) | "self" (the target with layers skipped; numpy backend only for now):
+                 speculative decoding, engine/spec_setup.py. With it on, every request is sampled on the
+                 host and requests with a constraint are not drafted for (engine/runner.py).
+    draft_model, draft_k
+                 the draft GGUF's path ("draft"); the most drafts per pass (default 8, adaptive below it).
 
     Attributes: config (ModelConfig), tokenizer, chat_template, model (the backend's model: the Model
     protocol of engine/model.py), model_name (file stem), backend_name ("cuda" | "numpy"), n_ctx, load_s.
@@ -50,7 +57,8 @@ class Engine:
 
     def __init__(self, model_path=None, backend: str = "auto", vram_budget=None, n_ctx: int | None = None,
                  progress=None, notice=None, max_num_seqs: int = 64, max_batched_tokens: int | None = None,
-                 kv_cache_tokens: int | None = None):
+                 kv_cache_tokens: int | None = None, speculative: str | None = None, draft_model=None,
+                 draft_k: int | None = None):
         t0 = time.perf_counter()
         path = default_model_path() if model_path is None else Path(model_path)
         if not path.exists():
@@ -58,6 +66,8 @@ class Engine:
         if path.is_dir():
             raise IsADirectoryError(errno.EISDIR, "is a directory, not a GGUF file", str(path))
         budget = parse_size(vram_budget) if vram_budget is not None else None
+        check_spec_args(speculative, draft_model, draft_k)
+        self._spec = None
         report = progress or (lambda stage: None)
         # Cold start: where the CUDA backend may run, the disk starts reading the whole file into
         # the page cache now, while this process parses the header, builds the tokenizer, imports
@@ -112,12 +122,19 @@ class Engine:
                 self.tokenizer, self.chat_template = text.result()
             self.kv_plan = plan_kv(self.model.kv_spec(), limits, self.n_ctx, self.config.kv_cache_bytes(1, 4),
                                    machine_ram() if self.backend_name == "numpy" else None)
+            if speculative is not None:
+                report("loading the draft" if speculative == "draft" else "setting up speculative decoding")
+                self._spec = build_speculator(speculative, model=self.model, tokenizer=self.tokenizer,
+                                              backend=self.backend_name, n_ctx=self.n_ctx,
+                                              draft_model=draft_model, draft_k=draft_k)
             self._start_runner()
         except BaseException:
             if warmer is not None:
                 warmer.close()
             if text is not None:
                 text.join()
+            if self._spec is not None:
+                self._spec.close()
             if self.model is not None:
                 self.model.close()
             self.gguf.close()
@@ -232,7 +249,8 @@ class Engine:
     def _start_runner(self) -> None:
         """The runner thread over self.model and self.kv_plan. It holds no reference to the Engine, so
         an Engine dropped without close() is collected, and its finalizer stops the thread."""
-        self._runner = Runner(self.model, self.kv_plan, self.n_ctx)
+        spec = self._spec.speculator if self._spec is not None else None
+        self._runner = Runner(self.model, self.kv_plan, self.n_ctx, spec)
         self._finalizer = weakref.finalize(self, self._runner.shutdown)
 
     @property
@@ -297,13 +315,16 @@ class Engine:
         """Totals since load (requests, tokens, seconds, steps, preemptions) and the present state
         (running and waiting sequences, KV blocks used/free/total, prefix-cache hit rate), for
         monitoring. Per-request seconds overlap under batching: decode_tokens_per_s is the rate one
-        sequence saw on average, not the aggregate."""
+        sequence saw on average, not the aggregate. With speculative decoding: speculative (the source),
+        spec_drafted, spec_accepted, spec_passes, spec_acceptance_rate, spec_tokens_per_pass."""
         c = self._runner.stats()
         c["decode_tokens_per_s"] = c["decode_steps"] / c["decode_seconds"] if c["decode_seconds"] > 0 else 0.0
         c.update(load_seconds=self.load_s, n_ctx=self.n_ctx, busy=int(c["running"] + c["waiting"] > 0))
         model = self.model.stats()
         if model.get("streamed_layers"):        # a streamed model's placement and streaming figures
             c["streaming"] = model
+        if self._spec is not None:              # spec_drafted, spec_accepted, ... come from the runner
+            c["speculative"] = self._spec.name
         return c
 
     def reset_cache(self) -> None:
@@ -314,6 +335,8 @@ class Engine:
     def close(self) -> None:
         """Stop the runner (unfinished requests fail with EngineClosedError), then free the model."""
         self._finalizer()
+        if self._spec is not None:
+            self._spec.close()
         self.model.close()
         self.gguf.close()
 

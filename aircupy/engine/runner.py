@@ -13,6 +13,16 @@ under a Condition; the thread sleeps on that condition while nothing is queued o
      device did not) and decides its finish (engine/request.py); the step is committed with those
      reasons, and the finished sequences' blocks are freed;
   5. the stats snapshot is published, then the step's events delivered to the requests' sinks.
+Speculative decoding (speculator: engine/speculative.py Speculator, None: off). Before step 2, every
+running sequence with one unfed token and no constraint gets a draft (Scheduler.set_draft), at most
+max_tokens - generated - 1 tokens; its verification chunk's rows all come back as logits (sampler None)
+and Speculator.verify turns them into the accepted drafts plus the target's next token, each recorded
+in the request's Sampler. The request then takes them one by one (step 4's stop logic per token: the
+list is cut at the first that finishes it, and the cut list is committed), each with its own row for
+logprobs. With speculation on, every request is sampled on the host (no device sampler: a verification
+pass needs the rows anyway, and a request sampled on the device could not be drafted for); a request
+with a constraint is never drafted for (the grammar would have to follow drafts it may reject) and runs
+one token per step as without speculation.
 A forward pass (or any turn) that raises fails every running request with that exception; the waiting
 ones are kept, re-queued in order with the tokens they have (prompt + generated so far), on a fresh
 scheduler and block manager (the failed step's registered blocks may hold KV never written). The pool
@@ -38,10 +48,12 @@ class EngineClosedError(RuntimeError):
 
 class Runner:
     """runner = Runner(model, plan, n_ctx); runner.add(request); request.abort(); runner.stats();
-    runner.reset_prefix_cache(); runner.shutdown(). plan: engine/batching.py KVPlan."""
+    runner.reset_prefix_cache(); runner.shutdown(). plan: engine/batching.py KVPlan; speculator: a
+    Speculator (engine/speculative.py) or None."""
 
-    def __init__(self, model, plan, n_ctx: int):
+    def __init__(self, model, plan, n_ctx: int, speculator=None):
         self.model, self.plan, self.n_ctx = model, plan, n_ctx
+        self.spec = speculator
         self.kv = model.new_kv_pool(plan.num_blocks, plan.block_size)
         self.sched = self._new_scheduler()
         self._cond = threading.Condition()
@@ -125,15 +137,20 @@ class Runner:
                     events.clear()
                     self._recover(e, released)
                 self._publish()
+                gone: set[int] = set()               # a request may have several events (speculation)
                 for req, ev in events:
+                    if id(req) in gone:
+                        continue
                     if not req.emit(ev):            # the consumer is gone: stop it before the next step
+                        gone.add(id(req))
                         self._finish(req, released)
                 self._release(released)
 
     def _apply(self, kind: str, req: Request | None, released: list[Request]) -> None:
         if kind == "add":
             try:
-                device = self.model.new_sampler(req.params) if req.wants_device_sampler() else None
+                host = self.spec is not None or not req.wants_device_sampler()
+                device = None if host else self.model.new_sampler(req.params)
                 req.device_sampler = device if getattr(device, "supported", True) else None
                 seq = self.sched.add(req.prompt_ids, params=req)
             except Exception as e:  # noqa: BLE001 - the engine checked; a model with a smaller pool may not
@@ -153,45 +170,86 @@ class Runner:
             return
         self.sched.finish(req.seq_id, "abort")
         del self._reqs[req.seq_id]
+        self._forget(req.seq_id)
         self._record(req)
         released.append(req)
 
     def _step(self, events: list, released: list[Request]) -> None:
+        if self.spec is not None:
+            self._draft()
         step = self.sched.schedule()
         now = time.perf_counter()
         for ch in step.chunks:
             seq = self.sched.get(ch.seq_id)
             self._reqs[ch.seq_id].scheduled(now, seq.num_cached_tokens)
         reqs = [self._reqs[ch.seq_id] for ch in step.logits_chunks]
-        ids, logits = self.model.forward_step_sample(step.arrays(), self.kv, [r.device_sampler for r in reqs])
+        samplers = []                   # one per logits row: a verification chunk's rows come back as logits
+        for ch, req in zip(step.logits_chunks, reqs):
+            samplers += [None] * ch.num_logits if ch.num_draft else [req.device_sampler]
+        ids, logits = self.model.forward_step_sample(step.arrays(), self.kv, samplers)
         c = self._engine_counts
         c["steps"] += 1
         c["step_tokens"] += step.num_tokens
         c["preemptions"] += len(step.preempted)
         tokens, finish = [], []
-        for i, req in enumerate(reqs):
+        for ch, rows, req in zip(step.logits_chunks, step.logits_slices, reqs):
             try:
-                ev = req.take(int(ids[i]), None if logits is None else logits[i])
+                taken, evs = self._take(req, ch, ids[rows], None if logits is None else logits[rows])
             except Exception as e:  # noqa: BLE001 - this request's sampling failed (its grammar): it alone fails
                 self.sched.finish(req.seq_id, "error")      # commit() skips its chunk
                 del self._reqs[req.seq_id]
+                self._forget(req.seq_id)
                 self._fail(req, e, released)
                 tokens.append(0)
                 finish.append(None)
                 continue
-            events.append((req, ev))
-            tokens.append(req.token_ids[-1])
-            finish.append(ev.finish_reason)
+            events += evs
+            tokens.append(taken if ch.num_draft else taken[0])
+            finish.append(req.finish_reason)
         for seq in self.sched.commit(step, tokens, finish):
             req = self._reqs.pop(seq.seq_id)
+            self._forget(seq.seq_id)
             self._record(req)
             released.append(req)
+
+    def _draft(self) -> None:
+        """Drafts for the decoding sequences of the next step (see the module docstring)."""
+        for seq in self.sched.running:
+            req = self._reqs.get(seq.seq_id)
+            if seq.num_unfed != 1 or req is None or req.constraint is not None:
+                continue
+            d = self.spec.draft(seq.seq_id, seq.token_ids, req.sampler, req.params.max_tokens - len(req.token_ids) - 1)
+            if len(d):
+                self.sched.set_draft(seq.seq_id, d.tokens)
+
+    def _take(self, req: Request, ch, ids, rows) -> tuple[list[int], list]:
+        """The tokens req's logits chunk gives, cut at the first that finishes the request, and their
+        events. ids/rows: the chunk's device-sampled ids (-1: none) and logits rows (None: none)."""
+        if self.spec is not None and req.constraint is None:
+            toks = self.spec.verify(ch.seq_id, ch.draft, rows, req.sampler)   # recorded in req.sampler
+        else:
+            toks = [int(ids[0])]          # -1: take() samples the row
+        taken, evs = [], []
+        for j, t in enumerate(toks):
+            ev = req.take(t, None if rows is None else rows[j])
+            taken.append(req.token_ids[-1])
+            evs.append((req, ev))
+            if ev.finish_reason is not None:
+                break
+        return taken, evs
+
+    def _forget(self, seq_id: int) -> None:
+        """A sequence left: its draft state goes (a draft model's cache, its adaptive k)."""
+        if self.spec is not None:
+            self.spec.release(seq_id)
 
     def _recover(self, error: BaseException, released: list[Request]) -> None:
         """After a failed turn: fail the running requests, re-queue the waiting ones on a fresh
         scheduler (see the module docstring)."""
         self._engine_counts["forward_errors"] += 1
         old = self.sched
+        for s in list(old.running) + list(old.waiting):     # the fresh scheduler reuses the seq ids
+            self._forget(s.seq_id)
         waiting = [s for s in old.waiting if s.seq_id in self._reqs]
         for s in list(old.running):
             req = self._reqs.pop(s.seq_id, None)
@@ -257,5 +315,7 @@ class Runner:
                     kv_block_size=self.plan.block_size, kv_cache_tokens=self.plan.tokens,
                     prefix_cache_hit_rate=c["prompt_cached_tokens"] / c["prompt_tokens"] if c["prompt_tokens"] else 0.0,
                     max_num_seqs=s.max_num_seqs, max_batched_tokens=s.max_batched_tokens)
+        if self.spec is not None:
+            snap.update(self.spec.stats.as_dict())
         with self._cond:
             self._snapshot = snap
