@@ -56,6 +56,27 @@ def _model_options():
     ]
 
 
+def _spec_options(fn):
+    """--speculative/--draft-model/--draft-k: speculative decoding (Engine's speculative, draft_model, draft_k)."""
+    opts = [
+        click.option("--speculative", type=click.Choice(["ngram", "draft", "self"]), default=None,
+                     help="speculative decoding: prompt lookup, a draft GGUF (--draft-model), or the model with "
+                          "layers skipped (numpy backend) [default: off]"),
+        click.option("--draft-model", default=None, metavar="PATH",
+                     help="the draft GGUF of --speculative draft (the target's vocabulary)"),
+        click.option("--draft-k", type=int, default=None, metavar="K",
+                     help="most drafted tokens per pass (adaptive below it) [default: 8]"),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def _pop_spec(options: dict) -> dict:
+    """The speculative-decoding options out of a command's keyword arguments, as Engine keywords."""
+    return {k: options.pop(k) for k in ("speculative", "draft_model", "draft_k")}
+
+
 _MODEL_NAME_OPTION = click.option("--model-name", default=None,
                                   help="the id clients send as `model` [default: the file's stem]")
 
@@ -123,27 +144,31 @@ def _sampling(stop, logprobs=None, **kw):
 @click.option("--json-schema", "json_schema_file", type=click.Path(dir_okay=False), default=None, metavar="F",
               help="constrain the output to JSON valid against the schema in F")
 @click.option("--regex", default=None, metavar="R", help="constrain the output to match the regex R")
+@_spec_options
 @_one_line_errors
 def generate(prompt, model, backend, vram_budget, n_ctx, as_chat, system, as_json, stats, grammar_file,
              json_schema_file, regex, **sampling):
     """Generate a completion of PROMPT (or of stdin), streaming it to stdout."""
     from aircupy import console
+    spec = _pop_spec(sampling)
     sampling.update(_constraint_options(grammar_file, json_schema_file, regex))
     params = _sampling(**sampling)  # checked (and a constraint compiled) before the (slow) load
     text = console.read_prompt(prompt)
-    engine = console.load_engine(model, backend, vram_budget, n_ctx)
+    engine = console.load_engine(model, backend, vram_budget, n_ctx, **spec)
     console.generate_command(engine, text, params, as_chat=as_chat, system=system, as_json=as_json, stats=stats)
 
 
 @main.command()
 @_engine_options
 @click.option("--system", default=None, help="system message for the conversation")
+@_spec_options
 @_one_line_errors
 def chat(model, backend, vram_budget, n_ctx, system, **sampling):
     """Chat with a model over its chat template: one line per turn; /reset clears, /exit quits."""
     from aircupy import console
+    spec = _pop_spec(sampling)
     params = _sampling(**sampling)
-    engine = console.load_engine(model, backend, vram_budget, n_ctx)
+    engine = console.load_engine(model, backend, vram_budget, n_ctx, **spec)
     console.chat_loop(engine, params, system=system)
 
 
@@ -187,6 +212,7 @@ def chat(model, backend, vram_budget, n_ctx, system, **sampling):
               help="parse special-token text (<|im_start|>...) in chat messages; off, users cannot forge turns")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True)
+@_spec_options
 @_one_line_errors
 def serve(limit_max_tokens, limit_prompts, limit_n, limit_stop, limit_logit_bias, body_timeout, idle_timeout,
           max_waiting, max_num_seqs, max_batched_tokens, kv_cache_tokens, **options):
@@ -197,7 +223,8 @@ def serve(limit_max_tokens, limit_prompts, limit_n, limit_stop, limit_logit_bias
     limits = Limits(max_tokens=limit_max_tokens, max_prompts=limit_prompts, max_n=limit_n, max_stop=limit_stop,
                     max_logit_bias=limit_logit_bias, body_timeout=body_timeout, idle_timeout=idle_timeout,
                     max_waiting=max_waiting)
-    batching = dict(max_num_seqs=max_num_seqs, max_batched_tokens=max_batched_tokens, kv_cache_tokens=kv_cache_tokens)
+    batching = dict(max_num_seqs=max_num_seqs, max_batched_tokens=max_batched_tokens, kv_cache_tokens=kv_cache_tokens,
+                    **_pop_spec(options))
     run(limits=limits, batching=batching, **options)
 
 

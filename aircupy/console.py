@@ -79,7 +79,8 @@ def load_engine(model, backend: str, vram_budget, n_ctx, err=None, **batching):
     """The Engine for --model (or the default model), with the load indicator on stderr; notices
     (numpy chosen for want of CUDA) get lines of their own, and a --vram-budget the chosen backend
     does not use is said to be ignored. batching: the Engine's max_num_seqs, max_batched_tokens,
-    kv_cache_tokens (serve's options)."""
+    kv_cache_tokens (serve's options), and the speculative-decoding keywords (speculative, draft_model,
+    draft_k)."""
     from aircupy.engine.engine import Engine
     err = err if err is not None else sys.stderr
     path = model if model else default_model_path()
@@ -152,6 +153,16 @@ def streaming_line(stats: dict) -> str | None:
             f" | RAM-tier hits {s.get('ram_tier_hits', 0)}" + _tier_part(s) + _kv_part(s))
 
 
+def speculative_line(stats: dict) -> str | None:
+    """Speculative decoding's figures of Engine.stats(), or None when it is off: the source, drafts
+    verified and accepted, and the tokens a verification pass emitted on average."""
+    if not stats.get("speculative"):
+        return None
+    return (f"[speculative] {stats['speculative']}: {stats['spec_accepted']} of {stats['spec_drafted']} drafts "
+            f"accepted ({100 * stats['spec_acceptance_rate']:.0f}%) | {stats['spec_tokens_per_pass']:.2f} tokens "
+            f"per verification pass ({stats['spec_passes']} passes)")
+
+
 def _tier_part(s: dict) -> str:
     """The RAM tier's fill against its capacity, where it has one."""
     cap = s.get("ram_tier_capacity", 0)
@@ -209,9 +220,10 @@ def run_generate(engine, prompt, params: SamplingParams, *, as_json: bool, stats
         out.flush()
     if stats or (not as_json and _isatty(err)):
         err.write(summary_line(engine, result) + "\n")
-        line = streaming_line(engine.stats()) if stats else None
-        if line:
-            err.write(line + "\n")
+        st = engine.stats() if stats else {}
+        for line in (streaming_line(st), speculative_line(st)):
+            if line:
+                err.write(line + "\n")
     return result
 
 
