@@ -129,6 +129,14 @@ _BATCHING = [
     ("prefix_cache_hit_rate", "aircupy_prefix_cache_hit_rate", "gauge",
      "Prompt tokens found in the prefix cache / prompt tokens, since start."),
     ("preemptions", "aircupy_preemptions_total", "counter", "Sequences preempted for want of KV blocks."),
+    ("spec_drafted", "aircupy_spec_draft_tokens_total", "counter",
+     "Speculative decoding: drafted tokens verified by the target."),
+    ("spec_accepted", "aircupy_spec_accepted_tokens_total", "counter",
+     "Speculative decoding: drafted tokens the target accepted."),
+    ("spec_acceptance_rate", "aircupy_spec_acceptance_rate", "gauge",
+     "Speculative decoding: accepted / drafted tokens, since start."),
+    ("spec_tokens_per_pass", "aircupy_spec_tokens_per_pass", "gauge",
+     "Speculative decoding: tokens a verification pass emitted on average, since start."),
 ]
 
 
