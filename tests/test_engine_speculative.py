@@ -3,7 +3,7 @@ numpy backend.
 
 Exactness: at temperature 0, the ids (and logprobs, within the row-grouping noise) of several prompts
 decoded together equal those of the same engine without speculation, for prompt lookup and self-draft
-(and, marked slow, a draft GGUF: the target's first layers). A seeded sampled run reproduces itself.
+and a draft GGUF (the target's first 8 layers). A seeded sampled run reproduces itself.
 The stop logic cuts a verification chunk's tokens: an oracle proposer (it drafts the baseline's own
 continuation, so every draft is accepted and chunks are long) must give exactly the baseline's result
 under a stop string and max_tokens, with tokens verified past the cut, and every KV block back after.
@@ -19,7 +19,12 @@ from click.testing import CliRunner
 from aircupy import Engine
 from aircupy.cli import main
 from aircupy.engine.params import SamplingParams
-from aircupy.engine.spec_setup import SpecSetup, build_speculator, check_spec_args, default_skip_layers
+from aircupy.engine.spec_setup import (
+    SpecSetup,
+    build_speculator,
+    check_spec_args,
+    default_skip_layers,
+)
 from aircupy.engine.speculative import Draft, Speculator
 from aircupy.errors import InvalidParameterError
 from aircupy.server.metrics import Metrics
@@ -31,8 +36,8 @@ N_CTX = 256
 LOGPROB_TOL = 1e-3
 TEXTS = (
     "The quick brown fox jumps over the lazy dog. The quick brown fox jumps over the lazy dog. The quick",
-    "def total(items):\n    x = 0\n    for item in items:\n        x += item.price\n    return x\n\n"
-    "# the same function with x renamed to count\ndef total(items):\n",
+    ("def total(items):\n    x = 0\n    for item in items:\n        x += item.price\n    return x\n\n"
+     "# the same function with x renamed to count\ndef total(items):\n"),
     "Once upon a time",
 )
 GREEDY = SamplingParams(temperature=0.0, max_tokens=N_TOKENS, ignore_eos=True, logprobs=0)
@@ -74,7 +79,6 @@ def test_greedy_ids_equal_without_speculation(smollm2_path, baseline, source):
     assert st["completion_tokens"] == len(TEXTS) * N_TOKENS
 
 
-@pytest.mark.slow
 def test_greedy_ids_equal_with_a_draft_gguf(smollm2_path, baseline, tmp_path):
     draft = truncated_gguf(smollm2_path, tmp_path / "draft.gguf", 8)
     with Engine(smollm2_path, backend="numpy", n_ctx=N_CTX, kv_cache_tokens=4 * N_CTX, speculative="draft",
