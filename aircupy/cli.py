@@ -73,8 +73,10 @@ def _spec_options(fn):
 
 
 def _pop_spec(options: dict) -> dict:
-    """The speculative-decoding options out of a command's keyword arguments, as Engine keywords."""
-    return {k: options.pop(k) for k in ("speculative", "draft_model", "draft_k")}
+    """The speculative-decoding options out of a command's keyword arguments, as Engine keywords (the
+    ones given only: the load is called as before when speculation is not asked for)."""
+    spec = {k: options.pop(k) for k in ("speculative", "draft_model", "draft_k")}
+    return {k: v for k, v in spec.items() if v is not None}
 
 
 _MODEL_NAME_OPTION = click.option("--model-name", default=None,
