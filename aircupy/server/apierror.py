@@ -1,7 +1,7 @@
 """The error a client sees: OpenAI's {"error": {message, type, param, code}} with an HTTP status.
 
-Its own module so that every request parser (protocol.py, structured.py) can raise it without importing
-the others.
+Its own module so that every request parser (protocol.py, structured.py, tools.py) can raise it, and
+read an optional typed field (opt_bool, opt_str), without importing the others.
 """
 from __future__ import annotations
 
@@ -26,3 +26,19 @@ class APIError(Exception):
 
 def bad(param: str | None, message: str, code: str = "invalid_value") -> APIError:
     return APIError(400, f"{param}: {message}" if param else message, param=param, code=code)
+
+
+def opt_bool(obj: dict, key: str, param: str | None = None) -> bool | None:
+    """obj[key] when absent/None or a boolean, else a 400 naming `param` (default: key)."""
+    v = obj.get(key)
+    if v is None or isinstance(v, bool):
+        return v
+    raise bad(param or key, f"expected a boolean, got {type(v).__name__}", "invalid_type")
+
+
+def opt_str(obj: dict, key: str, param: str | None = None) -> str | None:
+    """obj[key] when absent/None or a string, else a 400 naming `param` (default: key)."""
+    v = obj.get(key)
+    if v is None or isinstance(v, str):
+        return v
+    raise bad(param or key, f"expected a string, got {type(v).__name__}", "invalid_type")

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aircupy.server import structured, tools
-from aircupy.server.apierror import APIError, bad
+from aircupy.server.apierror import APIError, bad, opt_bool, opt_str
 from aircupy.server.limits import Limits
 
 # Chat roles the templates understand; "developer" is OpenAI's newer name for "system"; "tool" answers
@@ -144,20 +144,6 @@ def opt_float(body: dict, key: str) -> float | None:
     if lo is not None and not lo <= v <= hi:
         raise bad(key, f"{v} is out of range [{lo}, {hi}]")
     return v
-
-
-def opt_bool(body: dict, key: str) -> bool | None:
-    v = body.get(key)
-    if v is None or isinstance(v, bool):
-        return v
-    raise bad(key, f"expected a boolean, got {type(v).__name__}", "invalid_type")
-
-
-def opt_str(body: dict, key: str) -> str | None:
-    v = body.get(key)
-    if v is None or isinstance(v, str):
-        return v
-    raise bad(key, f"expected a string, got {type(v).__name__}", "invalid_type")
 
 
 def _stop(body: dict, limits: Limits) -> list[str]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from aircupy.server.apierror import bad
+from aircupy.server.apierror import bad, opt_bool, opt_str
 
 # vLLM's structured_outputs keys and the older guided_* fields -> SamplingParams field
 _VLLM = {"json": "json_schema", "regex": "regex", "choice": "choice", "grammar": "grammar"}
@@ -61,12 +61,8 @@ def _response_format(rf) -> tuple[str, Any, str] | None:
         param = "response_format.json_schema"
         if not isinstance(js, dict):
             raise bad(param, "expected an object {name, schema, strict}", "invalid_type")
-        name = js.get("name")
-        if name is not None and not isinstance(name, str):
-            raise bad(f"{param}.name", "expected a string", "invalid_type")
-        strict = js.get("strict")
-        if strict is not None and not isinstance(strict, bool):
-            raise bad(f"{param}.strict", "expected a boolean", "invalid_type")
+        opt_str(js, "name", f"{param}.name")
+        opt_bool(js, "strict", f"{param}.strict")
         if js.get("schema") is None:
             raise bad(f"{param}.schema", "is required", "missing_required_parameter")
         return "json_schema", _schema(js["schema"], f"{param}.schema"), f"{param}.schema"

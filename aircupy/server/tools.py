@@ -28,7 +28,7 @@ import re
 from dataclasses import dataclass, field
 
 from aircupy.gguf.tool_template import HERMES
-from aircupy.server.apierror import bad
+from aircupy.server.apierror import bad, opt_bool, opt_str
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")   # OpenAI's rule for function names
 MAX_TOOLS = 128
@@ -88,8 +88,7 @@ def parse(body: dict) -> ToolRequest | None:
         if any(x.name == tool.name for x in tools):
             raise bad(f"tools[{i}].function.name", f"duplicate function name {tool.name!r}")
         tools.append(tool)
-    if parallel is not None and not isinstance(parallel, bool):
-        raise bad("parallel_tool_calls", "expected a boolean", "invalid_type")
+    opt_bool(body, "parallel_tool_calls")
     names = frozenset(t.name for t in tools)
     kind, function = _choice(choice, names)
     return ToolRequest(tools, kind, function, parallel is not False, names=names)
@@ -109,12 +108,8 @@ def _tool(t, where: str) -> Tool:
     if not isinstance(name, str) or not NAME_RE.match(name):
         raise bad(f"{where}.function.name", f"{name!r} is not a valid function name (letters, digits, _ and -, "
                                             "at most 64)")
-    desc = fn.get("description")
-    if desc is not None and not isinstance(desc, str):
-        raise bad(f"{where}.function.description", "expected a string", "invalid_type")
-    strict = fn.get("strict")
-    if strict is not None and not isinstance(strict, bool):
-        raise bad(f"{where}.function.strict", "expected a boolean", "invalid_type")
+    desc = opt_str(fn, "description", f"{where}.function.description")
+    strict = opt_bool(fn, "strict", f"{where}.function.strict")
     params = fn.get("parameters")
     if params is None:
         params = NO_PARAMETERS
