@@ -27,6 +27,15 @@ summary() {
     grep -E "^(FAILED|ERROR)|passed|failed" "$1" | tail -40
     sed -n '/slowest/,/^$/p' "$1" | head -14; } > "$OUT/$2"
 }
+install() {   # the carried wheels, then this checkout (editable, offline)
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .device/whl/*.whl
+  python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null || echo "pip -e failed"
+}
+join_smollm2() {   # the parts carried now and before -> /root/stage/model.gguf, checked
+  cp .device/stage/part.0[1-9] /root/stage/ && (cd /root/stage && cat part.* > model.gguf \
+    && sha256sum -c SHA256SUM && rm -f part.*) || echo "SmolLM2 join failed"
+  export AIRCUPY_SMOLLM2_GGUF=/root/stage/model.gguf
+}
 # llama-batched-bench: -npp prompt tokens, -ntg generated tokens per sequence, -npl parallel counts;
 # flash attention on, all layers on the GPU, one context big enough for the largest count.
 peer() {  # peer MODEL NPL LABEL
@@ -37,8 +46,7 @@ peer() {  # peer MODEL NPL LABEL
 }
 
 if [ "$stage" = b1 ]; then
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site .device/whl/*.whl
-  python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null || echo "pip -e failed"
+  install
   cp .device/stage/part.00 .device/stage/SHA256SUM /root/stage/
   (setsid nohup bash -c 'mkdir -p /root/llama && tar xJf .device/peers/llama.cpp.tar.xz -C /root/llama \
     && cd /root/llama/llama.cpp && mkdir -p tools/ui && : > tools/ui/CMakeLists.txt \
@@ -55,9 +63,7 @@ if [ "$stage" = b1 ]; then
 fi
 
 if [ "$stage" = b2 ]; then
-  cp .device/stage/part.0[1-9] /root/stage/ && (cd /root/stage && cat part.* > model.gguf \
-    && sha256sum -c SHA256SUM && rm -f part.*) || echo "SmolLM2 join failed"
-  export AIRCUPY_SMOLLM2_GGUF=/root/stage/model.gguf
+  join_smollm2
   timeout 220 python3 -m pytest -q -rfE --tb=short -m gpu tests/gpu -k "smollm2 or batch_steps" \
     -p no:cacheprovider 2>&1 | tee $L/gpu_smol.log | grep -E "passed|failed|FAILED|ERROR|Error" | tail -12
   summary $L/gpu_smol.log gpu_tier_smollm2.txt
@@ -68,8 +74,7 @@ if [ "$stage" = b2 ]; then
 fi
 
 if [ "$stage" = ab ]; then
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site .device/whl/*.whl
-  python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null || echo "pip -e failed"
+  install
   python3 -m aircupy synth $S/llama3-8b-Q4_0.gguf --arch llama3-8b --type Q4_0 > $L/synth.log 2>&1
   timeout 150 python3 -m pytest -q -rfE --tb=short -m gpu tests/gpu/test_gemm_q.py tests/gpu/test_paged.py \
     -p no:cacheprovider 2>&1 | tee $L/gpu_gemm.log | grep -E "passed|failed|FAILED|ERROR|Error" | tail -12
@@ -83,8 +88,7 @@ if [ "$stage" = ab ]; then
 fi
 
 if [ "$stage" = fin1 ]; then   # the final GPU tier, part 1 (carry as b1, without the peers)
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site .device/whl/*.whl
-  python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null || echo "pip -e failed"
+  install
   cp .device/stage/part.00 .device/stage/SHA256SUM /root/stage/
   timeout 500 python3 -m pytest -q -rfE --tb=short --durations=12 -m gpu tests/gpu -k "not smollm2 and not gemma3_real" \
     --ignore tests/gpu/test_budget.py -p no:cacheprovider 2>&1 | tee $L/gpu_tier.log \
@@ -94,16 +98,13 @@ if [ "$stage" = fin1 ]; then   # the final GPU tier, part 1 (carry as b1, withou
 fi
 
 if [ "$stage" = prep ]; then   # install and the first SmolLM2 part only (carry as fin1); then fin2
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site .device/whl/*.whl
-  python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null || echo "pip -e failed"
+  install
   cp .device/stage/part.00 .device/stage/SHA256SUM /root/stage/
   exit 0
 fi
 
 if [ "$stage" = fin2 ]; then   # part 2 (carry .device/stage/part.01 part.02): SmolLM2 tests, the server
-  cp .device/stage/part.0[1-9] /root/stage/ && (cd /root/stage && cat part.* > model.gguf \
-    && sha256sum -c SHA256SUM && rm -f part.*) || echo "SmolLM2 join failed"
-  export AIRCUPY_SMOLLM2_GGUF=/root/stage/model.gguf
+  join_smollm2
   timeout 240 python3 -m pytest -q -rfE --tb=short -m gpu tests/gpu -k "smollm2 or batch_steps or batching" \
     -p no:cacheprovider 2>&1 | tee $L/gpu_smol.log | grep -E "passed|failed|FAILED|ERROR|Error" | tail -12
   summary $L/gpu_smol.log gpu_tier_smollm2.txt
@@ -115,8 +116,7 @@ if [ "$stage" = fin2 ]; then   # part 2 (carry .device/stage/part.01 part.02): S
 fi
 
 if [ "$stage" = st32 ]; then   # the 70B at 24 GiB, KV sized for 32 sequences (carry .device/whl)
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site .device/whl/*.whl
-  python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null || echo "pip -e failed"
+  install
   python3 -m aircupy synth $S/llama-70b-Q4_0.gguf --arch llama-70b --type Q4_0 > $L/synth.log 2>&1
   timeout 400 python3 -m bench.bench_batch --model $S/llama-70b-Q4_0.gguf --vram-budget 24GiB \
     --streams 32 --tokens 32 --prompt 512 --batch-tokens 2048 --n-ctx 1024 \
@@ -125,8 +125,7 @@ if [ "$stage" = st32 ]; then   # the 70B at 24 GiB, KV sized for 32 sequences (c
 fi
 
 if [ "$stage" = st ]; then   # streamed batches (a fresh machine: carry .device/whl .device/COMMIT)
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site .device/whl/*.whl
-  python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null || echo "pip -e failed"
+  install
   python3 -m aircupy synth $S/llama-70b-Q4_0.gguf --arch llama-70b --type Q4_0 > $L/synth.log 2>&1
   timeout 420 python3 -m bench.bench_batch --model $S/llama-70b-Q4_0.gguf --vram-budget 24GiB \
     --streams 1 8 32 64 --tokens 32 --prompt 512 --batch-tokens 2048 --n-ctx 1024 \
