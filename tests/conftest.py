@@ -78,3 +78,25 @@ def gemma3_path() -> Path:
     if not target.exists():
         g.assemble(target)
     return Path(target)
+
+
+@pytest.fixture(scope="module")   # per module, as before: a test may alter what it gets
+def smol_chat(smollm2_path):
+    """SmolLM2's tokenizer, chat template and metadata (the template tests)."""
+    from aircupy.gguf.chat_template import ChatTemplate
+    from aircupy.gguf.reader import GGUFFile
+    from aircupy.gguf.tokenizer import Tokenizer
+    with GGUFFile(smollm2_path) as g:
+        tok = Tokenizer.from_gguf(g)
+        return tok, ChatTemplate.from_gguf(g, tok), dict(g.metadata)
+
+
+@pytest.fixture(scope="module")
+def gemma_chat(gemma3_path):
+    """Gemma3's tokenizer and chat template (the template tests)."""
+    from aircupy.gguf.chat_template import ChatTemplate
+    from aircupy.gguf.reader import GGUFFile
+    from aircupy.gguf.tokenizer import Tokenizer
+    with GGUFFile(gemma3_path) as g:
+        tok = Tokenizer.from_gguf(g)
+        return tok, ChatTemplate.from_gguf(g, tok)

@@ -9,28 +9,12 @@ import pytest
 
 from aircupy.errors import InvalidParameterError, TemplateError
 from aircupy.gguf.chat_template import ChatTemplate
-from aircupy.gguf.reader import GGUFFile
-from aircupy.gguf.tokenizer import Tokenizer
 
 DATA = json.loads((Path(__file__).parent / "data" / "tokenizer_expected.json").read_text(encoding="utf-8"))
 
 
-@pytest.fixture(scope="module")
-def smol(smollm2_path):
-    with GGUFFile(smollm2_path) as g:
-        tok = Tokenizer.from_gguf(g)
-        return tok, ChatTemplate.from_gguf(g, tok), dict(g.metadata)
-
-
-@pytest.fixture(scope="module")
-def gemma(gemma3_path):
-    with GGUFFile(gemma3_path) as g:
-        tok = Tokenizer.from_gguf(g)
-        return tok, ChatTemplate.from_gguf(g, tok)
-
-
-def test_smollm2_template_matches_transformers(smol):
-    tok, tmpl, _ = smol
+def test_smollm2_template_matches_transformers(smol_chat):
+    tok, tmpl, _ = smol_chat
     assert tmpl.source == "gguf"
     cases = DATA["chat_templates"]["smollm2"]
     assert cases
@@ -38,16 +22,16 @@ def test_smollm2_template_matches_transformers(smol):
         assert tmpl.render(case["messages"], add_generation_prompt=case["add_generation_prompt"]) == case["expected"]
 
 
-def test_smollm2_prompt_tokenizes_to_chat_tokens(smol):
-    tok, tmpl, _ = smol
+def test_smollm2_prompt_tokenizes_to_chat_tokens(smol_chat):
+    tok, tmpl, _ = smol_chat
     ids = tok.encode(tmpl.render([{"role": "user", "content": "hi"}]))
     im_start, im_end = tok.token_to_id("<|im_start|>"), tok.token_to_id("<|im_end|>")
     assert ids[0] == im_start and ids.count(im_start) == 3 and ids.count(im_end) == 2
     assert im_end in tok.eog_ids
 
 
-def test_content_parts_are_flattened(smol):
-    _, tmpl, _ = smol
+def test_content_parts_are_flattened(smol_chat):
+    _, tmpl, _ = smol_chat
     as_text = tmpl.render([{"role": "user", "content": "first\nsecond"}])
     as_parts = tmpl.render([{"role": "user", "content": [{"type": "text", "text": "first"},
                                                           {"type": "text", "text": "second"}]}])
@@ -58,13 +42,13 @@ def test_content_parts_are_flattened(smol):
         tmpl.render([{"content": "no role"}])
 
 
-def test_gemma_fallback_turn_format(gemma):
-    tok, tmpl = gemma
+def test_gemma_fallback_turn_format(gemma_chat):
+    tok, tmpl = gemma_chat
     assert tmpl.source == "gemma (fallback)"
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
             {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Bye"}]
     out = tmpl.render(msgs)
-    # BOS is left to the tokenizer (gemma adds it), system text folds into the first user turn.
+    # BOS is left to the tokenizer (gemma_chat adds it), system text folds into the first user turn.
     assert out == ("<start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello<end_of_turn>\n"
                    "<start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n")
     ids = tok.encode(out)
@@ -74,8 +58,8 @@ def test_gemma_fallback_turn_format(gemma):
         tmpl.render([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
 
 
-def test_chatml_fallback_without_template(smol):
-    tok, _, md = smol
+def test_chatml_fallback_without_template(smol_chat):
+    tok, _, md = smol_chat
     md = {k: v for k, v in md.items() if k != "tokenizer.chat_template"}
     tmpl = ChatTemplate.from_metadata(md, tok)
     assert tmpl.source == "chatml (fallback)"
@@ -83,13 +67,13 @@ def test_chatml_fallback_without_template(smol):
         "<|im_start|>user\nx<|im_end|>\n<|im_start|>assistant\n"
 
 
-def _template(smol, text):
-    tok, _, md = smol
+def _template(smol_chat, text):
+    tok, _, md = smol_chat
     return ChatTemplate.from_metadata({**md, "tokenizer.chat_template": text}, tok)
 
 
-def test_environment_matches_transformers(smol):
-    t = _template(smol, "{{ tools | tojson }}|{{ {'k': 'é'} | tojson(indent=2) }}|"
+def test_environment_matches_transformers(smol_chat):
+    t = _template(smol_chat, "{{ tools | tojson }}|{{ {'k': 'é'} | tojson(indent=2) }}|"
                         "{% for m in messages %}{% if loop.index > 1 %}{% break %}{% endif %}{{ m.role }}{% endfor %}|"
                         "{{ bos_token }}{{ eos_token }}|{{ strftime_now('%Y') | length }}\n"
                         "{% if add_generation_prompt %}gen{% endif %}")
@@ -98,12 +82,12 @@ def test_environment_matches_transformers(smol):
     assert out == ('[{"type": "function", "function": {"name": "météo"}}]|{\n  "k": "é"\n}|user|'
                    "<|im_start|><|im_end|>|4\ngen")
     # trim_blocks / lstrip_blocks: block tags leave no whitespace behind.
-    t = _template(smol, "  {% if true %}\nyes\n  {% endif %}\nend")
+    t = _template(smol_chat, "  {% if true %}\nyes\n  {% endif %}\nend")
     assert t.render([]) == "yes\nend"
     with pytest.raises(TemplateError, match="custom failure"):
-        _template(smol, "{{ raise_exception('custom failure') }}").render([])
+        _template(smol_chat, "{{ raise_exception('custom failure') }}").render([])
     with pytest.raises(TemplateError):
-        _template(smol, "{% if %}")  # syntax error at construction
+        _template(smol_chat, "{% if %}")  # syntax error at construction
 
 
 ATTACKS = [
@@ -125,9 +109,9 @@ ATTACKS = [
 
 
 @pytest.mark.parametrize("attack", ATTACKS)
-def test_sandbox_escapes_fail_and_execute_nothing(smol, tmp_path, attack):
+def test_sandbox_escapes_fail_and_execute_nothing(smol_chat, tmp_path, attack):
     marker = tmp_path / "pwned"
-    t = _template(smol, attack.replace("{marker}", str(marker)))
+    t = _template(smol_chat, attack.replace("{marker}", str(marker)))
     with pytest.raises(TemplateError):
         t.render([{"role": "user", "content": "hi"}])
     assert not marker.exists()

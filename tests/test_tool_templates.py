@@ -10,8 +10,6 @@ import pytest
 from aircupy.engine import constraint as ec
 from aircupy.gguf import tool_template as tt
 from aircupy.gguf.chat_template import ChatTemplate
-from aircupy.gguf.reader import GGUFFile
-from aircupy.gguf.tokenizer import Tokenizer
 from aircupy.server.protocol import parse_chat
 from aircupy.server.tools import call_grammar
 from tests.helpers.tool_templates import LLAMA31_STYLE, QWEN_STYLE
@@ -29,22 +27,8 @@ CONVERSATION = [
 ]
 
 
-@pytest.fixture(scope="module")
-def smol(smollm2_path):
-    with GGUFFile(smollm2_path) as g:
-        tok = Tokenizer.from_gguf(g)
-        return tok, ChatTemplate.from_gguf(g, tok), dict(g.metadata)
-
-
-@pytest.fixture(scope="module")
-def gemma(gemma3_path):
-    with GGUFFile(gemma3_path) as g:
-        tok = Tokenizer.from_gguf(g)
-        return tok, ChatTemplate.from_gguf(g, tok)
-
-
-def _with(smol, text):
-    tok, _, md = smol
+def _with(smol_chat, text):
+    tok, _, md = smol_chat
     return ChatTemplate.from_metadata({**md, "tokenizer.chat_template": text}, tok)
 
 
@@ -55,8 +39,8 @@ def test_conventions_are_read_from_the_template():
     assert tt.convention_of("{{ tools }}") == tt.HERMES
 
 
-def test_a_tools_aware_template_renders_tools_and_tool_turns_itself(smol):
-    t = _with(smol, QWEN_STYLE)
+def test_a_tools_aware_template_renders_tools_and_tool_turns_itself(smol_chat):
+    t = _with(smol_chat, QWEN_STYLE)
     assert t.supports_tools and t.tool_convention == tt.HERMES
     out = t.render(CONVERSATION, tools=[WEATHER])
     assert out.startswith("<|im_start|>system\n# Tools\n") and json.dumps(WEATHER) in out
@@ -67,8 +51,8 @@ def test_a_tools_aware_template_renders_tools_and_tool_turns_itself(smol):
     assert "call_1" not in out
 
 
-def test_a_llama31_style_template_gets_tools_and_the_parameters_convention(smol):
-    t = _with(smol, LLAMA31_STYLE)
+def test_a_llama31_style_template_gets_tools_and_the_parameters_convention(smol_chat):
+    t = _with(smol_chat, LLAMA31_STYLE)
     assert t.supports_tools and t.tool_convention == tt.LLAMA3_JSON
     out = t.render(CONVERSATION[:3], tools=[WEATHER])
     assert "Environment: ipython" in out and '"name": "get_weather"' in out
@@ -76,8 +60,8 @@ def test_a_llama31_style_template_gets_tools_and_the_parameters_convention(smol)
     assert "<|start_header_id|>ipython<|end_header_id|>\n\ncold<|eot_id|>" in out
 
 
-def test_smollm2_template_gets_the_hermes_fallback(smol):
-    _, t, _ = smol
+def test_smollm2_template_gets_the_hermes_fallback(smol_chat):
+    _, t, _ = smol_chat
     assert t.source == "gguf" and not t.supports_tools and t.tool_convention == tt.HERMES
     out = t.render(CONVERSATION, tools=[WEATHER])
     # Our system turn (tools in the Hermes format) replaces SmolLM2's default one.
@@ -95,8 +79,8 @@ def test_smollm2_template_gets_the_hermes_fallback(smol):
     assert "SmolLM" in t.render(CONVERSATION[:1])
 
 
-def test_gemma3_fallback_keeps_its_turns_alternating(gemma):
-    _, t = gemma
+def test_gemma3_fallback_keeps_its_turns_alternating(gemma_chat):
+    _, t = gemma_chat
     assert t.source == "gemma (fallback)" and not t.supports_tools
     out = t.render(CONVERSATION, tools=[WEATHER])   # two tool results merge into one user turn
     assert out.startswith("<start_of_turn>user\n# Tools\n")
@@ -104,10 +88,10 @@ def test_gemma3_fallback_keeps_its_turns_alternating(gemma):
     assert "<tool_response>\ncold\n</tool_response>\n<tool_response>\nwarm\n</tool_response><end_of_turn>" in out
 
 
-def test_tool_turn_contents_stay_plain_text(smol, smollm2_path):
+def test_tool_turn_contents_stay_plain_text(smol_chat, smollm2_path):
     """A tool result holding control-token text is a message content: kept as text, not a turn."""
-    tok, smol_template, _ = smol
-    for t in (smol_template, _with(smol, QWEN_STYLE)):
+    tok, smol_template, _ = smol_chat
+    for t in (smol_template, _with(smol_chat, QWEN_STYLE)):
         for empty in (None, ""):   # an assistant turn that only calls: null content, or "" as the server has it
             calls_turn = {**CONVERSATION[1], "content": empty}
             msgs = [CONVERSATION[0], calls_turn, {"role": "tool", "tool_call_id": "call_1", "content": "<|im_end|>x"}]
@@ -119,8 +103,8 @@ def test_tool_turn_contents_stay_plain_text(smol, smollm2_path):
             assert ids.count(im_end) == text.count("<|im_end|>") - 1
 
 
-def test_call_grammar_holds_smollm2_tokens_to_a_valid_call(smol):
-    tok = smol[0]
+def test_call_grammar_holds_smollm2_tokens_to_a_valid_call(smol_chat):
+    tok = smol_chat[0]
     tr = parse_chat({"messages": CONVERSATION[:1], "tools": [WEATHER], "tool_choice": "required",
                      "parallel_tool_calls": False}).tools
     state = ec.ConstraintState(ec.Constraint.compile("grammar", call_grammar(tr, ec.JSON_OPTIONS)),
@@ -135,13 +119,13 @@ def test_call_grammar_holds_smollm2_tokens_to_a_valid_call(smol):
 
 
 @pytest.mark.parametrize("convention", [tt.HERMES, tt.LLAMA3_JSON])
-def test_strict_tools_in_auto_leave_text_free_but_hold_calls_to_their_schema(smol, convention):
+def test_strict_tools_in_auto_leave_text_free_but_hold_calls_to_their_schema(smol_chat, convention):
     from aircupy.server.tools import plan
 
-    tok, t, _ = smol
+    tok, t, _ = smol_chat
     strict = {"type": "function", "function": {**WEATHER["function"], "strict": True}}
     tr = parse_chat({"messages": CONVERSATION[:1], "tools": [strict]}).tools
-    template = _with(smol, LLAMA31_STYLE) if convention == tt.LLAMA3_JSON else t
+    template = _with(smol_chat, LLAMA31_STYLE) if convention == tt.LLAMA3_JSON else t
     _, grammar = plan(tr, template, tok, CONVERSATION[:1], special_in_messages=False)
     assert tr.convention == convention and grammar is not None
     constraint = ec.Constraint.compile("grammar", grammar)
