@@ -12,7 +12,8 @@ from hypothesis import given, settings, strategies
 from aircupy.engine.blocks import BlockManager
 from aircupy.engine.scheduler import RecomputePreemption, Scheduler, Status
 from aircupy.errors import ContextLengthError
-from tests.helpers.fake_runner import FakeRunner, alone, check_invariants, drive, next_token, reasons
+from tests.helpers.fake_runner import (FakeRunner, alone, assert_as_alone, check_invariants, disturb, drive,
+                                       next_token, reasons)
 
 
 def make(num_blocks=64, block_size=4, max_num_seqs=8, max_batched_tokens=32, max_model_len=None):
@@ -305,18 +306,9 @@ def simulate(block_size, num_blocks, budget, max_num_seqs, seed, n_seqs=40):
         assert step and step.num_tokens <= budget and len(sched.running) <= max_num_seqs
         ids = runner.run(step)
         sched.commit(step, ids, reasons(sched, step, ids))
-        r = rng.random()
-        if r < 0.02:
-            victim = rng.choice(seqs)
-            if sched.finish(victim.seq_id) is not None:
-                aborted.add(victim.seq_id)
-        elif r < 0.1 and sched.running:
-            s = rng.choice(sched.running)
-            sched.rollback(s.seq_id, rng.randrange(s.num_prompt_tokens, s.num_tokens + 1))
+        disturb(sched, rng, seqs, aborted, rollback_p=0.1)
         check_invariants(sched)
-    for s in seqs:
-        if s.seq_id not in aborted:
-            assert (s.output_ids, s.finish_reason) == alone(s.prompt_ids, s.params, cap), s
+    assert_as_alone(seqs, aborted, cap)
     assert bm.num_used == 0
     return sched
 

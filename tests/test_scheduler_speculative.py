@@ -20,7 +20,9 @@ from tests.helpers.fake_runner import (
     EOS,
     FakeRunner,
     alone,
+    assert_as_alone,
     check_invariants,
+    disturb,
     next_token,
 )
 
@@ -271,18 +273,9 @@ def test_storm_with_drafts_generates_what_each_sequence_generates_alone(seed):
         step = step_once(sched, runner)
         steps += 1
         assert step.num_tokens <= budget and len(sched.running) <= sched.max_num_seqs
-        r = rng.random()
-        if r < 0.02:
-            victim = rng.choice(seqs)
-            if sched.finish(victim.seq_id) is not None:
-                aborted.add(victim.seq_id)
-        elif r < 0.07 and sched.running:
-            s = rng.choice(sched.running)
-            sched.rollback(s.seq_id, rng.randrange(s.num_prompt_tokens, s.num_tokens + 1))
+        disturb(sched, rng, seqs, aborted, rollback_p=0.07)
         check_invariants(sched)
-    for s in seqs:
-        if s.seq_id not in aborted:
-            assert (s.output_ids, s.finish_reason) == alone(s.prompt_ids, s.params, cap), s
+    assert_as_alone(seqs, aborted, cap)
     assert bm.num_used == 0 and bm.num_free == num_blocks
     st = sched.stats()
     assert st["draft_tokens"] > 0 and 0 < st["accepted_draft_tokens"] < st["draft_tokens"]

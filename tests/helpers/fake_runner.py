@@ -126,3 +126,24 @@ def check_invariants(sched: Scheduler):
     arrivals = [s.arrival for s in sched.running] + [s.arrival for s in sched.waiting]
     assert arrivals == sorted(arrivals)
     assert len(sched.running) <= sched.max_num_seqs
+
+
+def disturb(sched, rng, seqs, aborted: set, rollback_p: float, finish_p: float = 0.02) -> None:
+    """A random client action after a step of a fuzz run: abort a sequence (recorded in `aborted`)
+    with probability finish_p, else roll a running one back into its generated tokens with
+    probability rollback_p - finish_p."""
+    r = rng.random()
+    if r < finish_p:
+        victim = rng.choice(seqs)
+        if sched.finish(victim.seq_id) is not None:
+            aborted.add(victim.seq_id)
+    elif r < rollback_p and sched.running:
+        s = rng.choice(sched.running)
+        sched.rollback(s.seq_id, rng.randrange(s.num_prompt_tokens, s.num_tokens + 1))
+
+
+def assert_as_alone(seqs, aborted: set, cap: int) -> None:
+    """Every sequence not aborted produced exactly what it produces alone."""
+    for s in seqs:
+        if s.seq_id not in aborted:
+            assert (s.output_ids, s.finish_reason) == alone(s.prompt_ids, s.params, cap), s
